@@ -1,0 +1,73 @@
+"""Per-backend wiring: which implementation serves a call.
+
+Each backend module (`jax`, `tensorflow`, `torch`) exposes
+
+- `fast_paths()` and `fast_step_paths()`: ordered `{name: loader}`, fastest
+  first. `loader(call)` returns a kernel with the signature of
+  `kernels.chunked.chunked_nha` (or `kernels.step.nha_step`), or raises
+  `NotImplementedError(reason)` when it cannot serve `call` (a dict with the
+  validated arguments).
+- `is_concrete(x)`: True when `x` holds values (eager), False under tracing.
+"""
+
+import importlib
+
+import keras
+
+from keras_nha.kernels.chunked import chunked_nha
+from keras_nha.kernels.reference import reference_nha
+from keras_nha.kernels.step import nha_step
+
+IMPLEMENTATIONS = ("auto", "reference", "chunked", "triton", "pallas", "xla")
+OWNER = {"triton": "torch", "pallas": "jax", "xla": "tensorflow"}
+PORTABLE = {"reference": reference_nha, "chunked": chunked_nha}
+PORTABLE_STEP = {"reference": nha_step, "chunked": nha_step}
+
+
+def backend_module():
+    return importlib.import_module(
+        f"keras_nha.backends.{keras.config.backend()}")
+
+
+def _select(implementation, call, portable, fast):
+    if implementation in portable:
+        return portable[implementation]
+    if implementation == "auto":
+        for loader in fast.values():
+            try:
+                return loader(call)
+            except NotImplementedError:
+                continue
+        return portable["chunked"]
+    backend = keras.config.backend()
+    if OWNER[implementation] != backend:
+        raise ValueError(
+            f"implementation={implementation!r} runs on the "
+            f"{OWNER[implementation]} backend (KERAS_BACKEND="
+            f"{OWNER[implementation]}); the active backend is {backend}.")
+    if implementation not in fast:
+        raise ValueError(
+            f"implementation={implementation!r} is not available in this "
+            "installation of keras_nha.")
+    try:
+        return fast[implementation](call)
+    except NotImplementedError as error:
+        raise ValueError(
+            f"implementation={implementation!r} cannot serve this call: "
+            f"{error}") from None
+
+
+def select(implementation, call):
+    """The sequence kernel for `implementation` ("auto" picks the fastest)."""
+    return _select(implementation, call, PORTABLE,
+                   backend_module().fast_paths())
+
+
+def select_step(implementation, call):
+    """The one-token decode kernel for `implementation`."""
+    return _select(implementation, call, PORTABLE_STEP,
+                   backend_module().fast_step_paths())
+
+
+def is_concrete(x):
+    return backend_module().is_concrete(x)

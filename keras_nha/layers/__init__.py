@@ -1,0 +1,5 @@
+"""Keras layers built on the NHA operation."""
+
+from keras_nha.layers.nha_layer import NHALayer
+
+NativeHybridAttention = NHALayer
