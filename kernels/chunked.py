@@ -82,11 +82,11 @@ def _slot_pass(q, keys, values, log_gates, slot_keys, slot_values, scale,
     """
     qc, kc, vc, gc = (_chunks(x, chunk) for x in (q, keys, values, log_gates))
     strength = 1.0 - ops.exp(gc)
-    cum = ops.cumsum(gc, axis=2,
-                     dtype=backend.standardize_dtype(gc.dtype))  # [B, N, C, Hkv, M]
-
-    causal = ops.tril(ops.ones((chunk, chunk), "bool"))[None, None, :, :, None,
-                                                           None]
+    # In-chunk cumulative sum as a masked matmul (keras' torch cumsum drops
+    # float64 to float32).
+    lower = ops.tril(ops.ones((chunk, chunk), gc.dtype))
+    cum = ops.einsum("ti,bnihm->bnthm", lower, gc)  # [B, N, C, Hkv, M]
+    causal = (lower > 0)[None, None, :, :, None, None]
     diff = cum[:, :, :, None] - cum[:, :, None, :]  # [B, N, Ct, Ci, Hkv, M]
     decay = ops.where(causal, ops.exp(ops.where(causal, diff, 0.0)), 0.0)
     decay = decay * strength[:, :, None]

@@ -212,8 +212,7 @@ class NHALayer(keras.layers.Layer):
                 return_state=True, **projected, **kwargs)
         return self._finish(attended), cache
 
-    def compute_output_shape(self, input_shape, padding_mask_shape=None,
-                             cache_shape=None):
+    def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
     def get_config(self):

@@ -1,0 +1,1 @@
+"""Causal-LM task models built on NHALayer (needs keras-hub: pip install keras-nha[hub])."""

@@ -1,0 +1,1 @@
+"""Pallas kernels for NHA (see backends/ for their wiring)."""

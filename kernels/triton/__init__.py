@@ -1,0 +1,1 @@
+"""Triton kernels for NHA (see backends/ for their wiring)."""

@@ -1,0 +1,1 @@
+"""Xla kernels for NHA (see backends/ for their wiring)."""
