@@ -1,0 +1,140 @@
+"""Shared pieces of the NHA Triton kernels: block sizes and history indexing.
+
+Every kernel works in "history" coordinates: the window ring of the state
+(oldest first) followed by the T new tokens. History row j < C is ring entry
+`(position + j) % C`; row j >= C is new token j - C. New token t is history
+row C + t. With a capacity C equal to the window W, history row t is also the
+token that leaves the window (and enters the slots) at step t, so the slot
+memory is plain gated slot attention over history rows 0 .. T-1 (the
+"stream"). Nothing is concatenated in memory: the kernels pick the ring or the
+new-token tensor row by row.
+"""
+
+import dataclasses
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting():
+    """True when Triton runs kernels on the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(n, least=16):
+    """The power of two >= max(n, least): register tiles need such sizes."""
+    return max(least, triton.next_power_of_2(max(int(n), 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes. `sub` rows form one slot sub-chunk (tl.dot needs >= 16);
+    `chunk` rows share one stored slot state (a multiple of `sub`)."""
+
+    sub: int = 16
+    chunk: int = 64
+    query: int = 64
+    key: int = 64
+    query_bwd: int = 64
+    key_bwd: int = 64
+    warps: int = 4
+    window_warps: int = 4
+    stages: int = 2
+
+
+# The interpreter walks every program in Python: small tiles keep it quick
+# and make the multi-block paths run at small test sizes.
+INTERPRETER_BLOCKS = Blocks(sub=16, chunk=32, query=16, key=16, query_bwd=16,
+                            key_bwd=16, warps=1, window_warps=1, stages=1)
+
+
+def default_blocks(key_dim, value_dim, num_slots):
+    if interpreting():
+        return INTERPRETER_BLOCKS
+    wide = max(key_dim, value_dim) > 128
+    return Blocks(sub=16, chunk=64,
+                  query=64 if wide else 128, key=32 if wide else 64,
+                  query_bwd=32 if wide else 64, key_bwd=32 if wide else 64,
+                  warps=4, window_warps=8 if not wide else 4, stages=2)
+
+
+@triton.jit
+def history_rows(new_ptr, ring_ptr, rows, C, pos, new_stride, ring_stride):
+    """Pointers to the starts of history rows `rows` (any shape).
+
+    `new_ptr` and `ring_ptr` already point at the right batch row and head.
+    """
+    in_ring = rows < C
+    ring_row = (pos + rows) % tl.maximum(C, 1)
+    return tl.where(in_ring, ring_ptr + ring_row.to(tl.int64) * ring_stride,
+                    new_ptr + (rows - C).to(tl.int64) * new_stride)
+
+
+@triton.jit
+def history_mask(pm_ptr, rm_ptr, rows, C, pos, T, HAS_PM: tl.constexpr):
+    """1.0 where history row `rows` holds a real token, else 0.0.
+
+    Rows outside [0, C + T) are 0. `pm_ptr` is the batch row of the padding
+    mask (unused without one), `rm_ptr` the batch row of the ring's mask.
+    """
+    inside = (rows >= 0) & (rows < C + T)
+    in_ring = rows < C
+    ring_row = (pos + rows) % tl.maximum(C, 1)
+    ring_real = tl.load(rm_ptr + ring_row, mask=inside & in_ring, other=0.0)
+    if HAS_PM:
+        new_real = tl.load(pm_ptr + (rows - C), mask=inside & (rows >= C),
+                           other=0.0)
+    else:
+        new_real = tl.where(inside & (rows >= C), 1.0, 0.0)
+    return tl.where(in_ring, ring_real, new_real)
+
+
+@triton.jit
+def stream_gates(gn_ptr, gr_ptr, pm_ptr, rows, cols, C, pos, T,
+                 HKV: tl.constexpr, M: tl.constexpr, HAS_PM: tl.constexpr,
+                 FEEDS: tl.constexpr):
+    """Log gates [len(rows), len(cols)] (fp32) of stream rows, 0 where nothing
+    enters the slots (padding, rows >= T, padded slot columns, no feed).
+
+    Ring gates are stored already masked; new gates are multiplied by the
+    padding mask here.
+    """
+    if FEEDS:
+        ok = (rows >= 0) & (rows < T)
+        ptr = history_rows(gn_ptr, gr_ptr, rows, C, pos, HKV * M, HKV * M)
+        g = tl.load(ptr[:, None] + cols[None, :],
+                    mask=ok[:, None] & (cols < M)[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_PM:
+            real = tl.load(pm_ptr + (rows - C), mask=ok & (rows >= C),
+                           other=1.0)
+            g = g * real[:, None]
+        return g
+    else:
+        return tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+
+
+@triton.jit
+def stream_rows(xn_ptr, xr_ptr, rows, cols, C, pos, T, HKV: tl.constexpr,
+                D: tl.constexpr, FEEDS: tl.constexpr):
+    """Key-side rows [len(rows), len(cols)] (fp32) of the slot stream."""
+    if FEEDS:
+        ok = (rows >= 0) & (rows < T)
+        ptr = history_rows(xn_ptr, xr_ptr, rows, C, pos, HKV * D, HKV * D)
+        return tl.load(ptr[:, None] + cols[None, :],
+                       mask=ok[:, None] & (cols < D)[None, :],
+                       other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+
+
+@triton.jit
+def plain_rows(ptr, rows, cols, T, ROW: tl.constexpr, D: tl.constexpr):
+    """Rows [len(rows), len(cols)] (fp32) of a `[T, ROW]`-strided tensor."""
+    ok = (rows >= 0) & (rows < T)
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * ROW + cols[None, :],
+                   mask=ok[:, None] & (cols < D)[None, :],
+                   other=0.0).to(tl.float32)

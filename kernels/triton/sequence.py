@@ -1,0 +1,428 @@
+"""NHA over a sequence on the Triton kernels, differentiable in torch.
+
+`triton_nha` follows the kernel contract of `kernels.chunked.chunked_nha`.
+Forward: slot states at chunk starts (two launches and a scan per state),
+the slot-only softmax output and log-sum-exp, then the window flash kernel
+seeded with them (the joint softmax). Backward: window flash backward fed the
+merged output and log-sum-exp, plus the slot backward (see `slots.py`).
+
+Gradients flow to query, key, value, log_forget_gate, window_query and
+window_key; the incoming state and the returned slot memory carry none (the
+loader refuses states that require grad). The returned ring buffers are built
+with torch ops from the inputs, so they stay differentiable.
+"""
+
+import dataclasses
+
+import torch
+import triton
+
+from keras_nha.kernels.triton import common
+from keras_nha.kernels.triton import slots
+from keras_nha.kernels.triton import window
+
+_SCAN_BLOCK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    window_size: int
+    capacity: int
+    scale: float
+    blocks: common.Blocks
+    has_mask: bool
+
+    @property
+    def visible(self):
+        """Window length the queries see: the ring capacity when it is
+        smaller than W (the caller promised the sequence fits)."""
+        return min(self.window_size, self.capacity)
+
+    @property
+    def feeds(self):
+        """Tokens leave the window into the slots only when the ring holds
+        a full window (always so for W = 0)."""
+        return self.capacity == self.window_size
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tile(width, num_slots):
+    """Column tile for [tile, M] fp32 state blocks held in registers."""
+    full = common.pow2(width)
+    return min(full, max(16, 8192 // common.pow2(num_slots)))
+
+
+def _dummy(like):
+    return torch.zeros(1, dtype=like.dtype, device=like.device)
+
+
+def _ring_or_dummy(ring, like):
+    return ring if ring.shape[1] else _dummy(like)
+
+
+class _Shapes:
+    def __init__(self, query, key, value, log_forget_gate):
+        self.B, self.T, self.H, self.K = query.shape
+        self.HKV = key.shape[2]
+        self.V = value.shape[-1]
+        self.M = log_forget_gate.shape[-1]
+        self.group = self.H // self.HKV
+
+
+def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
+                 slot_values_t):
+    """Slot states at chunk starts: (SK, SV, decays, entries per head,
+    per-chunk flag). Without a feed every chunk starts from the input state."""
+    if not cfg.feeds:
+        return (slot_keys[:, :, None].contiguous(),
+                slot_values_t[:, :, None].contiguous(), None, 1, 0)
+    bt = cfg.blocks.chunk
+    nt = triton.cdiv(s.T, bt)
+    dev = key.device
+    sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, device=dev,
+                     dtype=torch.float32)
+    sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, device=dev,
+                     dtype=torch.float32)
+    sk[:, :, 0] = slot_keys
+    sv[:, :, 0] = slot_values_t
+    decay = torch.empty(s.B, s.HKV, nt, s.M, device=dev, dtype=torch.float32)
+    mp = common.pow2(s.M)
+    prec = _precision(key.dtype)
+    for x, x_ring, out, width, first in (
+            (key, ring["keys"], sk, s.K, True),
+            (value, ring["values"], sv, s.V, False)):
+        dt = _tile(width, s.M)
+        slots.chunk_delta_kernel[(nt, s.B * s.HKV, triton.cdiv(width, dt))](
+            x, x_ring, gate, ring["log_forget_gates"], mask, position, out,
+            decay, s.T, cfg.capacity, HKV=s.HKV, D=width, M=s.M, DT=dt,
+            MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_DECAY=first,
+            PRECISION=prec, num_warps=cfg.blocks.warps)
+    for out, width in ((sk, s.K), (sv, s.V)):
+        slots.chunk_scan_kernel[(s.B * s.HKV,
+                                 triton.cdiv(width * s.M, _SCAN_BLOCK))](
+            out, decay, nt, HX=s.HKV, GROUP=1, D=width, M=s.M,
+            BLOCK=_SCAN_BLOCK, REVERSE=False)
+    return sk, sv, decay, nt + 1, 1
+
+
+def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
+             slot_values_t):
+    dev = q.device
+    blocks = cfg.blocks
+    prec = _precision(q.dtype)
+    sk = sv = None
+    o_slot = lse_slot = None
+    if s.M:
+        sk, sv, _, ns, per_chunk = _slot_states(
+            s, cfg, k, v, g, ring, mask, position, slot_keys, slot_values_t)
+        o_slot = torch.empty(s.B, s.T, s.H, s.V, device=dev,
+                             dtype=torch.float32)
+        lse_slot = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
+        kt, vt = _tile(s.K, s.M), _tile(s.V, s.M)
+        slots.slot_forward_kernel[(triton.cdiv(s.T, blocks.sub), s.B * s.H,
+                                   triton.cdiv(s.V, vt))](
+            q, k, ring["keys"], v, ring["values"], g,
+            ring["log_forget_gates"], mask, position, sk, sv, o_slot,
+            lse_slot, s.T, cfg.capacity, cfg.scale, ns, per_chunk, H=s.H,
+            HKV=s.HKV, DK=s.K, DV=s.V, M=s.M, BK=common.pow2(s.K), KT=kt,
+            VT=vt, MP=common.pow2(s.M), BS=blocks.sub, BT=blocks.chunk,
+            HAS_PM=cfg.has_mask, FEEDS=cfg.feeds, PRECISION=prec,
+            num_warps=blocks.warps)
+    if cfg.capacity == 0:
+        output, lse = o_slot.to(q.dtype), lse_slot
+    else:
+        output = torch.empty(s.B, s.T, s.H, s.V, device=dev, dtype=q.dtype)
+        lse = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
+        window.window_forward_kernel[(triton.cdiv(s.T, blocks.query),
+                                      s.B * s.H)](
+            qw, kw, v, ring["window_keys"], ring["values"], mask,
+            ring["mask"], position,
+            o_slot if s.M else output, lse_slot if s.M else lse, output, lse,
+            s.T, cfg.capacity, cfg.visible, cfg.scale, H=s.H, HKV=s.HKV,
+            DK=s.K, DV=s.V, BK=common.pow2(s.K), BV=common.pow2(s.V),
+            BM=blocks.query, BN=blocks.key, HAS_PM=cfg.has_mask,
+            HAS_SLOTS=bool(s.M), PRECISION=prec,
+            num_warps=blocks.window_warps, num_stages=blocks.stages)
+    if s.M and cfg.feeds:
+        nt = sk.shape[2] - 1
+        final_keys, final_values_t = sk[:, :, nt], sv[:, :, nt]
+    else:
+        final_keys, final_values_t = slot_keys.clone(), slot_values_t.clone()
+    return output, lse, final_keys, final_values_t
+
+
+def _group_sum(x, s):
+    if s.group == 1:
+        return x
+    return x.view(s.B, s.T, s.HKV, s.group, x.shape[-1]).sum(3)
+
+
+def _chronological(ring, position):
+    capacity = ring.shape[1]
+    index = torch.remainder(
+        position + torch.arange(capacity, device=ring.device), capacity)
+    return ring.index_select(1, index)
+
+
+def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
+                   slot_values_t, do, lse, delta):
+    """Slot parts of (dq, dk, dv, dg), the last three in new-token rows."""
+    dev = q.device
+    blocks = cfg.blocks
+    prec = _precision(q.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    sk, sv, decay, ns, per_chunk = _slot_states(
+        s, cfg, k, v, g, ring, mask, position, slot_keys, slot_values_t)
+    nsub = triton.cdiv(s.T, blocks.sub)
+    mp = common.pow2(s.M)
+    kt, vt = _tile(s.K, s.M), _tile(s.V, s.M)
+    dq = torch.empty(s.B, s.T, s.H, s.K, **f32)
+    dz = torch.empty(s.B, s.T, s.H, s.M, **f32)
+    probs = torch.empty_like(dz)
+    dg_read = torch.empty_like(dz)
+    slots.slot_dq_kernel[(nsub, s.B * s.H, triton.cdiv(s.K, kt))](
+        q, do, k, ring["keys"], v, ring["values"], g, ring["log_forget_gates"],
+        mask, position, sk, sv, lse, delta, dq, dz, probs, dg_read, s.T,
+        cfg.capacity, cfg.scale, ns, per_chunk, H=s.H, HKV=s.HKV, DK=s.K,
+        DV=s.V, M=s.M, BK=common.pow2(s.K), BV=common.pow2(s.V), KT=kt,
+        VT=vt, MP=mp, BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
+        FEEDS=cfg.feeds, PRECISION=prec, num_warps=blocks.warps)
+    if not cfg.feeds:
+        return dq, None, None, None
+
+    nt = triton.cdiv(s.T, blocks.chunk)
+    sides = []
+    for y, coef, x, x_ring, width, y_scale in (
+            (q, dz, k, ring["keys"], s.K, cfg.scale),
+            (do, probs, v, ring["values"], s.V, 1.0)):
+        dt = _tile(width, s.M)
+        adjoint = torch.empty(s.B, s.H, nt, width, s.M, **f32)
+        slots.adjoint_delta_kernel[(nt, s.B * s.H, triton.cdiv(width, dt))](
+            y, coef, g, ring["log_forget_gates"], mask, position, adjoint,
+            s.T, cfg.capacity, H=s.H, HKV=s.HKV, D=width, M=s.M,
+            DT=dt, MP=mp, BT=blocks.chunk, HAS_PM=cfg.has_mask,
+            PRECISION=prec, num_warps=blocks.warps)
+        slots.chunk_scan_kernel[(s.B * s.H,
+                                 triton.cdiv(width * s.M, _SCAN_BLOCK))](
+            adjoint, decay, nt, HX=s.H, GROUP=s.group, D=width, M=s.M,
+            BLOCK=_SCAN_BLOCK, REVERSE=True)
+        dx = torch.empty(s.B, s.T, s.H, width, **f32)
+        ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
+        slots.slot_dx_kernel[(nsub, s.B * s.H, triton.cdiv(width, dt))](
+            y, coef, x, x_ring, g, ring["log_forget_gates"], mask, position,
+            adjoint, dx, ds, s.T, cfg.capacity, y_scale, H=s.H, HKV=s.HKV,
+            D=width, M=s.M, BD=common.pow2(width), DT=dt, MP=mp,
+            BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
+            PRECISION=prec, num_warps=blocks.warps)
+        sides.append((dx, ds))
+    (dx_k, ds_k), (dx_v, ds_v) = sides
+    dk_stream = _group_sum(dx_k, s)
+    dv_stream = _group_sum(dx_v, s)
+    ds = _group_sum(ds_k + ds_v, s)
+    dg_read = _group_sum(dg_read, s)
+
+    # Stream gates, as the kernels saw them, for the gate gradient.
+    gates = g if not cfg.has_mask else g * mask[:, :, None, None]
+    if cfg.capacity:
+        gates = torch.cat([
+            _chronological(ring["log_forget_gates"], position), gates],
+            1)[:, :s.T]
+    alpha = torch.exp(gates)
+    d_total = dg_read - (1.0 - alpha) * ds
+    dg_stream = torch.flip(torch.cumsum(torch.flip(d_total, [1]), 1), [1])
+    dg_stream = dg_stream - alpha * ds
+    fed = s.T - cfg.capacity
+    shift = cfg.capacity
+    dk = torch.zeros(s.B, s.T, s.HKV, s.K, **f32)
+    dv = torch.zeros(s.B, s.T, s.HKV, s.V, **f32)
+    dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
+    if fed > 0:
+        dk[:, :fed] = dk_stream[:, shift:]
+        dv[:, :fed] = dv_stream[:, shift:]
+        dg[:, :fed] = dg_stream[:, shift:]
+        if cfg.has_mask:
+            dg = dg * mask[:, :, None, None]
+    return dq, dk, dv, dg
+
+
+def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
+                     delta):
+    dev = qw.device
+    blocks = cfg.blocks
+    prec = _precision(qw.dtype)
+    f32 = dict(device=dev, dtype=torch.float32)
+    dqw = torch.empty(s.B, s.T, s.H, s.K, **f32)
+    dkw = torch.empty(s.B, s.T, s.HKV, s.K, **f32)
+    dv = torch.empty(s.B, s.T, s.HKV, s.V, **f32)
+    common_args = dict(H=s.H, HKV=s.HKV, DK=s.K, DV=s.V,
+                       BK=common.pow2(s.K), BV=common.pow2(s.V),
+                       HAS_PM=cfg.has_mask, PRECISION=prec,
+                       num_warps=blocks.window_warps, num_stages=blocks.stages)
+    window.window_dq_kernel[(triton.cdiv(s.T, blocks.query_bwd), s.B * s.H)](
+        qw, kw, v, ring["window_keys"], ring["values"], mask, ring["mask"],
+        position, do, lse, delta, dqw, s.T, cfg.capacity, cfg.visible,
+        cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd, **common_args)
+    window.window_dkdv_kernel[(triton.cdiv(s.T, blocks.key_bwd),
+                               s.B * s.HKV)](
+        qw, kw, v, mask, do, lse, delta, dkw, dv, s.T, cfg.visible,
+        cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd, **common_args)
+    return dqw, dkw, dv
+
+
+class NHAFunction(torch.autograd.Function):
+    """Autograd op over prepared (contiguous, same-dtype) tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, qw, kw, mask, ring_keys, ring_window_keys,
+                ring_values, ring_gates, ring_mask, position, slot_keys,
+                slot_values_t, cfg):
+        s = _Shapes(q, k, v, g)
+        ring = dict(keys=ring_keys, window_keys=ring_window_keys,
+                    values=ring_values, log_forget_gates=ring_gates,
+                    mask=ring_mask)
+        output, lse, final_keys, final_values_t = _forward(
+            s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
+            slot_values_t)
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, g, qw, kw, mask, ring_keys,
+                              ring_window_keys, ring_values, ring_gates,
+                              ring_mask, position, slot_keys, slot_values_t,
+                              output, lse)
+        final_keys = final_keys.contiguous()
+        final_values_t = final_values_t.contiguous()
+        ctx.mark_non_differentiable(final_keys, final_values_t)
+        return output, final_keys, final_values_t
+
+    @staticmethod
+    def backward(ctx, d_output, _d_keys, _d_values):
+        (q, k, v, g, qw, kw, mask, ring_keys, ring_window_keys, ring_values,
+         ring_gates, ring_mask, position, slot_keys, slot_values_t, output,
+         lse) = ctx.saved_tensors
+        cfg = ctx.cfg
+        s = _Shapes(q, k, v, g)
+        ring = dict(keys=ring_keys, window_keys=ring_window_keys,
+                    values=ring_values, log_forget_gates=ring_gates,
+                    mask=ring_mask)
+        do = d_output.contiguous().to(q.dtype)
+        delta = (do.float() * output.float()).sum(-1)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dq = torch.zeros(s.B, s.T, s.H, s.K, **f32)
+        dk = torch.zeros(s.B, s.T, s.HKV, s.K, **f32)
+        dv = torch.zeros(s.B, s.T, s.HKV, s.V, **f32)
+        dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
+        dqw = torch.zeros_like(dq)
+        dkw = torch.zeros_like(dk)
+        if cfg.capacity:
+            dqw, dkw, dv = _window_backward(s, cfg, qw, kw, v, mask, ring,
+                                            position, do, lse, delta)
+        if s.M:
+            dq, dk_slot, dv_slot, dg_slot = _slot_backward(
+                s, cfg, q, k, v, g, mask, ring, position, slot_keys,
+                slot_values_t, do, lse, delta)
+            if dk_slot is not None:
+                dk = dk_slot
+                dv = dv + dv_slot
+                dg = dg_slot
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                dg.to(g.dtype), dqw.to(qw.dtype), dkw.to(kw.dtype),
+                None, None, None, None, None, None, None, None, None, None)
+
+
+def _new_ring(name, ring, new, start, end, capacity):
+    """The ring after the call: the last `capacity` history rows."""
+    length = new.shape[1]
+    if length >= capacity:
+        last = new[:, length - capacity:]
+    else:
+        last = torch.cat([_chronological(ring, start)[:, length:],
+                          new.to(ring.dtype)], 1)
+    index = torch.remainder(
+        torch.arange(capacity, device=new.device) - end, capacity)
+    return last.index_select(1, index).to(ring.dtype)
+
+
+@torch.compiler.disable
+def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
+               window_query, window_key, padding_mask, state, blocks=None):
+    """NHA on the Triton kernels; the contract of `chunked_nha`.
+
+    Args:
+        query: `[B, T, H, K]`.
+        key: `[B, T, Hkv, K]`.
+        value: `[B, T, Hkv, V]`.
+        log_forget_gate: `[B, T, Hkv, M]`.
+        window_size: Python int W.
+        scale: Python float.
+        window_query: `[B, T, H, K]`.
+        window_key: `[B, T, Hkv, K]`.
+        padding_mask: `[B, T]` or None.
+        state: the state dict (`kernels/state.py`) to start from.
+        blocks: optional `common.Blocks` tile sizes (tests use small ones).
+
+    Returns:
+        `(output [B, T, H, V] in the query's dtype, new_state)`.
+
+    Example:
+
+    >>> out, new_state = triton_nha(q, k, v, g, window_size=64, scale=0.125,
+    ...     window_query=q, window_key=k, padding_mask=None, state=state)
+    """
+    dtype = query.dtype
+    s = _Shapes(query, key, value, log_forget_gate)
+    capacity = state["keys"].shape[1]
+    if blocks is None:
+        blocks = common.default_blocks(s.K, s.V, s.M)
+    cfg = _Config(window_size=window_size, capacity=capacity,
+                  scale=float(scale), blocks=blocks,
+                  has_mask=padding_mask is not None)
+
+    def prep(x, dt=dtype):
+        return x.to(dt).contiguous()
+
+    q, k, v, qw, kw = (prep(x) for x in (query, key, value, window_query,
+                                         window_key))
+    g = prep(log_forget_gate, torch.float32)
+    position = state["position"].to(torch.int32).reshape(())
+    if padding_mask is None:
+        real = torch.ones(s.B, s.T, device=query.device, dtype=torch.float32)
+        mask = _dummy(g)
+    else:
+        real = prep(padding_mask, torch.float32)
+        mask = real
+    ring = {}
+    for name in ("keys", "window_keys", "values"):
+        ring[name] = _ring_or_dummy(prep(state[name]).detach(), q)
+    for name in ("log_forget_gates", "mask"):
+        ring[name] = _ring_or_dummy(
+            prep(state[name], torch.float32).detach(), g)
+    slot_keys = prep(state["slot_keys"], torch.float32).detach()
+    slot_values_t = state["slot_values"].detach().to(
+        torch.float32).transpose(-1, -2).contiguous()
+
+    output, final_keys, final_values_t = NHAFunction.apply(
+        q, k, v, g, qw, kw, mask, ring["keys"], ring["window_keys"],
+        ring["values"], ring["log_forget_gates"], ring["mask"], position,
+        slot_keys, slot_values_t, cfg)
+
+    start = state["position"]
+    end = start + s.T
+    acc = state["slot_keys"].dtype
+    new_state = {
+        "slot_keys": final_keys.to(acc),
+        "slot_values": final_values_t.transpose(-1, -2).to(acc),
+        "position": end,
+    }
+    new = {"keys": key, "window_keys": window_key, "values": value,
+           "log_forget_gates": log_forget_gate.to(torch.float32) * real[
+               :, :, None, None],
+           "mask": real}
+    for name in ("keys", "window_keys", "values", "log_forget_gates", "mask"):
+        if capacity:
+            new_state[name] = _new_ring(name, state[name], new[name], start,
+                                        end, capacity)
+        else:
+            new_state[name] = state[name]
+    return output.to(dtype), new_state
