@@ -1,0 +1,98 @@
+"""Small helpers shared by the Pallas NHA kernels."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Finite, so that a row whose every logit is masked stays finite.
+MASKED = -1e30
+
+
+def compiler_params(num_warps=4, num_stages=2):
+    """Triton compiler parameters under either of their historical names."""
+    from jax.experimental.pallas import triton as plgpu
+    params = getattr(plgpu, "CompilerParams", None) or getattr(
+        plgpu, "TritonCompilerParams")
+    return params(num_warps=num_warps, num_stages=num_stages)
+
+
+def on_gpu():
+    return jax.default_backend() == "gpu"
+
+
+def padded_size(n, minimum=16):
+    """Triton blocks need power-of-two sizes of at least 16."""
+    return max(minimum, pl.next_power_of_2(n))
+
+
+def pad_axis(x, axis, size):
+    """Zero pads `x` along `axis` up to `size` (no copy when already there)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def dot(a, b, *, trans_b=False):
+    """Matrix product with float32 accumulation (full precision for f32)."""
+    precision = (lax.Precision.HIGHEST if a.dtype == jnp.float32
+                 and b.dtype == jnp.float32 else None)
+    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def dot_ta(a, b):
+    """`a.T @ b` with float32 accumulation."""
+    precision = (lax.Precision.HIGHEST if a.dtype == jnp.float32
+                 and b.dtype == jnp.float32 else None)
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static tiling of one call (hashable: it is a `custom_vjp` static arg).
+
+    Attributes:
+        block_q: query rows per window program.
+        block_k: history rows per window loop step.
+        chunk: tokens per slot chunk (slot states are stored at chunk starts).
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages.
+        interpret: run the kernels in Pallas' interpreter (CPU).
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    chunk: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: bool = False
+
+
+def idiv(a, b):
+    """Integer division inside kernels, int32 also under `jax_enable_x64`."""
+    return lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
+
+
+def irange(n):
+    return jnp.arange(n, dtype=jnp.int32)
+
+
+def loop(lower, upper, body, carry):
+    """`lax.fori_loop` with an int32 counter, also under `jax_enable_x64`."""
+    return lax.fori_loop(jnp.asarray(lower, jnp.int32),
+                         jnp.asarray(upper, jnp.int32), body, carry)

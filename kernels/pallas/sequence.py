@@ -1,0 +1,142 @@
+"""`pallas_nha`: the sequence kernel behind `implementation="pallas"`.
+
+Token shift, as in `kernels/chunked.py`: the history stream is the state's
+ring (oldest first) followed by the new tokens. History row t is the token
+that enters the slots at step t, and query t's window is history rows
+t+1 .. t+C. So NHA splits into two Pallas passes, each differentiable on its
+own (`slots.slot_attention`, `window.window_attention`), whose outputs are
+merged through their log-sum-exps: softmax over [slots | window] is exactly
+that merge, in the forward and (by the chain rule through the merge) in the
+backward.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from keras_nha.kernels import state as state_lib
+from keras_nha.kernels.pallas import sharding
+from keras_nha.kernels.pallas.common import KernelConfig
+from keras_nha.kernels.pallas.common import pad_axis
+from keras_nha.kernels.pallas.common import padded_size
+from keras_nha.kernels.pallas.common import round_up
+from keras_nha.kernels.pallas.slots import slot_attention
+from keras_nha.kernels.pallas.window import window_attention
+
+
+def default_config(length, interpret):
+    """Tiles for a sequence of `length` tokens."""
+    block = 64 if length > 32 else 16
+    return KernelConfig(block_q=block, block_k=block, chunk=block,
+                        num_warps=4, num_stages=2, interpret=interpret)
+
+
+def _core(query, window_query, history, slot_keys, slot_values, *,
+          window_size, scale, capacity, num_slots, config):
+    """NHA over padded history streams; per shard under `sharding`.
+
+    Returns `(out [B, Tp, H, Vp] f32, slot_keys, slot_values)`.
+    """
+    length = query.shape[1]
+    parts = []
+    if num_slots:
+        if capacity == window_size:
+            fed = [history[n][:, :length] for n in ("keys", "values",
+                                                    "log_forget_gates")]
+        else:
+            # The caller promised the sequence fits the ring: nothing leaves.
+            fed = [jnp.zeros(history[n].shape[:1] + (length,)
+                             + history[n].shape[2:], history[n].dtype)
+                   for n in ("keys", "values", "log_forget_gates")]
+        out, lse, slot_keys, slot_values = slot_attention(
+            query, *fed, slot_keys, slot_values, scale, num_slots, config)
+        parts.append((out, lse))
+    if capacity:
+        parts.append(window_attention(
+            window_query, history["window_keys"], history["values"],
+            history["mask"], scale, capacity, config))
+    if len(parts) == 1:
+        out = parts[0][0]
+    else:
+        (out_s, lse_s), (out_w, lse_w) = parts
+        lse = jnp.logaddexp(lse_s, lse_w)
+        weight = lambda part: jnp.transpose(jnp.exp(part - lse),
+                                            (0, 2, 1))[..., None]
+        out = out_s * weight(lse_s) + out_w * weight(lse_w)
+    return out, slot_keys, slot_values
+
+
+def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
+               window_query, window_key, padding_mask, state, config=None):
+    """NHA with Pallas kernels (the `kernels.chunked.chunked_nha` contract).
+
+    Args:
+        query, key, value, log_forget_gate, window_query, window_key,
+            padding_mask: validated inputs, `[B, T, ...]`.
+        window_size: W.
+        scale: logit scale.
+        state: the state to start from (zeros for a fresh sequence).
+        config: a `KernelConfig`; by default from the length and device.
+
+    Returns:
+        `(output [B, T, H, V] in the query dtype, new_state)`.
+    """
+    f32 = jnp.float32
+    batch, length, heads, key_dim = query.shape
+    value_dim, num_slots = value.shape[-1], log_forget_gate.shape[-1]
+    capacity = state_lib.capacity_of(state)
+    if config is None:
+        config = default_config(length, jax.default_backend() != "gpu")
+    start = state["position"]
+    real = (jnp.ones((batch, length), f32) if padding_mask is None
+            else jnp.asarray(padding_mask).astype(f32))
+    new = {"keys": key, "window_keys": window_key, "values": value,
+           "log_forget_gates": log_forget_gate.astype(f32)
+           * real[:, :, None, None],
+           "mask": real}
+    history = {
+        n: jnp.concatenate([
+            jnp.asarray(state_lib.ring_to_chronological(state[n], start)
+                        ).astype(new[n].dtype), new[n]], axis=1)
+        for n in state_lib.RING_NAMES}
+
+    key_pad, value_pad = padded_size(key_dim), padded_size(value_dim)
+    slot_pad = padded_size(num_slots) if num_slots else 0
+    step = max(config.block_q, config.chunk)
+    padded_length = round_up(length, step)
+    padded_history = round_up(max(capacity + length, padded_length),
+                              config.block_k)
+    widths = {"keys": key_pad, "window_keys": key_pad, "values": value_pad,
+              "log_forget_gates": slot_pad}
+    streams = {}
+    for n, x in history.items():
+        x = pad_axis(x, 1, padded_history)
+        if n in widths:
+            x = pad_axis(x, 3, widths[n])
+        streams[n] = x
+    queries = [pad_axis(pad_axis(x, 1, padded_length), 3, key_pad)
+               for x in (query, window_query)]
+    slot_keys = pad_axis(pad_axis(state["slot_keys"].astype(f32), 2,
+                                  key_pad), 3, slot_pad)
+    slot_values = pad_axis(pad_axis(state["slot_values"].astype(f32), 2,
+                                    slot_pad), 3, value_pad)
+
+    core = sharding.per_shard(
+        _core, window_size=window_size, scale=scale, capacity=capacity,
+        num_slots=num_slots, config=config)
+    out, slot_keys, slot_values = core(*queries, streams, slot_keys,
+                                       slot_values)
+
+    output = out[:, :length, :, :value_dim].astype(query.dtype)
+    end = start + length
+    new_state = {
+        "slot_keys": slot_keys[:, :, :key_dim, :num_slots].astype(
+            state["slot_keys"].dtype),
+        "slot_values": slot_values[:, :, :num_slots, :value_dim].astype(
+            state["slot_values"].dtype),
+        "position": end,
+    }
+    for n in state_lib.RING_NAMES:
+        last = history[n][:, length:]
+        new_state[n] = jnp.asarray(state_lib.chronological_to_ring(
+            last, end)).astype(state[n].dtype)
+    return output, new_state
