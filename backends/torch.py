@@ -1,14 +1,103 @@
-"""PyTorch wiring. Fast paths (Triton) register here."""
+"""PyTorch wiring. Fast paths: the Triton kernels (`kernels/triton/`).
+
+They serve CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 (Triton's
+interpreter, how CI tests them). They refuse, so that "auto" falls back to the
+chunked path: meta tensors and Keras' symbolic build, float64, more than 128
+slots, head dims above 256, and states that require grad (the kernels return
+no gradient for the incoming state).
+"""
+
+import os
 
 import torch
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SLOTS = 128
+MAX_HEAD_DIM = 256
+
+
+def _in_symbolic_build():
+    try:
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+    except ImportError:  # A Keras that moved it: rely on the device checks.
+        return False
+    return in_symbolic_scope()
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_device(tensors):
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise NotImplementedError(f"tensors on several devices: {devices}")
+    device = devices.pop()
+    if device.type == "cuda":
+        if torch.version.hip is not None:
+            raise NotImplementedError("the kernels are tuned for NVIDIA GPUs")
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            raise NotImplementedError("needs an Ampere or newer GPU")
+    elif device.type == "cpu":
+        if not _interpreting():
+            raise NotImplementedError(
+                "CPU tensors run the Triton kernels only under "
+                "TRITON_INTERPRET=1")
+    else:
+        raise NotImplementedError(f"tensors on the {device.type} device")
+
+
+def _check(tensors, state):
+    if _in_symbolic_build():
+        raise NotImplementedError("Keras is tracing shapes")
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise NotImplementedError("inputs are not torch tensors")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise NotImplementedError("triton is not installed") from None
+    _check_device(tensors + [v for v in state.values()])
+    query, key, value, log_forget_gate = tensors[:4]
+    if query.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"dtype {query.dtype}: the kernels take float16, bfloat16 and "
+            "float32")
+    if log_forget_gate.shape[-1] > MAX_SLOTS:
+        raise NotImplementedError(
+            f"{log_forget_gate.shape[-1]} slots: the kernels take at most "
+            f"{MAX_SLOTS}")
+    if max(key.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        raise NotImplementedError(
+            f"head dims above {MAX_HEAD_DIM} are not supported")
+    if any(v.requires_grad for v in state.values()):
+        raise NotImplementedError(
+            "the kernels give no gradient for the incoming state")
+
+
+def _tensors(call):
+    names = ("query", "key", "value", "log_forget_gate", "window_query",
+             "window_key", "padding_mask")
+    return [call[n] for n in names if call.get(n) is not None]
+
+
+def _load_sequence(call):
+    _check(_tensors(call), call["state"])
+    from keras_nha.kernels.triton.sequence import triton_nha
+    return triton_nha
+
+
+def _load_step(call):
+    _check(_tensors(call), call["state"])
+    from keras_nha.kernels.triton.step import triton_nha_step
+    return triton_nha_step
+
 
 def fast_paths():
-    return {}
+    return {"triton": _load_sequence}
 
 
 def fast_step_paths():
-    return {}
+    return {"triton": _load_step}
 
 
 def is_concrete(x):

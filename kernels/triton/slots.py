@@ -50,7 +50,7 @@ def _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV: tl.constexpr,
 
 @triton.jit
 def _logits(Y, y_ptr, Y_ROW: tl.constexpr, rows, s_ptr, xn, xr, gn, gr, pm,
-            c0, sub0, Gpre, Gloc, C, pos, T,
+            c0, sub0, Gpre, Gloc, g, C, pos, T,
             HKV: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
             BD: tl.constexpr, DT: tl.constexpr, MP: tl.constexpr,
             BS: tl.constexpr, HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
@@ -88,21 +88,20 @@ def _logits(Y, y_ptr, Y_ROW: tl.constexpr, rows, s_ptr, xn, xr, gn, gr, pm,
         r = tl.arange(0, BS)
         xs = stream_rows(xn, xr, rows, dcols, C, pos, T, HKV, D, FEEDS)
         a = tl.dot(Y, tl.trans(xs), input_precision=PRECISION)
-        gj_run = tl.zeros([1, MP], tl.float32)
+        strength = 1.0 - tl.exp(g)
         for jj in range(BS):
-            rj = sub0 + jj + tl.zeros([1], tl.int32)
-            gj = stream_gates(gn, gr, pm, rj, cols, C, pos, T, HKV, M, HAS_PM,
-                              FEEDS)
-            gj_run += gj
-            dec = tl.exp(tl.minimum(Gloc - gj_run, 0.0)) * (1.0 - tl.exp(gj))
+            here = r[:, None] == jj
+            g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
+            s_j = tl.sum(tl.where(here, strength, 0.0), 0)
+            dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[None, :]
             a_col = tl.sum(tl.where(r[None, :] == jj, a, 0.0), 1)
             z += tl.where(r[:, None] >= jj, a_col[:, None] * dec, 0.0)
     return z
 
 
 @triton.jit
-def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, d0,
-             C, pos, T, HKV: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, g,
+             d0, C, pos, T, HKV: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
              DT: tl.constexpr, MP: tl.constexpr, BS: tl.constexpr,
              HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
              PRECISION: tl.constexpr):
@@ -129,13 +128,12 @@ def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, d0,
 
         r = tl.arange(0, BS)
         wd = tl.zeros([BS, BS], tl.float32)
-        gj_run = tl.zeros([1, MP], tl.float32)
+        strength = 1.0 - tl.exp(g)
         for jj in range(BS):
-            rj = sub0 + jj + tl.zeros([1], tl.int32)
-            gj = stream_gates(gn, gr, pm, rj, cols, C, pos, T, HKV, M, HAS_PM,
-                              FEEDS)
-            gj_run += gj
-            dec = tl.exp(tl.minimum(Gloc - gj_run, 0.0)) * (1.0 - tl.exp(gj))
+            here = r[:, None] == jj
+            g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
+            s_j = tl.sum(tl.where(here, strength, 0.0), 0)
+            dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[None, :]
             col = tl.sum(tl.where(r[:, None] >= jj, Cf * dec, 0.0), 1)
             wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
         xs = stream_rows(xn, xr, rows, d, C, pos, T, HKV, D, FEEDS)
@@ -282,7 +280,7 @@ def slot_forward_kernel(Q, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, OS, LS,
     q_ptr = Q + b * T * H * DK + h * DK
     q = plain_rows(q_ptr, rows, tl.arange(0, BK), T, H * DK, DK)
     z = sm_scale * _logits(q, q_ptr, H * DK, rows, SK + state * DK * M, kn,
-                           kr, gn, gr, pm, c0, sub0, gpre, gloc, C, pos, T,
+                           kr, gn, gr, pm, c0, sub0, gpre, gloc, g, C, pos, T,
                            HKV, DK, M, BK, KT, MP, BS, HAS_PM, FEEDS,
                            PRECISION)
     z = tl.where((cols < M)[None, :], z, float("-inf"))
@@ -291,7 +289,7 @@ def slot_forward_kernel(Q, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, OS, LS,
     total = tl.sum(e, 1)
     probs = e / total[:, None]
     out = _readout(probs, rows, SV + state * DV * M, vn, vr, gn, gr, pm, c0,
-                   sub0, gpre, gloc, tile * VT, C, pos, T, HKV, DV, M, VT, MP,
+                   sub0, gpre, gloc, g, tile * VT, C, pos, T, HKV, DV, M, VT, MP,
                    BS, HAS_PM, FEEDS, PRECISION)
     t_ok = rows < T
     row = (b * T + rows) * H + h
@@ -343,11 +341,11 @@ def slot_dq_kernel(Q, DO, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, L, DELTA,
     q = plain_rows(q_ptr, rows, tl.arange(0, BK), T, H * DK, DK)
     do = plain_rows(do_ptr, rows, tl.arange(0, BV), T, H * DV, DV)
     z = sm_scale * _logits(q, q_ptr, H * DK, rows, SK + state * DK * M, kn,
-                           kr, gn, gr, pm, c0, sub0, gpre, gloc, C, pos, T,
+                           kr, gn, gr, pm, c0, sub0, gpre, gloc, g, C, pos, T,
                            HKV, DK, M, BK, KT, MP, BS, HAS_PM, FEEDS,
                            PRECISION)
     dp = _logits(do, do_ptr, H * DV, rows, SV + state * DV * M, vn, vr, gn,
-                 gr, pm, c0, sub0, gpre, gloc, C, pos, T, HKV, DV, M, BV, VT,
+                 gr, pm, c0, sub0, gpre, gloc, g, C, pos, T, HKV, DV, M, BV, VT,
                  MP, BS, HAS_PM, FEEDS, PRECISION)
     t_ok = rows < T
     row = (b * T + rows) * H + h
@@ -358,7 +356,7 @@ def slot_dq_kernel(Q, DO, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, L, DELTA,
                  0.0)
     dz = p * (dp - delta[:, None])
     dq = sm_scale * _readout(dz, rows, SK + state * DK * M, kn, kr, gn, gr,
-                             pm, c0, sub0, gpre, gloc, tile * KT, C, pos, T,
+                             pm, c0, sub0, gpre, gloc, g, tile * KT, C, pos, T,
                              HKV, DK, M, KT, MP, BS, HAS_PM, FEEDS, PRECISION)
     d = tile * KT + tl.arange(0, KT)
     tl.store(DQ + row[:, None] * DK + d[None, :], dq,
@@ -452,15 +450,14 @@ def slot_dx_kernel(Y, CF, XN, XR, GN, GR, PM, POS, R, DX, DS, T, C, y_scale,
     ys = plain_rows(y_ptr, rows, dcols, T, H * D, D)
     ax = tl.dot(x, tl.trans(ys), input_precision=PRECISION)
     wd = tl.zeros([BS, BS], tl.float32)
-    gt_run = tl.zeros([1, MP], tl.float32)
+    cs = plain_rows(c_ptr, rows, cols, T, H * M, M)
     for jj in range(BS):
-        rt = sub0 + jj + tl.zeros([1], tl.int32)
-        gt_run += stream_gates(gn, gr, pm, rt, cols, C, pos, T, HKV, M,
-                               HAS_PM, True)
-        c_t = plain_rows(c_ptr, rt, cols, T, H * M, M)
+        here = r[:, None] == jj
+        g_t = tl.sum(tl.where(here, gloc, 0.0), 0)
+        c_t = tl.sum(tl.where(here, cs, 0.0), 0)
         earlier = r[:, None] <= jj
-        e = tl.where(earlier, c_t * tl.exp(tl.minimum(gt_run - gloc, 0.0)),
-                     0.0)
+        e = tl.where(earlier, c_t[None, :] * tl.exp(
+            tl.minimum(g_t[None, :] - gloc, 0.0)), 0.0)
         col = tl.sum(e * strength, 1)
         wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
         a_col = tl.sum(tl.where(r[None, :] == jj, ax, 0.0), 1)

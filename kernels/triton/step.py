@@ -1,0 +1,250 @@
+"""One-token NHA decode on Triton: two launches, cost flat in the context.
+
+Launch 1 (per batch row and kv head, tiled over the state): the token that
+leaves the window (ring entry `position % C`, or the new token when W = 0)
+enters the slot memory. Launch 2 (per batch row and query head): slot logits,
+window logits over the ring with the new token in place of the entry it
+overwrites, one online softmax, the output; the first query head of each kv
+head then writes the new token into the ring. Launch 1 has read the leaving
+entry by then (same stream), so the ring can be updated in place.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from keras_nha.kernels.triton import common
+
+
+@triton.jit
+def step_update_kernel(K_, V_, G_, PM, POS, SK, SV, RK, RV, RG, NSK, NSV, C,
+                       HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                       M: tl.constexpr, KT: tl.constexpr, VT: tl.constexpr,
+                       MP: tl.constexpr, HAS_PM: tl.constexpr,
+                       SOURCE: tl.constexpr):
+    """SOURCE: 0 nothing enters (ring below W), 1 the ring entry leaving the
+    window, 2 the new token itself (W = 0)."""
+    bhk = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    pos = tl.load(POS)
+    cols = tl.arange(0, MP)
+    m_ok = cols < M
+    if SOURCE == 2:
+        gate = tl.load(G_ + bhk.to(tl.int64) * M + cols, mask=m_ok,
+                       other=0.0).to(tl.float32)
+        if HAS_PM:
+            gate = gate * tl.load(PM + b)
+        k_src = K_ + bhk.to(tl.int64) * DK
+        v_src = V_ + bhk.to(tl.int64) * DV
+    elif SOURCE == 1:
+        here = (pos % C).to(tl.int64)
+        gate = tl.load(RG + ((b * C + here) * HKV + hk) * M + cols, mask=m_ok,
+                       other=0.0)
+        k_src = RK + ((b * C + here) * HKV + hk) * DK
+        v_src = RV + ((b * C + here) * HKV + hk) * DV
+    else:
+        gate = tl.zeros([MP], tl.float32)
+        k_src = K_ + bhk.to(tl.int64) * DK
+        v_src = V_ + bhk.to(tl.int64) * DV
+    alpha = tl.exp(gate)
+    strength = 1.0 - alpha
+    k_tiles = tl.cdiv(DK, KT)
+    if tile < k_tiles:
+        d = tile * KT + tl.arange(0, KT)
+        at = bhk.to(tl.int64) * DK * M + d[:, None] * M + cols[None, :]
+        ok = (d < DK)[:, None] & m_ok[None, :]
+        x = tl.load(k_src + d, mask=d < DK, other=0.0).to(tl.float32)
+        state = tl.load(SK + at, mask=ok, other=0.0)
+        tl.store(NSK + at, state * alpha[None, :]
+                 + x[:, None] * strength[None, :], mask=ok)
+    else:
+        d = (tile - k_tiles) * VT + tl.arange(0, VT)
+        at = bhk.to(tl.int64) * M * DV + cols[:, None] * DV + d[None, :]
+        ok = m_ok[:, None] & (d < DV)[None, :]
+        x = tl.load(v_src + d, mask=d < DV, other=0.0).to(tl.float32)
+        state = tl.load(SV + at, mask=ok, other=0.0)
+        tl.store(NSV + at, state * alpha[:, None]
+                 + strength[:, None] * x[None, :], mask=ok)
+
+
+@triton.jit
+def step_attend_kernel(Q, QW, K_, KW, V_, G_, PM, POS, NSK, NSV, RK, RKW, RV,
+                       RG, RM, OUT, C, sm_scale,
+                       H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+                       DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, MT: tl.constexpr, MP: tl.constexpr,
+                       BN: tl.constexpr, HAS_PM: tl.constexpr):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    G: tl.constexpr = H // HKV
+    hk = h // G
+    bhk = b * HKV + hk
+    pos = tl.load(POS)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    k_ok = dk < DK
+    v_ok = dv < DV
+    qk_scale = sm_scale * 1.4426950408889634
+    q = tl.load(Q + bh.to(tl.int64) * DK + dk, mask=k_ok,
+                other=0.0).to(tl.float32)
+    m_i = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([1], tl.float32), 0)
+    acc = tl.zeros([BV], tl.float32)
+    for m0 in tl.static_range(0, MP if M > 0 else 0, MT):
+        mm = m0 + tl.arange(0, MT)
+        mm_ok = mm < M
+        sk = tl.load(NSK + bhk * DK * M + dk[:, None] * M + mm[None, :],
+                     mask=k_ok[:, None] & mm_ok[None, :], other=0.0)
+        z = tl.where(mm_ok, tl.sum(q[:, None] * sk, 0) * qk_scale,
+                     float("-inf"))
+        sv = tl.load(NSV + bhk * M * DV + mm[:, None] * DV + dv[None, :],
+                     mask=mm_ok[:, None] & v_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(z, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * sv, 0)
+        m_i = m_new
+    if C > 0:
+        here = pos % C
+        if HAS_PM:
+            real = tl.load(PM + b)
+        else:
+            real = 1.0
+        qw = tl.load(QW + bh.to(tl.int64) * DK + dk, mask=k_ok,
+                     other=0.0).to(tl.float32)
+        kw_t = tl.load(KW + bhk * DK + dk, mask=k_ok, other=0.0).to(
+            tl.float32)
+        v_t = tl.load(V_ + bhk * DV + dv, mask=v_ok, other=0.0).to(tl.float32)
+        for j0 in range(0, C, BN):
+            j = j0 + tl.arange(0, BN)
+            j_ok = j < C
+            slot = (b * C + j) * HKV + hk
+            kw = tl.load(RKW + slot[:, None] * DK + dk[None, :],
+                         mask=j_ok[:, None] & k_ok[None, :],
+                         other=0.0).to(tl.float32)
+            v = tl.load(RV + slot[:, None] * DV + dv[None, :],
+                        mask=j_ok[:, None] & v_ok[None, :],
+                        other=0.0).to(tl.float32)
+            rm = tl.load(RM + b * C + j, mask=j_ok, other=0.0)
+            is_new = j == here
+            kw = tl.where(is_new[:, None], kw_t[None, :], kw)
+            v = tl.where(is_new[:, None], v_t[None, :], v)
+            rm = tl.where(is_new, real, rm)
+            s = tl.sum(kw * qw[None, :], 1) * qk_scale
+            s = tl.where(j_ok & (rm > 0), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m_i = m_new
+        if h % G == 0:
+            at = (b * C + here) * HKV + hk
+            k_t = tl.load(K_ + bhk * DK + dk, mask=k_ok, other=0.0)
+            tl.store(RK + at * DK + dk, k_t.to(RK.dtype.element_ty),
+                     mask=k_ok)
+            tl.store(RKW + at * DK + dk, kw_t.to(RKW.dtype.element_ty),
+                     mask=k_ok)
+            tl.store(RV + at * DV + dv, v_t.to(RV.dtype.element_ty),
+                     mask=v_ok)
+            mm = tl.arange(0, MP)
+            g_t = tl.load(G_ + bhk * M + mm, mask=mm < M, other=0.0).to(
+                tl.float32)
+            tl.store(RG + at * M + mm, g_t * real, mask=mm < M)
+            if hk == 0:
+                tl.store(RM + b * C + here, real)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)
+    tl.store(OUT + bh.to(tl.int64) * DV + dv, out.to(OUT.dtype.element_ty),
+             mask=v_ok)
+
+
+@torch.compiler.disable
+def triton_nha_step(query, key, value, log_forget_gate, state, *, window_size,
+                    scale, window_query, window_key, padding_mask,
+                    inplace=False):
+    """One decode step; the contract of `kernels.step.nha_step`.
+
+    Args:
+        query: `[B, H, K]`.
+        key: `[B, Hkv, K]`.
+        value: `[B, Hkv, V]`.
+        log_forget_gate: `[B, Hkv, M]`.
+        state: the state dict (`kernels/state.py`).
+        window_size: Python int W.
+        scale: Python float.
+        window_query: `[B, H, K]`.
+        window_key: `[B, Hkv, K]`.
+        padding_mask: `[B]` or None.
+        inplace: write the new token into `state`'s ring buffers instead of
+            copies (the caller gives the old state up). The returned state
+            then shares them.
+
+    Returns:
+        `(output [B, H, V] in the query's dtype, new_state)`.
+
+    Example:
+
+    >>> out, state = triton_nha_step(q, k, v, g, state, window_size=512,
+    ...     scale=0.125, window_query=q, window_key=k, padding_mask=None)
+    """
+    batch, heads, key_dim = query.shape
+    kv_heads, value_dim = key.shape[1], value.shape[-1]
+    num_slots = log_forget_gate.shape[-1]
+    capacity = state["keys"].shape[1]
+    dev = query.device
+    q, qw = query.contiguous(), window_query.contiguous()
+    k, kw, v = key.contiguous(), window_key.contiguous(), value.contiguous()
+    g = log_forget_gate.to(torch.float32).contiguous()
+    mask = (torch.zeros(1, device=dev) if padding_mask is None
+            else padding_mask.to(torch.float32).contiguous())
+    position = state["position"].to(torch.int32).reshape(())
+    slot_keys = state["slot_keys"].to(torch.float32).contiguous()
+    slot_values = state["slot_values"].to(torch.float32).contiguous()
+    new_keys = torch.empty_like(slot_keys)
+    new_values = torch.empty_like(slot_values)
+    ring = {}
+    for name in ("keys", "window_keys", "values", "log_forget_gates", "mask"):
+        x = state[name]
+        if not capacity:
+            x = torch.zeros(1, device=dev, dtype=x.dtype)
+        elif not inplace or not x.is_contiguous():
+            x = x.clone(memory_format=torch.contiguous_format)
+        ring[name] = x
+    if capacity == 0:
+        source = 2
+    else:
+        source = 1 if capacity == window_size else 0
+    mp = common.pow2(num_slots)
+    kt = min(common.pow2(key_dim), max(16, 8192 // mp))
+    vt = min(common.pow2(value_dim), max(16, 8192 // mp))
+    if num_slots:
+        step_update_kernel[(batch * kv_heads, triton.cdiv(key_dim, kt)
+                            + triton.cdiv(value_dim, vt))](
+            k, v, g, mask, position, slot_keys, slot_values, ring["keys"],
+            ring["values"], ring["log_forget_gates"], new_keys, new_values,
+            capacity, HKV=kv_heads, DK=key_dim, DV=value_dim, M=num_slots,
+            KT=kt, VT=vt, MP=mp, HAS_PM=padding_mask is not None,
+            SOURCE=source)
+    out = torch.empty(batch, heads, value_dim, device=dev, dtype=query.dtype)
+    bk, bv = common.pow2(key_dim), common.pow2(value_dim)
+    mt = min(mp, max(16, 4096 // bv), max(16, 4096 // bk))
+    step_attend_kernel[(batch * heads,)](
+        q, qw, k, kw, v, g, mask, position, new_keys, new_values,
+        ring["keys"], ring["window_keys"], ring["values"],
+        ring["log_forget_gates"], ring["mask"], out, capacity, float(scale),
+        H=heads, HKV=kv_heads, DK=key_dim, DV=value_dim, M=num_slots, BK=bk,
+        BV=bv, MT=mt, MP=mp, BN=32 if max(bk, bv) <= 128 else 16,
+        HAS_PM=padding_mask is not None,
+        num_warps=1 if common.interpreting() else 4)
+    acc = state["slot_keys"].dtype
+    new_state = {"slot_keys": new_keys.to(acc),
+                 "slot_values": new_values.to(acc),
+                 "position": state["position"] + 1}
+    for name in ring:
+        new_state[name] = ring[name] if capacity else state[name]
+    return out, new_state
