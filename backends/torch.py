@@ -50,13 +50,9 @@ def _check_device(tensors):
 def _check(tensors, state):
     if _in_symbolic_build():
         raise NotImplementedError("Keras is tracing shapes")
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
+    if not all(isinstance(t, torch.Tensor)
+               for t in tensors + list(state.values())):
         raise NotImplementedError("inputs are not torch tensors")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise NotImplementedError("triton is not installed") from None
-    _check_device(tensors + [v for v in state.values()])
     query, key, value, log_forget_gate = tensors[:4]
     if query.dtype not in _DTYPES:
         raise NotImplementedError(
@@ -72,6 +68,11 @@ def _check(tensors, state):
     if any(v.requires_grad for v in state.values()):
         raise NotImplementedError(
             "the kernels give no gradient for the incoming state")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise NotImplementedError("triton is not installed") from None
+    _check_device(tensors + list(state.values()))
 
 
 def _tensors(call):
@@ -104,3 +105,8 @@ def is_concrete(x):
     if torch.compiler.is_compiling():
         return False
     return isinstance(x, torch.Tensor) and x.device.type != "meta"
+
+
+def portable(kernel):
+    """The portable kernels run eagerly, op by op, on torch."""
+    return kernel
