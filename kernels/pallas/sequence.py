@@ -31,20 +31,25 @@ def default_config(length, interpret):
 
 
 def _core(query, window_query, history, slot_keys, slot_values, *,
-          window_size, scale, capacity, num_slots, config):
+          length, window_size, scale, capacity, num_slots, config):
     """NHA over padded history streams; per shard under `sharding`.
 
+    `length` is the real T (queries are padded past it).
     Returns `(out [B, Tp, H, Vp] f32, slot_keys, slot_values)`.
     """
-    length = query.shape[1]
+    padded = query.shape[1]
     parts = []
     if num_slots:
         if capacity == window_size:
-            fed = [history[n][:, :length] for n in ("keys", "values",
+            fed = [history[n][:, :padded] for n in ("keys", "values",
                                                     "log_forget_gates")]
+            # History rows past T are tokens still inside the window at the
+            # end: they must not enter the returned slot memory.
+            fed[2] = fed[2] * (jnp.arange(padded) < length)[
+                None, :, None, None]
         else:
             # The caller promised the sequence fits the ring: nothing leaves.
-            fed = [jnp.zeros(history[n].shape[:1] + (length,)
+            fed = [jnp.zeros(history[n].shape[:1] + (padded,)
                              + history[n].shape[2:], history[n].dtype)
                    for n in ("keys", "values", "log_forget_gates")]
         out, lse, slot_keys, slot_values = slot_attention(
@@ -121,7 +126,7 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
                                     slot_pad), 3, value_pad)
 
     core = sharding.per_shard(
-        _core, window_size=window_size, scale=scale, capacity=capacity,
+        _core, length=length, window_size=window_size, scale=scale, capacity=capacity,
         num_slots=num_slots, config=config)
     out, slot_keys, slot_values = core(*queries, streams, slot_keys,
                                        slot_values)

@@ -1,0 +1,298 @@
+"""Benchmark: NHA Pallas kernels vs cuDNN causal attention and NHA Triton.
+
+B=1, H=16, K=V=128, M=64, W=512, bf16 (gates float32), T in {4096, 16384,
+65536}; forward and forward+backward (gradients of q, k, v, gates). Every
+row of one run is measured on the same card. Also the decode step at B=8
+over a 65536-token context (the state holds the last W tokens).
+
+Each backend runs in its own process (JAX and torch each want the GPU's
+memory); the driver collects their JSON rows, prints a table, and with
+`--plot PATH` draws it.
+
+Usage:
+    python benchmarks/pallas_benchmark.py [--lengths 4096 16384 65536]
+        [--json PATH] [--plot PATH] [--no-triton]
+
+TFLOP/s are against counted FLOPs (one multiply-add = 2 FLOPs), forward:
+NHA 4*W*d (window logits + readout) + 8*M*d (slot logits + readout)
++ 4*c*(d + M) (in-chunk slot terms, chunk c=64) per token and head;
+causal attention 2*T*d per token and head (half of T^2 pairs). A backward
+counts as 2.5 forwards (the flash-attention convention).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH, HEADS, DIM, SLOTS, WINDOW, CHUNK = 1, 16, 128, 64, 512, 64
+DECODE_BATCH, DECODE_CONTEXT = 8, 65536
+
+
+def nha_flops(length, backward):
+    per_token = (4 * WINDOW * DIM + 8 * SLOTS * DIM
+                 + 4 * CHUNK * (DIM + SLOTS))
+    flops = BATCH * HEADS * length * per_token
+    return flops * (3.5 if backward else 1.0)
+
+
+def causal_flops(length, backward):
+    flops = BATCH * HEADS * 2 * length * length * DIM
+    return flops * (3.5 if backward else 1.0)
+
+
+def _median_ms(fn, sync, warmup=3, reps=10, budget_s=20.0):
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    began = time.perf_counter()
+    while len(times) < reps and (time.perf_counter() - began < budget_s
+                                 or len(times) < 3):
+        start = time.perf_counter()
+        sync(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run_jax(lengths):
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import keras_nha
+
+    card = jax.devices()[0].device_kind
+    rows = []
+    sync = jax.block_until_ready
+
+    def inputs(length, seed):
+        keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+        shape = (BATCH, length, HEADS, DIM)
+        q, k, v, ct = (jax.random.normal(keys[i], shape, jnp.bfloat16)
+                       for i in range(4))
+        gate = jax.nn.log_sigmoid(jax.random.normal(
+            keys[4], (BATCH, length, HEADS, SLOTS), jnp.float32)) / 8
+        return q, k, v, gate, ct
+
+    def nha(q, k, v, gate):
+        return keras_nha.ops.native_hybrid_attention(
+            q, k, v, gate, WINDOW, implementation="pallas")
+
+    def cudnn(q, k, v, gate):
+        del gate
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            implementation="cudnn")
+
+    for length in lengths:
+        q, k, v, gate, ct = inputs(length, length)
+        for name, fn, flops in (("pallas", nha, nha_flops),
+                                ("cudnn causal", cudnn, causal_flops)):
+            forward = jax.jit(fn)
+
+            def loss(q, k, v, gate, fn=fn):
+                out = fn(q, k, v, gate)
+                return jnp.sum(out.astype(jnp.float32) * ct)
+
+            both = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+            for mode, call in (("fwd", forward), ("fwd+bwd", both)):
+                try:
+                    ms = _median_ms(lambda: call(q, k, v, gate), sync)
+                    error = None
+                except Exception as exc:  # noqa: BLE001 (report, go on)
+                    ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
+                rows.append(dict(impl=name, mode=mode, T=length, ms=ms,
+                                 flops=flops(length, mode == "fwd+bwd"),
+                                 card=card, error=error))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    # Decode: one token over a full state (context 65536, ring of W).
+    state = keras_nha.ops.initial_state(DECODE_BATCH, HEADS, DIM, DIM, SLOTS,
+                                        WINDOW, dtype="bfloat16")
+    keys = jax.random.split(jax.random.PRNGKey(1), 8)
+    state = dict(
+        state,
+        slot_keys=jax.random.normal(keys[0], state["slot_keys"].shape) * 0.1,
+        slot_values=jax.random.normal(keys[1], state["slot_values"].shape),
+        keys=jax.random.normal(keys[2], state["keys"].shape, jnp.bfloat16),
+        window_keys=jax.random.normal(keys[3], state["keys"].shape,
+                                      jnp.bfloat16),
+        values=jax.random.normal(keys[4], state["values"].shape,
+                                 jnp.bfloat16),
+        log_forget_gates=-jax.random.uniform(
+            keys[5], state["log_forget_gates"].shape) * 0.1,
+        mask=jnp.ones_like(state["mask"]),
+        position=jnp.asarray(DECODE_CONTEXT, jnp.int32))
+    token = [jax.random.normal(keys[6], (DECODE_BATCH, HEADS, DIM),
+                               jnp.bfloat16)] * 3 + [
+        -jax.random.uniform(keys[7], (DECODE_BATCH, HEADS, SLOTS)) * 0.1]
+
+    def step(state, implementation):
+        return keras_nha.ops.native_hybrid_attention_step(
+            *token, state, WINDOW, implementation=implementation)
+
+    for implementation in ("pallas", "chunked"):
+        one = jax.jit(lambda s, i=implementation: step(s, i),
+                      donate_argnums=0)
+
+        def many(s, i=implementation, n=100):
+            def body(_, carry):
+                out, s = carry
+                return step(s, i)
+            out = jnp.zeros((DECODE_BATCH, HEADS, DIM), jnp.bfloat16)
+            return jax.lax.fori_loop(0, n, body, (out, s))
+        looped = jax.jit(many, donate_argnums=0)
+        holder = {"s": jax.tree.map(jnp.copy, state)}
+
+        def call_one():
+            out, holder["s"] = one(holder["s"])
+            return out
+
+        def call_many():
+            out, holder["s"] = looped(holder["s"])
+            return out
+        rows.append(dict(impl=f"decode {implementation}", mode="1 call",
+                         T=DECODE_CONTEXT, ms=_median_ms(call_one, sync,
+                                                         reps=50),
+                         flops=None, card=card, error=None))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        rows.append(dict(impl=f"decode {implementation}",
+                         mode="per step, 100-step device loop",
+                         T=DECODE_CONTEXT,
+                         ms=_median_ms(call_many, sync) / 100, flops=None,
+                         card=card, error=None))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    del np
+    return rows
+
+
+def run_torch(lengths):
+    os.environ["KERAS_BACKEND"] = "torch"
+    import torch
+    import triton.testing
+
+    import keras_nha
+
+    card = torch.cuda.get_device_name()
+    rows = []
+    for length in lengths:
+        g = torch.Generator(device="cuda").manual_seed(length)
+        shape = (BATCH, length, HEADS, DIM)
+        make = lambda: torch.randn(shape, device="cuda", dtype=torch.bfloat16,
+                                   generator=g)
+        q, k, v, ct = make(), make(), make(), make()
+        gate = torch.nn.functional.logsigmoid(torch.randn(
+            (BATCH, length, HEADS, SLOTS), device="cuda",
+            generator=g)) / 8
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, gate)]
+
+        def forward():
+            with torch.no_grad():
+                return keras_nha.ops.native_hybrid_attention(
+                    q, k, v, gate, WINDOW, implementation="triton")
+
+        def both():
+            out = keras_nha.ops.native_hybrid_attention(
+                *leaves, WINDOW, implementation="triton")
+            return torch.autograd.grad(out, leaves, ct)
+
+        for mode, fn in (("fwd", forward), ("fwd+bwd", both)):
+            try:
+                ms = triton.testing.do_bench(fn, warmup=25, rep=200,
+                                             return_mode="median")
+                error = None
+            except Exception as exc:  # noqa: BLE001 (report, go on)
+                ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(dict(impl="triton (torch)", mode=mode, T=length,
+                             ms=ms, flops=nha_flops(length, mode != "fwd"),
+                             card=card, error=error))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        del q, k, v, ct, gate, leaves
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _in_subprocess(part, lengths):
+    env = dict(os.environ)
+    env["KERAS_BACKEND"] = "torch" if part == "torch" else "jax"
+    result = subprocess.run(
+        [sys.executable, __file__, "--part", part, "--lengths",
+         *map(str, lengths)], env=env, capture_output=True, text=True)
+    sys.stderr.write(result.stderr[-4000:])
+    if result.returncode:
+        return [dict(impl=part, mode="-", T=0, ms=None, flops=None,
+                     card=None, error=f"exit {result.returncode}")]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def table(rows):
+    lines = [f"{'impl':<16} {'mode':<32} {'T':>6} {'ms':>9} {'TFLOP/s':>8}  "
+             "card"]
+    for r in rows:
+        ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
+        rate = ("-" if r["ms"] is None or not r["flops"]
+                else f"{r['flops'] / r['ms'] / 1e9:.1f}")
+        note = f"  ({r['error']})" if r.get("error") else ""
+        lines.append(f"{r['impl']:<16} {r['mode']:<32} {r['T']:>6} {ms:>9} "
+                     f"{rate:>8}  {r['card']}{note}")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for impl in sorted({r["impl"] for r in rows if r["mode"] == mode}):
+            points = sorted((r["T"], r["ms"]) for r in rows
+                            if r["impl"] == impl and r["mode"] == mode
+                            and r["ms"] is not None)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=impl)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length T")
+        axis.set_ylabel("ms (median)")
+        axis.set_title(f"{mode}: B=1 H=16 d=128 M=64 W=512 bf16")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    card = next((r["card"] for r in rows if r.get("card")), "")
+    fig.suptitle(f"NHA kernels vs cuDNN causal attention ({card})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        default=[4096, 16384, 65536])
+    parser.add_argument("--part", choices=("all", "jax", "torch"),
+                        default="all")
+    parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--json")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+    if args.part == "jax":
+        print(json.dumps(run_jax(args.lengths)))
+        return
+    if args.part == "torch":
+        print(json.dumps(run_torch(args.lengths)))
+        return
+    rows = [] if args.no_triton else _in_subprocess("torch", args.lengths)
+    rows = _in_subprocess("jax", args.lengths) + rows
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

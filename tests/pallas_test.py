@@ -1,0 +1,254 @@
+"""Pallas kernels (JAX backend), run in Pallas' interpreter on CPU.
+
+Outputs against the float64 NumPy transcription of the spec; gradients of
+every input against float64 autodiff of the portable chunked path.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from nha_numpy_reference import nha_numpy
+from nha_testing import INPUT_NAMES
+from nha_testing import cast_inputs
+from nha_testing import random_inputs
+from nha_testing import relative_error
+from nha_testing import value_and_grads
+
+import keras_nha
+
+pytestmark = pytest.mark.skipif(keras.config.backend() != "jax",
+                                reason="Pallas kernels run on the JAX backend")
+
+TOLERANCE = 2e-5
+
+
+def _attention(implementation, window_size, padding_mask=None):
+    def fn(query, key, value, log_forget_gate, window_query, window_key):
+        return keras_nha.ops.native_hybrid_attention(
+            query, key, value, log_forget_gate, window_size,
+            window_query=window_query, window_key=window_key,
+            padding_mask=padding_mask, implementation=implementation)
+    return fn
+
+
+def _check_against_references(inputs, window_size):
+    mask = inputs.get("padding_mask")
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], window_size,
+                         qw=inputs["window_query"], kw=inputs["window_key"],
+                         padding_mask=mask)
+    rng = np.random.default_rng(len(inputs["query"][0]) + window_size)
+    cotangent = rng.normal(size=expected.shape)
+    if mask is not None:  # padded outputs are free: give them no gradient
+        cotangent = cotangent * mask[..., None, None]
+    ops_mask = None if mask is None else ops.convert_to_tensor(mask,
+                                                               "float32")
+    arrays = {n: inputs[n] for n in INPUT_NAMES}
+    out, grads = value_and_grads(
+        _attention("pallas", window_size, ops_mask),
+        cast_inputs(arrays, "float32"), INPUT_NAMES, cotangent)
+    ref_mask = None if mask is None else ops.convert_to_tensor(mask,
+                                                               "float64")
+    _, ref_grads = value_and_grads(
+        _attention("chunked", window_size, ref_mask),
+        cast_inputs(arrays, "float64"), INPUT_NAMES, cotangent)
+    assert relative_error(out, expected, mask) < TOLERANCE
+    for name in INPUT_NAMES:
+        assert np.all(np.isfinite(grads[name])), name
+        if np.abs(ref_grads[name]).max(initial=0) == 0:
+            assert np.abs(grads[name]).max(initial=0) < 1e-6, name
+        else:
+            assert relative_error(grads[name], ref_grads[name]) < TOLERANCE, (
+                name)
+
+
+LENGTH = 37
+
+# One compile per case is the cost here, so each case also covers one more
+# feature: GQA everywhere, padding, head dims / slot counts / group sizes
+# that need padding inside the kernels, and gates strong enough that their
+# in-chunk cumsum falls far below -88 (exp would overflow if factored).
+CASES = {
+    "gsa_w0": dict(window_size=0),
+    "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
+                                num_slots=5, kv_heads=1),
+    "w5_padding": dict(window_size=5, padding=True),
+    "w64_beyond_length": dict(window_size=64),
+    "w_length_minus_1_strong_gates": dict(window_size=LENGTH - 1,
+                                          gate_scale=40.0),
+    "w_length": dict(window_size=LENGTH),
+    "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
+    "swa_no_slots": dict(window_size=5, num_slots=0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_and_gradients(case):
+    options = dict(CASES[case])
+    window_size = options.pop("window_size")
+    options.setdefault("num_slots", 8)
+    options.setdefault("kv_heads", 2)
+    inputs = random_inputs(len(case), length=LENGTH, heads=4, **options)
+    _check_against_references(inputs, window_size)
+
+
+def _run(inputs, window_size, implementation, state=None, start=0, stop=None,
+         dtype="float32"):
+    piece = {n: ops.convert_to_tensor(inputs[n][:, start:stop], dtype)
+             for n in INPUT_NAMES}
+    return keras_nha.ops.native_hybrid_attention(
+        piece["query"], piece["key"], piece["value"],
+        piece["log_forget_gate"], window_size,
+        window_query=piece["window_query"], window_key=piece["window_key"],
+        initial_state=state, return_state=True,
+        implementation=implementation)
+
+
+@pytest.mark.parametrize("window_size", [0, 6])
+def test_streaming_and_decode_match_one_call(window_size):
+    length, prefix, steps = 30, 17, 4
+    inputs = random_inputs(20 + window_size, length=length, num_slots=8)
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], window_size,
+                         qw=inputs["window_query"], kw=inputs["window_key"])
+    state = keras_nha.ops.initial_state(2, 2, 16, 16, 8, window_size,
+                                        max_length=length)
+    first, state = _run(inputs, window_size, "pallas", state, 0, prefix)
+    second, state = _run(inputs, window_size, "pallas", state, prefix,
+                         length - steps)
+    got = [ops.convert_to_numpy(first), ops.convert_to_numpy(second)]
+    for t in range(length - steps, length):
+        token = {n: ops.convert_to_tensor(inputs[n][:, t], "float32")
+                 for n in INPUT_NAMES}
+        out, state = keras_nha.ops.native_hybrid_attention_step(
+            token["query"], token["key"], token["value"],
+            token["log_forget_gate"], state, window_size,
+            window_query=token["window_query"],
+            window_key=token["window_key"], implementation="pallas")
+        got.append(ops.convert_to_numpy(out)[:, None])
+    assert relative_error(np.concatenate(got, axis=1), expected) < TOLERANCE
+
+    _, ref_state = _run(inputs, window_size, "chunked", None, 0, length,
+                        dtype="float64")
+    assert int(state["position"]) == length
+    for name, value in ref_state.items():
+        if name != "position" and np.size(value):
+            assert relative_error(state[name], value) < TOLERANCE, name
+
+
+def test_decode_with_padding_and_groups():
+    window_size, length = 5, 12
+    inputs = random_inputs(31, length=length, heads=4, kv_heads=1,
+                           num_slots=6, padding=True)
+    mask = inputs["padding_mask"]
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], window_size,
+                         qw=inputs["window_query"], kw=inputs["window_key"],
+                         padding_mask=mask)
+    state = keras_nha.ops.initial_state(2, 1, 16, 16, 6, window_size)
+    outputs = []
+    for t in range(length):
+        token = {n: ops.convert_to_tensor(inputs[n][:, t], "float32")
+                 for n in INPUT_NAMES}
+        out, state = keras_nha.ops.native_hybrid_attention_step(
+            token["query"], token["key"], token["value"],
+            token["log_forget_gate"], state, window_size,
+            window_query=token["window_query"],
+            window_key=token["window_key"],
+            padding_mask=ops.convert_to_tensor(mask[:, t], "float32"),
+            implementation="pallas")
+        outputs.append(ops.convert_to_numpy(out))
+    assert relative_error(np.stack(outputs, 1), expected, mask) < TOLERANCE
+
+
+def test_jit_and_bfloat16():
+    import jax
+
+    inputs = random_inputs(40, length=LENGTH, num_slots=8)
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], 7,
+                         qw=inputs["window_query"], kw=inputs["window_key"])
+    arrays = cast_inputs({n: inputs[n] for n in INPUT_NAMES}, "bfloat16")
+    arrays["log_forget_gate"] = ops.cast(arrays["log_forget_gate"], "float32")
+    out = jax.jit(_attention("pallas", 7))(**arrays)
+    assert out.dtype == "bfloat16"
+    assert relative_error(out, expected) < 2e-2
+
+
+def test_selection():
+    from keras_nha import backends
+
+    inputs = cast_inputs(random_inputs(50, length=9), "float32")
+    call = dict(inputs, window_size=3, scale=0.25, padding_mask=None,
+                state=keras_nha.ops.initial_state(2, 2, 16, 16, 8, 3))
+    from keras_nha.kernels.pallas.sequence import pallas_nha
+    assert backends.select("pallas", call).__wrapped__ is pallas_nha
+    import jax
+    if jax.default_backend() != "gpu":
+        from keras_nha.kernels.chunked import chunked_nha
+        assert backends.select("auto", call).__wrapped__ is chunked_nha
+    with pytest.raises(ValueError, match="pallas"):
+        keras_nha.ops.native_hybrid_attention(
+            *[ops.cast(inputs[n], "float64") for n in INPUT_NAMES[:4]], 3,
+            implementation="pallas")
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["KERAS_BACKEND"] = "jax"
+    import sys
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import keras_nha
+    sys.path.insert(0, {tests!r})
+    from nha_numpy_reference import nha_numpy
+    from nha_testing import random_inputs
+
+    x = random_inputs(60, batch=2, length=21, heads=8, kv_heads=4,
+                      num_slots=8)
+    expected = nha_numpy(x["query"], x["key"], x["value"],
+                         x["log_forget_gate"], 5, qw=x["window_query"],
+                         kw=x["window_key"])
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "model"))
+    spec = NamedSharding(mesh, P("batch", None, "model", None))
+    names = ("query", "key", "value", "log_forget_gate", "window_query",
+             "window_key")
+    args = [jax.device_put(jnp.asarray(x[n], jnp.float32), spec)
+            for n in names]
+
+    def loss(q, k, v, g, qw, kw):
+        out = keras_nha.ops.native_hybrid_attention(
+            q, k, v, g, 5, window_query=qw, window_key=kw,
+            implementation="pallas")
+        return jnp.sum(out * out), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)),
+                                      has_aux=True))
+    hlo = step.lower(*args).compile().as_text()
+    (_, out), grads = step(*args)
+    error = np.abs(np.asarray(out) - expected).max() / np.abs(expected).max()
+    assert error < 2e-5, error
+    assert out.sharding.spec == P("batch", None, "model", None), out.sharding
+    assert "all-gather" not in hlo, "activations were gathered"
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    print("SHARDED_OK")
+""")
+
+
+def test_sharded_over_batch_and_heads_runs_per_shard():
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_ENABLE_X64="0")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=tests)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]
