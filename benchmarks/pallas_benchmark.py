@@ -131,29 +131,31 @@ def run_jax(lengths):
                                jnp.bfloat16)] * 3 + [
         -jax.random.uniform(keys[7], (DECODE_BATCH, HEADS, SLOTS)) * 0.1]
 
-    def step(state, implementation):
+    def step(state, token, implementation):
         return keras_nha.ops.native_hybrid_attention_step(
             *token, state, WINDOW, implementation=implementation)
 
     for implementation in ("pallas", "chunked"):
-        one = jax.jit(lambda s, i=implementation: step(s, i),
+        # The token is an argument: closed-over constants would look
+        # concrete to the op's eager-only checks while being traced.
+        one = jax.jit(lambda s, t, i=implementation: step(s, t, i),
                       donate_argnums=0)
 
-        def many(s, i=implementation, n=100):
+        def many(s, t, i=implementation, n=100):
             def body(_, carry):
                 out, s = carry
-                return step(s, i)
+                return step(s, t, i)
             out = jnp.zeros((DECODE_BATCH, HEADS, DIM), jnp.bfloat16)
             return jax.lax.fori_loop(0, n, body, (out, s))
         looped = jax.jit(many, donate_argnums=0)
         holder = {"s": jax.tree.map(jnp.copy, state)}
 
         def call_one():
-            out, holder["s"] = one(holder["s"])
+            out, holder["s"] = one(holder["s"], token)
             return out
 
         def call_many():
-            out, holder["s"] = looped(holder["s"])
+            out, holder["s"] = looped(holder["s"], token)
             return out
         rows.append(dict(impl=f"decode {implementation}", mode="1 call",
                          T=DECODE_CONTEXT, ms=_median_ms(call_one, sync,
