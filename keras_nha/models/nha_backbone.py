@@ -1,0 +1,223 @@
+"""A decoder-only stack of NHA blocks in keras-hub's Backbone conventions."""
+
+import keras
+from keras_hub.layers import ReversibleEmbedding
+from keras_hub.models import Backbone
+
+from keras_nha.models.nha_decoder_block import NHADecoderBlock
+
+# A window this long is never reached: the layer is full causal attention.
+GLOBAL_WINDOW = 1 << 30
+
+
+def _per_layer(value, num_layers, name, allow_none):
+    values = list(value) if isinstance(value, (list, tuple)) else (
+        [value] * num_layers)
+    if len(values) != num_layers:
+        raise ValueError(f"`{name}`: expected one entry per layer "
+                         f"({num_layers}), got {len(values)}: {value!r}.")
+    for v in values:
+        if v is None and allow_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            expected = "a Python int >= 0" + (" or None (global)"
+                                               if allow_none else "")
+            raise ValueError(f"`{name}`: expected {expected} or a list of "
+                             f"them, got {value!r}.")
+    return values
+
+
+@keras.saving.register_keras_serializable(package="keras_nha")
+class NHABackbone(Backbone):
+    """A decoder-only language model backbone built from NHA blocks.
+
+    Token embedding (optionally scaled), then `num_layers` pre-norm blocks
+    `x + NHA(RMSNorm(x))`, `x + GLU(RMSNorm(x))`, then a final RMSNorm. The
+    output is the final hidden states `[B, T, hidden_dim]`; `NHACausalLM`
+    adds the (tied or untied) output projection.
+
+    `window_size` is the inter-layer hybrid knob: an int for every layer or a
+    per-layer list, where `None` makes a layer global (full causal attention)
+    and `0` makes it purely recurrent (gated slot attention). Windows are not
+    weights: `NHABackbone.from_config({**backbone.get_config(),
+    "window_size": other})` followed by `set_weights(backbone.get_weights())`
+    gives the same model with other windows (the paper's inference-time
+    search over window schedules).
+
+    Args:
+        vocabulary_size: number of token ids.
+        num_layers: number of decoder blocks.
+        num_query_heads: query heads per block.
+        hidden_dim: model width.
+        intermediate_dim: feedforward width.
+        num_key_value_heads: key/value heads (grouped-query); default
+            `num_query_heads`.
+        head_dim: dim per head; default `hidden_dim // num_query_heads`.
+        window_size: int, None (global) or a per-layer list of them.
+        num_slots: slot count M, an int or a per-layer list (0 = none).
+        gate_logit_normalizer: tau of the slot forget gates.
+        feature_map: None or "swish", on the slot-path queries and keys.
+        value_activation: activation on values ("silu"; None for hybrids).
+        attention_output_activation: activation on the attention output.
+        use_attention_output_norm: RMSNorm over the heads before the
+            attention output projection.
+        use_qkv_bias: biases on the query, key and value projections.
+        attention_scale: logit scale, default `head_dim ** -0.5`.
+        rope_max_wavelength: rotary base of the window path.
+        rope_scaling_factor: linear rotary position scaling.
+        feedforward_activation: "silu" (SwiGLU), "gelu" or
+            "gelu_approximate" (GeGLU).
+        embedding_scale: multiplies the token embeddings (Gemma uses
+            `sqrt(hidden_dim)`); None for no scaling.
+        layer_norm_epsilon: epsilon of the RMS norms.
+        dropout: dropout rate inside the blocks.
+        tie_word_embeddings: reuse the token embedding as output projection.
+        implementation: NHA kernel choice, see `keras_nha.ops`.
+        dtype: dtype policy of the whole model.
+        **kwargs: `keras_hub.models.Backbone` arguments (name, ...).
+
+    Returns:
+        A functional model mapping `{"token_ids", "padding_mask"}` to hidden
+        states `[B, T, hidden_dim]`.
+
+    Example:
+
+    >>> backbone = keras_nha.models.NHABackbone(
+    ...     vocabulary_size=259, num_layers=2, num_query_heads=4,
+    ...     hidden_dim=64, intermediate_dim=128, window_size=[16, None],
+    ...     num_slots=8)
+    >>> backbone({"token_ids": np.ones((1, 12), "int32"),
+    ...           "padding_mask": np.ones((1, 12), "int32")}).shape
+    (1, 12, 64)
+    """
+
+    def __init__(self, vocabulary_size, num_layers, num_query_heads,
+                 hidden_dim, intermediate_dim, num_key_value_heads=None,
+                 head_dim=None, window_size=64, num_slots=64,
+                 gate_logit_normalizer=8.0, feature_map=None,
+                 value_activation="silu", attention_output_activation="silu",
+                 use_attention_output_norm=True, use_qkv_bias=False,
+                 attention_scale=None, rope_max_wavelength=10000,
+                 rope_scaling_factor=1.0, feedforward_activation="silu",
+                 embedding_scale=None, layer_norm_epsilon=1e-6, dropout=0.0,
+                 tie_word_embeddings=True, implementation="auto", dtype=None,
+                 **kwargs):
+        for name, value in (("vocabulary_size", vocabulary_size),
+                            ("num_layers", num_layers),
+                            ("num_query_heads", num_query_heads),
+                            ("hidden_dim", hidden_dim),
+                            ("intermediate_dim", intermediate_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                    value < 1):
+                raise ValueError(f"`{name}`: expected a Python int >= 1, got "
+                                 f"{value!r}.")
+        kv_heads = num_key_value_heads or num_query_heads
+        windows = _per_layer(window_size, num_layers, "window_size", True)
+        slots = _per_layer(num_slots, num_layers, "num_slots", False)
+
+        # === Layers ===
+        self.token_embedding = ReversibleEmbedding(
+            input_dim=vocabulary_size, output_dim=hidden_dim,
+            tie_weights=tie_word_embeddings,
+            embeddings_initializer=keras.initializers.RandomNormal(
+                stddev=0.02),
+            dtype=dtype, name="token_embedding")
+        self.transformer_layers = []
+        for i, (window, slot_count) in enumerate(zip(windows, slots)):
+            self.transformer_layers.append(NHADecoderBlock(
+                num_query_heads=num_query_heads,
+                num_key_value_heads=kv_heads,
+                intermediate_dim=intermediate_dim,
+                window_size=GLOBAL_WINDOW if window is None else window,
+                num_slots=slot_count, head_dim=head_dim,
+                gate_logit_normalizer=gate_logit_normalizer,
+                feature_map=feature_map, value_activation=value_activation,
+                attention_output_activation=attention_output_activation,
+                use_attention_output_norm=use_attention_output_norm,
+                use_qkv_bias=use_qkv_bias, attention_scale=attention_scale,
+                rope_max_wavelength=rope_max_wavelength,
+                rope_scaling_factor=rope_scaling_factor,
+                feedforward_activation=feedforward_activation,
+                layer_norm_epsilon=layer_norm_epsilon, dropout=dropout,
+                implementation=implementation, dtype=dtype,
+                name=f"transformer_layer_{i}"))
+        self.layer_norm = keras.layers.RMSNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype,
+            name="sequence_output_layernorm")
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32",
+                                   name="padding_mask")
+        x = self.token_embedding(token_ids)
+        if embedding_scale is not None:
+            x = x * embedding_scale
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        outputs = self.layer_norm(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs, dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_key_value_heads = kv_heads
+        self.head_dim = head_dim
+        self.window_size = window_size
+        self.num_slots = num_slots
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.feature_map = feature_map
+        self.value_activation = value_activation
+        self.attention_output_activation = attention_output_activation
+        self.use_attention_output_norm = use_attention_output_norm
+        self.use_qkv_bias = use_qkv_bias
+        self.attention_scale = attention_scale
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.feedforward_activation = feedforward_activation
+        self.embedding_scale = embedding_scale
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+        self.tie_word_embeddings = tie_word_embeddings
+        self.implementation = implementation
+
+    def embed(self, token_ids):
+        """Token embeddings as the first block sees them (scaled if set)."""
+        x = self.token_embedding(token_ids)
+        if self.embedding_scale is not None:
+            x = x * self.embedding_scale
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            vocabulary_size=self.vocabulary_size, num_layers=self.num_layers,
+            num_query_heads=self.num_query_heads, hidden_dim=self.hidden_dim,
+            intermediate_dim=self.intermediate_dim,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            window_size=(list(self.window_size)
+                         if isinstance(self.window_size, (list, tuple))
+                         else self.window_size),
+            num_slots=(list(self.num_slots)
+                       if isinstance(self.num_slots, (list, tuple))
+                       else self.num_slots),
+            gate_logit_normalizer=self.gate_logit_normalizer,
+            feature_map=self.feature_map,
+            value_activation=self.value_activation,
+            attention_output_activation=self.attention_output_activation,
+            use_attention_output_norm=self.use_attention_output_norm,
+            use_qkv_bias=self.use_qkv_bias,
+            attention_scale=self.attention_scale,
+            rope_max_wavelength=self.rope_max_wavelength,
+            rope_scaling_factor=self.rope_scaling_factor,
+            feedforward_activation=self.feedforward_activation,
+            embedding_scale=self.embedding_scale,
+            layer_norm_epsilon=self.layer_norm_epsilon, dropout=self.dropout,
+            tie_word_embeddings=self.tie_word_embeddings,
+            implementation=self.implementation)
+        return config
