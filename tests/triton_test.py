@@ -1,0 +1,357 @@
+"""Triton kernels (torch backend), run in Triton's interpreter on CPU.
+
+TRITON_INTERPRET must be set before triton is imported, so the kernels run in
+a child process (this file with `--worker`) and the tests read its report.
+Outputs are checked against the float64 NumPy transcription of the spec;
+gradients of every input, streaming states and decode steps against the
+float64 step-by-step reference. Sizes are small and odd (T = 37 crosses two
+slot chunks and several window blocks of the interpreter's tiles).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(keras.config.backend() != "torch",
+                                reason="Triton kernels run on the torch backend")
+
+TOLERANCE = 5e-5
+LENGTH = 37
+
+SEQUENCE_CASES = {}
+for _w in (0, 1, 5, 64, LENGTH - 1, LENGTH, 3 * LENGTH):
+    for _m in (0, 8):
+        if _w or _m:
+            SEQUENCE_CASES[f"W{_w}-M{_m}"] = dict(window_size=_w, num_slots=_m)
+SEQUENCE_CASES.update({
+    "W5-M8-gqa2x4-batch2": dict(window_size=5, num_slots=8, batch=2,
+                                heads=4, kv_heads=2),
+    "W5-M8-padding": dict(window_size=5, num_slots=8, batch=2, padding=True),
+    "W0-M8-padding": dict(window_size=0, num_slots=8, batch=2, padding=True),
+    "W37-M0-padding": dict(window_size=LENGTH, num_slots=0, batch=2,
+                           padding=True),
+    "W7-M5-dims24x20-shared-window": dict(window_size=7, num_slots=5,
+                                          key_dim=24, value_dim=20,
+                                          separate_window=False,
+                                          scale=0.3),
+})
+STREAM_CASES = {
+    "W5-M8": dict(window_size=5, num_slots=8),
+    "W0-M8": dict(window_size=0, num_slots=8),
+    "W16-M0-padding": dict(window_size=16, num_slots=0, padding=True),
+    "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=45),
+}
+STEP_CASES = {
+    "W0-M8": dict(window_size=0, num_slots=8),
+    "W1-M8": dict(window_size=1, num_slots=8),
+    "W5-M8-padding": dict(window_size=5, num_slots=8, padding=True),
+    "W5-M0": dict(window_size=5, num_slots=0),
+    "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=30),
+}
+_SHAPE_KEYS = ("batch", "heads", "kv_heads", "key_dim", "value_dim",
+               "num_slots", "separate_window", "padding")
+
+
+# ---------------------------------------------------------------- worker ---
+
+def _shape(case, length):
+    shape = dict(batch=1, length=length, heads=2, kv_heads=1, key_dim=16,
+                 value_dim=16)
+    shape.update({k: v for k, v in case.items() if k in _SHAPE_KEYS})
+    return shape
+
+
+def _error(got, expected, mask=None):
+    """Relative to the largest expected entry; absolute where that is ~0
+    (e.g. the logits' gradients when every softmax has a single entry)."""
+    from nha_testing import relative_error
+
+    got, expected = np.asarray(got), np.asarray(expected)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    if expected.size == 0:  # e.g. the gates' gradient with M = 0
+        return 0.0
+    if np.abs(expected).max() < 1e-6:
+        assert np.all(np.isfinite(got)), "non-finite values"
+        return float(np.abs(got).max())
+    return relative_error(got, expected, mask)
+
+
+def _attention(implementation, window_size, scale=None, padding_mask=None,
+               state=None):
+    import keras_nha
+    from keras import ops
+
+    def fn(**inputs):
+        out = keras_nha.ops.native_hybrid_attention(
+            window_size=window_size, scale=scale, padding_mask=padding_mask,
+            initial_state=state, implementation=implementation, **inputs)
+        # Some inputs do not reach the output (the window for W = 0, the
+        # slots when nothing leaves the window); touching them keeps every
+        # gradient defined (zero) for both implementations.
+        return out + 0.0 * sum(ops.sum(x) for x in inputs.values())
+    return fn
+
+
+def _mask_tensor(mask, dtype):
+    from keras import ops
+    return None if mask is None else ops.convert_to_tensor(mask, dtype)
+
+
+def _compare(inputs, case, states=(None, None), expected=None, seed=0):
+    """Triton (fp32) against the reference (fp64): outputs and gradients."""
+    from nha_testing import INPUT_NAMES
+    from nha_testing import cast_inputs
+    from nha_testing import value_and_grads
+
+    mask = inputs.pop("padding_mask", None)
+    names = [n for n in INPUT_NAMES if n in inputs]
+    window, scale = case["window_size"], case.get("scale")
+    rng = np.random.default_rng(seed)
+    shape = inputs["query"].shape[:3] + (inputs["value"].shape[-1],)
+    cotangent = rng.normal(size=shape)
+    if mask is not None:  # padded outputs are free: give them no gradient
+        cotangent = cotangent * mask[..., None, None]
+    out, grads = value_and_grads(
+        _attention("triton", window, scale, _mask_tensor(mask, "float32"),
+                   states[0]),
+        cast_inputs(inputs, "float32"), names, cotangent)
+    ref_out, ref_grads = value_and_grads(
+        _attention("reference", window, scale, _mask_tensor(mask, "float64"),
+                   states[1]),
+        cast_inputs(inputs, "float64"), names, cotangent)
+    errors = {"output": _error(out, ref_out, mask)}
+    if expected is not None:
+        errors["output_vs_numpy"] = _error(out, expected, mask)
+    for name in names:
+        errors[f"d_{name}"] = _error(grads[name], ref_grads[name])
+    return errors
+
+
+def _state_errors(got, expected):
+    from keras import ops
+    errors = {}
+    for name, value in expected.items():
+        a = ops.convert_to_numpy(got[name]).astype(np.float64)
+        b = ops.convert_to_numpy(value).astype(np.float64)
+        errors[f"state_{name}"] = (_error(a, b) if b.size and b.ndim
+                                   else float(np.abs(a - b).max(initial=0)))
+    return errors
+
+
+def _sequence_case(case, seed):
+    from nha_numpy_reference import nha_numpy
+    from nha_testing import random_inputs
+
+    inputs = random_inputs(seed, **_shape(case, LENGTH))
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], case["window_size"],
+                         scale=case.get("scale"),
+                         qw=inputs.get("window_query"),
+                         kw=inputs.get("window_key"),
+                         padding_mask=inputs.get("padding_mask"))
+    return _compare(inputs, case, expected=expected, seed=seed)
+
+
+def _prefix_states(inputs, case, prefix):
+    """States after `prefix` tokens (reference path), in fp32 and fp64."""
+    import keras_nha
+    from nha_testing import cast_inputs
+
+    shape = inputs["key"].shape
+    states = []
+    for dtype in ("float32", "float64"):
+        state = keras_nha.ops.initial_state(
+            shape[0], shape[2], shape[3], inputs["value"].shape[-1],
+            case["num_slots"], case["window_size"],
+            max_length=case.get("max_length"), dtype=dtype)
+        head = {n: x[:, :prefix] for n, x in inputs.items()}
+        mask = head.pop("padding_mask", None)
+        _, state = keras_nha.ops.native_hybrid_attention(
+            window_size=case["window_size"], initial_state=state,
+            padding_mask=_mask_tensor(mask, dtype), return_state=True,
+            implementation="reference", **cast_inputs(head, dtype))
+        states.append(state)
+    return states
+
+
+def _stream_case(case, seed):
+    import keras_nha
+    from nha_testing import cast_inputs
+
+    prefix, suffix = 20, 17
+    inputs = random_inputs_for(case, prefix + suffix, seed)
+    states = _prefix_states(inputs, case, prefix)
+    tail = {n: x[:, prefix:] for n, x in inputs.items()}
+    errors = _compare(dict(tail), case, states, seed=seed)
+    mask = tail.pop("padding_mask", None)
+    final = []
+    for implementation, dtype, state in (("triton", "float32", states[0]),
+                                         ("reference", "float64", states[1])):
+        _, new_state = keras_nha.ops.native_hybrid_attention(
+            window_size=case["window_size"], initial_state=state,
+            padding_mask=_mask_tensor(mask, dtype), return_state=True,
+            implementation=implementation, **cast_inputs(tail, dtype))
+        final.append(new_state)
+    errors.update(_state_errors(*final))
+    return errors
+
+
+def random_inputs_for(case, length, seed):
+    from nha_testing import random_inputs
+    return random_inputs(seed, **_shape(case, length))
+
+
+def _step_case(case, seed):
+    import keras_nha
+    from keras import ops
+    from nha_testing import cast_inputs
+
+    prefix, steps = 23, 4
+    inputs = random_inputs_for(case, prefix + steps, seed)
+    states = _prefix_states(inputs, case, prefix)
+    errors = {}
+    for t in range(prefix, prefix + steps):
+        token = {n: x[:, t] for n, x in inputs.items()}
+        mask = token.pop("padding_mask", None)
+        results = []
+        for i, (implementation, dtype) in enumerate((("triton", "float32"),
+                                                     ("reference",
+                                                      "float64"))):
+            out, states[i] = keras_nha.ops.native_hybrid_attention_step(
+                state=states[i], window_size=case["window_size"],
+                padding_mask=_mask_tensor(mask, dtype),
+                implementation=implementation, **cast_inputs(token, dtype))
+            results.append(ops.convert_to_numpy(out))
+        step_errors = {"output": _error(*results, mask)}
+        step_errors.update(_state_errors(*states))
+        for name, value in step_errors.items():
+            errors[name] = max(errors.get(name, 0.0), value)
+    return errors
+
+
+def _worker():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    groups = (("sequence", SEQUENCE_CASES, _sequence_case),
+              ("stream", STREAM_CASES, _stream_case),
+              ("step", STEP_CASES, _step_case))
+    for group, cases, run in groups:
+        for seed, (name, case) in enumerate(cases.items()):
+            try:
+                result = {"errors": run(dict(case), seed)}
+            except Exception as error:  # reported to the parent test
+                result = {"failure": f"{type(error).__name__}: {error}"}
+            print(json.dumps({"case": f"{group}/{name}", **result}),
+                  flush=True)
+
+
+# ----------------------------------------------------------------- tests ---
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ, TRITON_INTERPRET="1", KERAS_BACKEND="torch")
+    done = subprocess.run([sys.executable, os.path.abspath(__file__),
+                           "--worker"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            results[entry.pop("case")] = entry
+    if not results:
+        pytest.fail(f"the interpreter worker reported nothing "
+                    f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return results
+
+
+def _check(report, case):
+    assert case in report, f"{case} missing from the worker's report"
+    entry = report[case]
+    assert "failure" not in entry, entry.get("failure")
+    errors = entry["errors"]
+    assert errors, "no quantity was compared"
+    bad = {k: v for k, v in errors.items() if not v < TOLERANCE}
+    assert not bad, f"errors above {TOLERANCE}: {bad}"
+
+
+@pytest.mark.parametrize("case", sorted(SEQUENCE_CASES))
+def test_sequence_outputs_and_gradients(report, case):
+    _check(report, f"sequence/{case}")
+    expected = {"output", "output_vs_numpy", "d_query", "d_key", "d_value",
+                "d_log_forget_gate"}
+    assert expected <= set(report[f"sequence/{case}"]["errors"])
+
+
+@pytest.mark.parametrize("case", sorted(STREAM_CASES))
+def test_streaming_from_a_state(report, case):
+    _check(report, f"stream/{case}")
+    assert "state_slot_values" in report[f"stream/{case}"]["errors"]
+
+
+@pytest.mark.parametrize("case", sorted(STEP_CASES))
+def test_decode_step(report, case):
+    _check(report, f"step/{case}")
+    assert "state_values" in report[f"step/{case}"]["errors"]
+
+
+def _call(device="cpu", dtype="float32", num_slots=8, requires_grad=False):
+    import torch
+
+    from keras_nha.kernels import state as state_lib
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=getattr(torch, dtype))
+
+    q, k, v = rand(1, 9, 2, 16), rand(1, 9, 1, 16), rand(1, 9, 1, 16)
+    g = -torch.rand(1, 9, 1, num_slots, device=device)
+    state = state_lib.zero_state(1, 1, 16, 16, num_slots, 4, dtype)
+    if requires_grad:
+        state["slot_keys"].requires_grad_(True)
+    return dict(query=q, key=k, value=v, log_forget_gate=g, window_size=4,
+                scale=0.25, window_query=q, window_key=k, padding_mask=None,
+                state=state)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="checks the behaviour without the interpreter")
+def test_auto_never_picks_triton_for_cpu_tensors():
+    pytest.importorskip("triton")
+    from keras_nha import backends
+    from keras_nha.kernels.chunked import chunked_nha
+
+    call = _call()
+    assert backends.select("auto", call) is chunked_nha
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        backends.select("triton", call)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(device="meta"), "meta"),
+    (dict(dtype="float64"), "float64"),
+    (dict(num_slots=130), "130 slots"),
+    (dict(requires_grad=True), "incoming state"),
+])
+def test_loader_refuses_what_the_kernels_do_not_cover(kwargs, reason):
+    pytest.importorskip("triton")
+    from keras_nha.backends import torch as torch_backend
+
+    with pytest.raises(NotImplementedError, match=reason):
+        torch_backend.fast_paths()["triton"](_call(**kwargs))
+
+
+def test_loader_refuses_during_symbolic_build():
+    from keras.src.backend.common.symbolic_scope import SymbolicScope
+
+    from keras_nha.backends import torch as torch_backend
+
+    with SymbolicScope():
+        with pytest.raises(NotImplementedError, match="tracing"):
+            torch_backend.fast_step_paths()["triton"](_call())
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
