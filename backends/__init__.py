@@ -8,6 +8,8 @@ Each backend module (`jax`, `tensorflow`, `torch`) exposes
   `NotImplementedError(reason)` when it cannot serve `call` (a dict with the
   validated arguments).
 - `is_concrete(x)`: True when `x` holds values (eager), False under tracing.
+- `portable(kernel)`: the portable kernel as this backend runs it best (JAX
+  compiles it with `jax.jit`; eager op-by-op dispatch is slow there).
 """
 
 import importlib
@@ -31,14 +33,14 @@ def backend_module():
 
 def _select(implementation, call, portable, fast):
     if implementation in portable:
-        return portable[implementation]
+        return backend_module().portable(portable[implementation])
     if implementation == "auto":
         for loader in fast.values():
             try:
                 return loader(call)
             except NotImplementedError:
                 continue
-        return portable["chunked"]
+        return backend_module().portable(portable["chunked"])
     backend = keras.config.backend()
     if OWNER[implementation] != backend:
         raise ValueError(
