@@ -70,6 +70,8 @@ class KernelConfig:
         block_q: query rows per window program.
         block_k: history rows per window loop step.
         chunk: tokens per slot chunk (slot states are stored at chunk starts).
+        sub: rows per slot program (a divisor of `chunk`, at least 16).
+        tile: state columns per program of the sequential slot kernels.
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
         interpret: run the kernels in Pallas' interpreter (CPU).
@@ -78,6 +80,8 @@ class KernelConfig:
     block_q: int = 64
     block_k: int = 64
     chunk: int = 64
+    sub: int = 16
+    tile: int = 32
     num_warps: int = 4
     num_stages: int = 2
     interpret: bool = False

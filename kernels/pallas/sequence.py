@@ -23,11 +23,15 @@ from keras_nha.kernels.pallas.slots import slot_attention
 from keras_nha.kernels.pallas.window import window_attention
 
 
-def default_config(length, interpret):
-    """Tiles for a sequence of `length` tokens."""
+def default_config(length, head_dim, interpret):
+    """Tiles for `length` tokens and a (padded) head dim."""
     block = 64 if length > 32 else 16
-    return KernelConfig(block_q=block, block_k=block, chunk=block,
-                        num_warps=4, num_stages=2, interpret=interpret)
+    if head_dim > 128:  # keeps the window tiles within shared memory
+        block = min(block, 32)
+    return KernelConfig(block_q=block, block_k=block,
+                        chunk=64 if length >= 256 else 32, sub=16, tile=32,
+                        num_warps=4 if head_dim <= 64 else 8, num_stages=2,
+                        interpret=interpret)
 
 
 def _core(query, window_query, history, slot_keys, slot_values, *,
@@ -90,7 +94,9 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     value_dim, num_slots = value.shape[-1], log_forget_gate.shape[-1]
     capacity = state_lib.capacity_of(state)
     if config is None:
-        config = default_config(length, jax.default_backend() != "gpu")
+        config = default_config(length, max(padded_size(key_dim),
+                                            padded_size(value_dim)),
+                                jax.default_backend() != "gpu")
     start = state["position"]
     real = (jnp.ones((batch, length), f32) if padding_mask is None
             else jnp.asarray(padding_mask).astype(f32))

@@ -7,22 +7,26 @@ enters), s_i = 1 - exp(g_i) and start memory (Sk0, Sv0):
     Sv_t = exp(g_t) * Sv_{t-1} + outer(s_t, v_t)     [M, V]
     z_t  = scale * q_t @ Sk_t,  p_t = softmax(z_t),  o_t = p_t @ Sv_t
 
-The pass returns the slot-normalised `o` and `lse = logsumexp(z)`, merged with
-the window pass by the caller. It runs in chunks of C tokens with the
-chunk-local inclusive cumsum G of g:
+The pass returns the slot-normalised `o` and `lse = logsumexp(z)`; the caller
+merges it with the window pass. With G the chunk-local inclusive cumsum of g,
+the write of token i reaches the reader at t >= i with weight
+exp(G_t - G_i) s_i per slot. Every exponent the kernels take is <= 0, so no
+gate magnitude can overflow:
 
-- `_states_kernel` walks the chunks once per (batch, kv head) and stores the
-  memory at every chunk start (float32).
-- `_forward_kernel` (one program per chunk and query head) reads its chunk's
-  start memory through exp(G_t) and adds the in-chunk terms
-  exp(G_t - G_i) s_i token by token, so every exponent is <= 0: no gate can
-  overflow, whatever its magnitude.
+- chunk start memory, read at t through exp(G_t);
+- writes from earlier 16-row sub-blocks, factored around the last row r of
+  the earlier part: exp(G_t - G_r) * exp(G_r - G_i) with i <= r < t, two
+  matrix products on the tensor cores;
+- writes inside the reader's own sub-block, exact, one token at a time.
 
-The backward mirrors it: `_dq_kernel` recomputes p and forms dz, dp and dq;
-`_adjoint_kernel` walks the chunks backwards accumulating dL/dS at every
-chunk end; `_dkv_kernel` gives dk, dv and dL/ds per token. The gate gradient
-then is a reverse cumsum (every logit and readout at step t carries the
-factor exp(G_t) per slot; every write at step i carries exp(-G_i)):
+Kernels: `_keys_states` / `_values_states` walk the chunks (one program per
+state column tile) and store the memory at every chunk start in float32;
+`_forward_kernel` (per 16 rows and query head) gives o and lse. Backward:
+`_dq_kernel` recomputes p and gives dz, dq and the readers' part of dL/dG;
+`_keys_adjoint` / `_values_adjoint` walk the chunks backwards storing
+dL/dS at every chunk end; `_dkv_kernel` gives dk, dv and dL/ds. The gate
+gradient then is a reverse cumsum (readers at t carry exp(G_t), writers at
+i carry exp(-G_i)):
 
     dL/dg_t = sum_{tau >= t} (dz*z + p*dp - ds*s)_tau - ds_t * exp(g_t).
 """
@@ -36,194 +40,250 @@ from jax.experimental import pallas as pl
 
 from keras_nha.kernels.pallas.common import compiler_params
 from keras_nha.kernels.pallas.common import dot
-from keras_nha.kernels.pallas.common import idiv
+from keras_nha.kernels.pallas.common import dot_ta
 from keras_nha.kernels.pallas.common import irange
 from keras_nha.kernels.pallas.common import loop
-from keras_nha.kernels.pallas.common import dot_ta
+
+_F32 = jnp.float32
 
 
-def _from(gc_rows, gc_i, rows, i):
-    """exp(G_t - G_i) for rows t >= i, else 0 (exponents stay <= 0)."""
+def _mm(a, b, dtype, trans_b=False):
+    """Product of float32 factors, fed to the tensor cores in `dtype`."""
+    return dot(a.astype(dtype), b.astype(dtype), trans_b=trans_b)
+
+
+def _own_block(gc_rows, gc_i, i):
+    """exp(G_t - G_i) for the block's rows t >= i, else 0."""
+    rows = irange(gc_rows.shape[0])
     return jnp.exp(jnp.where(rows[:, None] >= i, gc_rows - gc_i[None, :],
                              -jnp.inf))
 
 
-def _states_kernel(k_ref, v_ref, gc_ref, s_ref, sk0_ref, sv0_ref, sk_ref,
-                   sv_ref, *, chunk, chunks):
-    def body(n, carry):
-        sk, sv = carry
-        sk_ref[n] = sk
-        sv_ref[n] = sv
-        rows = pl.ds(n * chunk, chunk)
-        k = k_ref[rows, :]
-        v = v_ref[rows, :]
-        gc = gc_ref[rows, :]
-        total = gc_ref[n * chunk + chunk - 1, :]
-        to_end = s_ref[rows, :] * jnp.exp(total[None, :] - gc)
-        decay = jnp.exp(total)
-        sk = sk * decay[None, :] + dot_ta(k, to_end.astype(k.dtype))
-        sv = sv * decay[:, None] + dot_ta(to_end.astype(v.dtype), v)
-        return sk, sv
+class _SubBlock:
+    """Gate factors of one `sub`-row block of readers inside its chunk."""
 
-    sk, sv = loop(0, chunks, body, (sk0_ref[...], sv0_ref[...]))
-    sk_ref[chunks] = sk
-    sv_ref[chunks] = sv
+    def __init__(self, gc_ref, s_ref, program, sub, chunk):
+        self.start = lax.rem(program, jnp.int32(chunk // sub)) * sub
+        self.gc = gc_ref[pl.ds(self.start, sub), :]
+        ref = gc_ref[jnp.maximum(self.start - 1, 0), :]
+        earlier = (irange(chunk) < self.start)[:, None]
+        # Earlier writers, brought to the reference row r = start - 1.
+        self.writers = jnp.where(earlier, s_ref[...] * jnp.exp(
+            jnp.where(earlier, ref[None, :] - gc_ref[...], 0.0)), 0.0)
+        self.from_ref = jnp.exp(self.gc - ref[None, :])
+        self.from_start = jnp.exp(self.gc)
 
 
-def _slot_terms(q, k_ref, v_ref, gc_ref, s_ref, sk, sv, do, chunk):
-    """Slot logits (before `scale`) and, if `do` is given, dL/dp for a chunk.
-
-    The chunk's start memory is read through exp(G_t); the in-chunk writes
-    are added one token i at a time (rows t >= i), all in float32.
-    """
-    f32 = jnp.float32
-    rows = irange(chunk)
-    gc = gc_ref[...]
-    eg = jnp.exp(gc)
-    z = dot(q, sk.astype(q.dtype)) * eg
-    qf = q.astype(f32)
+def _readout_terms(q, do, k_ref, v_ref, gc_ref, s_ref, sk, sv, block, sub):
+    """Slot logits before `scale` and, if `do` is given, dL/dp, for a block."""
+    dtype = q.dtype
+    z = (_mm(q, sk, dtype) * block.from_start
+         + block.from_ref * _mm(_mm(q, k_ref[...], dtype, trans_b=True),
+                                block.writers, dtype))
     if do is None:
         dp = jnp.zeros_like(z)
     else:
-        dp = dot(do.astype(v_ref.dtype), sv.astype(v_ref.dtype),
-                 trans_b=True) * eg
-        dof = do.astype(f32)
+        dp = (_mm(do, sv, dtype, trans_b=True) * block.from_start
+              + block.from_ref * _mm(_mm(do, v_ref[...], dtype, trans_b=True),
+                                     block.writers, dtype))
+    qf = q.astype(_F32)
+    dof = None if do is None else do.astype(_F32)
 
     def body(i, carry):
         z, dp = carry
-        weight = _from(gc, gc_ref[i, :], rows, i) * s_ref[i, :][None, :]
-        qk = jnp.sum(qf * k_ref[i, :].astype(f32)[None, :], axis=1)
-        z = z + qk[:, None] * weight
+        row = block.start + i
+        weight = _own_block(block.gc, gc_ref[row, :], i) * s_ref[row, :][
+            None, :]
+        z = z + jnp.sum(qf * k_ref[row, :].astype(_F32)[None, :], axis=1)[
+            :, None] * weight
         if do is not None:
-            dov = jnp.sum(dof * v_ref[i, :].astype(f32)[None, :], axis=1)
-            dp = dp + dov[:, None] * weight
+            dp = dp + jnp.sum(dof * v_ref[row, :].astype(_F32)[None, :],
+                              axis=1)[:, None] * weight
         return z, dp
 
-    z, dp = loop(0, chunk, body, (z, dp))
-    return z, dp, gc, eg
+    return loop(0, sub, body, (z, dp))
+
+
+def _spread(weights, rows_ref, gc_ref, s_ref, block, sub, dtype):
+    """sum_i (sum_m weights[t, m] * reach[t, i, m]) * rows[i], reach as above.
+
+    The transpose of `_readout_terms`: slot readout (weights = p, rows = v)
+    and dq (weights = dz, rows = k).
+    """
+    out = _mm(_mm(weights * block.from_ref, block.writers, dtype,
+                  trans_b=True), rows_ref[...], dtype)
+
+    def body(i, out):
+        row = block.start + i
+        weight = _own_block(block.gc, gc_ref[row, :], i) * s_ref[row, :][
+            None, :]
+        mix = jnp.sum(weights * weight, axis=1)
+        return out + mix[:, None] * rows_ref[row, :].astype(_F32)[None, :]
+
+    return loop(0, sub, body, out)
 
 
 def _slot_mask(z, num_slots):
-    return (jnp.arange(z.shape[1]) < num_slots)[None, :]
+    return (irange(z.shape[1]) < num_slots)[None, :]
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
-                    lse_ref, *, scale, num_slots, chunk):
+                    lse_ref, *, scale, num_slots, chunk, sub):
     q = q_ref[...]
     sv = sv_ref[...]
-    z, _, gc, eg = _slot_terms(q, k_ref, v_ref, gc_ref, s_ref, sk_ref[...],
-                               sv, None, chunk)
+    block = _SubBlock(gc_ref, s_ref, pl.program_id(0), sub, chunk)
+    z, _ = _readout_terms(q, None, k_ref, v_ref, gc_ref, s_ref, sk_ref[...],
+                          sv, block, sub)
     z = jnp.where(_slot_mask(z, num_slots), z * scale, -jnp.inf)
     top = jnp.max(z, axis=1)
     weights = jnp.exp(z - top[:, None])
     total = jnp.sum(weights, axis=1)
     p = weights / total[:, None]
     lse_ref[...] = top + jnp.log(total)
-    out = dot((p * eg).astype(v_ref.dtype), sv.astype(v_ref.dtype))
-    rows = irange(chunk)
-
-    def body(i, out):
-        weight = _from(gc, gc_ref[i, :], rows, i) * s_ref[i, :][None, :]
-        mix = jnp.sum(p * weight, axis=1)
-        return out + mix[:, None] * v_ref[i, :].astype(jnp.float32)[None, :]
-
-    o_ref[...] = loop(0, chunk, body, out)
+    o_ref[...] = (_mm(p * block.from_start, sv, v_ref.dtype)
+                  + _spread(p, v_ref, gc_ref, s_ref, block, sub, v_ref.dtype))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
                lse_ref, delta_ref, dq_ref, dz_ref, p_ref, x_ref, *, scale,
-               num_slots, chunk):
+               num_slots, chunk, sub):
     q = q_ref[...]
     sk = sk_ref[...]
-    z, dp, gc, eg = _slot_terms(q, k_ref, v_ref, gc_ref, s_ref, sk,
-                                sv_ref[...], do_ref[...], chunk)
+    block = _SubBlock(gc_ref, s_ref, pl.program_id(0), sub, chunk)
+    z, dp = _readout_terms(q, do_ref[...], k_ref, v_ref, gc_ref, s_ref, sk,
+                           sv_ref[...], block, sub)
     real = _slot_mask(z, num_slots)
     z = jnp.where(real, z * scale, 0.0)
     p = jnp.where(real, jnp.exp(z - lse_ref[...][:, None]), 0.0)
     dz = p * (dp - delta_ref[...][:, None])
-    dq = dot((dz * eg).astype(q.dtype), sk.astype(q.dtype), trans_b=True)
-    rows = irange(chunk)
-
-    def body(i, dq):
-        weight = _from(gc, gc_ref[i, :], rows, i) * s_ref[i, :][None, :]
-        mix = jnp.sum(dz * weight, axis=1)
-        return dq + mix[:, None] * k_ref[i, :].astype(jnp.float32)[None, :]
-
-    dq_ref[...] = loop(0, chunk, body, dq) * scale
+    dq = (_mm(dz * block.from_start, sk, q.dtype, trans_b=True)
+          + _spread(dz, k_ref, gc_ref, s_ref, block, sub, q.dtype))
+    dq_ref[...] = dq * scale
     dz_ref[...] = dz
     p_ref[...] = p
     # dL/dG_t from the readers at t (each carries the factor exp(G_t)).
     x_ref[...] = dz * z + p * dp
 
 
-def _adjoint_kernel(q_ref, dz_ref, p_ref, do_ref, gc_ref, dsk_ref, dsv_ref,
-                    lk_ref, lv_ref, dsk0_ref, dsv0_ref, *, scale, chunk,
-                    chunks, groups):
-    dtype = q_ref.dtype
-
-    def body(r, carry):
-        lk, lv = carry
-        n = chunks - 1 - r
-        lk_ref[n] = lk
-        lv_ref[n] = lv
-        rows = pl.ds(n * chunk, chunk)
-        eg = jnp.exp(gc_ref[rows, :])
-        decay = jnp.exp(gc_ref[n * chunk + chunk - 1, :])
-        lk = lk * decay[None, :]
-        lv = lv * decay[:, None]
-        for g in range(groups):
-            q = q_ref[rows, g, :]
-            dz = dz_ref[rows, g, :]
-            p = p_ref[rows, g, :]
-            do = do_ref[rows, g, :]
-            lk = lk + scale * dot_ta(q, (dz * eg).astype(dtype))
-            lv = lv + dot_ta((p * eg).astype(dtype), do.astype(dtype))
-        return lk, lv
-
-    lk, lv = loop(0, chunks, body, (dsk_ref[...], dsv_ref[...]))
-    dsk0_ref[...] = lk
-    dsv0_ref[...] = lv
-
-
-def _dkv_kernel(k_ref, v_ref, gc_ref, s_ref, lk_ref, lv_ref, q_ref, dz_ref,
-                p_ref, do_ref, dk_ref, dv_ref, ds_ref, *, scale, chunk,
-                groups):
-    f32 = jnp.float32
+def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
+                dz_ref, p_ref, do_ref, dk_ref, dv_ref, ds_ref, *, scale, chunk,
+                sub, groups):
     k = k_ref[...]
     v = v_ref[...]
     dtype = k.dtype
-    gc = gc_ref[...]
+    gcb = gcb_ref[...]
     s = s_ref[...]
-    lk = lk_ref[...].astype(dtype)
-    lv = lv_ref[...].astype(dtype)
-    # Writes at i reach the chunk end with exp(G_end - G_i) <= 1.
-    to_end = jnp.exp(gc_ref[chunk - 1, :][None, :] - gc)
-    dk = dot((s * to_end).astype(dtype), lk, trans_b=True)
-    dv = dot((s * to_end).astype(dtype), lv)
-    ds = to_end * (dot(k, lk) + dot(v.astype(dtype), lv, trans_b=True))
-    kf, vf = k.astype(f32), v.astype(f32)
-    rows = irange(chunk)
+    start = lax.rem(pl.program_id(0), jnp.int32(chunk // sub)) * sub
+    last = start + sub - 1
+    # Readers after this block, through the reference row `last`.
+    ref = gc_ref[last, :]
+    later = (irange(chunk) > last)[:, None]
+    up = jnp.exp(jnp.where(later, gc_ref[...] - ref[None, :], -jnp.inf))
+    down = jnp.exp(ref[None, :] - gcb)
+    # Readers after the chunk, through the stored adjoint at its end.
+    to_end = jnp.exp(gc_ref[chunk - 1, :][None, :] - gcb)
+    lk = lk_ref[...]
+    lv = lv_ref[...]
+    dk = _mm(s * to_end, lk, dtype, trans_b=True)
+    dv = _mm(s * to_end, lv, dtype)
+    ds = to_end * (_mm(k, lk, dtype) + _mm(v, lv, dtype, trans_b=True))
+    for g in range(groups):
+        q = q_ref[:, g, :]
+        do = do_ref[:, g, :]
+        dz_up = dz_ref[:, g, :] * up
+        p_up = p_ref[:, g, :] * up
+        ds = ds + down * (scale * _mm(dot(k, q.astype(dtype), trans_b=True),
+                                      dz_up, dtype)
+                          + _mm(dot(v, do.astype(dtype), trans_b=True), p_up,
+                                dtype))
+        dk = dk + scale * _mm(_mm(s * down, dz_up, dtype, trans_b=True), q,
+                              dtype)
+        dv = dv + _mm(_mm(s * down, p_up, dtype, trans_b=True), do, dtype)
+    kf, vf = k.astype(_F32), v.astype(_F32)
+    rows = irange(sub)
 
     def body(t, carry):
         dk, dv, ds = carry
-        # exp(G_t - G_i) for writers i <= t.
+        row = start + t
         reach = jnp.exp(jnp.where(rows[:, None] <= t,
-                                  gc_ref[t, :][None, :] - gc, -jnp.inf))
+                                  gc_ref[row, :][None, :] - gcb, -jnp.inf))
         for g in range(groups):
-            q_t = q_ref[t, g, :].astype(f32)
-            do_t = do_ref[t, g, :].astype(f32)
-            by_key = scale * dz_ref[t, g, :][None, :] * reach
-            by_value = p_ref[t, g, :][None, :] * reach
+            q_t = q_ref[row, g, :].astype(_F32)
+            do_t = do_ref[row, g, :].astype(_F32)
+            by_key = scale * dz_ref[row, g, :][None, :] * reach
+            by_value = p_ref[row, g, :][None, :] * reach
             ds = ds + by_key * jnp.sum(kf * q_t[None, :], axis=1)[:, None]
             ds = ds + by_value * jnp.sum(vf * do_t[None, :], axis=1)[:, None]
             dk = dk + jnp.sum(by_key * s, axis=1)[:, None] * q_t[None, :]
             dv = dv + jnp.sum(by_value * s, axis=1)[:, None] * do_t[None, :]
         return dk, dv, ds
 
-    dk, dv, ds = loop(0, chunk, body, (dk, dv, ds))
+    dk, dv, ds = loop(0, sub, body, (dk, dv, ds))
     dk_ref[...] = dk
     dv_ref[...] = dv
     ds_ref[...] = ds
+
+
+def _chunk_gates(gc_ref, s_ref, n, chunk):
+    """exp(G_end) and the writes' weights to the chunk end for chunk n."""
+    rows = pl.ds(n * chunk, chunk)
+    total = gc_ref[n * chunk + chunk - 1, :]
+    to_end = s_ref[rows, :] * jnp.exp(total[None, :] - gc_ref[rows, :])
+    return jnp.exp(total), to_end
+
+
+def _keys_states(k_ref, gc_ref, s_ref, sk0_ref, sk_ref, *, chunk, chunks):
+    def body(n, sk):
+        sk_ref[n] = sk
+        decay, to_end = _chunk_gates(gc_ref, s_ref, n, chunk)
+        k = k_ref[pl.ds(n * chunk, chunk), :]
+        return sk * decay[None, :] + dot_ta(k, to_end.astype(k.dtype))
+
+    sk_ref[chunks] = loop(0, chunks, body, sk0_ref[...])
+
+
+def _values_states(v_ref, gc_ref, s_ref, sv0_ref, sv_ref, *, chunk, chunks):
+    def body(n, sv):
+        sv_ref[n] = sv
+        decay, to_end = _chunk_gates(gc_ref, s_ref, n, chunk)
+        v = v_ref[pl.ds(n * chunk, chunk), :]
+        return sv * decay[:, None] + dot_ta(to_end.astype(v.dtype), v)
+
+    sv_ref[chunks] = loop(0, chunks, body, sv0_ref[...])
+
+
+def _keys_adjoint(q_ref, dz_ref, gc_ref, dsk_ref, lk_ref, dsk0_ref, *, scale,
+                  chunk, chunks, groups):
+    dtype = q_ref.dtype
+
+    def body(r, lk):
+        n = chunks - 1 - r
+        lk_ref[n] = lk
+        rows = pl.ds(n * chunk, chunk)
+        eg = jnp.exp(gc_ref[rows, :])
+        lk = lk * jnp.exp(gc_ref[n * chunk + chunk - 1, :])[None, :]
+        for g in range(groups):
+            lk = lk + scale * dot_ta(q_ref[rows, g, :],
+                                     (dz_ref[rows, g, :] * eg).astype(dtype))
+        return lk
+
+    dsk0_ref[...] = loop(0, chunks, body, dsk_ref[...])
+
+
+def _values_adjoint(p_ref, do_ref, gc_ref, dsv_ref, lv_ref, dsv0_ref, *,
+                    chunk, chunks, groups, dtype):
+    def body(r, lv):
+        n = chunks - 1 - r
+        lv_ref[n] = lv
+        rows = pl.ds(n * chunk, chunk)
+        eg = jnp.exp(gc_ref[rows, :])
+        lv = lv * jnp.exp(gc_ref[n * chunk + chunk - 1, :])[:, None]
+        for g in range(groups):
+            lv = lv + dot_ta((p_ref[rows, g, :] * eg).astype(dtype),
+                             do_ref[rows, g, :].astype(dtype))
+        return lv
+
+    dsv0_ref[...] = loop(0, chunks, body, dsv_ref[...])
 
 
 def _chunk_cumsum(g, chunk):
@@ -233,13 +293,18 @@ def _chunk_cumsum(g, chunk):
     return jnp.cumsum(shaped, axis=2).reshape(g.shape)
 
 
-def _specs_chunk(chunk, dim, groups=None):
-    """A chunk of rows of `[B, T, H, dim]` for programs (n, b, head)."""
-    if groups is None:
-        return pl.BlockSpec((None, chunk, None, dim),
-                            lambda n, b, h: (b, n, h, 0))
-    return pl.BlockSpec((None, chunk, None, dim),
-                        lambda n, b, h: (b, n, h // groups, 0))
+def _tile(dim, config):
+    return min(config.tile, dim)
+
+
+def _sequential(kernel, name, config, grid, in_specs, out_specs, out_shape,
+                *args):
+    """A chunk-by-chunk kernel: one program per (batch, kv head, tile)."""
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params(config.num_warps, 1),
+        interpret=config.interpret, name=name)(*args)
 
 
 def _states(k, v, gc, s, sk0, sv0, config):
@@ -247,63 +312,122 @@ def _states(k, v, gc, s, sk0, sv0, config):
     value_dim, slots = v.shape[-1], gc.shape[-1]
     chunk = config.chunk
     chunks = length // chunk
-    whole = lambda dim: pl.BlockSpec((None, length, None, dim),
-                                     lambda b, c: (b, 0, c, 0))
-    return pl.pallas_call(
-        functools.partial(_states_kernel, chunk=chunk, chunks=chunks),
-        grid=(batch, kv_heads),
-        in_specs=[whole(key_dim), whole(value_dim), whole(slots),
-                  whole(slots),
-                  pl.BlockSpec((None, None, key_dim, slots),
-                               lambda b, c: (b, c, 0, 0)),
-                  pl.BlockSpec((None, None, slots, value_dim),
-                               lambda b, c: (b, c, 0, 0))],
-        out_specs=[
-            pl.BlockSpec((None, None, chunks + 1, key_dim, slots),
-                         lambda b, c: (b, c, 0, 0, 0)),
-            pl.BlockSpec((None, None, chunks + 1, slots, value_dim),
-                         lambda b, c: (b, c, 0, 0, 0))],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, kv_heads, chunks + 1, key_dim,
-                                  slots), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, chunks + 1, slots,
-                                  value_dim), jnp.float32)],
-        compiler_params=compiler_params(config.num_warps, config.num_stages),
-        interpret=config.interpret,
-        name="nha_slot_states",
-    )(k, v, gc, s, sk0, sv0)
+    kt, vt = _tile(key_dim, config), _tile(value_dim, config)
+    gates = pl.BlockSpec((None, length, None, slots),
+                         lambda b, c, j: (b, 0, c, 0))
+    sk = _sequential(
+        functools.partial(_keys_states, chunk=chunk, chunks=chunks),
+        "nha_slot_key_states", config, (batch, kv_heads, key_dim // kt),
+        [pl.BlockSpec((None, length, None, kt), lambda b, c, j: (b, 0, c, j)),
+         gates, gates,
+         pl.BlockSpec((None, None, kt, slots), lambda b, c, j: (b, c, j, 0))],
+        pl.BlockSpec((None, None, chunks + 1, kt, slots),
+                     lambda b, c, j: (b, c, 0, j, 0)),
+        jax.ShapeDtypeStruct((batch, kv_heads, chunks + 1, key_dim, slots),
+                             _F32),
+        k, gc, s, sk0)
+    sv = _sequential(
+        functools.partial(_values_states, chunk=chunk, chunks=chunks),
+        "nha_slot_value_states", config, (batch, kv_heads, value_dim // vt),
+        [pl.BlockSpec((None, length, None, vt), lambda b, c, j: (b, 0, c, j)),
+         gates, gates,
+         pl.BlockSpec((None, None, slots, vt), lambda b, c, j: (b, c, 0, j))],
+        pl.BlockSpec((None, None, chunks + 1, slots, vt),
+                     lambda b, c, j: (b, c, 0, 0, j)),
+        jax.ShapeDtypeStruct((batch, kv_heads, chunks + 1, slots, value_dim),
+                             _F32),
+        v, gc, s, sv0)
+    return sk, sv
 
 
-def _state_spec(shape, groups):
+def _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
+    batch, length, heads, key_dim = q.shape
+    kv_heads, slots, value_dim = gc.shape[2], gc.shape[-1], dout.shape[-1]
+    groups, chunk = heads // kv_heads, config.chunk
+    chunks = length // chunk
+    kt, vt = _tile(key_dim, config), _tile(value_dim, config)
+    gates = pl.BlockSpec((None, length, None, slots),
+                         lambda b, c, j: (b, 0, c, 0))
+    grouped = pl.BlockSpec((None, length, groups, slots),
+                           lambda b, c, j: (b, 0, c, 0))
+    lk, dsk0 = _sequential(
+        functools.partial(_keys_adjoint, scale=scale, chunk=chunk,
+                          chunks=chunks, groups=groups),
+        "nha_slot_key_adjoint", config, (batch, kv_heads, key_dim // kt),
+        [pl.BlockSpec((None, length, groups, kt),
+                      lambda b, c, j: (b, 0, c, j)),
+         grouped, gates,
+         pl.BlockSpec((None, None, kt, slots), lambda b, c, j: (b, c, j, 0))],
+        [pl.BlockSpec((None, None, chunks, kt, slots),
+                      lambda b, c, j: (b, c, 0, j, 0)),
+         pl.BlockSpec((None, None, kt, slots), lambda b, c, j: (b, c, j, 0))],
+        [jax.ShapeDtypeStruct((batch, kv_heads, chunks, key_dim, slots), _F32),
+         jax.ShapeDtypeStruct(dsk_end.shape, _F32)],
+        q, dz, gc, dsk_end)
+    lv, dsv0 = _sequential(
+        functools.partial(_values_adjoint, chunk=chunk, chunks=chunks,
+                          groups=groups, dtype=q.dtype),
+        "nha_slot_value_adjoint", config, (batch, kv_heads, value_dim // vt),
+        [grouped,
+         pl.BlockSpec((None, length, groups, vt),
+                      lambda b, c, j: (b, 0, c, j)),
+         gates,
+         pl.BlockSpec((None, None, slots, vt), lambda b, c, j: (b, c, 0, j))],
+        [pl.BlockSpec((None, None, chunks, slots, vt),
+                      lambda b, c, j: (b, c, 0, 0, j)),
+         pl.BlockSpec((None, None, slots, vt), lambda b, c, j: (b, c, 0, j))],
+        [jax.ShapeDtypeStruct((batch, kv_heads, chunks, slots, value_dim),
+                              _F32),
+         jax.ShapeDtypeStruct(dsv_end.shape, _F32)],
+        p, dout, gc, dsv_end)
+    return lk, lv, dsk0, dsv0
+
+
+def _rows(size, dim, groups=None, per=1):
+    """`size` rows of `[B, T, H, dim]` for programs (block, b, head).
+
+    With `groups`, the head is the query head's kv head; with `per`, the
+    block is the chunk holding `per` consecutive program blocks.
+    """
+    head = (lambda h: h) if groups is None else (lambda h: h // groups)
+    return pl.BlockSpec((None, size, None, dim),
+                        lambda j, b, h: (b, j // per, head(h), 0))
+
+
+def _chunk_state(shape, groups, per):
     return pl.BlockSpec((None, None, None) + shape,
-                        lambda n, b, h: (b, h // groups, n, 0, 0))
+                        lambda j, b, h: (b, h // groups, j // per, 0, 0))
+
+
+def _reader_specs(config, key_dim, value_dim, slots, groups):
+    chunk, sub = config.chunk, config.sub
+    per = chunk // sub
+    return [_rows(sub, key_dim),
+            _rows(chunk, key_dim, groups, per),
+            _rows(chunk, value_dim, groups, per),
+            _rows(chunk, slots, groups, per),
+            _rows(chunk, slots, groups, per),
+            _chunk_state((key_dim, slots), groups, per),
+            _chunk_state((slots, value_dim), groups, per)]
 
 
 def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], g.shape[-1]
-    groups, chunk = heads // kv_heads, config.chunk
+    groups, chunk, sub = heads // kv_heads, config.chunk, config.sub
     gc = _chunk_cumsum(g, chunk)
     s = -jnp.expm1(g)
     sk, sv = _states(k, v, gc, s, sk0, sv0, config)
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, num_slots=num_slots,
-                          chunk=chunk),
-        grid=(length // chunk, batch, heads),
-        in_specs=[_specs_chunk(chunk, key_dim),
-                  _specs_chunk(chunk, key_dim, groups),
-                  _specs_chunk(chunk, value_dim, groups),
-                  _specs_chunk(chunk, slots, groups),
-                  _specs_chunk(chunk, slots, groups),
-                  _state_spec((key_dim, slots), groups),
-                  _state_spec((slots, value_dim), groups)],
-        out_specs=[_specs_chunk(chunk, value_dim),
-                   pl.BlockSpec((None, None, chunk),
-                                lambda n, b, h: (b, h, n))],
+                          chunk=chunk, sub=sub),
+        grid=(length // sub, batch, heads),
+        in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
+        out_specs=[_rows(sub, value_dim),
+                   pl.BlockSpec((None, None, sub), lambda j, b, h: (b, h, j))],
         out_shape=[
-            jax.ShapeDtypeStruct((batch, length, heads, value_dim),
-                                 jnp.float32),
-            jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)],
+            jax.ShapeDtypeStruct((batch, length, heads, value_dim), _F32),
+            jax.ShapeDtypeStruct((batch, heads, length), _F32)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
         name="nha_slot_forward",
@@ -347,28 +471,21 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
     dout, dlse, dsk_end, dsv_end = cotangents
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], g.shape[-1]
-    groups, chunk = heads // kv_heads, config.chunk
-    chunks = length // chunk
+    groups, chunk, sub = heads // kv_heads, config.chunk, config.sub
+    per = chunk // sub
     params = compiler_params(config.num_warps, config.num_stages)
     delta = jnp.einsum("bthv,bthv->bht", out, dout) - dlse
     per_query = lambda dim: jax.ShapeDtypeStruct(
-        (batch, length, heads, dim), jnp.float32)
+        (batch, length, heads, dim), _F32)
+    by_rows = pl.BlockSpec((None, None, sub), lambda j, b, h: (b, h, j))
     dq, dz, p, x = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, num_slots=num_slots,
-                          chunk=chunk),
-        grid=(chunks, batch, heads),
-        in_specs=[_specs_chunk(chunk, key_dim),
-                  _specs_chunk(chunk, key_dim, groups),
-                  _specs_chunk(chunk, value_dim, groups),
-                  _specs_chunk(chunk, slots, groups),
-                  _specs_chunk(chunk, slots, groups),
-                  _state_spec((key_dim, slots), groups),
-                  _state_spec((slots, value_dim), groups),
-                  _specs_chunk(chunk, value_dim),
-                  pl.BlockSpec((None, None, chunk), lambda n, b, h: (b, h, n)),
-                  pl.BlockSpec((None, None, chunk), lambda n, b, h: (b, h, n))],
-        out_specs=[_specs_chunk(chunk, key_dim), _specs_chunk(chunk, slots),
-                   _specs_chunk(chunk, slots), _specs_chunk(chunk, slots)],
+                          chunk=chunk, sub=sub),
+        grid=(length // sub, batch, heads),
+        in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
+        + [_rows(sub, value_dim), by_rows, by_rows],
+        out_specs=[_rows(sub, key_dim), _rows(sub, slots), _rows(sub, slots),
+                   _rows(sub, slots)],
         out_shape=[per_query(key_dim), per_query(slots), per_query(slots),
                    per_query(slots)],
         compiler_params=params,
@@ -376,65 +493,32 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
         name="nha_slot_dq",
     )(q, k, v, gc, s, sk, sv, dout, lse, delta)
 
-    grouped = lambda dim: pl.BlockSpec((None, length, groups, dim),
-                                       lambda b, c: (b, 0, c, 0))
-    lk, lv, dsk0, dsv0 = pl.pallas_call(
-        functools.partial(_adjoint_kernel, scale=scale, chunk=chunk,
-                          chunks=chunks, groups=groups),
-        grid=(batch, kv_heads),
-        in_specs=[grouped(key_dim), grouped(slots), grouped(slots),
-                  grouped(value_dim),
-                  pl.BlockSpec((None, length, None, slots),
-                               lambda b, c: (b, 0, c, 0)),
-                  pl.BlockSpec((None, None, key_dim, slots),
-                               lambda b, c: (b, c, 0, 0)),
-                  pl.BlockSpec((None, None, slots, value_dim),
-                               lambda b, c: (b, c, 0, 0))],
-        out_specs=[
-            pl.BlockSpec((None, None, chunks, key_dim, slots),
-                         lambda b, c: (b, c, 0, 0, 0)),
-            pl.BlockSpec((None, None, chunks, slots, value_dim),
-                         lambda b, c: (b, c, 0, 0, 0)),
-            pl.BlockSpec((None, None, key_dim, slots),
-                         lambda b, c: (b, c, 0, 0)),
-            pl.BlockSpec((None, None, slots, value_dim),
-                         lambda b, c: (b, c, 0, 0))],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, kv_heads, chunks, key_dim, slots),
-                                 jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, chunks, slots, value_dim),
-                                 jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, key_dim, slots),
-                                 jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, slots, value_dim),
-                                 jnp.float32)],
-        compiler_params=params,
-        interpret=config.interpret,
-        name="nha_slot_adjoint",
-    )(q, dz, p, dout, gc, dsk_end, dsv_end)
+    lk, lv, dsk0, dsv0 = _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end,
+                                   scale, config)
 
-    group_chunk = lambda dim: pl.BlockSpec((None, chunk, groups, dim),
-                                           lambda n, b, c: (b, n, c, 0))
-    adjoint = lambda shape: pl.BlockSpec((None, None, None) + shape,
-                                         lambda n, b, c: (b, c, n, 0, 0))
+    group_chunk = lambda dim: pl.BlockSpec(
+        (None, chunk, groups, dim), lambda j, b, c: (b, j // per, c, 0))
+    adjoint = lambda shape: pl.BlockSpec(
+        (None, None, None) + shape, lambda j, b, c: (b, c, j // per, 0, 0))
     per_kv = lambda dim: jax.ShapeDtypeStruct(
-        (batch, length, kv_heads, dim), jnp.float32)
+        (batch, length, kv_heads, dim), _F32)
     dk, dv, ds = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
+        functools.partial(_dkv_kernel, scale=scale, chunk=chunk, sub=sub,
                           groups=groups),
-        grid=(chunks, batch, kv_heads),
-        in_specs=[_specs_chunk(chunk, key_dim), _specs_chunk(chunk, value_dim),
-                  _specs_chunk(chunk, slots), _specs_chunk(chunk, slots),
+        grid=(length // sub, batch, kv_heads),
+        in_specs=[_rows(sub, key_dim), _rows(sub, value_dim),
+                  _rows(sub, slots), _rows(sub, slots),
+                  _rows(chunk, slots, per=per),
                   adjoint((key_dim, slots)), adjoint((slots, value_dim)),
                   group_chunk(key_dim), group_chunk(slots),
                   group_chunk(slots), group_chunk(value_dim)],
-        out_specs=[_specs_chunk(chunk, key_dim), _specs_chunk(chunk, value_dim),
-                   _specs_chunk(chunk, slots)],
+        out_specs=[_rows(sub, key_dim), _rows(sub, value_dim),
+                   _rows(sub, slots)],
         out_shape=[per_kv(key_dim), per_kv(value_dim), per_kv(slots)],
         compiler_params=params,
         interpret=config.interpret,
         name="nha_slot_dkv",
-    )(k, v, gc, s, lk, lv, q, dz, p, dout)
+    )(k, v, gc, s, gc, lk, lv, q, dz, p, dout)
 
     # dL/dG per step: readers (summed over the group) minus writers, plus
     # the returned memory, which reads G at the last step.
