@@ -6,8 +6,8 @@ Every kernel works in "history" coordinates: the window ring of the state
 row C + t. With a capacity C equal to the window W, history row t is also the
 token that leaves the window (and enters the slots) at step t, so the slot
 memory is plain gated slot attention over history rows 0 .. T-1 (the
-"stream"). Nothing is concatenated in memory: the kernels pick the ring or the
-new-token tensor row by row.
+"stream"). Nothing is concatenated in memory: the kernels address the ring relative to
+the new-token tensor (`ring_delta`) and pick the row's source by index.
 """
 
 import dataclasses
@@ -62,15 +62,24 @@ def default_blocks(key_dim, value_dim, num_slots):
 
 
 @triton.jit
-def history_rows(new_ptr, ring_ptr, rows, C, pos, new_stride, ring_stride):
-    """Pointers to the starts of history rows `rows` (any shape).
+def ring_delta(RD, b, C, T, ROW: tl.constexpr):
+    """Offset (elements) of batch row b's ring from its new-token rows.
 
-    `new_ptr` and `ring_ptr` already point at the right batch row and head.
+    RD is `ring.data_ptr() - new.data_ptr()` in elements (same dtype, one
+    flat address space); the ring holds C rows of ROW elements per batch row,
+    the new tensor T.
     """
-    in_ring = rows < C
+    return RD + b.to(tl.int64) * (C - T) * ROW
+
+
+@triton.jit
+def history_offsets(rows, C, pos, delta, ROW: tl.constexpr):
+    """Element offsets of history rows `rows` from the new-token tensor's
+    (batch, head) start; `delta` from `ring_delta`. One base pointer keeps the
+    address arithmetic as cheap as for a single tensor."""
     ring_row = (pos + rows) % tl.maximum(C, 1)
-    return tl.where(in_ring, ring_ptr + ring_row.to(tl.int64) * ring_stride,
-                    new_ptr + (rows - C).to(tl.int64) * new_stride)
+    return tl.where(rows < C, delta + ring_row.to(tl.int64) * ROW,
+                    (rows - C).to(tl.int64) * ROW)
 
 
 @triton.jit
@@ -93,7 +102,7 @@ def history_mask(pm_ptr, rm_ptr, rows, C, pos, T, HAS_PM: tl.constexpr):
 
 
 @triton.jit
-def stream_gates(gn_ptr, gr_ptr, pm_ptr, rows, cols, C, pos, T,
+def stream_gates(gn_ptr, g_delta, pm_ptr, rows, cols, C, pos, T,
                  HKV: tl.constexpr, M: tl.constexpr, HAS_PM: tl.constexpr,
                  FEEDS: tl.constexpr):
     """Log gates [len(rows), len(cols)] (fp32) of stream rows, 0 where nothing
@@ -104,8 +113,8 @@ def stream_gates(gn_ptr, gr_ptr, pm_ptr, rows, cols, C, pos, T,
     """
     if FEEDS:
         ok = (rows >= 0) & (rows < T)
-        ptr = history_rows(gn_ptr, gr_ptr, rows, C, pos, HKV * M, HKV * M)
-        g = tl.load(ptr[:, None] + cols[None, :],
+        at = history_offsets(rows, C, pos, g_delta, HKV * M)
+        g = tl.load(gn_ptr + at[:, None] + cols[None, :],
                     mask=ok[:, None] & (cols < M)[None, :],
                     other=0.0).to(tl.float32)
         if HAS_PM:
@@ -118,13 +127,13 @@ def stream_gates(gn_ptr, gr_ptr, pm_ptr, rows, cols, C, pos, T,
 
 
 @triton.jit
-def stream_rows(xn_ptr, xr_ptr, rows, cols, C, pos, T, HKV: tl.constexpr,
+def stream_rows(xn_ptr, x_delta, rows, cols, C, pos, T, HKV: tl.constexpr,
                 D: tl.constexpr, FEEDS: tl.constexpr):
     """Key-side rows [len(rows), len(cols)] (fp32) of the slot stream."""
     if FEEDS:
         ok = (rows >= 0) & (rows < T)
-        ptr = history_rows(xn_ptr, xr_ptr, rows, C, pos, HKV * D, HKV * D)
-        return tl.load(ptr[:, None] + cols[None, :],
+        at = history_offsets(rows, C, pos, x_delta, HKV * D)
+        return tl.load(xn_ptr + at[:, None] + cols[None, :],
                        mask=ok[:, None] & (cols < D)[None, :],
                        other=0.0).to(tl.float32)
     else:

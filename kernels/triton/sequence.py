@@ -63,6 +63,15 @@ def _ring_or_dummy(ring, like):
     return ring if ring.shape[1] else _dummy(like)
 
 
+def _delta(ring, new):
+    """Where the ring lies relative to the new-token tensor, in elements
+    (the kernels address both from one base pointer)."""
+    assert ring.dtype == new.dtype and ring.device == new.device
+    gap = ring.data_ptr() - new.data_ptr()
+    assert gap % new.element_size() == 0
+    return gap // new.element_size()
+
+
 class _Shapes:
     def __init__(self, query, key, value, log_forget_gate):
         self.B, self.T, self.H, self.K = query.shape
@@ -96,8 +105,9 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             (value, ring["values"], sv, s.V, False)):
         dt = _tile(width, s.M)
         slots.chunk_delta_kernel[(nt, s.B * s.HKV, triton.cdiv(width, dt))](
-            x, x_ring, gate, ring["log_forget_gates"], mask, position, out,
-            decay, s.T, cfg.capacity, HKV=s.HKV, D=width, M=s.M, DT=dt,
+            x, gate, mask, position, out, decay, s.T, cfg.capacity,
+            _delta(x_ring, x), _delta(ring["log_forget_gates"], gate),
+            HKV=s.HKV, D=width, M=s.M, DT=dt,
             MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_DECAY=first,
             PRECISION=prec, num_warps=cfg.blocks.warps)
     for out, width in ((sk, s.K), (sv, s.V)):
@@ -124,9 +134,10 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
         kt, vt = _tile(s.K, s.M), _tile(s.V, s.M)
         slots.slot_forward_kernel[(triton.cdiv(s.T, blocks.sub), s.B * s.H,
                                    triton.cdiv(s.V, vt))](
-            q, k, ring["keys"], v, ring["values"], g,
-            ring["log_forget_gates"], mask, position, sk, sv, o_slot,
-            lse_slot, s.T, cfg.capacity, cfg.scale, ns, per_chunk, H=s.H,
+            q, k, v, g, mask, position, sk, sv, o_slot, lse_slot, s.T,
+            cfg.capacity, cfg.scale, ns, per_chunk, _delta(ring["keys"], k),
+            _delta(ring["values"], v), _delta(ring["log_forget_gates"], g),
+            H=s.H,
             HKV=s.HKV, DK=s.K, DV=s.V, M=s.M, BK=common.pow2(s.K), KT=kt,
             VT=vt, MP=common.pow2(s.M), BS=blocks.sub, BT=blocks.chunk,
             HAS_PM=cfg.has_mask, FEEDS=cfg.feeds, PRECISION=prec,
@@ -184,9 +195,10 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     probs = torch.empty_like(dz)
     dg_read = torch.empty_like(dz)
     slots.slot_dq_kernel[(nsub, s.B * s.H, triton.cdiv(s.K, kt))](
-        q, do, k, ring["keys"], v, ring["values"], g, ring["log_forget_gates"],
-        mask, position, sk, sv, lse, delta, dq, dz, probs, dg_read, s.T,
-        cfg.capacity, cfg.scale, ns, per_chunk, H=s.H, HKV=s.HKV, DK=s.K,
+        q, do, k, v, g, mask, position, sk, sv, lse, delta, dq, dz, probs,
+        dg_read, s.T, cfg.capacity, cfg.scale, ns, per_chunk,
+        _delta(ring["keys"], k), _delta(ring["values"], v),
+        _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV, DK=s.K,
         DV=s.V, M=s.M, BK=common.pow2(s.K), BV=common.pow2(s.V), KT=kt,
         VT=vt, MP=mp, BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
         FEEDS=cfg.feeds, PRECISION=prec, num_warps=blocks.warps)
@@ -201,8 +213,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         dt = _tile(width, s.M)
         adjoint = torch.empty(s.B, s.H, nt, width, s.M, **f32)
         slots.adjoint_delta_kernel[(nt, s.B * s.H, triton.cdiv(width, dt))](
-            y, coef, g, ring["log_forget_gates"], mask, position, adjoint,
-            s.T, cfg.capacity, H=s.H, HKV=s.HKV, D=width, M=s.M,
+            y, coef, g, mask, position, adjoint, s.T, cfg.capacity,
+            _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV, D=width, M=s.M,
             DT=dt, MP=mp, BT=blocks.chunk, HAS_PM=cfg.has_mask,
             PRECISION=prec, num_warps=blocks.warps)
         slots.chunk_scan_kernel[(s.B * s.H,
@@ -212,8 +224,9 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         dx = torch.empty(s.B, s.T, s.H, width, **f32)
         ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
         slots.slot_dx_kernel[(nsub, s.B * s.H, triton.cdiv(width, dt))](
-            y, coef, x, x_ring, g, ring["log_forget_gates"], mask, position,
-            adjoint, dx, ds, s.T, cfg.capacity, y_scale, H=s.H, HKV=s.HKV,
+            y, coef, x, g, mask, position, adjoint, dx, ds, s.T,
+            cfg.capacity, y_scale, _delta(x_ring, x),
+            _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV,
             D=width, M=s.M, BD=common.pow2(width), DT=dt, MP=mp,
             BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
             PRECISION=prec, num_warps=blocks.warps)

@@ -28,10 +28,11 @@ import triton
 import triton.language as tl
 
 from keras_nha.kernels.triton.common import plain_rows
+from keras_nha.kernels.triton.common import ring_delta
 from keras_nha.kernels.triton.common import stream_gates
 from keras_nha.kernels.triton.common import stream_rows
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -142,7 +143,7 @@ def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, g,
 
 
 @triton.jit
-def chunk_delta_kernel(XN, XR, GN, GR, PM, POS, S, DEC, T, C,
+def chunk_delta_kernel(XN, GN, PM, POS, S, DEC, T, C, RDX, RDG,
                        HKV: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
                        DT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
                        HAS_PM: tl.constexpr, WRITE_DECAY: tl.constexpr,
@@ -159,14 +160,14 @@ def chunk_delta_kernel(XN, XR, GN, GR, PM, POS, S, DEC, T, C,
     rows = n * BT + tl.arange(0, BT)
     cols = tl.arange(0, MP)
     g = stream_gates(GN + b * T * HKV * M + hk * M,
-                     GR + b * C * HKV * M + hk * M, PM + b * T, rows, cols, C,
-                     pos, T, HKV, M, HAS_PM, True)
+                     ring_delta(RDG, b, C, T, HKV * M), PM + b * T, rows,
+                     cols, C, pos, T, HKV, M, HAS_PM, True)
     gend = tl.sum(g, 0)
     w = tl.exp(gend[None, :] - tl.cumsum(g, 0)) * (1.0 - tl.exp(g))
     d = tile * DT + tl.arange(0, DT)
     x = stream_rows(XN + b * T * HKV * D + hk * D,
-                    XR + b * C * HKV * D + hk * D, rows, d, C, pos, T, HKV, D,
-                    True)
+                    ring_delta(RDX, b, C, T, HKV * D), rows, d, C, pos, T,
+                    HKV, D, True)
     delta = tl.dot(tl.trans(x), w, input_precision=PRECISION)
     out = S + (bhk.to(tl.int64) * (NT + 1) + n + 1) * D * M
     tl.store(out + d[:, None] * M + cols[None, :], delta,
@@ -178,7 +179,7 @@ def chunk_delta_kernel(XN, XR, GN, GR, PM, POS, S, DEC, T, C,
 
 
 @triton.jit
-def adjoint_delta_kernel(Y, CF, GN, GR, PM, POS, R, T, C,
+def adjoint_delta_kernel(Y, CF, GN, PM, POS, R, T, C, RDG,
                          H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          M: tl.constexpr, DT: tl.constexpr, MP: tl.constexpr,
                          BT: tl.constexpr, HAS_PM: tl.constexpr,
@@ -196,8 +197,8 @@ def adjoint_delta_kernel(Y, CF, GN, GR, PM, POS, R, T, C,
     rows = n * BT + tl.arange(0, BT)
     cols = tl.arange(0, MP)
     g = stream_gates(GN + b * T * HKV * M + hk * M,
-                     GR + b * C * HKV * M + hk * M, PM + b * T, rows, cols, C,
-                     pos, T, HKV, M, HAS_PM, True)
+                     ring_delta(RDG, b, C, T, HKV * M), PM + b * T, rows,
+                     cols, C, pos, T, HKV, M, HAS_PM, True)
     c = plain_rows(CF + b * T * H * M + h * M, rows, cols, T, H * M, M)
     w = c * tl.exp(tl.cumsum(g, 0))
     d = tile * DT + tl.arange(0, DT)
@@ -243,8 +244,8 @@ def chunk_scan_kernel(S, DEC, NT, HX: tl.constexpr, GROUP: tl.constexpr,
 
 
 @triton.jit
-def slot_forward_kernel(Q, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, OS, LS,
-                        T, C, sm_scale, ns, per_chunk,
+def slot_forward_kernel(Q, KN, VN, GN, PM, POS, SK, SV, OS, LS,
+                        T, C, sm_scale, ns, per_chunk, RDK, RDV, RDG,
                         H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
                         DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
                         KT: tl.constexpr, VT: tl.constexpr, MP: tl.constexpr,
@@ -265,12 +266,12 @@ def slot_forward_kernel(Q, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, OS, LS,
     rows = sub0 + tl.arange(0, BS)
     cols = tl.arange(0, MP)
     gn = GN + b * T * HKV * M + hk * M
-    gr = GR + b * C * HKV * M + hk * M
+    gr = ring_delta(RDG, b, C, T, HKV * M)
     pm = PM + b * T
     kn = KN + b * T * HKV * DK + hk * DK
-    kr = KR + b * C * HKV * DK + hk * DK
+    kr = ring_delta(RDK, b, C, T, HKV * DK)
     vn = VN + b * T * HKV * DV + hk * DV
-    vr = VR + b * C * HKV * DV + hk * DV
+    vr = ring_delta(RDV, b, C, T, HKV * DV)
     state = (b * HKV + hk) * ns + n * per_chunk
 
     g = stream_gates(gn, gr, pm, rows, cols, C, pos, T, HKV, M, HAS_PM, FEEDS)
@@ -301,8 +302,9 @@ def slot_forward_kernel(Q, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, OS, LS,
 
 
 @triton.jit
-def slot_dq_kernel(Q, DO, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, L, DELTA,
-                   DQ, DZ, P, DGR, T, C, sm_scale, ns, per_chunk,
+def slot_dq_kernel(Q, DO, KN, VN, GN, PM, POS, SK, SV, L, DELTA,
+                   DQ, DZ, P, DGR, T, C, sm_scale, ns, per_chunk, RDK, RDV,
+                   RDG,
                    H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, KT: tl.constexpr, VT: tl.constexpr,
@@ -324,12 +326,12 @@ def slot_dq_kernel(Q, DO, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, L, DELTA,
     rows = sub0 + tl.arange(0, BS)
     cols = tl.arange(0, MP)
     gn = GN + b * T * HKV * M + hk * M
-    gr = GR + b * C * HKV * M + hk * M
+    gr = ring_delta(RDG, b, C, T, HKV * M)
     pm = PM + b * T
     kn = KN + b * T * HKV * DK + hk * DK
-    kr = KR + b * C * HKV * DK + hk * DK
+    kr = ring_delta(RDK, b, C, T, HKV * DK)
     vn = VN + b * T * HKV * DV + hk * DV
-    vr = VR + b * C * HKV * DV + hk * DV
+    vr = ring_delta(RDV, b, C, T, HKV * DV)
     state = (b * HKV + hk) * ns + n * per_chunk
 
     g = stream_gates(gn, gr, pm, rows, cols, C, pos, T, HKV, M, HAS_PM, FEEDS)
@@ -369,7 +371,8 @@ def slot_dq_kernel(Q, DO, KN, KR, VN, VR, GN, GR, PM, POS, SK, SV, L, DELTA,
 
 
 @triton.jit
-def slot_dx_kernel(Y, CF, XN, XR, GN, GR, PM, POS, R, DX, DS, T, C, y_scale,
+def slot_dx_kernel(Y, CF, XN, GN, PM, POS, R, DX, DS, T, C, y_scale, RDX,
+                   RDG,
                    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                    M: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
                    MP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
@@ -395,10 +398,10 @@ def slot_dx_kernel(Y, CF, XN, XR, GN, GR, PM, POS, R, DX, DS, T, C, y_scale,
     dcols = tl.arange(0, BD)
     d = tile * DT + tl.arange(0, DT)
     gn = GN + b * T * HKV * M + hk * M
-    gr = GR + b * C * HKV * M + hk * M
+    gr = ring_delta(RDG, b, C, T, HKV * M)
     pm = PM + b * T
     xn = XN + b * T * HKV * D + hk * D
-    xr = XR + b * C * HKV * D + hk * D
+    xr = ring_delta(RDX, b, C, T, HKV * D)
     y_ptr = Y + b * T * H * D + h * D
     c_ptr = CF + b * T * H * M + h * M
     r_ptr = R + (bh.to(tl.int64) * NT + n) * D * M

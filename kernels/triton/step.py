@@ -52,21 +52,21 @@ def step_update_kernel(K_, V_, G_, PM, POS, SK, SV, RK, RV, RG, NSK, NSV, C,
     strength = 1.0 - alpha
     k_tiles = tl.cdiv(DK, KT)
     if tile < k_tiles:
-        d = tile * KT + tl.arange(0, KT)
-        at = bhk.to(tl.int64) * DK * M + d[:, None] * M + cols[None, :]
-        ok = (d < DK)[:, None] & m_ok[None, :]
-        x = tl.load(k_src + d, mask=d < DK, other=0.0).to(tl.float32)
-        state = tl.load(SK + at, mask=ok, other=0.0)
-        tl.store(NSK + at, state * alpha[None, :]
-                 + x[:, None] * strength[None, :], mask=ok)
+        dk = tile * KT + tl.arange(0, KT)
+        at_k = bhk.to(tl.int64) * DK * M + dk[:, None] * M + cols[None, :]
+        ok_k = (dk < DK)[:, None] & m_ok[None, :]
+        x_k = tl.load(k_src + dk, mask=dk < DK, other=0.0).to(tl.float32)
+        s_k = tl.load(SK + at_k, mask=ok_k, other=0.0)
+        tl.store(NSK + at_k, s_k * alpha[None, :]
+                 + x_k[:, None] * strength[None, :], mask=ok_k)
     else:
-        d = (tile - k_tiles) * VT + tl.arange(0, VT)
-        at = bhk.to(tl.int64) * M * DV + cols[:, None] * DV + d[None, :]
-        ok = m_ok[:, None] & (d < DV)[None, :]
-        x = tl.load(v_src + d, mask=d < DV, other=0.0).to(tl.float32)
-        state = tl.load(SV + at, mask=ok, other=0.0)
-        tl.store(NSV + at, state * alpha[:, None]
-                 + strength[:, None] * x[None, :], mask=ok)
+        dv = (tile - k_tiles) * VT + tl.arange(0, VT)
+        at_v = bhk.to(tl.int64) * M * DV + cols[:, None] * DV + dv[None, :]
+        ok_v = m_ok[:, None] & (dv < DV)[None, :]
+        x_v = tl.load(v_src + dv, mask=dv < DV, other=0.0).to(tl.float32)
+        s_v = tl.load(SV + at_v, mask=ok_v, other=0.0)
+        tl.store(NSV + at_v, s_v * alpha[:, None]
+                 + strength[:, None] * x_v[None, :], mask=ok_v)
 
 
 @triton.jit
@@ -152,10 +152,10 @@ def step_attend_kernel(Q, QW, K_, KW, V_, G_, PM, POS, NSK, NSV, RK, RKW, RV,
                      mask=k_ok)
             tl.store(RV + at * DV + dv, v_t.to(RV.dtype.element_ty),
                      mask=v_ok)
-            mm = tl.arange(0, MP)
-            g_t = tl.load(G_ + bhk * M + mm, mask=mm < M, other=0.0).to(
+            ms = tl.arange(0, MP)
+            g_t = tl.load(G_ + bhk * M + ms, mask=ms < M, other=0.0).to(
                 tl.float32)
-            tl.store(RG + at * M + mm, g_t * real, mask=mm < M)
+            tl.store(RG + at * M + ms, g_t * real, mask=ms < M)
             if hk == 0:
                 tl.store(RM + b * C + here, real)
     out = acc / tl.where(l_i > 0, l_i, 1.0)

@@ -4,24 +4,85 @@ The forward seeds each query row's online softmax with the slot part's
 normalised output and log-sum-exp, so its result is the joint softmax over
 [slots | window] (the log-sum-exp merge). The backward is the usual flash
 backward fed the merged output and merged log-sum-exp, which gives the exact
-window gradients. Keys outside the window, padded keys and never-written ring
-entries are skipped or masked. All log-sum-exps are base 2.
+window gradients. All log-sum-exps are base 2.
+
+Query t (new token) sees new tokens u with t - W < u <= t and, when the state
+holds earlier tokens, the ring entries whose positions are in its window. Key
+blocks split into masked edge blocks and mask-free interior blocks; blocks
+outside every window of a query block are never visited, so the work is
+O(T W) for any W.
 """
 
 import triton
 import triton.language as tl
 
-from keras_nha.kernels.triton.common import history_mask
-from keras_nha.kernels.triton.common import history_rows
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _key_range(t0, BM: tl.constexpr, C, T, W, pos):
-    """History rows [lo, hi) that some query of the block t0.. can see."""
+def _split(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr, HAS_PM: tl.constexpr):
+    """Cuts [lo, hi) into [lo, a) masked, [a, b) mask-free, [b, hi) masked,
+    with block-aligned cuts; [full_lo, full_hi) is where no mask is needed."""
+    lead = tl.maximum(full_lo - lo, 0)
+    a = tl.minimum(lo + tl.cdiv(lead, BLOCK) * BLOCK, hi)
+    inner = tl.maximum(tl.minimum(full_hi, hi) - a, 0) // BLOCK
+    if HAS_PM:  # padded keys need the mask everywhere
+        inner = inner * 0
+    return a, a + inner * BLOCK
+
+
+@triton.jit
+def _forward_block(q, k, v, seen, m_i, l_i, acc, qk_scale,
+                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(seen, s, NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
+                                        input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _forward_new(q, k_base, v_base, pm, t, m_i, l_i, acc, lo, hi, T, W,
+                 qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
+                 DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 BN: tl.constexpr, HAS_PM: tl.constexpr, MASKED: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    for u0 in range(lo, hi, BN):
+        u = u0 + tl.arange(0, BN)
+        u_ok = u < T
+        k = tl.load(k_base + u[:, None] * (HKV * DK) + dk[None, :],
+                    mask=u_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        v = tl.load(v_base + u[:, None] * (HKV * DV) + dv[None, :],
+                    mask=u_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        seen = u_ok[None, :]
+        if MASKED:
+            seen = seen & (u[None, :] <= t[:, None]) & (
+                u[None, :] > t[:, None] - W)
+            if HAS_PM:
+                real = tl.load(pm + u, mask=u_ok, other=0.0)
+                seen = seen & (real > 0)[None, :]
+        m_i, l_i, acc = _forward_block(q, k.to(q.dtype), v, seen, m_i, l_i,
+                                       acc, qk_scale, MASKED, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _ring_rows(pos, t0, C, W, BM: tl.constexpr):
+    """History rows [lo, hi) of the ring that queries t0.. can see: entries
+    with positions pos - C + r >= 0 inside some query's window."""
     lo = tl.maximum(C + t0 - W + 1, C - tl.minimum(pos, C))
-    lo = tl.maximum(lo, 0)
-    hi = tl.minimum(C + t0 + BM, C + T)
-    return lo, hi
+    return tl.maximum(lo, 0), C
 
 
 @triton.jit
@@ -34,10 +95,9 @@ def window_forward_kernel(
         HAS_SLOTS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // (H // HKV)
-    b64 = b.to(tl.int64)
     pos = tl.load(POS)
 
     t0 = pid * BM
@@ -45,9 +105,9 @@ def window_forward_kernel(
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     t_ok = t < T
-    q = tl.load(Q + (b64 * T + t[:, None]) * (H * DK) + h * DK + dk[None, :],
+    row = (b * T + t) * H + h
+    q = tl.load(Q + row[:, None] * DK + dk[None, :],
                 mask=t_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    row = (b64 * T + t) * H + h
     if HAS_SLOTS:
         m_i = tl.load(LS + row, mask=t_ok, other=0.0)
         l_i = tl.full([BM], 1.0, tl.float32)
@@ -57,44 +117,88 @@ def window_forward_kernel(
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BV], tl.float32)
-
-    k_new = K + b64 * T * HKV * DK + hk * DK
-    k_ring = KR + b64 * C * HKV * DK + hk * DK
-    v_new = V + b64 * T * HKV * DV + hk * DV
-    v_ring = VR + b64 * C * HKV * DV + hk * DV
     qk_scale = sm_scale * 1.4426950408889634
-    lo, hi = _key_range(t0, BM, C, T, W, pos)
-    query_row = C + t
-    for j0 in range(lo, hi, BN):
+
+    # Ring entries (streaming from a state): never-written ones are skipped.
+    r_lo, r_hi = _ring_rows(pos, t0, C, W, BM)
+    for j0 in range(r_lo, r_hi, BN):
         j = j0 + tl.arange(0, BN)
-        j_ok = j < hi
-        real = history_mask(PM + b64 * T, RM + b64 * C, j, C, pos, T, HAS_PM)
-        kp = history_rows(k_new, k_ring, j, C, pos, HKV * DK, HKV * DK)
-        vp = history_rows(v_new, v_ring, j, C, pos, HKV * DV, HKV * DV)
-        k = tl.load(kp[:, None] + dk[None, :],
+        j_ok = j < r_hi
+        slot = (pos + j) % C
+        at = (b * C + slot) * HKV + hk
+        k = tl.load(KR + at[:, None] * DK + dk[None, :],
                     mask=j_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        v = tl.load(vp[:, None] + dv[None, :],
+        v = tl.load(VR + at[:, None] * DV + dv[None, :],
                     mask=j_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        s = s * qk_scale
-        seen = ((j[None, :] <= query_row[:, None])
-                & (j[None, :] > query_row[:, None] - W)
-                & (j_ok & (real > 0))[None, :])
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
-                                            input_precision=PRECISION)
-        m_i = m_new
+        real = tl.load(RM + b * C + slot, mask=j_ok, other=0.0)
+        seen = (j_ok & (real > 0))[None, :] & (j[None, :] > C + t[:, None] - W)
+        m_i, l_i, acc = _forward_block(q, k.to(q.dtype), v, seen, m_i, l_i,
+                                       acc, qk_scale, True, PRECISION)
+
+    # New tokens: u in (t - W, t].
+    lo = tl.maximum(t0 - W + 1, 0)
+    hi = tl.minimum(t0 + BM, T)
+    a, z = _split(lo, hi, t0 + BM - W, t0 + 1, BN, HAS_PM)
+    k_base = K + b * T * HKV * DK + hk * DK
+    v_base = V + b * T * HKV * DV + hk * DV
+    pm = PM + b * T
+    m_i, l_i, acc = _forward_new(q, k_base, v_base, pm, t, m_i, l_i, acc, lo,
+                                 a, T, W, qk_scale, HKV, DK, DV, BK, BV, BN,
+                                 HAS_PM, True, PRECISION)
+    m_i, l_i, acc = _forward_new(q, k_base, v_base, pm, t, m_i, l_i, acc, a,
+                                 z, T, W, qk_scale, HKV, DK, DV, BK, BV, BN,
+                                 HAS_PM, False, PRECISION)
+    m_i, l_i, acc = _forward_new(q, k_base, v_base, pm, t, m_i, l_i, acc, z,
+                                 hi, T, W, qk_scale, HKV, DK, DV, BK, BV, BN,
+                                 HAS_PM, True, PRECISION)
+
     some = l_i > 0
     out = acc / tl.where(some, l_i, 1.0)[:, None]
     lse = tl.where(some, m_i + tl.log2(tl.where(some, l_i, 1.0)), 0.0)
     tl.store(O + row[:, None] * DV + dv[None, :], out.to(O.dtype.element_ty),
              mask=t_ok[:, None] & (dv < DV)[None, :])
     tl.store(L + row, lse, mask=t_ok)
+
+
+@triton.jit
+def _dq_block(q, do, k, v, seen, lse, delta, dq, qk_scale,
+              MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        p = tl.where(seen, tl.exp2(tl.where(seen, s - lse[:, None], 0.0)),
+                     0.0)
+    else:
+        p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, lo, hi, T, W,
+            qk_scale, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
+            HAS_PM: tl.constexpr, MASKED: tl.constexpr,
+            PRECISION: tl.constexpr):
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    for u0 in range(lo, hi, BN):
+        u = u0 + tl.arange(0, BN)
+        u_ok = u < T
+        k = tl.load(k_base + u[:, None] * (HKV * DK) + dk[None, :],
+                    mask=u_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        v = tl.load(v_base + u[:, None] * (HKV * DV) + dv[None, :],
+                    mask=u_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        seen = u_ok[None, :] & t_ok[:, None]
+        if MASKED:
+            seen = seen & (u[None, :] <= t[:, None]) & (
+                u[None, :] > t[:, None] - W)
+            if HAS_PM:
+                real = tl.load(pm + u, mask=u_ok, other=0.0)
+                seen = seen & (real > 0)[None, :]
+        dq = _dq_block(q, do, k.to(q.dtype), v.to(do.dtype), seen, lse,
+                       delta, dq, qk_scale, MASKED, PRECISION)
+    return dq
 
 
 @triton.jit
@@ -107,10 +211,9 @@ def window_dq_kernel(
         PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // (H // HKV)
-    b64 = b.to(tl.int64)
     pos = tl.load(POS)
 
     t0 = pid * BM
@@ -118,7 +221,7 @@ def window_dq_kernel(
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     t_ok = t < T
-    row = (b64 * T + t) * H + h
+    row = (b * T + t) * H + h
     q = tl.load(Q + row[:, None] * DK + dk[None, :],
                 mask=t_ok[:, None] & (dk < DK)[None, :], other=0.0)
     do = tl.load(DO + row[:, None] * DV + dv[None, :],
@@ -126,37 +229,76 @@ def window_dq_kernel(
     lse = tl.load(L + row, mask=t_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
     dq = tl.zeros([BM, BK], tl.float32)
-
-    k_new = K + b64 * T * HKV * DK + hk * DK
-    k_ring = KR + b64 * C * HKV * DK + hk * DK
-    v_new = V + b64 * T * HKV * DV + hk * DV
-    v_ring = VR + b64 * C * HKV * DV + hk * DV
     qk_scale = sm_scale * 1.4426950408889634
-    lo, hi = _key_range(t0, BM, C, T, W, pos)
-    query_row = C + t
-    for j0 in range(lo, hi, BN):
+
+    r_lo, r_hi = _ring_rows(pos, t0, C, W, BM)
+    for j0 in range(r_lo, r_hi, BN):
         j = j0 + tl.arange(0, BN)
-        j_ok = j < hi
-        real = history_mask(PM + b64 * T, RM + b64 * C, j, C, pos, T, HAS_PM)
-        kp = history_rows(k_new, k_ring, j, C, pos, HKV * DK, HKV * DK)
-        vp = history_rows(v_new, v_ring, j, C, pos, HKV * DV, HKV * DV)
-        k = tl.load(kp[:, None] + dk[None, :],
-                    mask=j_ok[:, None] & (dk < DK)[None, :],
-                    other=0.0).to(q.dtype)
-        v = tl.load(vp[:, None] + dv[None, :],
-                    mask=j_ok[:, None] & (dv < DV)[None, :],
-                    other=0.0).to(do.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        seen = ((j[None, :] <= query_row[:, None])
-                & (j[None, :] > query_row[:, None] - W)
-                & (j_ok & (real > 0))[None, :] & t_ok[:, None])
-        p = tl.where(seen, tl.exp2(tl.where(seen, s - lse[:, None], 0.0)),
-                     0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        j_ok = j < r_hi
+        slot = (pos + j) % C
+        at = (b * C + slot) * HKV + hk
+        k = tl.load(KR + at[:, None] * DK + dk[None, :],
+                    mask=j_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        v = tl.load(VR + at[:, None] * DV + dv[None, :],
+                    mask=j_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        real = tl.load(RM + b * C + slot, mask=j_ok, other=0.0)
+        seen = ((j_ok & (real > 0))[None, :] & t_ok[:, None]
+                & (j[None, :] > C + t[:, None] - W))
+        dq = _dq_block(q, do, k.to(q.dtype), v.to(do.dtype), seen, lse, delta,
+                       dq, qk_scale, True, PRECISION)
+
+    lo = tl.maximum(t0 - W + 1, 0)
+    hi = tl.minimum(t0 + BM, T)
+    a, z = _split(lo, hi, t0 + BM - W, t0 + 1, BN, HAS_PM)
+    k_base = K + b * T * HKV * DK + hk * DK
+    v_base = V + b * T * HKV * DV + hk * DV
+    pm = PM + b * T
+    dq = _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, lo, a, T,
+                 W, qk_scale, HKV, DK, DV, BK, BV, BN, HAS_PM, True,
+                 PRECISION)
+    dq = _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, a, z, T,
+                 W, qk_scale, HKV, DK, DV, BK, BV, BN, HAS_PM, False,
+                 PRECISION)
+    dq = _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, z, hi, T,
+                 W, qk_scale, HKV, DK, DV, BK, BV, BN, HAS_PM, True,
+                 PRECISION)
     tl.store(DQ + row[:, None] * DK + dk[None, :], dq * sm_scale,
              mask=t_ok[:, None] & (dk < DK)[None, :])
+
+
+@triton.jit
+def _dkdv_queries(k, v, key_ok, u, q_base, do_base, l_base, d_base, dk_acc,
+                  dv_acc, lo, hi, T, W, qk_scale, H: tl.constexpr,
+                  DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    for t0 in range(lo, hi, BM):
+        t = t0 + tl.arange(0, BM)
+        t_ok = t < T
+        q = tl.load(q_base + t[:, None] * (H * DK) + dk[None, :],
+                    mask=t_ok[:, None] & (dk < DK)[None, :],
+                    other=0.0).to(k.dtype)
+        do = tl.load(do_base + t[:, None] * (H * DV) + dv[None, :],
+                     mask=t_ok[:, None] & (dv < DV)[None, :],
+                     other=0.0).to(v.dtype)
+        lse = tl.load(l_base + t * H, mask=t_ok, other=0.0)
+        delta = tl.load(d_base + t * H, mask=t_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            seen = ((t[None, :] >= u[:, None]) & (t[None, :] < u[:, None] + W)
+                    & key_ok[:, None] & t_ok[None, :])
+            p_t = tl.where(seen,
+                           tl.exp2(tl.where(seen, s_t - lse[None, :], 0.0)),
+                           0.0)
+        else:
+            p_t = tl.exp2(s_t - lse[None, :])
+        dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk_acc, dv_acc
 
 
 @triton.jit
@@ -172,54 +314,46 @@ def window_dkdv_kernel(
     0 <= t - u < W."""
     pid = tl.program_id(0)
     bhk = tl.program_id(1)
-    b = bhk // HKV
+    b = (bhk // HKV).to(tl.int64)
     hk = bhk % HKV
     G: tl.constexpr = H // HKV
-    b64 = b.to(tl.int64)
 
     u0 = pid * BN
     u = u0 + tl.arange(0, BN)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     u_ok = u < T
-    krow = (b64 * T + u) * HKV + hk
+    krow = (b * T + u) * HKV + hk
     k = tl.load(K + krow[:, None] * DK + dk[None, :],
                 mask=u_ok[:, None] & (dk < DK)[None, :], other=0.0)
     v = tl.load(V + krow[:, None] * DV + dv[None, :],
                 mask=u_ok[:, None] & (dv < DV)[None, :], other=0.0)
     if HAS_PM:
-        real = tl.load(PM + b64 * T + u, mask=u_ok, other=0.0)
+        real = tl.load(PM + b * T + u, mask=u_ok, other=0.0)
         key_ok = u_ok & (real > 0)
     else:
         key_ok = u_ok
     dk_acc = tl.zeros([BN, BK], tl.float32)
     dv_acc = tl.zeros([BN, BV], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    t_hi = tl.minimum(T, u0 + BN - 1 + W)
+    hi = tl.minimum(T, u0 + BN - 1 + W)
+    # Query blocks inside every key's window need no mask.
+    a, z = _split(u0, hi, u0 + BN - 1, u0 + W, BM, HAS_PM)
     for g in range(G):
         h = hk * G + g
-        for t0 in range(u0, t_hi, BM):
-            t = t0 + tl.arange(0, BM)
-            t_ok = t < t_hi
-            row = (b64 * T + t) * H + h
-            q = tl.load(Q + row[:, None] * DK + dk[None, :],
-                        mask=t_ok[:, None] & (dk < DK)[None, :],
-                        other=0.0).to(k.dtype)
-            do = tl.load(DO + row[:, None] * DV + dv[None, :],
-                         mask=t_ok[:, None] & (dv < DV)[None, :],
-                         other=0.0).to(v.dtype)
-            lse = tl.load(L + row, mask=t_ok, other=0.0)
-            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            seen = ((t[None, :] >= u[:, None]) & (t[None, :] < u[:, None] + W)
-                    & key_ok[:, None] & t_ok[None, :])
-            p_t = tl.where(seen,
-                           tl.exp2(tl.where(seen, s_t - lse[None, :], 0.0)),
-                           0.0)
-            dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        q_base = Q + b * T * H * DK + h * DK
+        do_base = DO + b * T * H * DV + h * DV
+        l_base = L + b * T * H + h
+        d_base = DELTA + b * T * H + h
+        dk_acc, dv_acc = _dkdv_queries(
+            k, v, key_ok, u, q_base, do_base, l_base, d_base, dk_acc, dv_acc,
+            u0, a, T, W, qk_scale, H, DK, DV, BK, BV, BM, True, PRECISION)
+        dk_acc, dv_acc = _dkdv_queries(
+            k, v, key_ok, u, q_base, do_base, l_base, d_base, dk_acc, dv_acc,
+            a, z, T, W, qk_scale, H, DK, DV, BK, BV, BM, False, PRECISION)
+        dk_acc, dv_acc = _dkdv_queries(
+            k, v, key_ok, u, q_base, do_base, l_base, d_base, dk_acc, dv_acc,
+            z, hi, T, W, qk_scale, H, DK, DV, BK, BV, BM, True, PRECISION)
     tl.store(DK_ + krow[:, None] * DK + dk[None, :], dk_acc * sm_scale,
              mask=u_ok[:, None] & (dk < DK)[None, :])
     tl.store(DV_ + krow[:, None] * DV + dv[None, :], dv_acc,
