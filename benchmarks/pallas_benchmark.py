@@ -110,6 +110,8 @@ def run_jax(lengths):
                                  card=card, error=error))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
+    rows += _breakdown(max(lengths), card, sync, _median_ms)
+
     # Decode: one token over a full state (context 65536, ring of W).
     state = keras_nha.ops.initial_state(DECODE_BATCH, HEADS, DIM, DIM, SLOTS,
                                         WINDOW, dtype="bfloat16")
@@ -169,6 +171,53 @@ def run_jax(lengths):
                          card=card, error=None))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     del np
+    return rows
+
+
+def _breakdown(length, card, sync, timer):
+    """The two Pallas passes alone (no history assembly, no merge)."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_nha.kernels.pallas.sequence import default_config
+    from keras_nha.kernels.pallas.slots import slot_attention
+    from keras_nha.kernels.pallas.window import window_attention
+
+    config = default_config(length, DIM, False)
+    keys = jax.random.split(jax.random.PRNGKey(2), 6)
+    shape = (BATCH, length, HEADS, DIM)
+    history = (BATCH, length + WINDOW, HEADS, DIM)
+    q = jax.random.normal(keys[0], shape, jnp.bfloat16)
+    k = jax.random.normal(keys[1], history, jnp.bfloat16)
+    v = jax.random.normal(keys[2], history, jnp.bfloat16)
+    mask = jnp.ones(history[:2], jnp.float32)
+    gate = jax.nn.log_sigmoid(jax.random.normal(
+        keys[3], (BATCH, length, HEADS, SLOTS))) / 8
+    sk0 = jnp.zeros((BATCH, HEADS, DIM, SLOTS), jnp.float32)
+    sv0 = jnp.zeros((BATCH, HEADS, SLOTS, DIM), jnp.float32)
+    scale = DIM ** -0.5
+
+    def window(q, k, v):
+        return window_attention(q, k, v, mask, scale, WINDOW, config)[0]
+
+    def slots(q, k, v):
+        return slot_attention(q, k[:, :length], v[:, :length], gate, sk0,
+                              sv0, scale, SLOTS, config)[0]
+
+    rows = []
+    for name, fn in (("pallas window", window), ("pallas slots", slots)):
+        forward = jax.jit(fn)
+        both = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)),
+                                argnums=(0, 1, 2)))
+        for mode, call in (("fwd (pass alone)", forward),
+                           ("fwd+bwd (pass alone)", both)):
+            try:
+                ms, error = timer(lambda: call(q, k, v), sync), None
+            except Exception as exc:  # noqa: BLE001 (report, go on)
+                ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(dict(impl=name, mode=mode, T=length, ms=ms,
+                             flops=None, card=card, error=error))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 

@@ -1,7 +1,141 @@
-"""Running the NHA core once per shard (placeholder, replaced below)."""
+"""Running the NHA core once per shard of batch and kv heads.
+
+`pallas_call` is opaque to XLA's SPMD partitioner, which would gather a
+sharded operand onto every device. Batch rows and kv heads (with their query
+heads) are independent in NHA, so the core is wrapped in
+`custom_partitioning`: its rule keeps the operands' batch and head shardings
+and replicates the rest (time, head dims, slots); each device then runs the
+kernels on its own rows and heads, and no activation is gathered.
+
+The queries travel as `[B, T, Hkv, G, K]` so that query and kv heads share
+one head factor. JAX cannot differentiate through `custom_partitioning`, so
+the forward and backward are partitioned separately under one `custom_vjp`;
+the backward recomputes the forward (one extra forward pass). That cost is
+paid only when JAX sees more than one device: on one device the core runs
+directly.
+"""
 
 import functools
+import math
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+_HISTORY = ("keys", "window_keys", "values", "log_forget_gates", "mask")
+# (batch axis, head axis, rank) of each operand of the flat core.
+_ARGS = ((0, 2, 5), (0, 2, 5), (0, 2, 4), (0, 2, 4), (0, 2, 4), (0, 2, 4),
+         (0, None, 2), (0, 1, 4), (0, 1, 4))
+_OUTS = ((0, 2, 5), (0, 1, 4), (0, 1, 4))
+_ARG_FACTORS = ("b t c g k", "b t c g k", "b l c k", "b l c k", "b l c v",
+                "b l c m", "b l", "b c k m", "b c m v")
+_OUT_FACTORS = ("b t c g v", "b c k m", "b c m v")
+_REPLICATED = ("t", "l", "g", "k", "v", "m")
+
+
+def _flat(core, static):
+    """The core on flat, grouped operands: `(q, qw, *history, sk, sv)`."""
+    def run(q, qw, k, kw, v, g, mask, sk, sv):
+        batch, length, kv_heads, groups, key_dim = q.shape
+        heads = (batch, length, kv_heads * groups, key_dim)
+        history = dict(zip(_HISTORY, (k, kw, v, g, mask)))
+        out, sk, sv = core(q.reshape(heads), qw.reshape(heads), history, sk,
+                           sv, **static)
+        return out.reshape(q.shape[:4] + out.shape[-1:]), sk, sv
+    return run
+
+
+def _axes(mesh, query):
+    """Mesh axes of the query's batch and head dims (None: replicated)."""
+    spec = tuple(query.sharding.spec) + (None,) * 5
+    batch, heads = spec[0], spec[2]
+    size = lambda axis: (1 if axis is None else mesh.shape[axis]
+                         if isinstance(axis, str)
+                         else math.prod(mesh.shape[a] for a in axis))
+    if batch is not None and query.shape[0] % size(batch):
+        batch = None
+    if heads is not None and query.shape[2] % size(heads):
+        heads = None
+    return batch, heads
+
+
+def _shardings(mesh, layout, batch, heads):
+    specs = []
+    for batch_axis, head_axis, rank in layout:
+        spec = [None] * rank
+        spec[batch_axis] = batch
+        if head_axis is not None:
+            spec[head_axis] = heads
+        specs.append(NamedSharding(mesh, PartitionSpec(*spec)))
+    return tuple(specs)
+
+
+def _partitioned(fn, arg_layout, out_layout, rule, num_args):
+    wrapped = custom_partitioning(fn)
+
+    def infer(mesh, arg_shapes, result_shape):
+        del result_shape
+        return _shardings(mesh, out_layout, *_axes(mesh, arg_shapes[0]))
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        axes = _axes(mesh, arg_shapes[0])
+        return (mesh, fn, _shardings(mesh, out_layout, *axes),
+                _shardings(mesh, arg_layout[:num_args], *axes))
+
+    # Shardy wants these in the order the factors first appear in the rule.
+    order = list(dict.fromkeys(rule.replace(",", " ").split()))
+    replicated = tuple(sorted(_REPLICATED, key=order.index))
+    wrapped.def_partition(
+        partition=partition, infer_sharding_from_operands=infer,
+        propagate_user_sharding=lambda mesh, user_shape: user_shape.sharding,
+        sharding_rule=rule, need_replication_factors=replicated)
+    return wrapped
 
 
 def per_shard(core, **static):
-    return functools.partial(core, **static)
+    """`core(query, window_query, history, slot_keys, slot_values)`, sharded.
+
+    Args:
+        core: the NHA core; `static` holds its keyword-only arguments.
+
+    Returns:
+        A function of the same operands (queries `[B, T, H, K]`).
+    """
+    if jax.device_count() == 1:
+        return functools.partial(core, **static)
+    run = _flat(core, static)
+    forward = _partitioned(
+        run, _ARGS, _OUTS,
+        ", ".join(_ARG_FACTORS) + " -> " + ", ".join(_OUT_FACTORS),
+        len(_ARGS))
+
+    def backward_fn(*operands):
+        primals, cotangents = operands[:len(_ARGS)], operands[len(_ARGS):]
+        return jax.vjp(run, *primals)[1](tuple(cotangents))
+
+    backward = _partitioned(
+        backward_fn, _ARGS + _OUTS, _ARGS,
+        ", ".join(_ARG_FACTORS + _OUT_FACTORS) + " -> "
+        + ", ".join(_ARG_FACTORS), len(_ARGS) + len(_OUTS))
+
+    @jax.custom_vjp
+    def sharded(*operands):
+        return forward(*operands)
+
+    sharded.defvjp(lambda *operands: (forward(*operands), operands),
+                   lambda operands, cotangents: backward(*operands,
+                                                         *cotangents))
+
+    def call(query, window_query, history, slot_keys, slot_values):
+        batch, length, heads, key_dim = query.shape
+        kv_heads = history["keys"].shape[2]
+        grouped = (batch, length, kv_heads, heads // kv_heads, key_dim)
+        out, slot_keys, slot_values = sharded(
+            query.reshape(grouped), window_query.reshape(grouped),
+            *[history[n] for n in _HISTORY], slot_keys, slot_values)
+        return (out.reshape(batch, length, heads, out.shape[-1]), slot_keys,
+                slot_values)
+
+    return call
