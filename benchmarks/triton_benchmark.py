@@ -1,0 +1,400 @@
+"""Speed of the NHA Triton kernels against attention peers (torch, one GPU).
+
+The issue's table: B=1, H=16, K=V=128, M=64, W=512, bf16, T in {4096, 16384,
+65536}, forward and forward+backward, for NHA (Triton), torch SDPA causal
+(flash), FlexAttention with a sliding-window block mask, fla-core's
+`chunk_gsa` (M=64), fla's windowed `parallel_attn`, and their composition (the
+paper's hybrid). Then decode: B=8, one token with 65536 tokens of context,
+SDPA over the full KV cache against the NHA step. Every row of a table comes
+from the same run. Medians of `triton.testing.do_bench`.
+
+    python benchmarks/triton_benchmark.py --json out.json --plot out.png
+    python benchmarks/triton_benchmark.py --from-json out.json --plot out.png
+
+FLOPs counted per (batch, head), forward: window 2 matmuls over the visible
+keys, 4 d per (query, key) pair; slots 8 M d + 4 C (d + M) per token (C = 64,
+the chunk); forward+backward = 3.5 x forward (the flash-attention
+convention). Rates are against these counts, not against what a kernel
+happens to execute.
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+B, H, D, M, W = 1, 16, 128, 64, 512
+CHUNK = 64
+
+
+def window_flops(length, window, d=D):
+    """Forward FLOPs of causal attention over `window` keys, per head."""
+    full = min(length, window)
+    pairs = full * (full + 1) // 2 + (length - full) * window
+    return 4 * d * pairs
+
+
+def slot_flops(length, slots=M, d=D):
+    return length * (8 * slots * d + 4 * CHUNK * (d + slots))
+
+
+def _bench(fn, warmup=10, rep=50):
+    import torch
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep,
+                                   return_mode="median")
+
+
+def _ceilings():
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = _bench(lambda: a @ b)
+    tflops = 2 * 8192 ** 3 / ms / 1e9
+    x = torch.randn(1 << 28, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    ms_copy = _bench(lambda: y.copy_(x))
+    bandwidth = 2 * x.numel() * 4 / ms_copy / 1e9
+    return {"matmul_bf16_tflops": tflops, "copy_gbs": bandwidth}
+
+
+def _inputs(length, grad=True, seed=0):
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", dtype=dtype,
+                           generator=gen).requires_grad_(grad)
+
+    q, k, v = rand(B, length, H, D), rand(B, length, H, D), rand(B, length,
+                                                                 H, D)
+    f = torch.randn(B, length, H, M, device="cuda", generator=gen)
+    g = (torch.nn.functional.logsigmoid(f) / 8.0).requires_grad_(grad)
+    return q, k, v, g
+
+
+def _fwd_bwd(forward, inputs):
+    import torch
+
+    out = forward()
+    grad = torch.randn_like(out)
+
+    def step():
+        result = forward()
+        torch.autograd.grad(result, inputs, grad)
+    return step
+
+
+def nha_rows(length):
+    import torch
+
+    from keras_nha.kernels import state as state_lib
+    from keras_nha.kernels.triton.sequence import triton_nha
+
+    q, k, v, g = _inputs(length)
+    state = state_lib.zero_state(B, H, D, D, M, min(W, length), "bfloat16")
+
+    def forward():
+        out, _ = triton_nha(q, k, v, g, window_size=W, scale=D ** -0.5,
+                            window_query=q, window_key=k, padding_mask=None,
+                            state=state)
+        return out
+
+    with torch.no_grad():
+        fwd = _bench(forward)
+    both = _bench(_fwd_bwd(forward, (q, k, v, g)))
+    flops = (window_flops(length, W) + slot_flops(length)) * B * H
+    return {"NHA Triton (M=64, W=512)": (fwd, both, flops)}
+
+
+def sdpa_rows(length):
+    import torch
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v, _ = _inputs(length)
+    q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_(True)
+               for x in (q, k, v))
+
+    def forward():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True)
+
+    with torch.no_grad():
+        fwd = _bench(forward)
+    both = _bench(_fwd_bwd(forward, (q, k, v)))
+    return {"SDPA causal (flash)": (fwd, both,
+                                    window_flops(length, length) * B * H)}
+
+
+def flex_rows(length):
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v, _ = _inputs(length)
+    q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_(True)
+               for x in (q, k, v))
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < W)
+
+    mask = create_block_mask(sliding, None, None, length, length,
+                             device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def forward():
+        return flex(q, k, v, block_mask=mask)
+
+    with torch.no_grad():
+        fwd = _bench(forward)
+    both = _bench(_fwd_bwd(forward, (q, k, v)))
+    return {"Flex sliding W=512": (fwd, both,
+                                   window_flops(length, W) * B * H)}
+
+
+def fla_rows(length):
+    from fla.ops.attn import parallel_attn
+    from fla.ops.gsa import chunk_gsa
+
+    q, k, v, g = _inputs(length)
+    gate = g.detach().to(q.dtype).requires_grad_(True)
+    strength = (1 - gate.detach().float().exp()).to(q.dtype).requires_grad_(
+        True)
+
+    def gsa():
+        out, _ = chunk_gsa(q, k, v, strength, gate)
+        return out
+
+    def window():
+        return parallel_attn(q, k, v, window_size=W)
+
+    def both_parts():
+        # Timing only: the exact merge needs both parts' log-sum-exps.
+        return gsa() + window()
+
+    rows = {}
+    for name, fn, inputs, flops in (
+            ("fla chunk_gsa (M=64)", gsa, (q, k, v, strength, gate),
+             slot_flops(length)),
+            ("fla parallel_attn (W=512)", window, (q, k, v),
+             window_flops(length, W)),
+            ("fla composition (gsa + window)", both_parts,
+             (q, k, v, strength, gate),
+             slot_flops(length) + window_flops(length, W))):
+        import torch
+        with torch.no_grad():
+            fwd = _bench(fn)
+        rows[name] = (fwd, _bench(_fwd_bwd(fn, inputs)), flops * B * H)
+    return rows
+
+
+def nha_breakdown(length):
+    """CUDA time per kernel of one NHA forward+backward."""
+    import torch
+
+    from keras_nha.kernels import state as state_lib
+    from keras_nha.kernels.triton.sequence import triton_nha
+
+    q, k, v, g = _inputs(length)
+    state = state_lib.zero_state(B, H, D, D, M, min(W, length), "bfloat16")
+
+    def step():
+        out, _ = triton_nha(q, k, v, g, window_size=W, scale=D ** -0.5,
+                            window_query=q, window_key=k, padding_mask=None,
+                            state=state)
+        torch.autograd.grad(out, (q, k, v, g), torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + (
+                event.device_time_total / 3 / 1000)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:16])
+
+
+def decode_rows(batch=8, contexts=(4096, 16384, 65536)):
+    """ms per one-token step; SDPA reads the whole KV cache."""
+    import torch
+
+    from keras_nha.kernels import state as state_lib
+    from keras_nha.kernels.triton.step import triton_nha_step
+
+    rows = {}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+
+    longest = max(contexts)
+    q1 = rand(batch, H, 1, D)
+    cache_k, cache_v = rand(batch, H, longest, D), rand(batch, H, longest, D)
+    rows[f"SDPA decode over {longest} cached tokens"] = _bench(
+        lambda: torch.nn.functional.scaled_dot_product_attention(
+            q1, cache_k, cache_v))
+    del cache_k, cache_v
+
+    q, k, v = rand(batch, H, D), rand(batch, H, D), rand(batch, H, D)
+    g = torch.nn.functional.logsigmoid(rand(batch, H, M,
+                                            dtype=torch.float32)) / 8
+    for context in contexts:
+        state = state_lib.zero_state(batch, H, D, D, M, W, "bfloat16")
+        for name in ("keys", "window_keys", "values"):
+            state[name] = rand(*state[name].shape)
+        state["slot_keys"] = rand(batch, H, D, M, dtype=torch.float32)
+        state["slot_values"] = rand(batch, H, M, D, dtype=torch.float32)
+        state["log_forget_gates"] = torch.nn.functional.logsigmoid(
+            rand(*state["log_forget_gates"].shape, dtype=torch.float32)) / 8
+        state["mask"] = torch.ones_like(state["mask"])
+        state["position"] = torch.tensor(context, device="cuda",
+                                         dtype=torch.int32)
+        kwargs = dict(window_size=W, scale=D ** -0.5, window_query=q,
+                      window_key=k, padding_mask=None)
+        rows[f"NHA step, context {context} (functional)"] = _bench(
+            lambda: triton_nha_step(q, k, v, g, state, **kwargs))
+        rows[f"NHA step, context {context} (in place)"] = _bench(
+            lambda: triton_nha_step(q, k, v, g, state, inplace=True,
+                                    **kwargs))
+        graph = torch.cuda.CUDAGraph()
+        triton_nha_step(q, k, v, g, state, inplace=True, **kwargs)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            triton_nha_step(q, k, v, g, state, inplace=True, **kwargs)
+        rows[f"NHA step, context {context} (in place, CUDA graph)"] = _bench(
+            graph.replay)
+    return rows
+
+
+def _table(result):
+    lines = []
+    card = result["device"]
+    ceil = result["ceilings"]
+    lines.append(f"device: {card}; torch {result['torch']}, triton "
+                 f"{result['triton']}; bf16 matmul "
+                 f"{ceil['matmul_bf16_tflops']:.0f} TFLOP/s, copy "
+                 f"{ceil['copy_gbs']:.0f} GB/s (read + write)")
+    lines.append(f"B={B} H={H} K=V={D} M={M} W={W} bf16; median ms; TFLOP/s "
+                 "on counted FLOPs (fwd+bwd = 3.5 x fwd)")
+    header = f"{'row':34s} {'T':>6s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} " \
+             f"{'fwd TF/s':>9s} {'f+b TF/s':>9s} {'% matmul':>8s}"
+    lines.append(header)
+    for name, per_length in result["rows"].items():
+        for length, (fwd, both, flops) in sorted(per_length.items(),
+                                                 key=lambda kv: int(kv[0])):
+            f_rate = flops / fwd / 1e9
+            b_rate = 3.5 * flops / both / 1e9
+            lines.append(f"{name:34s} {int(length):6d} {fwd:9.3f} "
+                         f"{both:11.3f} {f_rate:9.0f} {b_rate:9.0f} "
+                         f"{100 * b_rate / ceil['matmul_bf16_tflops']:7.0f}%")
+    for name, error in result.get("skipped", {}).items():
+        lines.append(f"{name:34s} skipped: {error}")
+    if result.get("decode"):
+        lines.append("decode, B=8, one token (ms):")
+        for name, ms in result["decode"].items():
+            lines.append(f"  {name:54s} {ms:8.4f}")
+    if result.get("breakdown"):
+        lines.append(f"NHA fwd+bwd CUDA time per kernel at T="
+                     f"{result['breakdown_length']} (ms):")
+        for name, ms in result["breakdown"].items():
+            lines.append(f"  {name[:60]:60s} {ms:8.3f}")
+    return "\n".join(lines)
+
+
+def _plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for index, title in enumerate(("forward", "forward + backward")):
+        ax = axes[index]
+        for name, per_length in result["rows"].items():
+            lengths = sorted(int(t) for t in per_length)
+            ax.plot(lengths, [per_length[str(t)][index] for t in lengths],
+                    marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel("median ms")
+        ax.set_title(f"{title}, {result['device']}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096,16384,65536")
+    parser.add_argument("--peers", default="sdpa,flex,fla",
+                        help="comma list of sdpa, flex, fla (or none)")
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--breakdown", type=int, default=16384,
+                        help="T for the per-kernel profile (0: none)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write a PNG of time vs T here")
+    parser.add_argument("--from-json", help="re-print/plot saved results")
+    args = parser.parse_args()
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        import torch
+        import triton
+
+        result = {"device": torch.cuda.get_device_name(),
+                  "torch": torch.__version__, "triton": triton.__version__,
+                  "ceilings": _ceilings(), "rows": {}, "skipped": {}}
+        peers = {"sdpa": sdpa_rows, "flex": flex_rows, "fla": fla_rows}
+        chosen = [nha_rows] + [peers[p] for p in args.peers.split(",")
+                               if p in peers]
+        for length in (int(t) for t in args.lengths.split(",")):
+            for rows_fn in chosen:
+                start = time.time()
+                try:
+                    rows = rows_fn(length)
+                except Exception as error:  # a missing peer stays visible
+                    result["skipped"][f"{rows_fn.__name__} T={length}"] = (
+                        f"{type(error).__name__}: {str(error)[:200]}")
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+                for name, values in rows.items():
+                    result["rows"].setdefault(name, {})[str(length)] = values
+                print(f"[{rows_fn.__name__} T={length}: "
+                      f"{time.time() - start:.0f}s]", flush=True)
+        if not args.no_decode:
+            result["decode"] = decode_rows()
+        if args.breakdown:
+            result["breakdown_length"] = args.breakdown
+            result["breakdown"] = nha_breakdown(args.breakdown)
+    print(_table(result))
+    if args.json and not args.from_json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        try:
+            _plot(result, args.plot)
+        except ImportError as error:
+            print(f"no plot: {error}")
+
+
+if __name__ == "__main__":
+    main()
