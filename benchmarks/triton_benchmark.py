@@ -347,11 +347,24 @@ def main():
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--breakdown", type=int, default=16384,
                         help="T for the per-kernel profile (0: none)")
+    parser.add_argument("--tune", default="",
+                        help="';'-separated KERAS_NHA_TRITON_BLOCKS values: "
+                        "time NHA at the first length under each, then exit")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG of time vs T here")
     parser.add_argument("--from-json", help="re-print/plot saved results")
     args = parser.parse_args()
 
+    if args.tune:
+        length = int(args.lengths.split(",")[0])
+        for config in [""] + args.tune.split(";"):
+            os.environ["KERAS_NHA_TRITON_BLOCKS"] = config
+            start = time.time()
+            (fwd, both, flops), = nha_rows(length).values()
+            print(f"tune T={length} [{config or 'default'}]: fwd {fwd:.3f} "
+                  f"ms, fwd+bwd {both:.3f} ms ({time.time() - start:.0f}s)",
+                  flush=True)
+        return
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)

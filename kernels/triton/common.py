@@ -52,13 +52,21 @@ INTERPRETER_BLOCKS = Blocks(sub=16, chunk=32, query=16, key=16, query_bwd=16,
 
 
 def default_blocks(key_dim, value_dim, num_slots):
+    """Tile sizes for a call; KERAS_NHA_TRITON_BLOCKS="query=64,stages=3"
+    overrides fields (for tuning runs)."""
     if interpreting():
         return INTERPRETER_BLOCKS
     wide = max(key_dim, value_dim) > 128
-    return Blocks(sub=16, chunk=64,
-                  query=64 if wide else 128, key=32 if wide else 64,
-                  query_bwd=32 if wide else 64, key_bwd=32 if wide else 64,
-                  warps=4, window_warps=8 if not wide else 4, stages=2)
+    blocks = Blocks(sub=16, chunk=64,
+                    query=64 if wide else 128, key=32 if wide else 64,
+                    query_bwd=32 if wide else 64, key_bwd=32 if wide else 64,
+                    warps=4, window_warps=8 if not wide else 4, stages=2)
+    override = os.environ.get("KERAS_NHA_TRITON_BLOCKS")
+    if override:
+        fields = dict(item.split("=") for item in override.split(","))
+        blocks = dataclasses.replace(
+            blocks, **{k: int(v) for k, v in fields.items()})
+    return blocks
 
 
 @triton.jit
