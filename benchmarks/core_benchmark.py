@@ -1,0 +1,193 @@
+"""CPU timing of the portable NHA paths against full causal attention.
+
+Forward and forward+backward (gradients for every input) of `reference`,
+`chunked` and `keras.ops.dot_product_attention(is_causal=True)`; median of
+several runs after a warm-up. JAX runs jitted, TensorFlow inside
+`tf.function`, torch eagerly (how each backend trains by default).
+
+    KERAS_BACKEND=torch python benchmarks/core_benchmark.py
+    python benchmarks/core_benchmark.py --backends jax tensorflow torch \\
+        --plot benchmarks/results/core_cpu.png
+
+Prints one table; `--json` writes the rows.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SHAPE = dict(batch=1, heads=4, key_dim=64, num_slots=32, window_size=256)
+
+
+def _inputs(length):
+    rng = np.random.default_rng(length)
+    b, h, d, m = (SHAPE[k] for k in ("batch", "heads", "key_dim",
+                                     "num_slots"))
+    return {
+        "query": rng.normal(size=(b, length, h, d)).astype("float32"),
+        "key": rng.normal(size=(b, length, h, d)).astype("float32"),
+        "value": rng.normal(size=(b, length, h, d)).astype("float32"),
+        "log_forget_gate": (-np.logaddexp(0, -rng.normal(
+            size=(b, length, h, m))) / 8).astype("float32"),
+    }
+
+
+def _compiled(fn, names):
+    """(forward, forward+backward) callables for the active backend."""
+    import keras
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        def loss(*args):
+            return jax.numpy.sum(fn(*args))
+        forward = jax.jit(fn)
+        both = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(
+            len(names)))))
+        return forward, both
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def both(*args):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                out = tf.reduce_sum(fn(*args))
+            return out, tape.gradient(out, args)
+        return tf.function(fn), both
+    import torch
+
+    def torch_both(*args):
+        leaves = [a.detach().requires_grad_(True) for a in args]
+        out = fn(*leaves).sum()
+        return torch.autograd.grad(out, leaves)
+    return fn, torch_both
+
+
+def _sync(result):
+    import keras
+    for leaf in keras.tree.flatten(result):
+        keras.ops.convert_to_numpy(leaf)
+
+
+def _median_ms(fn, args, repeats, budget_s=20.0):
+    _sync(fn(*args))  # warm-up (and compilation)
+    times = []
+    deadline = time.perf_counter() + budget_s
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _sync(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() > deadline:
+            break
+    return statistics.median(times)
+
+
+def run_backend(lengths, repeats, reference_limit):
+    import keras
+    from keras import ops
+
+    from keras_nha.ops import native_hybrid_attention
+
+    rows = []
+    for length in lengths:
+        tensors = {n: ops.convert_to_tensor(x)
+                   for n, x in _inputs(length).items()}
+        names = list(tensors)
+        variants = {
+            "reference": lambda q, k, v, g: native_hybrid_attention(
+                q, k, v, g, SHAPE["window_size"], implementation="reference"),
+            "chunked": lambda q, k, v, g: native_hybrid_attention(
+                q, k, v, g, SHAPE["window_size"], implementation="chunked"),
+            "full causal attention": lambda q, k, v, g:
+                ops.dot_product_attention(q, k, v, is_causal=True),
+        }
+        for name, fn in variants.items():
+            if name == "reference" and length > reference_limit:
+                continue
+            forward, both = _compiled(fn, names)
+            args = [tensors[n] for n in names]
+            print(f"[{keras.config.backend()}] T={length} {name} ...",
+                  file=sys.stderr, flush=True)
+            rows.append(dict(
+                backend=keras.config.backend(), length=length, path=name,
+                forward_ms=_median_ms(forward, args, repeats),
+                train_ms=_median_ms(both, args, repeats)))
+    return rows
+
+
+def print_table(rows):
+    print(f"{'backend':<11} {'T':>6} {'path':<22} {'fwd ms':>9} "
+          f"{'fwd+bwd ms':>11} {'fwd+bwd us/token':>17}")
+    for r in rows:
+        print(f"{r['backend']:<11} {r['length']:>6} {r['path']:<22} "
+              f"{r['forward_ms']:>9.1f} {r['train_ms']:>11.1f} "
+              f"{1e3 * r['train_ms'] / r['length']:>17.1f}")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    backends = sorted({r["backend"] for r in rows})
+    figure, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends),
+                                                           4), squeeze=False)
+    for axis, backend in zip(axes[0], backends):
+        for name in ("reference", "chunked", "full causal attention"):
+            points = [(r["length"], r["train_ms"]) for r in rows
+                      if r["backend"] == backend and r["path"] == name]
+            if points:
+                axis.loglog(*zip(*points), marker="o", label=name)
+        axis.set_title(f"{backend} (CPU), forward+backward")
+        axis.set_xlabel("sequence length T")
+        axis.set_ylabel("ms")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        default=[512, 2048, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference-limit", type=int, default=2048,
+                        help="skip the step-by-step reference above this T")
+    parser.add_argument("--backends", nargs="+",
+                        help="run each backend in its own process")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--plot", help="write a PNG here")
+    args = parser.parse_args()
+    if args.backends:
+        rows = []
+        for backend in args.backends:
+            command = [sys.executable, __file__, "--json", "/dev/stdout",
+                       "--repeats", str(args.repeats), "--reference-limit",
+                       str(args.reference_limit), "--lengths",
+                       *map(str, args.lengths)]
+            result = subprocess.run(command, check=True, text=True,
+                                    stdout=subprocess.PIPE,
+                                    env=dict(os.environ,
+                                             KERAS_BACKEND=backend))
+            rows += json.loads(result.stdout.strip().splitlines()[-1])
+    else:
+        rows = run_backend(args.lengths, args.repeats, args.reference_limit)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps(rows) + "\n")
+            if args.json == "/dev/stdout":
+                return
+    print_table(rows)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
