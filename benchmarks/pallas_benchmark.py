@@ -110,7 +110,8 @@ def run_jax(lengths):
                                  card=card, error=error))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
-    rows += _breakdown(max(lengths), card, sync, _median_ms)
+    rows += _breakdown(max(lengths), card, sync, _median_ms,
+                       sweep=os.environ.get("NHA_BENCH_SWEEP") == "1")
 
     # Decode: one token over a full state (context 65536, ring of W).
     state = keras_nha.ops.initial_state(DECODE_BATCH, HEADS, DIM, DIM, SLOTS,
@@ -174,11 +175,18 @@ def run_jax(lengths):
     return rows
 
 
-def _breakdown(length, card, sync, timer):
-    """The two Pallas passes alone (no history assembly, no merge)."""
+def _breakdown(length, card, sync, timer, sweep=False):
+    """The two Pallas passes alone (no history assembly, no merge).
+
+    With `sweep`, the slot pass also for other chunk sizes and pipelining
+    depths of its chunk-walking kernels, and those kernels alone.
+    """
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
+    from keras_nha.kernels.pallas import slots as slots_lib
     from keras_nha.kernels.pallas.sequence import default_config
     from keras_nha.kernels.pallas.slots import slot_attention
     from keras_nha.kernels.pallas.window import window_attention
@@ -204,13 +212,37 @@ def _breakdown(length, card, sync, timer):
         return slot_attention(q, k[:, :length], v[:, :length], gate, sk0,
                               sv0, scale, SLOTS, config)[0]
 
+    variants = [("pallas window", window, None), ("pallas slots", slots, None)]
+    if sweep:
+        for chunk, stages in ((64, 2), (128, 1), (128, 2)):
+            variant = dataclasses.replace(config, chunk=chunk,
+                                          sequential_stages=stages)
+
+            def slots_variant(q, k, v, variant=variant):
+                return slot_attention(q, k[:, :length], v[:, :length], gate,
+                                      sk0, sv0, scale, SLOTS, variant)[0]
+            variants.append((f"slots c={chunk} st={stages}", slots_variant,
+                             variant))
+    for chunk, stages in ((64, 1),) + (((64, 2), (128, 1), (128, 2))
+                                       if sweep else ()):
+        variant = dataclasses.replace(config, chunk=chunk,
+                                      sequential_stages=stages)
+
+        def states(q, k, v, variant=variant):
+            del q
+            gc = slots_lib._chunk_cumsum(gate, variant.chunk)
+            return slots_lib._states(k[:, :length], v[:, :length], gc,
+                                     -jnp.expm1(gate), sk0, sv0, variant)
+        variants.append((f"states c={chunk} st={stages}", states, "fwd"))
+
     rows = []
-    for name, fn in (("pallas window", window), ("pallas slots", slots)):
+    for name, fn, only in variants:
         forward = jax.jit(fn)
         both = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)),
                                 argnums=(0, 1, 2)))
-        for mode, call in (("fwd (pass alone)", forward),
-                           ("fwd+bwd (pass alone)", both)):
+        modes = (("fwd (pass alone)", forward),
+                 ("fwd+bwd (pass alone)", both))
+        for mode, call in modes[:1] if only == "fwd" else modes:
             try:
                 ms, error = timer(lambda: call(q, k, v), sync), None
             except Exception as exc:  # noqa: BLE001 (report, go on)

@@ -74,6 +74,7 @@ class KernelConfig:
         tile: state columns per program of the sequential slot kernels.
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
+        sequential_stages: pipelining stages of the chunk-walking kernels.
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -84,6 +85,7 @@ class KernelConfig:
     tile: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    sequential_stages: int = 1
     interpret: bool = False
 
 

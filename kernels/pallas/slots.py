@@ -303,7 +303,8 @@ def _sequential(kernel, name, config, grid, in_specs, out_specs, out_shape,
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=compiler_params(config.num_warps, 1),
+        compiler_params=compiler_params(config.num_warps,
+                                        config.sequential_stages),
         interpret=config.interpret, name=name)(*args)
 
 
