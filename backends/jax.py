@@ -95,8 +95,13 @@ def fast_step_paths():
 
 
 def portable(kernel):
-    """The portable kernels, compiled (eager op-by-op dispatch is slow)."""
-    return _compiled(kernel)
+    """The portable kernels, compiled (eager op-by-op dispatch is slow).
+
+    The reference stays eager: compiling its unrolled T-step loop (and its
+    gradient) takes far longer than running it.
+    """
+    from keras_nha.kernels.reference import reference_nha
+    return kernel if kernel is reference_nha else _compiled(kernel)
 
 
 def is_concrete(x):
