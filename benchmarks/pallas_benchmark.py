@@ -44,7 +44,9 @@ def causal_flops(length, backward):
     return flops * (3.5 if backward else 1.0)
 
 
-def _median_ms(fn, sync, warmup=3, reps=10, budget_s=20.0):
+def _median_ms(fn, sync, warmup=2, reps=int(os.environ.get("NHA_BENCH_REPS",
+                                                             10)),
+               budget_s=20.0):
     for _ in range(warmup):
         sync(fn())
     times = []

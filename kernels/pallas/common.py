@@ -75,6 +75,8 @@ class KernelConfig:
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
         sequential_stages: pipelining stages of the chunk-walking kernels.
+        diag: how slot programs add the writers of their own 16 rows:
+            "tensor" (a `[16, 16, M]` tensor, no loop) or "loop".
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -86,6 +88,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     sequential_stages: int = 1
+    diag: str = "tensor"
     interpret: bool = False
 
 

@@ -23,14 +23,16 @@ from keras_nha.kernels.pallas.slots import slot_attention
 from keras_nha.kernels.pallas.window import window_attention
 
 
-def default_config(length, head_dim, interpret):
-    """Tiles for `length` tokens and a (padded) head dim."""
+def default_config(length, head_dim, interpret, slots=64):
+    """Tiles for `length` tokens, a (padded) head dim and slot count."""
     block = 64 if length > 32 else 16
     if head_dim > 128:  # keeps the window tiles within shared memory
         block = min(block, 32)
     return KernelConfig(block_q=block, block_k=block,
                         chunk=64 if length >= 256 else 32, sub=16, tile=32,
                         num_warps=4 if head_dim <= 64 else 8, num_stages=2,
+                        # A [16, 16, 128] float32 tensor is too many registers.
+                        diag="tensor" if slots <= 64 else "loop",
                         interpret=interpret)
 
 
@@ -96,7 +98,8 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     if config is None:
         config = default_config(length, max(padded_size(key_dim),
                                             padded_size(value_dim)),
-                                jax.default_backend() != "gpu")
+                                jax.default_backend() != "gpu",
+                                padded_size(num_slots))
     start = state["position"]
     real = (jnp.ones((batch, length), f32) if padding_mask is None
             else jnp.asarray(padding_mask).astype(f32))

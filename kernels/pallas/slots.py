@@ -64,7 +64,9 @@ class _SubBlock:
 
     def __init__(self, gc_ref, s_ref, program, sub, chunk):
         self.start = lax.rem(program, jnp.int32(chunk // sub)) * sub
-        self.gc = gc_ref[pl.ds(self.start, sub), :]
+        self.rows = pl.ds(self.start, sub)
+        self.gc = gc_ref[self.rows, :]
+        self.s = s_ref[self.rows, :]
         ref = gc_ref[jnp.maximum(self.start - 1, 0), :]
         earlier = (irange(chunk) < self.start)[:, None]
         # Earlier writers, brought to the reference row r = start - 1.
@@ -74,8 +76,21 @@ class _SubBlock:
         self.from_start = jnp.exp(self.gc)
 
 
-def _readout_terms(q, do, k_ref, v_ref, gc_ref, s_ref, sk, sv, block, sub):
-    """Slot logits before `scale` and, if `do` is given, dL/dp, for a block."""
+def _own_block_weights(gc, s):
+    """`[t, i, m]`: exp(G_t - G_i) * s_i for writers i <= t of one block."""
+    size = gc.shape[0]
+    causal = (irange(size)[:, None, None] >= irange(size)[None, :, None])
+    return jnp.exp(jnp.where(causal, gc[:, None, :] - gc[None, :, :],
+                             -jnp.inf)) * s[None, :, :]
+
+
+def _readout_terms(q, do, k_ref, v_ref, gc_ref, s_ref, sk, sv, block, sub,
+                   diag):
+    """Slot logits before `scale` and, if `do` is given, dL/dp, for a block.
+
+    `diag` picks how the block's own writers are added: "tensor" (one
+    `[rows, rows, M]` tensor) or "loop" (one writer at a time).
+    """
     dtype = q.dtype
     z = (_mm(q, sk, dtype) * block.from_start
          + block.from_ref * _mm(_mm(q, k_ref[...], dtype, trans_b=True),
@@ -86,6 +101,15 @@ def _readout_terms(q, do, k_ref, v_ref, gc_ref, s_ref, sk, sv, block, sub):
         dp = (_mm(do, sv, dtype, trans_b=True) * block.from_start
               + block.from_ref * _mm(_mm(do, v_ref[...], dtype, trans_b=True),
                                      block.writers, dtype))
+    if diag == "tensor":
+        own = _own_block_weights(block.gc, block.s)
+        qk = dot(q, k_ref[block.rows, :].astype(dtype), trans_b=True)
+        z = z + jnp.sum(qk[:, :, None] * own, axis=1)
+        if do is not None:
+            dov = dot(do.astype(dtype), v_ref[block.rows, :].astype(dtype),
+                      trans_b=True)
+            dp = dp + jnp.sum(dov[:, :, None] * own, axis=1)
+        return z, dp
     qf = q.astype(_F32)
     dof = None if do is None else do.astype(_F32)
 
@@ -104,7 +128,7 @@ def _readout_terms(q, do, k_ref, v_ref, gc_ref, s_ref, sk, sv, block, sub):
     return loop(0, sub, body, (z, dp))
 
 
-def _spread(weights, rows_ref, gc_ref, s_ref, block, sub, dtype):
+def _spread(weights, rows_ref, gc_ref, s_ref, block, sub, dtype, diag):
     """sum_i (sum_m weights[t, m] * reach[t, i, m]) * rows[i], reach as above.
 
     The transpose of `_readout_terms`: slot readout (weights = p, rows = v)
@@ -112,6 +136,10 @@ def _spread(weights, rows_ref, gc_ref, s_ref, block, sub, dtype):
     """
     out = _mm(_mm(weights * block.from_ref, block.writers, dtype,
                   trans_b=True), rows_ref[...], dtype)
+    if diag == "tensor":
+        own = _own_block_weights(block.gc, block.s)
+        mix = jnp.sum(weights[:, None, :] * own, axis=2)
+        return out + _mm(mix, rows_ref[block.rows, :], dtype)
 
     def body(i, out):
         row = block.start + i
@@ -128,12 +156,12 @@ def _slot_mask(z, num_slots):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
-                    lse_ref, *, scale, num_slots, chunk, sub):
+                    lse_ref, *, scale, num_slots, chunk, sub, diag):
     q = q_ref[...]
     sv = sv_ref[...]
     block = _SubBlock(gc_ref, s_ref, pl.program_id(0), sub, chunk)
     z, _ = _readout_terms(q, None, k_ref, v_ref, gc_ref, s_ref, sk_ref[...],
-                          sv, block, sub)
+                          sv, block, sub, diag)
     z = jnp.where(_slot_mask(z, num_slots), z * scale, -jnp.inf)
     top = jnp.max(z, axis=1)
     weights = jnp.exp(z - top[:, None])
@@ -141,23 +169,24 @@ def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
     p = weights / total[:, None]
     lse_ref[...] = top + jnp.log(total)
     o_ref[...] = (_mm(p * block.from_start, sv, v_ref.dtype)
-                  + _spread(p, v_ref, gc_ref, s_ref, block, sub, v_ref.dtype))
+                  + _spread(p, v_ref, gc_ref, s_ref, block, sub, v_ref.dtype,
+                            diag))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
                lse_ref, delta_ref, dq_ref, dz_ref, p_ref, x_ref, *, scale,
-               num_slots, chunk, sub):
+               num_slots, chunk, sub, diag):
     q = q_ref[...]
     sk = sk_ref[...]
     block = _SubBlock(gc_ref, s_ref, pl.program_id(0), sub, chunk)
     z, dp = _readout_terms(q, do_ref[...], k_ref, v_ref, gc_ref, s_ref, sk,
-                           sv_ref[...], block, sub)
+                           sv_ref[...], block, sub, diag)
     real = _slot_mask(z, num_slots)
     z = jnp.where(real, z * scale, 0.0)
     p = jnp.where(real, jnp.exp(z - lse_ref[...][:, None]), 0.0)
     dz = p * (dp - delta_ref[...][:, None])
     dq = (_mm(dz * block.from_start, sk, q.dtype, trans_b=True)
-          + _spread(dz, k_ref, gc_ref, s_ref, block, sub, q.dtype))
+          + _spread(dz, k_ref, gc_ref, s_ref, block, sub, q.dtype, diag))
     dq_ref[...] = dq * scale
     dz_ref[...] = dz
     p_ref[...] = p
@@ -167,7 +196,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
 
 def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
                 dz_ref, p_ref, do_ref, dk_ref, dv_ref, ds_ref, *, scale, chunk,
-                sub, groups):
+                sub, groups, diag):
     k = k_ref[...]
     v = v_ref[...]
     dtype = k.dtype
@@ -199,6 +228,28 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
         dk = dk + scale * _mm(_mm(s * down, dz_up, dtype, trans_b=True), q,
                               dtype)
         dv = dv + _mm(_mm(s * down, p_up, dtype, trans_b=True), do, dtype)
+    if diag == "tensor":
+        # [t, i, m]: exp(G_t - G_i) for readers t >= writers i of the block.
+        reach = _own_block_weights(gcb, jnp.ones_like(s))
+        own = pl.ds(start, sub)
+        for g in range(groups):
+            q = q_ref[own, g, :]
+            do = do_ref[own, g, :]
+            dz = dz_ref[own, g, :] * scale
+            p = p_ref[own, g, :]
+            qk = dot(q.astype(dtype), k, trans_b=True)            # [t, i]
+            dov = dot(do.astype(dtype), v.astype(dtype), trans_b=True)
+            ds = ds + jnp.sum(reach * (dz[:, None, :] * qk[:, :, None]
+                                       + p[:, None, :] * dov[:, :, None]),
+                              axis=0)
+            by_key = jnp.sum(dz[:, None, :] * reach * s[None, :, :], axis=2)
+            by_value = jnp.sum(p[:, None, :] * reach * s[None, :, :], axis=2)
+            dk = dk + dot_ta(by_key.astype(dtype), q.astype(dtype))
+            dv = dv + dot_ta(by_value.astype(dtype), do.astype(dtype))
+        dk_ref[...] = dk
+        dv_ref[...] = dv
+        ds_ref[...] = ds
+        return
     kf, vf = k.astype(_F32), v.astype(_F32)
     rows = irange(sub)
 
@@ -421,7 +472,7 @@ def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
     sk, sv = _states(k, v, gc, s, sk0, sv0, config)
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, num_slots=num_slots,
-                          chunk=chunk, sub=sub),
+                          chunk=chunk, sub=sub, diag=config.diag),
         grid=(length // sub, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
         out_specs=[_rows(sub, value_dim),
@@ -481,7 +532,7 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
     by_rows = pl.BlockSpec((None, None, sub), lambda j, b, h: (b, h, j))
     dq, dz, p, x = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, num_slots=num_slots,
-                          chunk=chunk, sub=sub),
+                          chunk=chunk, sub=sub, diag=config.diag),
         grid=(length // sub, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
         + [_rows(sub, value_dim), by_rows, by_rows],
@@ -505,7 +556,7 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
         (batch, length, kv_heads, dim), _F32)
     dk, dv, ds = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk, sub=sub,
-                          groups=groups),
+                          groups=groups, diag=config.diag),
         grid=(length // sub, batch, kv_heads),
         in_specs=[_rows(sub, key_dim), _rows(sub, value_dim),
                   _rows(sub, slots), _rows(sub, slots),
