@@ -237,6 +237,13 @@ def _breakdown(length, card, sync, timer, sweep=False):
                                      -jnp.expm1(gate), sk0, sv0, variant)
         variants.append((f"states c={chunk} st={stages}", states, "fwd"))
 
+    def cumsums(q, k, v):
+        del q, k, v
+        local = slots_lib._chunk_cumsum(gate, config.chunk)
+        reverse = jnp.flip(jnp.cumsum(jnp.flip(gate, 1), axis=1), 1)
+        return local + reverse
+    variants.append(("xla cumsums", cumsums, "fwd"))
+
     rows = []
     for name, fn, only in variants:
         forward = jax.jit(fn)
