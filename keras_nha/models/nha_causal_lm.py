@@ -181,9 +181,11 @@ class NHACausalLM(CausalLM):
                           axis=1)
         # The hidden state of token `index - 1` (the contrastive sampler
         # compares against it); the cache of this step is discarded.
-        last = ops.slice(token_ids, [0, index - 1], [batch_size, 1])
+        zero = ops.zeros_like(index)
+        last = ops.slice(token_ids, [zero, index - 1], [batch_size, 1])
         _, last_hidden, _ = self.call_with_cache(last, cache)
-        hidden = ops.slice_update(hidden, [0, index - 1, 0], last_hidden)
+        hidden = ops.slice_update(hidden, [zero, index - 1, zero],
+                                  last_hidden)
         return hidden, cache
 
     def generate_step(self, inputs, stop_token_ids=None):
@@ -201,12 +203,14 @@ class NHACausalLM(CausalLM):
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
         padding_mask = ops.cast(padding_mask, "bool")
         row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
-        index = ops.maximum(ops.min(row_lengths), 1)
+        index = ops.maximum(ops.min(row_lengths), ops.ones((), "int32"))
         hidden_states, cache = self._build_cache(token_ids, index)
 
         def next(prompt, cache, index):
             batch_size = ops.shape(prompt)[0]
-            prompt = ops.slice(prompt, [0, index - 1], [batch_size, 1])
+            index = ops.cast(index, "int32")
+            prompt = ops.slice(prompt, [ops.zeros_like(index), index - 1],
+                               [batch_size, 1])
             logits, hidden_states, cache = self.call_with_cache(prompt, cache)
             return (ops.squeeze(logits, axis=1),
                     ops.squeeze(hidden_states, axis=1), cache)

@@ -1,0 +1,72 @@
+"""Presets bundled with keras_nha, and their short names in keras-hub.
+
+A bundled preset is a keras-hub preset directory inside this package, so it
+loads without any download: `NHACausalLM.from_preset("nha_tiny_python_bytes")`
+or, by path, `from_preset(preset_path("nha_tiny_python_bytes"))`.
+"""
+
+import os
+import warnings
+
+PRESET_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "presets")
+
+backbone_presets = {
+    "nha_tiny_python_bytes": {
+        "metadata": {
+            "description": (
+                "Tiny byte-level NHA causal LM (2 layers, width 128, window "
+                "64, 16 slots) trained for a few CPU minutes on Python "
+                "standard-library source by examples/train_causal_lm.py. A "
+                "demo and test fixture, not a useful language model."),
+            "params": None,
+            "path": "nha",
+        },
+        "kaggle_handle": os.path.join(PRESET_ROOT, "nha_tiny_python_bytes"),
+    },
+}
+
+
+def preset_path(name):
+    """The local directory of a bundled preset.
+
+    Args:
+        name: a key of `backbone_presets`.
+
+    Returns:
+        An absolute path usable with any `from_preset`.
+    """
+    if name not in backbone_presets:
+        raise ValueError(f"`name`: expected one of {sorted(backbone_presets)}, "
+                         f"got {name!r}.")
+    return backbone_presets[name]["kaggle_handle"]
+
+
+def register_bundled_presets(backbone_cls):
+    """Registers the short names of the bundled presets that are present.
+
+    keras-hub's registry is private (`keras_hub.src.utils.preset_utils`); if
+    it moves or changes, short names are skipped with a warning and paths
+    keep working.
+
+    Args:
+        backbone_cls: the backbone class the presets belong to.
+
+    Returns:
+        The names registered.
+    """
+    present = {name: preset for name, preset in backbone_presets.items()
+               if os.path.isfile(os.path.join(preset["kaggle_handle"],
+                                              "config.json"))}
+    if not present:
+        return []
+    try:
+        from keras_hub.src.utils.preset_utils import register_presets
+
+        register_presets(present, backbone_cls)
+    except Exception as error:  # A private API: never break the import.
+        warnings.warn(f"keras_nha: bundled preset names not registered with "
+                      f"keras-hub ({error!r}); load them by path with "
+                      f"keras_nha.models.nha_presets.preset_path().")
+        return []
+    return sorted(present)
