@@ -160,7 +160,7 @@ def check_fit(steps=5):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="three bf16 cases only")
+                        help="two bf16 cases only")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
           flush=True)
@@ -174,7 +174,7 @@ def main():
         (6, 1, 2048, 4, 2, 128, 0, 333, False),
     ]
     if args.quick:
-        cases = [cases[0], cases[2], cases[3]]
+        cases = [cases[0], cases[2]]
     results = [check_case(*case) for case in cases]
     if args.quick:
         print(f"{sum(results)}/{len(results)} GPU checks passed", flush=True)

@@ -74,7 +74,9 @@ LENGTH = 37
 # One compile per case is the cost here, so each case also covers one more
 # feature: GQA everywhere, padding, head dims / slot counts / group sizes
 # that need padding inside the kernels, and gates strong enough that their
-# in-chunk cumsum falls far below -88 (exp would overflow if factored).
+# in-chunk cumsum falls far below -88 (exp would overflow if factored). The
+# strong-gate case runs the slot kernels' per-row path ("loop", used above
+# 64 slots) instead of the block tensor.
 CASES = {
     "gsa_w0": dict(window_size=0),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
@@ -82,7 +84,7 @@ CASES = {
     "w5_padding": dict(window_size=5, padding=True),
     "w64_beyond_length": dict(window_size=64),
     "w_length_minus_1_strong_gates": dict(window_size=LENGTH - 1,
-                                          gate_scale=40.0),
+                                          gate_scale=40.0, diag="loop"),
     "w_length": dict(window_size=LENGTH),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
     "swa_no_slots": dict(window_size=5, num_slots=0),
@@ -90,9 +92,17 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_outputs_and_gradients(case):
+def test_outputs_and_gradients(case, monkeypatch):
     options = dict(CASES[case])
     window_size = options.pop("window_size")
+    diag = options.pop("diag", None)
+    if diag:
+        import dataclasses
+
+        from keras_nha.kernels.pallas import sequence
+        default = sequence.default_config
+        monkeypatch.setattr(sequence, "default_config", lambda *a, **k: (
+            dataclasses.replace(default(*a, **k), diag=diag)))
     options.setdefault("num_slots", 8)
     options.setdefault("kv_heads", 2)
     inputs = random_inputs(len(case), length=LENGTH, heads=4, **options)
