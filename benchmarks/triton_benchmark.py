@@ -60,7 +60,7 @@ def _ceilings():
     x = torch.randn(1 << 28, device="cuda", dtype=torch.float32)
     y = torch.empty_like(x)
     ms_copy = _bench(lambda: y.copy_(x))
-    bandwidth = 2 * x.numel() * 4 / ms_copy / 1e9
+    bandwidth = 2 * x.numel() * 4 / ms_copy / 1e6
     return {"matmul_bf16_tflops": tflops, "copy_gbs": bandwidth}
 
 

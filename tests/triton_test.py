@@ -35,6 +35,11 @@ SEQUENCE_CASES.update({
     "W0-M8-padding": dict(window_size=0, num_slots=8, batch=2, padding=True),
     "W37-M0-padding": dict(window_size=LENGTH, num_slots=0, batch=2,
                            padding=True),
+    # Slot counts above Blocks.diag3d_slots walk a sub-chunk row by row.
+    "W5-M8-row-loop": dict(window_size=5, num_slots=8,
+                           blocks="diag3d_slots=0"),
+    "W0-M8-row-loop": dict(window_size=0, num_slots=8,
+                           blocks="diag3d_slots=0"),
     "W7-M5-dims24x20-shared-window": dict(window_size=7, num_slots=5,
                                           key_dim=24, value_dim=20,
                                           separate_window=False,
@@ -241,6 +246,7 @@ def _worker():
               ("step", STEP_CASES, _step_case))
     for group, cases, run in groups:
         for seed, (name, case) in enumerate(cases.items()):
+            os.environ["KERAS_NHA_TRITON_BLOCKS"] = case.get("blocks", "")
             try:
                 result = {"errors": run(dict(case), seed)}
             except Exception as error:  # reported to the parent test

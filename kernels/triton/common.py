@@ -43,6 +43,9 @@ class Blocks:
     warps: int = 4
     window_warps: int = 4
     stages: int = 2
+    # Up to this many (padded) slots, a sub-chunk's own rows use one
+    # [sub, sub, M] register tile; above it, a loop over its rows.
+    diag3d_slots: int = 64
 
 
 # The interpreter walks every program in Python: small tiles keep it quick
@@ -54,13 +57,11 @@ INTERPRETER_BLOCKS = Blocks(sub=16, chunk=32, query=16, key=16, query_bwd=16,
 def default_blocks(key_dim, value_dim, num_slots):
     """Tile sizes for a call; KERAS_NHA_TRITON_BLOCKS="query=64,stages=3"
     overrides fields (for tuning runs)."""
-    if interpreting():
-        return INTERPRETER_BLOCKS
     wide = max(key_dim, value_dim) > 128
-    blocks = Blocks(sub=16, chunk=64,
-                    query=64 if wide else 128, key=32 if wide else 64,
-                    query_bwd=32 if wide else 64, key_bwd=32 if wide else 64,
-                    warps=4, window_warps=8 if not wide else 4, stages=2)
+    blocks = INTERPRETER_BLOCKS if interpreting() else Blocks(
+        sub=16, chunk=64, query=64 if wide else 128, key=32 if wide else 64,
+        query_bwd=32 if wide else 64, key_bwd=32 if wide else 64,
+        warps=8, window_warps=8 if not wide else 4, stages=2)
     override = os.environ.get("KERAS_NHA_TRITON_BLOCKS")
     if override:
         fields = dict(item.split("=") for item in override.split(","))
@@ -70,7 +71,7 @@ def default_blocks(key_dim, value_dim, num_slots):
 
 
 @triton.jit
-def ring_delta(RD, b, C, T, ROW: tl.constexpr):
+def ring_delta(RD, b, C, T, ROW):
     """Offset (elements) of batch row b's ring from its new-token rows.
 
     RD is `ring.data_ptr() - new.data_ptr()` in elements (same dtype, one
@@ -81,7 +82,7 @@ def ring_delta(RD, b, C, T, ROW: tl.constexpr):
 
 
 @triton.jit
-def history_offsets(rows, C, pos, delta, ROW: tl.constexpr):
+def history_offsets(rows, C, pos, delta, ROW):
     """Element offsets of history rows `rows` from the new-token tensor's
     (batch, head) start; `delta` from `ring_delta`. One base pointer keeps the
     address arithmetic as cheap as for a single tensor."""
@@ -111,7 +112,7 @@ def history_mask(pm_ptr, rm_ptr, rows, C, pos, T, HAS_PM: tl.constexpr):
 
 @triton.jit
 def stream_gates(gn_ptr, g_delta, pm_ptr, rows, cols, C, pos, T,
-                 HKV: tl.constexpr, M: tl.constexpr, HAS_PM: tl.constexpr,
+                 HKV, M: tl.constexpr, HAS_PM: tl.constexpr,
                  FEEDS: tl.constexpr):
     """Log gates [len(rows), len(cols)] (fp32) of stream rows, 0 where nothing
     enters the slots (padding, rows >= T, padded slot columns, no feed).
@@ -135,7 +136,7 @@ def stream_gates(gn_ptr, g_delta, pm_ptr, rows, cols, C, pos, T,
 
 
 @triton.jit
-def stream_rows(xn_ptr, x_delta, rows, cols, C, pos, T, HKV: tl.constexpr,
+def stream_rows(xn_ptr, x_delta, rows, cols, C, pos, T, HKV,
                 D: tl.constexpr, FEEDS: tl.constexpr):
     """Key-side rows [len(rows), len(cols)] (fp32) of the slot stream."""
     if FEEDS:
@@ -149,7 +150,7 @@ def stream_rows(xn_ptr, x_delta, rows, cols, C, pos, T, HKV: tl.constexpr,
 
 
 @triton.jit
-def plain_rows(ptr, rows, cols, T, ROW: tl.constexpr, D: tl.constexpr):
+def plain_rows(ptr, rows, cols, T, ROW, D: tl.constexpr):
     """Rows [len(rows), len(cols)] (fp32) of a `[T, ROW]`-strided tensor."""
     ok = (rows >= 0) & (rows < T)
     return tl.load(ptr + rows.to(tl.int64)[:, None] * ROW + cols[None, :],

@@ -55,6 +55,10 @@ def _tile(width, num_slots):
     return min(full, max(16, 8192 // common.pow2(num_slots)))
 
 
+def _diag3d(s, cfg):
+    return common.pow2(s.M) <= cfg.blocks.diag3d_slots
+
+
 def _dummy(like):
     return torch.zeros(1, dtype=like.dtype, device=like.device)
 
@@ -141,7 +145,7 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
             HKV=s.HKV, DK=s.K, DV=s.V, M=s.M, BK=common.pow2(s.K), KT=kt,
             VT=vt, MP=common.pow2(s.M), BS=blocks.sub, BT=blocks.chunk,
             HAS_PM=cfg.has_mask, FEEDS=cfg.feeds, PRECISION=prec,
-            num_warps=blocks.warps)
+            DIAG3D=_diag3d(s, cfg), num_warps=blocks.warps)
     if cfg.capacity == 0:
         output, lse = o_slot.to(q.dtype), lse_slot
     else:
@@ -201,7 +205,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV, DK=s.K,
         DV=s.V, M=s.M, BK=common.pow2(s.K), BV=common.pow2(s.V), KT=kt,
         VT=vt, MP=mp, BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
-        FEEDS=cfg.feeds, PRECISION=prec, num_warps=blocks.warps)
+        FEEDS=cfg.feeds, PRECISION=prec, DIAG3D=_diag3d(s, cfg),
+        num_warps=blocks.warps)
     if not cfg.feeds:
         return dq, None, None, None
 
@@ -229,7 +234,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV,
             D=width, M=s.M, BD=common.pow2(width), DT=dt, MP=mp,
             BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
-            PRECISION=prec, num_warps=blocks.warps)
+            PRECISION=prec, DIAG3D=_diag3d(s, cfg), num_warps=blocks.warps)
         sides.append((dx, ds))
     (dx_k, ds_k), (dx_v, ds_v) = sides
     dk_stream = _group_sum(dx_k, s)

@@ -36,7 +36,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV: tl.constexpr,
+def _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV,
             M: tl.constexpr, MP: tl.constexpr, BS: tl.constexpr,
             HAS_PM: tl.constexpr, FEEDS: tl.constexpr):
     """Sum of the log gates of stream rows [c0, sub0): [MP]."""
@@ -50,12 +50,22 @@ def _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV: tl.constexpr,
 
 
 @triton.jit
-def _logits(Y, y_ptr, Y_ROW: tl.constexpr, rows, s_ptr, xn, xr, gn, gr, pm,
+def _decay3d(Gloc, g, BS: tl.constexpr):
+    """[t, i, m] = exp(G_t - G_i) s_i for i <= t within a sub-chunk, else 0."""
+    r = tl.arange(0, BS)
+    earlier = (r[None, :] <= r[:, None])[:, :, None]
+    diff = tl.where(earlier, Gloc[:, None, :] - Gloc[None, :, :], 0.0)
+    return tl.where(earlier, tl.exp(diff), 0.0) * (1.0 - tl.exp(g))[None, :,
+                                                                      :]
+
+
+@triton.jit
+def _logits(Y, y_ptr, Y_ROW, rows, s_ptr, xn, xr, gn, gr, pm,
             c0, sub0, Gpre, Gloc, g, C, pos, T,
-            HKV: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+            HKV, D: tl.constexpr, M: tl.constexpr,
             BD: tl.constexpr, DT: tl.constexpr, MP: tl.constexpr,
             BS: tl.constexpr, HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-            PRECISION: tl.constexpr):
+            PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
     """Y_t . S_t for the sub-chunk rows: [BS, MP].
 
     Y `[BS, BD]` (also readable at `y_ptr`, row stride Y_ROW), S_t the state
@@ -86,26 +96,31 @@ def _logits(Y, y_ptr, Y_ROW: tl.constexpr, rows, s_ptr, xn, xr, gn, gr, pm,
             cross += tl.dot(a, u, input_precision=PRECISION)
         z += cross * tl.exp(Gloc)
 
-        r = tl.arange(0, BS)
         xs = stream_rows(xn, xr, rows, dcols, C, pos, T, HKV, D, FEEDS)
         a = tl.dot(Y, tl.trans(xs), input_precision=PRECISION)
-        strength = 1.0 - tl.exp(g)
-        for jj in range(BS):
-            here = r[:, None] == jj
-            g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
-            s_j = tl.sum(tl.where(here, strength, 0.0), 0)
-            dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[None, :]
-            a_col = tl.sum(tl.where(r[None, :] == jj, a, 0.0), 1)
-            z += tl.where(r[:, None] >= jj, a_col[:, None] * dec, 0.0)
+        if DIAG3D:
+            dec = _decay3d(Gloc, g, BS)
+            z += tl.sum(a[:, :, None] * dec, 1)
+        else:
+            r = tl.arange(0, BS)
+            strength = 1.0 - tl.exp(g)
+            for jj in range(BS):
+                here = r[:, None] == jj
+                g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
+                s_j = tl.sum(tl.where(here, strength, 0.0), 0)
+                dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[
+                    None, :]
+                a_col = tl.sum(tl.where(r[None, :] == jj, a, 0.0), 1)
+                z += tl.where(r[:, None] >= jj, a_col[:, None] * dec, 0.0)
     return z
 
 
 @triton.jit
 def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, g,
-             d0, C, pos, T, HKV: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+             d0, C, pos, T, HKV, D: tl.constexpr, M: tl.constexpr,
              DT: tl.constexpr, MP: tl.constexpr, BS: tl.constexpr,
              HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
     """S_t c_t for the sub-chunk rows, columns d0 .. d0+DT: [BS, DT]."""
     cols = tl.arange(0, MP)
     d = d0 + tl.arange(0, DT)
@@ -127,16 +142,20 @@ def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, g,
             xb = stream_rows(xn, xr, rb, d, C, pos, T, HKV, D, FEEDS)
             out += tl.dot(w, xb, input_precision=PRECISION)
 
-        r = tl.arange(0, BS)
-        wd = tl.zeros([BS, BS], tl.float32)
-        strength = 1.0 - tl.exp(g)
-        for jj in range(BS):
-            here = r[:, None] == jj
-            g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
-            s_j = tl.sum(tl.where(here, strength, 0.0), 0)
-            dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[None, :]
-            col = tl.sum(tl.where(r[:, None] >= jj, Cf * dec, 0.0), 1)
-            wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
+        if DIAG3D:
+            wd = tl.sum(Cf[:, None, :] * _decay3d(Gloc, g, BS), 2)
+        else:
+            r = tl.arange(0, BS)
+            wd = tl.zeros([BS, BS], tl.float32)
+            strength = 1.0 - tl.exp(g)
+            for jj in range(BS):
+                here = r[:, None] == jj
+                g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
+                s_j = tl.sum(tl.where(here, strength, 0.0), 0)
+                dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[
+                    None, :]
+                col = tl.sum(tl.where(r[:, None] >= jj, Cf * dec, 0.0), 1)
+                wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
         xs = stream_rows(xn, xr, rows, d, C, pos, T, HKV, D, FEEDS)
         out += tl.dot(wd, xs, input_precision=PRECISION)
     return out
@@ -144,7 +163,7 @@ def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, g,
 
 @triton.jit
 def chunk_delta_kernel(XN, GN, PM, POS, S, DEC, T, C, RDX, RDG,
-                       HKV: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                       HKV, D: tl.constexpr, M: tl.constexpr,
                        DT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
                        HAS_PM: tl.constexpr, WRITE_DECAY: tl.constexpr,
                        PRECISION: tl.constexpr):
@@ -180,7 +199,7 @@ def chunk_delta_kernel(XN, GN, PM, POS, S, DEC, T, C, RDX, RDG,
 
 @triton.jit
 def adjoint_delta_kernel(Y, CF, GN, PM, POS, R, T, C, RDG,
-                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         H, HKV, D: tl.constexpr,
                          M: tl.constexpr, DT: tl.constexpr, MP: tl.constexpr,
                          BT: tl.constexpr, HAS_PM: tl.constexpr,
                          PRECISION: tl.constexpr):
@@ -246,12 +265,12 @@ def chunk_scan_kernel(S, DEC, NT, HX: tl.constexpr, GROUP: tl.constexpr,
 @triton.jit
 def slot_forward_kernel(Q, KN, VN, GN, PM, POS, SK, SV, OS, LS,
                         T, C, sm_scale, ns, per_chunk, RDK, RDV, RDG,
-                        H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+                        H, HKV, DK: tl.constexpr,
                         DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
                         KT: tl.constexpr, VT: tl.constexpr, MP: tl.constexpr,
                         BS: tl.constexpr, BT: tl.constexpr,
                         HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
     """Slot-only softmax output (fp32) and its base-2 log-sum-exp."""
     sub = tl.program_id(0)
     bh = tl.program_id(1)
@@ -283,7 +302,7 @@ def slot_forward_kernel(Q, KN, VN, GN, PM, POS, SK, SV, OS, LS,
     z = sm_scale * _logits(q, q_ptr, H * DK, rows, SK + state * DK * M, kn,
                            kr, gn, gr, pm, c0, sub0, gpre, gloc, g, C, pos, T,
                            HKV, DK, M, BK, KT, MP, BS, HAS_PM, FEEDS,
-                           PRECISION)
+                           PRECISION, DIAG3D)
     z = tl.where((cols < M)[None, :], z, float("-inf"))
     zmax = tl.max(z, 1)
     e = tl.exp2((z - zmax[:, None]) * LOG2E)
@@ -291,7 +310,7 @@ def slot_forward_kernel(Q, KN, VN, GN, PM, POS, SK, SV, OS, LS,
     probs = e / total[:, None]
     out = _readout(probs, rows, SV + state * DV * M, vn, vr, gn, gr, pm, c0,
                    sub0, gpre, gloc, g, tile * VT, C, pos, T, HKV, DV, M, VT, MP,
-                   BS, HAS_PM, FEEDS, PRECISION)
+                   BS, HAS_PM, FEEDS, PRECISION, DIAG3D)
     t_ok = rows < T
     row = (b * T + rows) * H + h
     d = tile * VT + tl.arange(0, VT)
@@ -305,12 +324,12 @@ def slot_forward_kernel(Q, KN, VN, GN, PM, POS, SK, SV, OS, LS,
 def slot_dq_kernel(Q, DO, KN, VN, GN, PM, POS, SK, SV, L, DELTA,
                    DQ, DZ, P, DGR, T, C, sm_scale, ns, per_chunk, RDK, RDV,
                    RDG,
-                   H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+                   H, HKV, DK: tl.constexpr,
                    DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, KT: tl.constexpr, VT: tl.constexpr,
                    MP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
                    HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
     """Backward, query side: slot probabilities p, logit gradients dz, the
     read part of dG and the slot part of dq (columns of this tile)."""
     sub = tl.program_id(0)
@@ -345,10 +364,10 @@ def slot_dq_kernel(Q, DO, KN, VN, GN, PM, POS, SK, SV, L, DELTA,
     z = sm_scale * _logits(q, q_ptr, H * DK, rows, SK + state * DK * M, kn,
                            kr, gn, gr, pm, c0, sub0, gpre, gloc, g, C, pos, T,
                            HKV, DK, M, BK, KT, MP, BS, HAS_PM, FEEDS,
-                           PRECISION)
+                           PRECISION, DIAG3D)
     dp = _logits(do, do_ptr, H * DV, rows, SV + state * DV * M, vn, vr, gn,
                  gr, pm, c0, sub0, gpre, gloc, g, C, pos, T, HKV, DV, M, BV, VT,
-                 MP, BS, HAS_PM, FEEDS, PRECISION)
+                 MP, BS, HAS_PM, FEEDS, PRECISION, DIAG3D)
     t_ok = rows < T
     row = (b * T + rows) * H + h
     lse = tl.load(L + row, mask=t_ok, other=0.0)
@@ -359,7 +378,8 @@ def slot_dq_kernel(Q, DO, KN, VN, GN, PM, POS, SK, SV, L, DELTA,
     dz = p * (dp - delta[:, None])
     dq = sm_scale * _readout(dz, rows, SK + state * DK * M, kn, kr, gn, gr,
                              pm, c0, sub0, gpre, gloc, g, tile * KT, C, pos, T,
-                             HKV, DK, M, KT, MP, BS, HAS_PM, FEEDS, PRECISION)
+                             HKV, DK, M, KT, MP, BS, HAS_PM, FEEDS, PRECISION,
+                             DIAG3D)
     d = tile * KT + tl.arange(0, KT)
     tl.store(DQ + row[:, None] * DK + d[None, :], dq,
              mask=t_ok[:, None] & (d < DK)[None, :])
@@ -373,10 +393,11 @@ def slot_dq_kernel(Q, DO, KN, VN, GN, PM, POS, SK, SV, L, DELTA,
 @triton.jit
 def slot_dx_kernel(Y, CF, XN, GN, PM, POS, R, DX, DS, T, C, y_scale, RDX,
                    RDG,
-                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                   H, HKV, D: tl.constexpr,
                    M: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
                    MP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
-                   HAS_PM: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_PM: tl.constexpr, PRECISION: tl.constexpr,
+                   DIAG3D: tl.constexpr):
     """Backward, write side of one recurrence (keys: Y = q, c = dz, scaled;
     values: Y = do, c = p): per query head, the gradient of the written rows
     x_i (columns of this tile) and of their write strengths s_i."""
@@ -452,19 +473,27 @@ def slot_dx_kernel(Y, CF, XN, GN, PM, POS, R, DX, DS, T, C, y_scale, RDX,
     # Reads in this sub-chunk (t >= i), row by row.
     ys = plain_rows(y_ptr, rows, dcols, T, H * D, D)
     ax = tl.dot(x, tl.trans(ys), input_precision=PRECISION)
-    wd = tl.zeros([BS, BS], tl.float32)
     cs = plain_rows(c_ptr, rows, cols, T, H * M, M)
-    for jj in range(BS):
-        here = r[:, None] == jj
-        g_t = tl.sum(tl.where(here, gloc, 0.0), 0)
-        c_t = tl.sum(tl.where(here, cs, 0.0), 0)
-        earlier = r[:, None] <= jj
-        e = tl.where(earlier, c_t[None, :] * tl.exp(
-            tl.minimum(g_t[None, :] - gloc, 0.0)), 0.0)
-        col = tl.sum(e * strength, 1)
-        wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
-        a_col = tl.sum(tl.where(r[None, :] == jj, ax, 0.0), 1)
-        ds += a_col[:, None] * e
+    if DIAG3D:
+        # [i, t, m] = c_t exp(G_t - G_i) for t >= i.
+        later = (r[None, :] >= r[:, None])[:, :, None]
+        diff = tl.where(later, gloc[None, :, :] - gloc[:, None, :], 0.0)
+        e3 = tl.where(later, tl.exp(diff), 0.0) * cs[None, :, :]
+        wd = tl.sum(e3 * strength[:, None, :], 2)
+        ds += tl.sum(ax[:, :, None] * e3, 1)
+    else:
+        wd = tl.zeros([BS, BS], tl.float32)
+        for jj in range(BS):
+            here = r[:, None] == jj
+            g_t = tl.sum(tl.where(here, gloc, 0.0), 0)
+            c_t = tl.sum(tl.where(here, cs, 0.0), 0)
+            earlier = r[:, None] <= jj
+            e = tl.where(earlier, c_t[None, :] * tl.exp(
+                tl.minimum(g_t[None, :] - gloc, 0.0)), 0.0)
+            col = tl.sum(e * strength, 1)
+            wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
+            a_col = tl.sum(tl.where(r[None, :] == jj, ax, 0.0), 1)
+            ds += a_col[:, None] * e
     dx += tl.dot(wd, plain_rows(y_ptr, rows, d, T, H * D, D),
                  input_precision=PRECISION)
 

@@ -18,7 +18,7 @@ from keras_nha.kernels.triton import common
 
 @triton.jit
 def step_update_kernel(K_, V_, G_, PM, POS, SK, SV, RK, RV, RG, NSK, NSV, C,
-                       HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                       HKV, DK: tl.constexpr, DV: tl.constexpr,
                        M: tl.constexpr, KT: tl.constexpr, VT: tl.constexpr,
                        MP: tl.constexpr, HAS_PM: tl.constexpr,
                        SOURCE: tl.constexpr):
@@ -72,14 +72,14 @@ def step_update_kernel(K_, V_, G_, PM, POS, SK, SV, RK, RV, RG, NSK, NSV, C,
 @triton.jit
 def step_attend_kernel(Q, QW, K_, KW, V_, G_, PM, POS, NSK, NSV, RK, RKW, RV,
                        RG, RM, OUT, C, sm_scale,
-                       H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+                       H, HKV, DK: tl.constexpr,
                        DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, MT: tl.constexpr, MP: tl.constexpr,
                        BN: tl.constexpr, HAS_PM: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    G: tl.constexpr = H // HKV
+    G = H // HKV
     hk = h // G
     bhk = b * HKV + hk
     pos = tl.load(POS)

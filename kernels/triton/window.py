@@ -52,7 +52,7 @@ def _forward_block(q, k, v, seen, m_i, l_i, acc, qk_scale,
 
 @triton.jit
 def _forward_new(q, k_base, v_base, pm, t, m_i, l_i, acc, lo, hi, T, W,
-                 qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
+                 qk_scale, HKV, DK: tl.constexpr,
                  DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  BN: tl.constexpr, HAS_PM: tl.constexpr, MASKED: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -89,7 +89,7 @@ def _ring_rows(pos, t0, C, W, BM: tl.constexpr):
 def window_forward_kernel(
         Q, K, V, KR, VR, PM, RM, POS, OS, LS, O, L,
         T, C, W, sm_scale,
-        H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+        H, HKV, DK: tl.constexpr,
         DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_PM: tl.constexpr,
         HAS_SLOTS: tl.constexpr, PRECISION: tl.constexpr):
@@ -176,7 +176,7 @@ def _dq_block(q, do, k, v, seen, lse, delta, dq, qk_scale,
 
 @triton.jit
 def _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, lo, hi, T, W,
-            qk_scale, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+            qk_scale, HKV, DK: tl.constexpr, DV: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
             HAS_PM: tl.constexpr, MASKED: tl.constexpr,
             PRECISION: tl.constexpr):
@@ -205,7 +205,7 @@ def _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, lo, hi, T, W,
 def window_dq_kernel(
         Q, K, V, KR, VR, PM, RM, POS, DO, L, DELTA, DQ,
         T, C, W, sm_scale,
-        H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+        H, HKV, DK: tl.constexpr,
         DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_PM: tl.constexpr,
         PRECISION: tl.constexpr):
@@ -268,7 +268,7 @@ def window_dq_kernel(
 
 @triton.jit
 def _dkdv_queries(k, v, key_ok, u, q_base, do_base, l_base, d_base, dk_acc,
-                  dv_acc, lo, hi, T, W, qk_scale, H: tl.constexpr,
+                  dv_acc, lo, hi, T, W, qk_scale, H,
                   DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -305,7 +305,7 @@ def _dkdv_queries(k, v, key_ok, u, q_base, do_base, l_base, d_base, dk_acc,
 def window_dkdv_kernel(
         Q, K, V, PM, DO, L, DELTA, DK_, DV_,
         T, W, sm_scale,
-        H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr,
+        H, HKV, DK: tl.constexpr,
         DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_PM: tl.constexpr,
         PRECISION: tl.constexpr):
@@ -316,7 +316,7 @@ def window_dkdv_kernel(
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
     hk = bhk % HKV
-    G: tl.constexpr = H // HKV
+    G = H // HKV
 
     u0 = pid * BN
     u = u0 + tl.arange(0, BN)
