@@ -64,7 +64,8 @@ def check_gates_nonpositive(log_forget_gate):
     if 0 in tuple(log_forget_gate.shape):
         return
     if is_concrete(log_forget_gate) and float(
-            ops.convert_to_numpy(ops.max(log_forget_gate))) > 0:
+            ops.convert_to_numpy(ops.cast(ops.max(log_forget_gate),
+                                          "float32"))) > 0:
         _fail("log_forget_gate", "positive entries",
               "log(alpha) <= 0 everywhere (e.g. log_sigmoid(x) / tau)")
 
