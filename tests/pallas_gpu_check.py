@@ -144,8 +144,9 @@ def check_fit(steps=5):
                                 implementation="pallas")(inputs)
     outputs = keras.layers.Dense(8)(hidden[:, -1])
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
+    model.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 256, 128)).astype("float32")
     y = rng.integers(0, 8, size=(16,))

@@ -87,7 +87,6 @@ CASES = {
                                           gate_scale=40.0, diag="loop"),
     "w_length": dict(window_size=LENGTH),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
-    "swa_no_slots": dict(window_size=5, num_slots=0),
 }
 
 

@@ -120,6 +120,16 @@ def pallas_step(query, key, value, log_forget_gate, state, *, window_size,
 
     Returns:
         `(output [B, H, V] in the query dtype, new_state)`.
+
+    Example:
+
+    >>> state = keras_nha.ops.initial_state(1, 2, 32, 32, 16, 8)
+    >>> q = jnp.ones((1, 4, 32)); k = v = jnp.ones((1, 2, 32))
+    >>> out, state = pallas_step(q, k, v, jnp.full((1, 2, 16), -0.1), state,
+    ...     window_size=8, scale=32 ** -0.5, window_query=q, window_key=k,
+    ...     padding_mask=None)
+    >>> out.shape
+    (1, 4, 32)
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"

@@ -90,6 +90,16 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
 
     Returns:
         `(output [B, T, H, V] in the query dtype, new_state)`.
+
+    Example:
+
+    >>> q = jnp.ones((1, 40, 4, 32)); k = v = jnp.ones((1, 40, 2, 32))
+    >>> g = jnp.full((1, 40, 2, 16), -0.1)
+    >>> state = keras_nha.ops.initial_state(1, 2, 32, 32, 16, 8)
+    >>> out, state = pallas_nha(q, k, v, g, window_size=8, scale=32 ** -0.5,
+    ...     window_query=q, window_key=k, padding_mask=None, state=state)
+    >>> out.shape
+    (1, 40, 4, 32)
     """
     f32 = jnp.float32
     batch, length, heads, key_dim = query.shape
@@ -135,8 +145,8 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
                                     slot_pad), 3, value_pad)
 
     core = sharding.per_shard(
-        _core, length=length, window_size=window_size, scale=scale, capacity=capacity,
-        num_slots=num_slots, config=config)
+        _core, length=length, window_size=window_size, scale=scale,
+        capacity=capacity, num_slots=num_slots, config=config)
     out, slot_keys, slot_values = core(*queries, streams, slot_keys,
                                        slot_values)
 

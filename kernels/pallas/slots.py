@@ -1,4 +1,4 @@
-"""The NHA slot memory (a GSA recurrence over the token-shifted stream), in Pallas.
+"""NHA slot memory (GSA over the token-shifted stream) in Pallas.
 
 Per kv head, with fed keys k_i, values v_i, log gates g_i (0 where nothing
 enters), s_i = 1 - exp(g_i) and start memory (Sk0, Sv0):

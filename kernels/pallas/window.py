@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from keras_nha.kernels.pallas.common import LN2
@@ -31,7 +30,7 @@ from keras_nha.kernels.pallas.common import loop
 
 
 def _visible(rows, cols, capacity, key_mask):
-    """`[rows, cols]` True where history row `col` is in query `row`'s window."""
+    """`[rows, cols]`: history row `col` is inside query `row`'s window."""
     return ((cols[None, :] > rows[:, None])
             & (cols[None, :] <= rows[:, None] + capacity)
             & (key_mask[None, :] > 0))
