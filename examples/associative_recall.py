@@ -63,14 +63,15 @@ def build_model(vocab, hidden, layers, num_slots, window_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=64)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--examples", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--examples", type=int, default=12000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -80,7 +81,7 @@ def main():
     model = build_model(args.vocab, args.hidden, args.layers, args.slots,
                         args.window)
     model.compile(
-        optimizer=keras.optimizers.AdamW(3e-3),
+        optimizer=keras.optimizers.AdamW(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
             name="accuracy")])
@@ -89,7 +90,8 @@ def main():
           f"length={4 * args.pairs} params={model.count_params()}")
     model.fit(train[0], train[1], sample_weight=train[2], batch_size=64,
               epochs=args.epochs, validation_data=test, verbose=1)
-    _, accuracy = model.evaluate(*test, verbose=0)
+    _, accuracy = model.evaluate(test[0], test[1], sample_weight=test[2],
+                                 verbose=0)
     chance = 2.0 / args.vocab
     print(f"recall accuracy on held-out sequences: {accuracy:.3f} "
           f"(chance {chance:.3f})")

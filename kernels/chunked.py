@@ -26,6 +26,7 @@ from keras import ops
 
 from keras_nha.kernels import state as state_lib
 from keras_nha.kernels.step import MASKED_LOGIT
+from keras_nha.kernels.step import read_with_one_softmax
 
 
 def _pad_time(x, length):
@@ -182,7 +183,7 @@ def chunked_nha(query, key, value, log_forget_gate, *, window_size, scale,
                                               num_heads // num_kv_heads,
                                               key_dim))
 
-    logits, readouts = [], []
+    parts = []
     slot_keys, slot_values = state["slot_keys"], state["slot_values"]
     if num_slots:
         # History row t is the token leaving the window at step t. With a
@@ -195,19 +196,12 @@ def chunked_nha(query, key, value, log_forget_gate, *, window_size, scale,
             grouped(query), fed["keys"], fed["values"],
             fed["log_forget_gates"], slot_keys, slot_values, scale,
             min(chunk_size, length))
-        logits.append(slot_logits)
-        readouts.append(slot_readout)
+        parts.append((slot_logits, slot_readout))
     if capacity:
-        window_logits, window_readout = _window_pass(
+        parts.append(_window_pass(
             grouped(window_query), history["window_keys"], history["values"],
-            history["mask"], capacity, scale, chunk_size)
-        logits.append(window_logits)
-        readouts.append(window_readout)
-
-    probs = ops.softmax(ops.concatenate(logits, axis=-1), axis=-1)
-    parts = (ops.split(probs, [num_slots], axis=-1) if len(logits) == 2
-             else [probs])
-    output = sum(read(p) for read, p in zip(readouts, parts))
+            history["mask"], capacity, scale, chunk_size))
+    output = read_with_one_softmax(parts)
     output = ops.reshape(output, (-1, length, num_heads, output.shape[-1]))
 
     end = start + length

@@ -14,6 +14,20 @@ from keras_nha.kernels.state import capacity_of
 MASKED_LOGIT = -1e30
 
 
+def read_with_one_softmax(parts):
+    """ONE softmax over the concatenated logits of `[(logits, readout), ...]`.
+
+    Each readout maps its share of the probabilities to an output; the
+    outputs add up.
+    """
+    logits = [part_logits for part_logits, _ in parts]
+    probs = ops.softmax(ops.concatenate(logits, axis=-1), axis=-1)
+    sizes = [part.shape[-1] for part in logits]
+    offsets = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    shares = ops.split(probs, offsets, axis=-1) if offsets else [probs]
+    return sum(read(share) for (_, read), share in zip(parts, shares))
+
+
 def write_into_slots(slot_keys, slot_values, key, value, log_gate):
     """S <- S * alpha + outer(key, 1 - alpha) (and likewise for values).
 
@@ -77,10 +91,10 @@ def nha_step(query, key, value, log_forget_gate, state, *, window_size, scale,
     new_state["slot_keys"], new_state["slot_values"] = slot_keys, slot_values
 
     q = ops.reshape(ops.cast(query, acc), (-1, num_kv_heads, groups, key_dim))
-    logits, readouts = [], []
+    parts = []
     if num_slots:
-        logits.append(scale * ops.einsum("bhgk,bhkm->bhgm", q, slot_keys))
-        readouts.append(lambda p: ops.einsum("bhgm,bhmv->bhgv", p, slot_values))
+        parts.append((scale * ops.einsum("bhgk,bhkm->bhgm", q, slot_keys),
+                      lambda p: ops.einsum("bhgm,bhmv->bhgv", p, slot_values)))
     if capacity:
         qw = ops.reshape(ops.cast(window_query, acc),
                          (-1, num_kv_heads, groups, key_dim))
@@ -88,12 +102,8 @@ def nha_step(query, key, value, log_forget_gate, state, *, window_size, scale,
         ring_values = ops.cast(new_state["values"], acc)
         window_logits = scale * ops.einsum("bhgk,bchk->bhgc", qw, ring_keys)
         valid = new_state["mask"][:, None, None, :] > 0
-        logits.append(ops.where(valid, window_logits, MASKED_LOGIT))
-        readouts.append(lambda p: ops.einsum("bhgc,bchv->bhgv", p, ring_values))
-
-    probs = ops.softmax(ops.concatenate(logits, axis=-1), axis=-1)
-    sizes = [num_slots] if num_slots else []
-    parts = ops.split(probs, sizes, axis=-1) if len(logits) == 2 else [probs]
-    output = sum(read(p) for read, p in zip(readouts, parts))
+        parts.append((ops.where(valid, window_logits, MASKED_LOGIT),
+                      lambda p: ops.einsum("bhgc,bchv->bhgv", p, ring_values)))
+    output = read_with_one_softmax(parts)
     output = ops.reshape(output, (-1, num_heads, output.shape[-1]))
     return ops.cast(output, query.dtype), new_state
