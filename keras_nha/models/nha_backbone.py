@@ -5,6 +5,7 @@ from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
 from keras_nha.models.nha_decoder_block import NHADecoderBlock
+from keras_nha.models.nha_presets import explain_preset_errors
 
 # A window this long is never reached: the layer is full causal attention.
 GLOBAL_WINDOW = 1 << 30
@@ -184,6 +185,24 @@ class NHABackbone(Backbone):
         self.dropout = dropout
         self.tie_word_embeddings = tie_word_embeddings
         self.implementation = implementation
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads a keras-hub preset (directory, handle or bundled name).
+
+        Args:
+            preset: a preset path, a keras-hub handle, or a bundled short
+                name such as "nha_tiny_python_bytes".
+            load_weights: load the saved weights (else random init).
+            **kwargs: forwarded to keras-hub (e.g. `dtype`).
+
+        Returns:
+            The loaded model. A corrupt or mismatched preset raises a
+            ValueError naming the preset.
+        """
+        with explain_preset_errors(preset):
+            return super().from_preset(preset, load_weights=load_weights,
+                                       **kwargs)
 
     def embed(self, token_ids):
         """Token embeddings as the first block sees them (scaled if set)."""

@@ -7,6 +7,7 @@ from keras_hub.models import CausalLM
 from keras_nha.kernels.state import state_dtype
 from keras_nha.models.nha_backbone import NHABackbone
 from keras_nha.models.nha_causal_lm_preprocessor import NHACausalLMPreprocessor
+from keras_nha.models.nha_presets import explain_preset_errors
 
 _RING = ("keys", "window_keys", "values", "log_forget_gates", "mask")
 
@@ -105,6 +106,24 @@ class NHACausalLM(CausalLM):
         hidden_states = backbone(inputs)
         outputs = backbone.token_embedding(hidden_states, reverse=True)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads a keras-hub preset (directory, handle or bundled name).
+
+        Args:
+            preset: a preset path, a keras-hub handle, or a bundled short
+                name such as "nha_tiny_python_bytes".
+            load_weights: load the saved weights (else random init).
+            **kwargs: forwarded to keras-hub (e.g. `dtype`).
+
+        Returns:
+            The loaded model. A corrupt or mismatched preset raises a
+            ValueError naming the preset.
+        """
+        with explain_preset_errors(preset):
+            return super().from_preset(preset, load_weights=load_weights,
+                                       **kwargs)
 
     def get_initial_cache(self, batch_size, max_length=None):
         """An empty generation cache.

@@ -5,6 +5,8 @@ loads without any download: `NHACausalLM.from_preset("nha_tiny_python_bytes")`
 or, by path, `from_preset(preset_path("nha_tiny_python_bytes"))`.
 """
 
+import contextlib
+import json
 import os
 import warnings
 
@@ -70,3 +72,21 @@ def register_bundled_presets(backbone_cls):
                       f"keras_nha.models.nha_presets.preset_path().")
         return []
     return sorted(present)
+
+
+@contextlib.contextmanager
+def explain_preset_errors(preset):
+    """Re-raises a failed preset load as one ValueError that names the preset.
+
+    Keras' own messages (a truncated HDF5 file, "N objects could not be
+    loaded", a JSON syntax error) stay attached as the cause.
+    """
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError,
+            json.JSONDecodeError) as error:
+        raise ValueError(
+            f"Could not load the preset {preset!r}: {type(error).__name__}: "
+            f"{error}. The preset may be incomplete or corrupt (re-save or "
+            "re-download it), or its config.json may not match its weights "
+            "(e.g. an edited num_layers or hidden_dim).") from error
