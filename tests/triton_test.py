@@ -35,11 +35,10 @@ SEQUENCE_CASES.update({
     "W0-M8-padding": dict(window_size=0, num_slots=8, batch=2, padding=True),
     "W37-M0-padding": dict(window_size=LENGTH, num_slots=0, batch=2,
                            padding=True),
-    # Slot counts above Blocks.diag3d_slots walk a sub-chunk row by row.
-    "W5-M8-row-loop": dict(window_size=5, num_slots=8,
-                           blocks="diag3d_slots=0"),
-    "W0-M8-row-loop": dict(window_size=0, num_slots=8,
-                           blocks="diag3d_slots=0"),
+    # Strong decay: chunks whose cumulative gates pass SAFE_LOG take the
+    # exact offset-by-offset path.
+    "W5-M8-strong-gates": dict(window_size=5, num_slots=8, gate_scale=6.0),
+    "W0-M8-strong-gates": dict(window_size=0, num_slots=8, gate_scale=6.0),
     "W7-M5-dims24x20-shared-window": dict(window_size=7, num_slots=5,
                                           key_dim=24, value_dim=20,
                                           separate_window=False,
@@ -47,7 +46,7 @@ SEQUENCE_CASES.update({
 })
 STREAM_CASES = {
     "W5-M8": dict(window_size=5, num_slots=8),
-    "W0-M8": dict(window_size=0, num_slots=8),
+    "W0-M8-strong-gates": dict(window_size=0, num_slots=8, gate_scale=6.0),
     "W16-M0-padding": dict(window_size=16, num_slots=0, padding=True),
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=45),
 }
@@ -59,7 +58,7 @@ STEP_CASES = {
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=30),
 }
 _SHAPE_KEYS = ("batch", "heads", "kv_heads", "key_dim", "value_dim",
-               "num_slots", "separate_window", "padding")
+               "num_slots", "separate_window", "padding", "gate_scale")
 
 
 # ---------------------------------------------------------------- worker ---

@@ -31,10 +31,9 @@ def pow2(n, least=16):
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Tile sizes. `sub` rows form one slot sub-chunk (tl.dot needs >= 16);
-    `chunk` rows share one stored slot state (a multiple of `sub`)."""
+    """Tile sizes. `chunk` rows share one stored slot state and form one
+    program of the slot kernels (tl.dot needs >= 16)."""
 
-    sub: int = 16
     chunk: int = 64
     query: int = 64
     key: int = 64
@@ -43,14 +42,11 @@ class Blocks:
     warps: int = 4
     window_warps: int = 4
     stages: int = 2
-    # Up to this many (padded) slots, a sub-chunk's own rows use one
-    # [sub, sub, M] register tile; above it, a loop over its rows.
-    diag3d_slots: int = 64
 
 
 # The interpreter walks every program in Python: small tiles keep it quick
 # and make the multi-block paths run at small test sizes.
-INTERPRETER_BLOCKS = Blocks(sub=16, chunk=32, query=16, key=16, query_bwd=16,
+INTERPRETER_BLOCKS = Blocks(chunk=32, query=16, key=16, query_bwd=16,
                             key_bwd=16, warps=1, window_warps=1, stages=1)
 
 
@@ -59,7 +55,7 @@ def default_blocks(key_dim, value_dim, num_slots):
     overrides fields (for tuning runs)."""
     wide = max(key_dim, value_dim) > 128
     blocks = INTERPRETER_BLOCKS if interpreting() else Blocks(
-        sub=16, chunk=64, query=64 if wide else 128, key=32 if wide else 64,
+        chunk=64, query=64 if wide else 128, key=32 if wide else 64,
         query_bwd=32 if wide else 64, key_bwd=32 if wide else 64,
         warps=8, window_warps=8 if not wide else 4, stages=2)
     override = os.environ.get("KERAS_NHA_TRITON_BLOCKS")
@@ -137,22 +133,31 @@ def stream_gates(gn_ptr, g_delta, pm_ptr, rows, cols, C, pos, T,
 
 @triton.jit
 def stream_rows(xn_ptr, x_delta, rows, cols, C, pos, T, HKV,
-                D: tl.constexpr, FEEDS: tl.constexpr):
-    """Key-side rows [len(rows), len(cols)] (fp32) of the slot stream."""
+                D: tl.constexpr, FEEDS: tl.constexpr, RAW: tl.constexpr = False):
+    """Key-side rows [len(rows), len(cols)] of the slot stream (fp32, or the
+    tensor's own dtype with RAW)."""
     if FEEDS:
         ok = (rows >= 0) & (rows < T)
         at = history_offsets(rows, C, pos, x_delta, HKV * D)
-        return tl.load(xn_ptr + at[:, None] + cols[None, :],
-                       mask=ok[:, None] & (cols < D)[None, :],
-                       other=0.0).to(tl.float32)
+        x = tl.load(xn_ptr + at[:, None] + cols[None, :],
+                    mask=ok[:, None] & (cols < D)[None, :], other=0.0)
+        if RAW:
+            return x
+        else:
+            return x.to(tl.float32)
     else:
         return tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
 
 
 @triton.jit
-def plain_rows(ptr, rows, cols, T, ROW, D: tl.constexpr):
-    """Rows [len(rows), len(cols)] (fp32) of a `[T, ROW]`-strided tensor."""
+def plain_rows(ptr, rows, cols, T, ROW, D: tl.constexpr,
+               RAW: tl.constexpr = False):
+    """Rows [len(rows), len(cols)] of a `[T, ROW]`-strided tensor (fp32, or
+    the tensor's own dtype with RAW)."""
     ok = (rows >= 0) & (rows < T)
-    return tl.load(ptr + rows.to(tl.int64)[:, None] * ROW + cols[None, :],
-                   mask=ok[:, None] & (cols < D)[None, :],
-                   other=0.0).to(tl.float32)
+    x = tl.load(ptr + rows.to(tl.int64)[:, None] * ROW + cols[None, :],
+                mask=ok[:, None] & (cols < D)[None, :], other=0.0)
+    if RAW:
+        return x
+    else:
+        return x.to(tl.float32)

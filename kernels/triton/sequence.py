@@ -55,8 +55,9 @@ def _tile(width, num_slots):
     return min(full, max(16, 8192 // common.pow2(num_slots)))
 
 
-def _diag3d(s, cfg):
-    return common.pow2(s.M) <= cfg.blocks.diag3d_slots
+def _inner(width):
+    """Column tile of the loops over a state's rows (keeps registers low)."""
+    return min(common.pow2(width), 64)
 
 
 def _dummy(like):
@@ -85,41 +86,52 @@ class _Shapes:
         self.group = self.H // self.HKV
 
 
+class _Slots:
+    """Chunk-start slot states and the stream's gate tiles."""
+
+    def __init__(self, keys, values, decay, gates, strengths, entries,
+                 per_chunk):
+        self.keys, self.values, self.decay = keys, values, decay
+        self.gates, self.strengths = gates, strengths
+        self.entries, self.per_chunk = entries, per_chunk
+
+
 def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
                  slot_values_t):
-    """Slot states at chunk starts: (SK, SV, decays, entries per head,
-    per-chunk flag). Without a feed every chunk starts from the input state."""
+    """Without a feed every chunk starts from the input state."""
     if not cfg.feeds:
-        return (slot_keys[:, :, None].contiguous(),
-                slot_values_t[:, :, None].contiguous(), None, 1, 0)
+        dummy = _dummy(gate)
+        return _Slots(slot_keys[:, :, None].contiguous(),
+                      slot_values_t[:, :, None].contiguous(), None, dummy,
+                      dummy, 1, 0)
     bt = cfg.blocks.chunk
     nt = triton.cdiv(s.T, bt)
-    dev = key.device
-    sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, device=dev,
-                     dtype=torch.float32)
-    sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, device=dev,
-                     dtype=torch.float32)
+    f32 = dict(device=key.device, dtype=torch.float32)
+    sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, **f32)
+    sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, **f32)
     sk[:, :, 0] = slot_keys
     sv[:, :, 0] = slot_values_t
-    decay = torch.empty(s.B, s.HKV, nt, s.M, device=dev, dtype=torch.float32)
+    decay = torch.empty(s.B, s.HKV, nt, s.M, **f32)
+    gates = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
+    strengths = torch.empty_like(gates)
     mp = common.pow2(s.M)
     prec = _precision(key.dtype)
     for x, x_ring, out, width, first in (
             (key, ring["keys"], sk, s.K, True),
             (value, ring["values"], sv, s.V, False)):
         dt = _tile(width, s.M)
-        slots.chunk_delta_kernel[(nt, s.B * s.HKV, triton.cdiv(width, dt))](
-            x, gate, mask, position, out, decay, s.T, cfg.capacity,
-            _delta(x_ring, x), _delta(ring["log_forget_gates"], gate),
-            HKV=s.HKV, D=width, M=s.M, DT=dt,
-            MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_DECAY=first,
+        slots.prep_kernel[(nt, s.B * s.HKV, triton.cdiv(width, dt))](
+            x, gate, mask, position, gates, strengths, out, decay, s.T,
+            cfg.capacity, _delta(x_ring, x),
+            _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
+            DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=first,
             PRECISION=prec, num_warps=cfg.blocks.warps)
     for out, width in ((sk, s.K), (sv, s.V)):
         slots.chunk_scan_kernel[(s.B * s.HKV,
                                  triton.cdiv(width * s.M, _SCAN_BLOCK))](
-            out, decay, nt, HX=s.HKV, GROUP=1, D=width, M=s.M,
-            BLOCK=_SCAN_BLOCK, REVERSE=False)
-    return sk, sv, decay, nt + 1, 1
+            out, decay, nt, s.HKV, 1, D=width, M=s.M, BLOCK=_SCAN_BLOCK,
+            REVERSE=False)
+    return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1)
 
 
 def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
@@ -127,25 +139,22 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
     dev = q.device
     blocks = cfg.blocks
     prec = _precision(q.dtype)
-    sk = sv = None
-    o_slot = lse_slot = None
+    o_slot = lse_slot = state = None
     if s.M:
-        sk, sv, _, ns, per_chunk = _slot_states(
-            s, cfg, k, v, g, ring, mask, position, slot_keys, slot_values_t)
+        state = _slot_states(s, cfg, k, v, g, ring, mask, position,
+                             slot_keys, slot_values_t)
         o_slot = torch.empty(s.B, s.T, s.H, s.V, device=dev,
                              dtype=torch.float32)
         lse_slot = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
-        kt, vt = _tile(s.K, s.M), _tile(s.V, s.M)
-        slots.slot_forward_kernel[(triton.cdiv(s.T, blocks.sub), s.B * s.H,
-                                   triton.cdiv(s.V, vt))](
-            q, k, v, g, mask, position, sk, sv, o_slot, lse_slot, s.T,
-            cfg.capacity, cfg.scale, ns, per_chunk, _delta(ring["keys"], k),
-            _delta(ring["values"], v), _delta(ring["log_forget_gates"], g),
-            H=s.H,
-            HKV=s.HKV, DK=s.K, DV=s.V, M=s.M, BK=common.pow2(s.K), KT=kt,
-            VT=vt, MP=common.pow2(s.M), BS=blocks.sub, BT=blocks.chunk,
-            HAS_PM=cfg.has_mask, FEEDS=cfg.feeds, PRECISION=prec,
-            DIAG3D=_diag3d(s, cfg), num_warps=blocks.warps)
+        slots.slot_forward_kernel[(triton.cdiv(s.T, blocks.chunk),
+                                   s.B * s.H)](
+            q, k, v, state.gates, state.strengths, position, state.keys,
+            state.values, o_slot, lse_slot, s.T, cfg.capacity, cfg.scale,
+            state.entries, state.per_chunk, _delta(ring["keys"], k),
+            _delta(ring["values"], v), s.H, s.HKV, DK=s.K, DV=s.V, M=s.M,
+            BK=common.pow2(s.K), BV=common.pow2(s.V),
+            LT=_inner(max(s.K, s.V)), MP=common.pow2(s.M), BT=blocks.chunk,
+            FEEDS=cfg.feeds, PRECISION=prec, num_warps=blocks.warps)
     if cfg.capacity == 0:
         output, lse = o_slot.to(q.dtype), lse_slot
     else:
@@ -162,8 +171,8 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
             HAS_SLOTS=bool(s.M), PRECISION=prec,
             num_warps=blocks.window_warps, num_stages=blocks.stages)
     if s.M and cfg.feeds:
-        nt = sk.shape[2] - 1
-        final_keys, final_values_t = sk[:, :, nt], sv[:, :, nt]
+        final_keys = state.keys[:, :, -1]
+        final_values_t = state.values[:, :, -1]
     else:
         final_keys, final_values_t = slot_keys.clone(), slot_values_t.clone()
     return output, lse, final_keys, final_values_t
@@ -189,28 +198,25 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     blocks = cfg.blocks
     prec = _precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
-    sk, sv, decay, ns, per_chunk = _slot_states(
-        s, cfg, k, v, g, ring, mask, position, slot_keys, slot_values_t)
-    nsub = triton.cdiv(s.T, blocks.sub)
+    state = _slot_states(s, cfg, k, v, g, ring, mask, position, slot_keys,
+                         slot_values_t)
+    nt = triton.cdiv(s.T, blocks.chunk)
     mp = common.pow2(s.M)
-    kt, vt = _tile(s.K, s.M), _tile(s.V, s.M)
     dq = torch.empty(s.B, s.T, s.H, s.K, **f32)
     dz = torch.empty(s.B, s.T, s.H, s.M, **f32)
     probs = torch.empty_like(dz)
     dg_read = torch.empty_like(dz)
-    slots.slot_dq_kernel[(nsub, s.B * s.H, triton.cdiv(s.K, kt))](
-        q, do, k, v, g, mask, position, sk, sv, lse, delta, dq, dz, probs,
-        dg_read, s.T, cfg.capacity, cfg.scale, ns, per_chunk,
-        _delta(ring["keys"], k), _delta(ring["values"], v),
-        _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV, DK=s.K,
-        DV=s.V, M=s.M, BK=common.pow2(s.K), BV=common.pow2(s.V), KT=kt,
-        VT=vt, MP=mp, BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
-        FEEDS=cfg.feeds, PRECISION=prec, DIAG3D=_diag3d(s, cfg),
+    slots.slot_dq_kernel[(nt, s.B * s.H)](
+        q, do, k, v, state.gates, state.strengths, position, state.keys,
+        state.values, lse, delta, dq, dz, probs, dg_read, s.T, cfg.capacity,
+        cfg.scale, state.entries, state.per_chunk, _delta(ring["keys"], k),
+        _delta(ring["values"], v), s.H, s.HKV, DK=s.K, DV=s.V, M=s.M,
+        BK=common.pow2(s.K), BV=common.pow2(s.V), LT=_inner(max(s.K, s.V)),
+        MP=mp, BT=blocks.chunk, FEEDS=cfg.feeds, PRECISION=prec,
         num_warps=blocks.warps)
     if not cfg.feeds:
         return dq, None, None, None
 
-    nt = triton.cdiv(s.T, blocks.chunk)
     sides = []
     for y, coef, x, x_ring, width, y_scale in (
             (q, dz, k, ring["keys"], s.K, cfg.scale),
@@ -218,51 +224,42 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         dt = _tile(width, s.M)
         adjoint = torch.empty(s.B, s.H, nt, width, s.M, **f32)
         slots.adjoint_delta_kernel[(nt, s.B * s.H, triton.cdiv(width, dt))](
-            y, coef, g, mask, position, adjoint, s.T, cfg.capacity,
-            _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV, D=width, M=s.M,
-            DT=dt, MP=mp, BT=blocks.chunk, HAS_PM=cfg.has_mask,
-            PRECISION=prec, num_warps=blocks.warps)
+            y, coef, state.gates, adjoint, s.T, s.H, s.HKV, D=width, M=s.M,
+            DT=dt, MP=mp, BT=blocks.chunk, PRECISION=prec,
+            num_warps=blocks.warps)
         slots.chunk_scan_kernel[(s.B * s.H,
                                  triton.cdiv(width * s.M, _SCAN_BLOCK))](
-            adjoint, decay, nt, HX=s.H, GROUP=s.group, D=width, M=s.M,
+            adjoint, state.decay, nt, s.H, s.group, D=width, M=s.M,
             BLOCK=_SCAN_BLOCK, REVERSE=True)
         dx = torch.empty(s.B, s.T, s.H, width, **f32)
         ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
-        slots.slot_dx_kernel[(nsub, s.B * s.H, triton.cdiv(width, dt))](
-            y, coef, x, g, mask, position, adjoint, dx, ds, s.T,
-            cfg.capacity, y_scale, _delta(x_ring, x),
-            _delta(ring["log_forget_gates"], g), H=s.H, HKV=s.HKV,
-            D=width, M=s.M, BD=common.pow2(width), DT=dt, MP=mp,
-            BS=blocks.sub, BT=blocks.chunk, HAS_PM=cfg.has_mask,
-            PRECISION=prec, DIAG3D=_diag3d(s, cfg), num_warps=blocks.warps)
+        slots.slot_dx_kernel[(nt, s.B * s.H)](
+            y, coef, x, state.gates, state.strengths, position, adjoint, dx,
+            ds, s.T, cfg.capacity, y_scale, _delta(x_ring, x), s.H, s.HKV,
+            D=width, M=s.M, BD=common.pow2(width), LT=_inner(width), MP=mp,
+            BT=blocks.chunk, PRECISION=prec, num_warps=blocks.warps)
         sides.append((dx, ds))
     (dx_k, ds_k), (dx_v, ds_v) = sides
-    dk_stream = _group_sum(dx_k, s)
-    dv_stream = _group_sum(dx_v, s)
-    ds = _group_sum(ds_k + ds_v, s)
-    dg_read = _group_sum(dg_read, s)
+    ds = ds_k + ds_v
 
-    # Stream gates, as the kernels saw them, for the gate gradient.
-    gates = g if not cfg.has_mask else g * mask[:, :, None, None]
-    if cfg.capacity:
-        gates = torch.cat([
-            _chronological(ring["log_forget_gates"], position), gates],
-            1)[:, :s.T]
-    alpha = torch.exp(gates)
-    d_total = dg_read - (1.0 - alpha) * ds
-    dg_stream = torch.flip(torch.cumsum(torch.flip(d_total, [1]), 1), [1])
-    dg_stream = dg_stream - alpha * ds
+    # dg: reverse cumulative sum of dG over the stream, chunk totals first.
+    totals = torch.empty(s.B, s.HKV, nt, s.M, **f32)
+    slots.gate_total_kernel[(nt, s.B * s.HKV)](
+        dg_read, ds, state.strengths, totals, s.T, s.H, s.HKV, M=s.M, MP=mp,
+        BT=blocks.chunk, num_warps=blocks.warps)
+    after = torch.flip(torch.cumsum(torch.flip(totals, [2]), 2), [2]) - totals
+    dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
+    slots.gate_grad_kernel[(nt, s.B * s.HKV)](
+        dg_read, ds, state.strengths, after.contiguous(), mask, dg, s.T,
+        cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
+        HAS_PM=cfg.has_mask, num_warps=blocks.warps)
+
     fed = s.T - cfg.capacity
-    shift = cfg.capacity
     dk = torch.zeros(s.B, s.T, s.HKV, s.K, **f32)
     dv = torch.zeros(s.B, s.T, s.HKV, s.V, **f32)
-    dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
     if fed > 0:
-        dk[:, :fed] = dk_stream[:, shift:]
-        dv[:, :fed] = dv_stream[:, shift:]
-        dg[:, :fed] = dg_stream[:, shift:]
-        if cfg.has_mask:
-            dg = dg * mask[:, :, None, None]
+        dk[:, :fed] = _group_sum(dx_k, s)[:, cfg.capacity:]
+        dv[:, :fed] = _group_sum(dx_v, s)[:, cfg.capacity:]
     return dq, dk, dv, dg
 
 

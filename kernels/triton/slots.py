@@ -7,12 +7,18 @@ and decayed per slot by alpha = exp(g):
     Sk_t = Sk_{t-1} * alpha_t + k_t (x) s_t      [K, M]  -> z_t = scale q_t Sk_t
     Sv_t = Sv_{t-1} * alpha_t + v_t (x) s_t      [V, M]  -> o_t = Sv_t p_t
 
-(Sv is kept transposed, [V, M], so both states share one layout.) States are
-stored at chunk starts (`chunk` rows); a program handles one sub-chunk of
-`sub` rows: the chunk-start state, the earlier sub-chunks of its chunk through
-tensor-core products factored at the sub-chunk start, and its own rows one by
-one. Every exponent is a difference G_t - G_i with t >= i of the per-slot
-cumulative log gate, so it is <= 0: no gate value can overflow.
+(Sv is kept transposed, [V, M], so both states share one layout.) A prep
+pass writes the in-chunk cumulative log gates G and the strengths s of every
+stream row, and what each chunk adds to the states; a scan turns those into
+chunk-start states. One program then handles one chunk of rows and one query
+head: the chunk-start state plus the pairs (t, i) inside the chunk, whose
+weight is exp(G_t - G_i) s_i.
+
+Inside a chunk the pair weights factor as exp(G_t) * exp(-G_i) s_i, so the
+in-chunk terms are plain matrix products -- when that cannot overflow (every
+|G| of the chunk below SAFE_LOG, the usual case with tau-scaled gates). A
+chunk with stronger decay takes the exact path: offset by offset, every
+exponent G_t - G_i <= 0. No gate value can overflow either path.
 
 Backward: with p the joint (slot | window) probabilities of the slots, dz the
 gradient of the slot logits and dp_t = Sv_t^T do_t,
@@ -33,142 +39,77 @@ from keras_nha.kernels.triton.common import stream_gates
 from keras_nha.kernels.triton.common import stream_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# exp(60) ~ 1e26: products of such factors with O(1) terms stay far from the
+# float32 limit (~3e38) and keep full relative precision.
+SAFE_LOG = tl.constexpr(60.0)
 
 
 @triton.jit
-def _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV,
-            M: tl.constexpr, MP: tl.constexpr, BS: tl.constexpr,
-            HAS_PM: tl.constexpr, FEEDS: tl.constexpr):
-    """Sum of the log gates of stream rows [c0, sub0): [MP]."""
-    cols = tl.arange(0, MP)
-    total = tl.zeros([MP], tl.float32)
-    for b0 in range(c0, sub0, BS):
-        rb = b0 + tl.arange(0, BS)
-        total += tl.sum(stream_gates(gn, gr, pm, rb, cols, C, pos, T, HKV, M,
-                                     HAS_PM, FEEDS), 0)
-    return total
+def _gates(GC, SS, rows, cols, T, HKV, M: tl.constexpr):
+    """In-chunk cumulative log gates G and strengths s of stream rows (the
+    (batch, kv head) start already applied); 0 outside [0, T)."""
+    ok = ((rows >= 0) & (rows < T))[:, None] & (cols < M)[None, :]
+    at = rows.to(tl.int64)[:, None] * (HKV * M) + cols[None, :]
+    return (tl.load(GC + at, mask=ok, other=0.0),
+            tl.load(SS + at, mask=ok, other=0.0))
 
 
 @triton.jit
-def _decay3d(Gloc, g, BS: tl.constexpr):
-    """[t, i, m] = exp(G_t - G_i) s_i for i <= t within a sub-chunk, else 0."""
-    r = tl.arange(0, BS)
-    earlier = (r[None, :] <= r[:, None])[:, :, None]
-    diff = tl.where(earlier, Gloc[:, None, :] - Gloc[None, :, :], 0.0)
-    return tl.where(earlier, tl.exp(diff), 0.0) * (1.0 - tl.exp(g))[None, :,
-                                                                      :]
+def _safe(G):
+    return tl.min(tl.min(G, 1), 0) > -SAFE_LOG
 
 
 @triton.jit
-def _logits(Y, y_ptr, Y_ROW, rows, s_ptr, xn, xr, gn, gr, pm,
-            c0, sub0, Gpre, Gloc, g, C, pos, T,
-            HKV, D: tl.constexpr, M: tl.constexpr,
-            BD: tl.constexpr, DT: tl.constexpr, MP: tl.constexpr,
-            BS: tl.constexpr, HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-            PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
-    """Y_t . S_t for the sub-chunk rows: [BS, MP].
+def _pair_logits(A, G, s, GC, SS, c0, T, HKV, M: tl.constexpr,
+                 BT: tl.constexpr, MP: tl.constexpr, PRECISION: tl.constexpr):
+    """sum_{i <= t in chunk} A[t, i] exp(G_t - G_i) s_i: [BT, MP].
 
-    Y `[BS, BD]` (also readable at `y_ptr`, row stride Y_ROW), S_t the state
-    `[D, M]` after stream row t, whose chunk-start value is at `s_ptr`.
-    """
-    cols = tl.arange(0, MP)
-    acc = tl.zeros([BS, MP], tl.float32)
-    for d0 in tl.static_range(0, BD, DT):
-        d = d0 + tl.arange(0, DT)
-        y = plain_rows(y_ptr, rows, d, T, Y_ROW, D)
-        s = tl.load(s_ptr + d[:, None] * M + cols[None, :],
-                    mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
-        acc += tl.dot(y, s, input_precision=PRECISION)
-    z = acc * tl.exp(Gpre[None, :] + Gloc)
-    if FEEDS:
-        dcols = tl.arange(0, BD)
-        cross = tl.zeros([BS, MP], tl.float32)
-        run = tl.zeros([MP], tl.float32)
-        for b0 in range(c0, sub0, BS):
-            rb = b0 + tl.arange(0, BS)
-            gb = stream_gates(gn, gr, pm, rb, cols, C, pos, T, HKV, M, HAS_PM,
-                              FEEDS)
-            gcum = run[None, :] + tl.cumsum(gb, 0)
-            run += tl.sum(gb, 0)
-            u = tl.exp(Gpre[None, :] - gcum) * (1.0 - tl.exp(gb))
-            xb = stream_rows(xn, xr, rb, dcols, C, pos, T, HKV, D, FEEDS)
-            a = tl.dot(Y, tl.trans(xb), input_precision=PRECISION)
-            cross += tl.dot(a, u, input_precision=PRECISION)
-        z += cross * tl.exp(Gloc)
-
-        xs = stream_rows(xn, xr, rows, dcols, C, pos, T, HKV, D, FEEDS)
-        a = tl.dot(Y, tl.trans(xs), input_precision=PRECISION)
-        if DIAG3D:
-            dec = _decay3d(Gloc, g, BS)
-            z += tl.sum(a[:, :, None] * dec, 1)
-        else:
-            r = tl.arange(0, BS)
-            strength = 1.0 - tl.exp(g)
-            for jj in range(BS):
-                here = r[:, None] == jj
-                g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
-                s_j = tl.sum(tl.where(here, strength, 0.0), 0)
-                dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[
-                    None, :]
-                a_col = tl.sum(tl.where(r[None, :] == jj, a, 0.0), 1)
-                z += tl.where(r[:, None] >= jj, a_col[:, None] * dec, 0.0)
-    return z
-
-
-@triton.jit
-def _readout(Cf, rows, s_ptr, xn, xr, gn, gr, pm, c0, sub0, Gpre, Gloc, g,
-             d0, C, pos, T, HKV, D: tl.constexpr, M: tl.constexpr,
-             DT: tl.constexpr, MP: tl.constexpr, BS: tl.constexpr,
-             HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-             PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
-    """S_t c_t for the sub-chunk rows, columns d0 .. d0+DT: [BS, DT]."""
-    cols = tl.arange(0, MP)
-    d = d0 + tl.arange(0, DT)
-    s = tl.load(s_ptr + d[:, None] * M + cols[None, :],
-                mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
-    out = tl.dot(Cf * tl.exp(Gpre[None, :] + Gloc), tl.trans(s),
-                 input_precision=PRECISION)
-    if FEEDS:
-        ce = Cf * tl.exp(Gloc)
-        run = tl.zeros([MP], tl.float32)
-        for b0 in range(c0, sub0, BS):
-            rb = b0 + tl.arange(0, BS)
-            gb = stream_gates(gn, gr, pm, rb, cols, C, pos, T, HKV, M, HAS_PM,
-                              FEEDS)
-            gcum = run[None, :] + tl.cumsum(gb, 0)
-            run += tl.sum(gb, 0)
-            u = tl.exp(Gpre[None, :] - gcum) * (1.0 - tl.exp(gb))
-            w = tl.dot(ce, tl.trans(u), input_precision=PRECISION)
-            xb = stream_rows(xn, xr, rb, d, C, pos, T, HKV, D, FEEDS)
-            out += tl.dot(w, xb, input_precision=PRECISION)
-
-        if DIAG3D:
-            wd = tl.sum(Cf[:, None, :] * _decay3d(Gloc, g, BS), 2)
-        else:
-            r = tl.arange(0, BS)
-            wd = tl.zeros([BS, BS], tl.float32)
-            strength = 1.0 - tl.exp(g)
-            for jj in range(BS):
-                here = r[:, None] == jj
-                g_j = tl.sum(tl.where(here, Gloc, 0.0), 0)
-                s_j = tl.sum(tl.where(here, strength, 0.0), 0)
-                dec = tl.exp(tl.minimum(Gloc - g_j[None, :], 0.0)) * s_j[
-                    None, :]
-                col = tl.sum(tl.where(r[:, None] >= jj, Cf * dec, 0.0), 1)
-                wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
-        xs = stream_rows(xn, xr, rows, d, C, pos, T, HKV, D, FEEDS)
-        out += tl.dot(wd, xs, input_precision=PRECISION)
+    A [BT, BT] must already be zero above the diagonal."""
+    if _safe(G):
+        out = tl.exp(G) * tl.dot(A, tl.exp(-G) * s, input_precision=PRECISION)
+    else:
+        r = tl.arange(0, BT)
+        cols = tl.arange(0, MP)
+        out = tl.zeros([BT, MP], tl.float32)
+        for delta in range(BT):
+            g_i, s_i = _gates(GC, SS, c0 + r - delta, cols, T, HKV, M)
+            ok = (r >= delta)[:, None]
+            dec = tl.where(ok, tl.exp(tl.minimum(G - g_i, 0.0)), 0.0) * s_i
+            a_d = tl.sum(tl.where(r[None, :] == r[:, None] - delta, A, 0.0), 1)
+            out += a_d[:, None] * dec
     return out
 
 
 @triton.jit
-def chunk_delta_kernel(XN, GN, PM, POS, S, DEC, T, C, RDX, RDG,
-                       HKV, D: tl.constexpr, M: tl.constexpr,
-                       DT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
-                       HAS_PM: tl.constexpr, WRITE_DECAY: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """What chunk n adds to the state, written to S[b, hk, n + 1]:
-    sum_i x_i (x) exp(G_end - G_i) s_i; and its decay exp(G_end)."""
+def _pair_weights(Cf, G, s, GC, SS, c0, T, HKV, M: tl.constexpr,
+                  BT: tl.constexpr, MP: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """W[t, i] = sum_m Cf[t, m] exp(G_t - G_i)[m] s_i[m] for i <= t, else 0."""
+    r = tl.arange(0, BT)
+    if _safe(G):
+        w = tl.dot(Cf * tl.exp(G), tl.trans(tl.exp(-G) * s),
+                   input_precision=PRECISION)
+        w = tl.where(r[None, :] <= r[:, None], w, 0.0)
+    else:
+        cols = tl.arange(0, MP)
+        w = tl.zeros([BT, BT], tl.float32)
+        for delta in range(BT):
+            g_i, s_i = _gates(GC, SS, c0 + r - delta, cols, T, HKV, M)
+            ok = (r >= delta)[:, None]
+            dec = tl.where(ok, tl.exp(tl.minimum(G - g_i, 0.0)), 0.0) * s_i
+            col = tl.sum(Cf * dec, 1)
+            w += tl.where(r[None, :] == r[:, None] - delta, col[:, None], 0.0)
+    return w
+
+
+@triton.jit
+def prep_kernel(XN, GN, PM, POS, GC, SS, S, DEC, T, C, RDX, RDG, HKV,
+                D: tl.constexpr, M: tl.constexpr, DT: tl.constexpr,
+                MP: tl.constexpr, BT: tl.constexpr, HAS_PM: tl.constexpr,
+                WRITE_GATES: tl.constexpr, PRECISION: tl.constexpr):
+    """Per chunk n: what it adds to the state, to S[b, hk, n + 1]:
+    sum_i x_i (x) exp(G_end - G_i) s_i. With WRITE_GATES also G, s of its
+    rows (to GC, SS) and its decay exp(G_end) (to DEC)."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     tile = tl.program_id(2)
@@ -181,8 +122,10 @@ def chunk_delta_kernel(XN, GN, PM, POS, S, DEC, T, C, RDX, RDG,
     g = stream_gates(GN + b * T * HKV * M + hk * M,
                      ring_delta(RDG, b, C, T, HKV * M), PM + b * T, rows,
                      cols, C, pos, T, HKV, M, HAS_PM, True)
+    G = tl.cumsum(g, 0)
     gend = tl.sum(g, 0)
-    w = tl.exp(gend[None, :] - tl.cumsum(g, 0)) * (1.0 - tl.exp(g))
+    strength = 1.0 - tl.exp(g)
+    w = tl.exp(gend[None, :] - G) * strength
     d = tile * DT + tl.arange(0, DT)
     x = stream_rows(XN + b * T * HKV * D + hk * D,
                     ring_delta(RDX, b, C, T, HKV * D), rows, d, C, pos, T,
@@ -191,20 +134,23 @@ def chunk_delta_kernel(XN, GN, PM, POS, S, DEC, T, C, RDX, RDG,
     out = S + (bhk.to(tl.int64) * (NT + 1) + n + 1) * D * M
     tl.store(out + d[:, None] * M + cols[None, :], delta,
              mask=(d < D)[:, None] & (cols < M)[None, :])
-    if WRITE_DECAY:
+    if WRITE_GATES:
         if tile == 0:
+            ok = (rows < T)[:, None] & (cols < M)[None, :]
+            at = (b * T + rows.to(tl.int64))[:, None] * (HKV * M) + (
+                hk * M + cols[None, :])
+            tl.store(GC + at, G, mask=ok)
+            tl.store(SS + at, strength, mask=ok)
             tl.store(DEC + (bhk.to(tl.int64) * NT + n) * M + cols,
                      tl.exp(gend), mask=cols < M)
 
 
 @triton.jit
-def adjoint_delta_kernel(Y, CF, GN, PM, POS, R, T, C, RDG,
-                         H, HKV, D: tl.constexpr,
+def adjoint_delta_kernel(Y, CF, GC, R, T, H, HKV, D: tl.constexpr,
                          M: tl.constexpr, DT: tl.constexpr, MP: tl.constexpr,
-                         BT: tl.constexpr, HAS_PM: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         BT: tl.constexpr, PRECISION: tl.constexpr):
     """What the reads of chunk n send back to the state before it, written to
-    R[b, h, n]: sum_t y_t (x) c_t exp(G_t) (G from the chunk start)."""
+    R[b, h, n]: sum_t y_t (x) c_t exp(G_t)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     tile = tl.program_id(2)
@@ -212,31 +158,27 @@ def adjoint_delta_kernel(Y, CF, GN, PM, POS, R, T, C, RDG,
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // (H // HKV)
-    pos = tl.load(POS)
     rows = n * BT + tl.arange(0, BT)
     cols = tl.arange(0, MP)
-    g = stream_gates(GN + b * T * HKV * M + hk * M,
-                     ring_delta(RDG, b, C, T, HKV * M), PM + b * T, rows,
-                     cols, C, pos, T, HKV, M, HAS_PM, True)
+    G = plain_rows(GC + b * T * HKV * M + hk * M, rows, cols, T, HKV * M, M)
     c = plain_rows(CF + b * T * H * M + h * M, rows, cols, T, H * M, M)
-    w = c * tl.exp(tl.cumsum(g, 0))
     d = tile * DT + tl.arange(0, DT)
     y = plain_rows(Y + b * T * H * D + h * D, rows, d, T, H * D, D)
-    delta = tl.dot(tl.trans(y), w, input_precision=PRECISION)
+    delta = tl.dot(tl.trans(y), c * tl.exp(G), input_precision=PRECISION)
     out = R + (bh.to(tl.int64) * NT + n) * D * M
     tl.store(out + d[:, None] * M + cols[None, :], delta,
              mask=(d < D)[:, None] & (cols < M)[None, :])
 
 
 @triton.jit
-def chunk_scan_kernel(S, DEC, NT, HX: tl.constexpr, GROUP: tl.constexpr,
-                      D: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr,
-                      REVERSE: tl.constexpr):
+def chunk_scan_kernel(S, DEC, NT, HX, GROUP, D: tl.constexpr, M: tl.constexpr,
+                      BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     """Turns per-chunk contributions into states, in place.
 
     Forward (S has NT + 1 entries, entry 0 the initial state): entry n + 1
     becomes the state after chunk n. Reverse (NT entries): entry n becomes
     the adjoint arriving at the end of chunk n from the chunks after it.
+    Four chunks per step: their loads do not wait on the running state.
     """
     bh = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -245,130 +187,203 @@ def chunk_scan_kernel(S, DEC, NT, HX: tl.constexpr, GROUP: tl.constexpr,
     b = bh // HX
     hk = (bh % HX) // GROUP
     dec = DEC + ((b * (HX // GROUP) + hk).to(tl.int64) * NT) * M + m
+    step = D * M
     if REVERSE:
-        base = S + bh.to(tl.int64) * NT * D * M + e
+        base = S + bh.to(tl.int64) * NT * step + e
         acc = tl.zeros([BLOCK], tl.float32)
-        for i in range(NT):
-            n = NT - 1 - i
-            here = tl.load(base + n * D * M, mask=ok, other=0.0)
-            tl.store(base + n * D * M, acc, mask=ok)
-            acc = here + tl.load(dec + n * M, mask=ok, other=0.0) * acc
+        for i in range(0, NT, 4):
+            n0 = NT - 1 - i
+            x0 = tl.load(base + n0 * step, mask=ok, other=0.0)
+            d0 = tl.load(dec + n0 * M, mask=ok, other=0.0)
+            x1 = tl.load(base + (n0 - 1) * step, mask=ok & (n0 >= 1), other=0.0)
+            d1 = tl.load(dec + (n0 - 1) * M, mask=ok & (n0 >= 1), other=0.0)
+            x2 = tl.load(base + (n0 - 2) * step, mask=ok & (n0 >= 2), other=0.0)
+            d2 = tl.load(dec + (n0 - 2) * M, mask=ok & (n0 >= 2), other=0.0)
+            x3 = tl.load(base + (n0 - 3) * step, mask=ok & (n0 >= 3), other=0.0)
+            d3 = tl.load(dec + (n0 - 3) * M, mask=ok & (n0 >= 3), other=0.0)
+            tl.store(base + n0 * step, acc, mask=ok)
+            acc = x0 + d0 * acc
+            tl.store(base + (n0 - 1) * step, acc, mask=ok & (n0 >= 1))
+            acc = x1 + d1 * acc
+            tl.store(base + (n0 - 2) * step, acc, mask=ok & (n0 >= 2))
+            acc = x2 + d2 * acc
+            tl.store(base + (n0 - 3) * step, acc, mask=ok & (n0 >= 3))
+            acc = x3 + d3 * acc
     else:
-        base = S + bh.to(tl.int64) * (NT + 1) * D * M + e
+        base = S + bh.to(tl.int64) * (NT + 1) * step + e
         acc = tl.load(base, mask=ok, other=0.0)
-        for n in range(NT):
-            acc = (acc * tl.load(dec + n * M, mask=ok, other=0.0)
-                   + tl.load(base + (n + 1) * D * M, mask=ok, other=0.0))
-            tl.store(base + (n + 1) * D * M, acc, mask=ok)
+        for n0 in range(0, NT, 4):
+            x0 = tl.load(base + (n0 + 1) * step, mask=ok, other=0.0)
+            d0 = tl.load(dec + n0 * M, mask=ok, other=0.0)
+            x1 = tl.load(base + (n0 + 2) * step, mask=ok & (n0 + 1 < NT),
+                         other=0.0)
+            d1 = tl.load(dec + (n0 + 1) * M, mask=ok & (n0 + 1 < NT),
+                         other=0.0)
+            x2 = tl.load(base + (n0 + 3) * step, mask=ok & (n0 + 2 < NT),
+                         other=0.0)
+            d2 = tl.load(dec + (n0 + 2) * M, mask=ok & (n0 + 2 < NT),
+                         other=0.0)
+            x3 = tl.load(base + (n0 + 4) * step, mask=ok & (n0 + 3 < NT),
+                         other=0.0)
+            d3 = tl.load(dec + (n0 + 3) * M, mask=ok & (n0 + 3 < NT),
+                         other=0.0)
+            acc = acc * d0 + x0
+            tl.store(base + (n0 + 1) * step, acc, mask=ok)
+            acc = acc * d1 + x1
+            tl.store(base + (n0 + 2) * step, acc, mask=ok & (n0 + 1 < NT))
+            acc = acc * d2 + x2
+            tl.store(base + (n0 + 3) * step, acc, mask=ok & (n0 + 2 < NT))
+            acc = acc * d3 + x3
+            tl.store(base + (n0 + 4) * step, acc, mask=ok & (n0 + 3 < NT))
 
 
 @triton.jit
-def slot_forward_kernel(Q, KN, VN, GN, PM, POS, SK, SV, OS, LS,
-                        T, C, sm_scale, ns, per_chunk, RDK, RDV, RDG,
-                        H, HKV, DK: tl.constexpr,
-                        DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
-                        KT: tl.constexpr, VT: tl.constexpr, MP: tl.constexpr,
-                        BS: tl.constexpr, BT: tl.constexpr,
-                        HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-                        PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
-    """Slot-only softmax output (fp32) and its base-2 log-sum-exp."""
-    sub = tl.program_id(0)
+def _scan_rows(y_ptr, Y_ROW, x_ptr, x_delta, s_ptr, rows, C, pos, T, HKV,
+               D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr,
+               LT: tl.constexpr, BT: tl.constexpr, MP: tl.constexpr,
+               FEEDS: tl.constexpr, PRECISION: tl.constexpr):
+    """Over column tiles of width D: (Y @ S [BT, MP], Y @ X^T [BT, BT]) for
+    query-side rows Y, the chunk-start state S [D, M] at `s_ptr` and the
+    stream rows X (the second is 0 without a feed)."""
+    cols = tl.arange(0, MP)
+    ys = tl.zeros([BT, MP], tl.float32)
+    yx = tl.zeros([BT, BT], tl.float32)
+    for d0 in tl.static_range(0, BD, LT):
+        d = d0 + tl.arange(0, LT)
+        y = plain_rows(y_ptr, rows, d, T, Y_ROW, D, True)
+        st = tl.load(s_ptr + d[:, None] * M + cols[None, :],
+                     mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
+        ys += tl.dot(y.to(tl.float32), st, input_precision=PRECISION)
+        if FEEDS:
+            x = stream_rows(x_ptr, x_delta, rows, d, C, pos, T, HKV, D, True,
+                            True)
+            yx += tl.dot(y, tl.trans(x.to(y.dtype)),
+                         input_precision=PRECISION)
+    return ys, yx
+
+
+@triton.jit
+def _store_readout(out_ptr, OUT_ROW, scale, t_ok, coef, w, s_ptr, x_ptr,
+                   x_delta, rows, C, pos, T, HKV, D: tl.constexpr,
+                   M: tl.constexpr, BD: tl.constexpr, LT: tl.constexpr,
+                   MP: tl.constexpr, FEEDS: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """out = scale (coef @ S^T + w @ X), column tile by column tile: S the
+    chunk-start state [D, M], X the stream rows (w ignored without feed)."""
+    cols = tl.arange(0, MP)
+    for d0 in tl.static_range(0, BD, LT):
+        d = d0 + tl.arange(0, LT)
+        st = tl.load(s_ptr + d[:, None] * M + cols[None, :],
+                     mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
+        out = tl.dot(coef, tl.trans(st), input_precision=PRECISION)
+        if FEEDS:
+            x = stream_rows(x_ptr, x_delta, rows, d, C, pos, T, HKV, D, True,
+                            True)
+            out += tl.dot(w.to(x.dtype), x, input_precision=PRECISION)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * OUT_ROW + d[None, :],
+                 scale * out, mask=t_ok[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS,
+                        T, C, sm_scale, ns, per_chunk, RDK, RDV, H, HKV,
+                        DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, LT: tl.constexpr,
+                        MP: tl.constexpr, BT: tl.constexpr,
+                        FEEDS: tl.constexpr, PRECISION: tl.constexpr):
+    """Slot-only softmax output (fp32) and its base-2 log-sum-exp, for one
+    chunk and query head."""
+    n = tl.program_id(0)
     bh = tl.program_id(1)
-    tile = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // (H // HKV)
     pos = tl.load(POS)
-    sub0 = sub * BS
-    n = sub0 // BT
     c0 = n * BT
-    rows = sub0 + tl.arange(0, BS)
+    r = tl.arange(0, BT)
+    rows = c0 + r
     cols = tl.arange(0, MP)
-    gn = GN + b * T * HKV * M + hk * M
-    gr = ring_delta(RDG, b, C, T, HKV * M)
-    pm = PM + b * T
-    kn = KN + b * T * HKV * DK + hk * DK
-    kr = ring_delta(RDK, b, C, T, HKV * DK)
-    vn = VN + b * T * HKV * DV + hk * DV
-    vr = ring_delta(RDV, b, C, T, HKV * DV)
+    t_ok = rows < T
     state = (b * HKV + hk) * ns + n * per_chunk
+    gc = GC + b * T * HKV * M + hk * M
+    ss = SS + b * T * HKV * M + hk * M
+    k_delta = ring_delta(RDK, b, C, T, HKV * DK)
+    v_delta = ring_delta(RDV, b, C, T, HKV * DV)
+    kn = KN + b * T * HKV * DK + hk * DK
+    vn = VN + b * T * HKV * DV + hk * DV
 
-    g = stream_gates(gn, gr, pm, rows, cols, C, pos, T, HKV, M, HAS_PM, FEEDS)
-    gloc = tl.cumsum(g, 0)
-    gpre = _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV, M, MP, BS, HAS_PM,
-                   FEEDS)
-    q_ptr = Q + b * T * H * DK + h * DK
-    q = plain_rows(q_ptr, rows, tl.arange(0, BK), T, H * DK, DK)
-    z = sm_scale * _logits(q, q_ptr, H * DK, rows, SK + state * DK * M, kn,
-                           kr, gn, gr, pm, c0, sub0, gpre, gloc, g, C, pos, T,
-                           HKV, DK, M, BK, KT, MP, BS, HAS_PM, FEEDS,
-                           PRECISION, DIAG3D)
+    z, a = _scan_rows(Q + b * T * H * DK + h * DK, H * DK, kn, k_delta,
+                      SK + state * DK * M, rows, C, pos, T, HKV, DK, M, BK,
+                      LT, BT, MP, FEEDS, PRECISION)
+    if FEEDS:
+        G, s = _gates(gc, ss, rows, cols, T, HKV, M)
+        a = tl.where(r[None, :] <= r[:, None], a, 0.0)
+        z = z * tl.exp(G) + _pair_logits(a, G, s, gc, ss, c0, T, HKV, M, BT,
+                                         MP, PRECISION)
+    z = sm_scale * z
     z = tl.where((cols < M)[None, :], z, float("-inf"))
     zmax = tl.max(z, 1)
     e = tl.exp2((z - zmax[:, None]) * LOG2E)
     total = tl.sum(e, 1)
     probs = e / total[:, None]
-    out = _readout(probs, rows, SV + state * DV * M, vn, vr, gn, gr, pm, c0,
-                   sub0, gpre, gloc, g, tile * VT, C, pos, T, HKV, DV, M, VT, MP,
-                   BS, HAS_PM, FEEDS, PRECISION, DIAG3D)
-    t_ok = rows < T
+    if FEEDS:
+        coef = probs * tl.exp(G)
+        w = _pair_weights(probs, G, s, gc, ss, c0, T, HKV, M, BT, MP,
+                          PRECISION)
+    else:
+        coef = probs
+        w = tl.zeros([BT, BT], tl.float32)
     row = (b * T + rows) * H + h
-    d = tile * VT + tl.arange(0, VT)
-    tl.store(OS + row[:, None] * DV + d[None, :], out,
-             mask=t_ok[:, None] & (d < DV)[None, :])
-    if tile == 0:
-        tl.store(LS + row, zmax * LOG2E + tl.log2(total), mask=t_ok)
+    _store_readout(OS + (b * T * H + h) * DV, H * DV, 1.0, t_ok, coef, w,
+                   SV + state * DV * M, vn, v_delta, rows, C, pos, T, HKV,
+                   DV, M, BV, LT, MP, FEEDS, PRECISION)
+    tl.store(LS + row, zmax * LOG2E + tl.log2(total), mask=t_ok)
 
 
 @triton.jit
-def slot_dq_kernel(Q, DO, KN, VN, GN, PM, POS, SK, SV, L, DELTA,
+def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA,
                    DQ, DZ, P, DGR, T, C, sm_scale, ns, per_chunk, RDK, RDV,
-                   RDG,
-                   H, HKV, DK: tl.constexpr,
-                   DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, KT: tl.constexpr, VT: tl.constexpr,
-                   MP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
-                   HAS_PM: tl.constexpr, FEEDS: tl.constexpr,
-                   PRECISION: tl.constexpr, DIAG3D: tl.constexpr):
-    """Backward, query side: slot probabilities p, logit gradients dz, the
-    read part of dG and the slot part of dq (columns of this tile)."""
-    sub = tl.program_id(0)
+                   H, HKV, DK: tl.constexpr, DV: tl.constexpr,
+                   M: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   LT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
+                   FEEDS: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward, query side, one chunk and query head: slot probabilities p,
+    logit gradients dz, the read part of dG and the slot part of dq."""
+    n = tl.program_id(0)
     bh = tl.program_id(1)
-    tile = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // (H // HKV)
     pos = tl.load(POS)
-    sub0 = sub * BS
-    n = sub0 // BT
     c0 = n * BT
-    rows = sub0 + tl.arange(0, BS)
+    r = tl.arange(0, BT)
+    rows = c0 + r
     cols = tl.arange(0, MP)
-    gn = GN + b * T * HKV * M + hk * M
-    gr = ring_delta(RDG, b, C, T, HKV * M)
-    pm = PM + b * T
-    kn = KN + b * T * HKV * DK + hk * DK
-    kr = ring_delta(RDK, b, C, T, HKV * DK)
-    vn = VN + b * T * HKV * DV + hk * DV
-    vr = ring_delta(RDV, b, C, T, HKV * DV)
-    state = (b * HKV + hk) * ns + n * per_chunk
-
-    g = stream_gates(gn, gr, pm, rows, cols, C, pos, T, HKV, M, HAS_PM, FEEDS)
-    gloc = tl.cumsum(g, 0)
-    gpre = _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV, M, MP, BS, HAS_PM,
-                   FEEDS)
-    q_ptr = Q + b * T * H * DK + h * DK
-    do_ptr = DO + b * T * H * DV + h * DV
-    q = plain_rows(q_ptr, rows, tl.arange(0, BK), T, H * DK, DK)
-    do = plain_rows(do_ptr, rows, tl.arange(0, BV), T, H * DV, DV)
-    z = sm_scale * _logits(q, q_ptr, H * DK, rows, SK + state * DK * M, kn,
-                           kr, gn, gr, pm, c0, sub0, gpre, gloc, g, C, pos, T,
-                           HKV, DK, M, BK, KT, MP, BS, HAS_PM, FEEDS,
-                           PRECISION, DIAG3D)
-    dp = _logits(do, do_ptr, H * DV, rows, SV + state * DV * M, vn, vr, gn,
-                 gr, pm, c0, sub0, gpre, gloc, g, C, pos, T, HKV, DV, M, BV, VT,
-                 MP, BS, HAS_PM, FEEDS, PRECISION, DIAG3D)
     t_ok = rows < T
+    state = (b * HKV + hk) * ns + n * per_chunk
+    gc = GC + b * T * HKV * M + hk * M
+    ss = SS + b * T * HKV * M + hk * M
+    k_delta = ring_delta(RDK, b, C, T, HKV * DK)
+    v_delta = ring_delta(RDV, b, C, T, HKV * DV)
+    kn = KN + b * T * HKV * DK + hk * DK
+    vn = VN + b * T * HKV * DV + hk * DV
+
+    z, a = _scan_rows(Q + b * T * H * DK + h * DK, H * DK, kn, k_delta,
+                      SK + state * DK * M, rows, C, pos, T, HKV, DK, M, BK,
+                      LT, BT, MP, FEEDS, PRECISION)
+    if FEEDS:
+        G, s = _gates(gc, ss, rows, cols, T, HKV, M)
+        decay = tl.exp(G)
+        causal = r[None, :] <= r[:, None]
+        z = z * decay + _pair_logits(tl.where(causal, a, 0.0), G, s, gc, ss,
+                                     c0, T, HKV, M, BT, MP, PRECISION)
+    dp, a = _scan_rows(DO + b * T * H * DV + h * DV, H * DV, vn, v_delta,
+                       SV + state * DV * M, rows, C, pos, T, HKV, DV, M, BV,
+                       LT, BT, MP, FEEDS, PRECISION)
+    if FEEDS:
+        dp = dp * decay + _pair_logits(tl.where(causal, a, 0.0), G, s, gc,
+                                       ss, c0, T, HKV, M, BT, MP, PRECISION)
+    z = sm_scale * z
     row = (b * T + rows) * H + h
     lse = tl.load(L + row, mask=t_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
@@ -376,131 +391,157 @@ def slot_dq_kernel(Q, DO, KN, VN, GN, PM, POS, SK, SV, L, DELTA,
     p = tl.where(ok, tl.exp2(tl.where(ok, z * LOG2E - lse[:, None], 0.0)),
                  0.0)
     dz = p * (dp - delta[:, None])
-    dq = sm_scale * _readout(dz, rows, SK + state * DK * M, kn, kr, gn, gr,
-                             pm, c0, sub0, gpre, gloc, g, tile * KT, C, pos, T,
-                             HKV, DK, M, KT, MP, BS, HAS_PM, FEEDS, PRECISION,
-                             DIAG3D)
-    d = tile * KT + tl.arange(0, KT)
-    tl.store(DQ + row[:, None] * DK + d[None, :], dq,
-             mask=t_ok[:, None] & (d < DK)[None, :])
-    if tile == 0:
-        at = row[:, None] * M + cols[None, :]
-        tl.store(DZ + at, dz, mask=ok)
-        tl.store(P + at, p, mask=ok)
-        tl.store(DGR + at, tl.where(ok, z * dz + p * dp, 0.0), mask=ok)
+    at = row[:, None] * M + cols[None, :]
+    tl.store(DZ + at, dz, mask=ok)
+    tl.store(P + at, p, mask=ok)
+    tl.store(DGR + at, tl.where(ok, z * dz + p * dp, 0.0), mask=ok)
+    if FEEDS:
+        coef = dz * decay
+        w = _pair_weights(dz, G, s, gc, ss, c0, T, HKV, M, BT, MP, PRECISION)
+    else:
+        coef = dz
+        w = tl.zeros([BT, BT], tl.float32)
+    _store_readout(DQ + (b * T * H + h) * DK, H * DK, sm_scale, t_ok, coef,
+                   w, SK + state * DK * M, kn, k_delta, rows, C, pos, T, HKV,
+                   DK, M, BK, LT, MP, FEEDS, PRECISION)
 
 
 @triton.jit
-def slot_dx_kernel(Y, CF, XN, GN, PM, POS, R, DX, DS, T, C, y_scale, RDX,
-                   RDG,
-                   H, HKV, D: tl.constexpr,
-                   M: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-                   MP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
-                   HAS_PM: tl.constexpr, PRECISION: tl.constexpr,
-                   DIAG3D: tl.constexpr):
+def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
+                   HKV, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr,
+                   LT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Backward, write side of one recurrence (keys: Y = q, c = dz, scaled;
-    values: Y = do, c = p): per query head, the gradient of the written rows
-    x_i (columns of this tile) and of their write strengths s_i."""
-    sub = tl.program_id(0)
+    values: Y = do, c = p), one chunk and query head: the gradient of the
+    written rows x_i and of their strengths s_i."""
+    n = tl.program_id(0)
     bh = tl.program_id(1)
-    tile = tl.program_id(2)
-    NT = tl.cdiv(T, BT)
+    NT = tl.num_programs(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // (H // HKV)
     pos = tl.load(POS)
-    sub0 = sub * BS
-    n = sub0 // BT
     c0 = n * BT
-    c1 = tl.minimum(c0 + BT, T)
-    r = tl.arange(0, BS)
-    rows = sub0 + r
+    r = tl.arange(0, BT)
+    rows = c0 + r
     cols = tl.arange(0, MP)
-    dcols = tl.arange(0, BD)
-    d = tile * DT + tl.arange(0, DT)
-    gn = GN + b * T * HKV * M + hk * M
-    gr = ring_delta(RDG, b, C, T, HKV * M)
-    pm = PM + b * T
+    t_ok = rows < T
+    gc = GC + b * T * HKV * M + hk * M
+    ss = SS + b * T * HKV * M + hk * M
     xn = XN + b * T * HKV * D + hk * D
-    xr = ring_delta(RDX, b, C, T, HKV * D)
+    x_delta = ring_delta(RDX, b, C, T, HKV * D)
     y_ptr = Y + b * T * H * D + h * D
     c_ptr = CF + b * T * H * M + h * M
     r_ptr = R + (bh.to(tl.int64) * NT + n) * D * M
 
-    g = stream_gates(gn, gr, pm, rows, cols, C, pos, T, HKV, M, HAS_PM, True)
-    gloc = tl.cumsum(g, 0)
-    gsub = tl.sum(g, 0)
-    strength = 1.0 - tl.exp(g)
-    gpre = _prefix(gn, gr, pm, c0, sub0, C, pos, T, HKV, M, MP, BS, HAS_PM,
-                   True)
-    gpost = _prefix(gn, gr, pm, sub0 + BS, c1, C, pos, T, HKV, M, MP, BS,
-                    HAS_PM, True)
-    # exp(G_end - G_i) and exp(G_e - G_i), G_e the end of this sub-chunk.
-    to_end = tl.exp(gsub[None, :] - gloc + gpost[None, :])
-    to_sub_end = tl.exp(gsub[None, :] - gloc)
+    # x R (through the adjoint R at the chunk's end) and x Y^T, tile by tile.
+    xr = tl.zeros([BT, MP], tl.float32)
+    ax = tl.zeros([BT, BT], tl.float32)
+    for d0 in tl.static_range(0, BD, LT):
+        d = d0 + tl.arange(0, LT)
+        x = stream_rows(xn, x_delta, rows, d, C, pos, T, HKV, D, True, True)
+        y = plain_rows(y_ptr, rows, d, T, H * D, D, True)
+        ra = tl.load(r_ptr + d[:, None] * M + cols[None, :],
+                     mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
+        xr += tl.dot(x.to(tl.float32), ra, input_precision=PRECISION)
+        ax += tl.dot(x.to(y.dtype), tl.trans(y), input_precision=PRECISION)
+    later = r[None, :] >= r[:, None]
+    ax = tl.where(later, ax, 0.0)
 
-    # Reads in later chunks, through the adjoint at the end of this chunk.
-    radj = tl.load(r_ptr + d[:, None] * M + cols[None, :],
-                   mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
-    dx = tl.dot(to_end * strength, tl.trans(radj), input_precision=PRECISION)
-    ds = tl.zeros([BS, MP], tl.float32)
-    for e0 in tl.static_range(0, BD, DT):
-        de = e0 + tl.arange(0, DT)
-        xe = stream_rows(xn, xr, rows, de, C, pos, T, HKV, D, True)
-        re = tl.load(r_ptr + de[:, None] * M + cols[None, :],
-                     mask=(de < D)[:, None] & (cols < M)[None, :], other=0.0)
-        ds += tl.dot(xe, re, input_precision=PRECISION)
-    ds = ds * to_end
-
-    # Reads in the later sub-chunks of this chunk.
-    x = stream_rows(xn, xr, rows, dcols, C, pos, T, HKV, D, True)
-    v_i = to_sub_end * strength
-    run = tl.zeros([MP], tl.float32)
-    for b0 in range(sub0 + BS, c1, BS):
-        rb = b0 + r
-        gb = stream_gates(gn, gr, pm, rb, cols, C, pos, T, HKV, M, HAS_PM,
-                          True)
-        y_b = plain_rows(c_ptr, rb, cols, T, H * M, M) * tl.exp(
-            run[None, :] + tl.cumsum(gb, 0))
-        run += tl.sum(gb, 0)
-        coef = tl.dot(v_i, tl.trans(y_b), input_precision=PRECISION)
-        dx += tl.dot(coef, plain_rows(y_ptr, rb, d, T, H * D, D),
-                     input_precision=PRECISION)
-        ax = tl.dot(x, tl.trans(plain_rows(y_ptr, rb, dcols, T, H * D, D)),
-                    input_precision=PRECISION)
-        ds += to_sub_end * tl.dot(ax, y_b, input_precision=PRECISION)
-
-    # Reads in this sub-chunk (t >= i), row by row.
-    ys = plain_rows(y_ptr, rows, dcols, T, H * D, D)
-    ax = tl.dot(x, tl.trans(ys), input_precision=PRECISION)
+    G, s = _gates(gc, ss, rows, cols, T, HKV, M)
+    # exp(G_end - G_i): what the chunk's remaining rows do to row i's write.
+    gend = tl.min(tl.where(t_ok[:, None], G, 0.0), 0)
+    to_end = tl.exp(gend[None, :] - G)
+    ds = xr * to_end
     cs = plain_rows(c_ptr, rows, cols, T, H * M, M)
-    if DIAG3D:
-        # [i, t, m] = c_t exp(G_t - G_i) for t >= i.
-        later = (r[None, :] >= r[:, None])[:, :, None]
-        diff = tl.where(later, gloc[None, :, :] - gloc[:, None, :], 0.0)
-        e3 = tl.where(later, tl.exp(diff), 0.0) * cs[None, :, :]
-        wd = tl.sum(e3 * strength[:, None, :], 2)
-        ds += tl.sum(ax[:, :, None] * e3, 1)
+    if _safe(G):
+        ce = cs * tl.exp(G)
+        back = tl.exp(-G)
+        coef = tl.where(later, tl.dot(back * s, tl.trans(ce),
+                                      input_precision=PRECISION), 0.0)
+        ds += back * tl.dot(ax, ce, input_precision=PRECISION)
     else:
-        wd = tl.zeros([BS, BS], tl.float32)
-        for jj in range(BS):
-            here = r[:, None] == jj
-            g_t = tl.sum(tl.where(here, gloc, 0.0), 0)
-            c_t = tl.sum(tl.where(here, cs, 0.0), 0)
-            earlier = r[:, None] <= jj
-            e = tl.where(earlier, c_t[None, :] * tl.exp(
-                tl.minimum(g_t[None, :] - gloc, 0.0)), 0.0)
-            col = tl.sum(e * strength, 1)
-            wd += tl.where(r[None, :] == jj, col[:, None], 0.0)
-            a_col = tl.sum(tl.where(r[None, :] == jj, ax, 0.0), 1)
-            ds += a_col[:, None] * e
-    dx += tl.dot(wd, plain_rows(y_ptr, rows, d, T, H * D, D),
-                 input_precision=PRECISION)
+        coef = tl.zeros([BT, BT], tl.float32)
+        for delta in range(BT):
+            ahead = rows + delta
+            g_t, _s_t = _gates(gc, ss, ahead, cols, T, HKV, M)
+            c_t = plain_rows(c_ptr, ahead, cols, T, H * M, M)
+            ok = ((r + delta) < BT)[:, None]
+            e = tl.where(ok, c_t * tl.exp(tl.minimum(g_t - G, 0.0)), 0.0)
+            at_t = r[None, :] == r[:, None] + delta
+            coef += tl.where(at_t, tl.sum(e * s, 1)[:, None], 0.0)
+            ds += tl.sum(tl.where(at_t, ax, 0.0), 1)[:, None] * e
 
-    t_ok = rows < T
     row = (b * T + rows) * H + h
-    tl.store(DX + row[:, None] * D + d[None, :], dx * y_scale,
-             mask=t_ok[:, None] & (d < D)[None, :])
-    if tile == 0:
-        tl.store(DS + row[:, None] * M + cols[None, :], ds * y_scale,
-                 mask=t_ok[:, None] & (cols < M)[None, :])
+    tl.store(DS + row[:, None] * M + cols[None, :], ds * y_scale,
+             mask=t_ok[:, None] & (cols < M)[None, :])
+    weight = to_end * s
+    for d0 in tl.static_range(0, BD, LT):
+        d = d0 + tl.arange(0, LT)
+        ra = tl.load(r_ptr + d[:, None] * M + cols[None, :],
+                     mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
+        dx = tl.dot(weight, tl.trans(ra), input_precision=PRECISION)
+        y = plain_rows(y_ptr, rows, d, T, H * D, D, True)
+        dx += tl.dot(coef.to(y.dtype), y, input_precision=PRECISION)
+        tl.store(DX + row[:, None] * D + d[None, :], dx * y_scale,
+                 mask=t_ok[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def gate_total_kernel(DGR, DS, SS, TOT, T, H, HKV, M: tl.constexpr,
+                      MP: tl.constexpr, BT: tl.constexpr):
+    """Per chunk and kv head: sum over its rows and query heads of
+    dG = z dz + p dp - s ds."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    NT = tl.num_programs(0)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    G = H // HKV
+    rows = n * BT + tl.arange(0, BT)
+    cols = tl.arange(0, MP)
+    s = plain_rows(SS + b * T * HKV * M + hk * M, rows, cols, T, HKV * M, M)
+    total = tl.zeros([BT, MP], tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        total += (plain_rows(DGR + b * T * H * M + h * M, rows, cols, T,
+                             H * M, M)
+                  - s * plain_rows(DS + b * T * H * M + h * M, rows, cols, T,
+                                   H * M, M))
+    tl.store(TOT + (bhk.to(tl.int64) * NT + n) * M + cols, tl.sum(total, 0),
+             mask=cols < M)
+
+
+@triton.jit
+def gate_grad_kernel(DGR, DS, SS, AFTER, PM, DG, T, C, H, HKV,
+                     M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
+                     HAS_PM: tl.constexpr):
+    """dg of the stream rows: sum_{t' >= t} dG_t' - alpha_t ds_t, written to
+    the new token each row came from (row C + u is token u), masked."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    NT = tl.num_programs(0)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    G = H // HKV
+    rows = n * BT + tl.arange(0, BT)
+    cols = tl.arange(0, MP)
+    s = plain_rows(SS + b * T * HKV * M + hk * M, rows, cols, T, HKV * M, M)
+    total = tl.zeros([BT, MP], tl.float32)
+    ds = tl.zeros([BT, MP], tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        ds_h = plain_rows(DS + b * T * H * M + h * M, rows, cols, T, H * M, M)
+        total += plain_rows(DGR + b * T * H * M + h * M, rows, cols, T,
+                            H * M, M) - s * ds_h
+        ds += ds_h
+    after = tl.load(AFTER + (bhk.to(tl.int64) * NT + n) * M + cols,
+                    mask=cols < M, other=0.0)
+    dg = tl.cumsum(total, 0, reverse=True) + after[None, :] - (1.0 - s) * ds
+    u = rows - C
+    ok = ((u >= 0) & (rows < T))[:, None] & (cols < M)[None, :]
+    if HAS_PM:
+        real = tl.load(PM + b * T + u, mask=(u >= 0) & (rows < T), other=0.0)
+        dg = dg * real[:, None]
+    tl.store(DG + (b * T + u.to(tl.int64))[:, None] * (HKV * M) + hk * M
+             + cols[None, :], dg, mask=ok)
