@@ -1,6 +1,6 @@
 """GPU checks of the NHA Triton kernels (run on the lent GPU; not CI).
 
-    KERAS_BACKEND=torch python tests/triton_gpu_check.py [--quick]
+    KERAS_BACKEND=torch python tests/triton_gpu_check.py [--part core|rest]
 
 - Outputs and the gradients of every input at real sizes (T up to 16384) in
   bfloat16, float16 and float32 against the float64 chunked path run on the
@@ -89,11 +89,12 @@ def grads_of(fn, inputs, cotangent):
 
 def check_against_float64(name, dtype, window, length, batch=1, heads=4,
                           kv_heads=2, dim=128, slots=64, padding=False,
-                          seed=0):
+                          gate_scale=0.25, seed=0):
     start = time.time()
     raw = random_inputs(seed, batch=batch, length=length, heads=heads,
                         kv_heads=kv_heads, key_dim=dim, value_dim=dim,
-                        num_slots=slots, padding=padding, gate_scale=0.25)
+                        num_slots=slots, padding=padding,
+                        gate_scale=gate_scale)
     mask = raw.pop("padding_mask", None)
     inputs = to_device(raw, dtype)
     # The reference sees exactly the rounded inputs the kernels see.
@@ -194,13 +195,13 @@ def check_auto_dispatch():
 def check_torch_compile():
     start = time.time()
     raw = random_inputs(5, batch=2, length=1000, heads=4, kv_heads=2,
-                        key_dim=64, value_dim=64, num_slots=16,
+                        key_dim=64, value_dim=64, num_slots=32,
                         gate_scale=0.25)
     inputs = to_device(raw, torch.bfloat16)
     cotangent = torch.randn(2, 1000, 4, 64, device="cuda")
 
     def loss_fn(**kw):
-        out = keras_nha.ops.native_hybrid_attention(window_size=128, **kw)
+        out = keras_nha.ops.native_hybrid_attention(window_size=64, **kw)
         return out
 
     eager, eager_grads = grads_of(loss_fn, inputs, cotangent)
@@ -256,45 +257,51 @@ def check_model_fit(jit_compile=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="shorter sequences, fewer cases")
+    parser.add_argument("--part", choices=("all", "core", "rest"),
+                        default="all", help="core: the main cases, "
+                        "streaming, dispatch, torch.compile, model.fit; "
+                        "rest: the other dtypes and shapes")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}"
           f", keras {keras.__version__}", flush=True)
-    long = 4096 if args.quick else 16384
-    checks = [
-        lambda: check_numpy_anchor(),
+    core = [
         lambda: check_against_float64(
-            f"bf16 T={long} W=512 M=64 d=128 GQA 4/2", torch.bfloat16, 512,
-            long),
-        lambda: check_against_float64(
-            f"fp16 T={long} W=2048 M=64 d=128 GQA 4/2", torch.float16, 2048,
-            long),
-        lambda: check_against_float64(
-            "bf16 T=4096 W=0 (GSA) M=64 d=128", torch.bfloat16, 0, 4096),
-        lambda: check_against_float64(
-            "bf16 T=4096 W>=T (global + sinks) M=64", torch.bfloat16, 8192,
-            4096),
+            "bf16 T=16384 W=512 M=64 d=128 GQA 2/1", torch.bfloat16, 512,
+            16384, heads=2, kv_heads=1),
         lambda: check_against_float64(
             "fp32 T=4096 W=512 M=64 padded B=2", torch.float32, 512, 4096,
-            batch=2, padding=True),
+            batch=2, heads=2, kv_heads=1, padding=True),
         lambda: check_against_float64(
             "bf16 T=3001 W=100 M=128 d=64 GQA 8/2", torch.bfloat16, 100,
             3001, heads=8, kv_heads=2, dim=64, slots=128),
         lambda: check_against_float64(
             "bf16 T=2049 W=256 M=32 d=256", torch.bfloat16, 256, 2049,
-            dim=256, slots=32),
+            heads=2, kv_heads=1, dim=256, slots=32),
         lambda: check_against_float64(
-            "fp16 T=1999 W=300 M=0 d=96 (SWA)", torch.float16, 300, 1999,
-            dim=96, slots=0),
+            "bf16 T=4096 W=64 M=64 strong gates (exact path)",
+            torch.bfloat16, 64, 4096, heads=2, kv_heads=1, gate_scale=8.0),
         lambda: check_streaming(),
         lambda: check_auto_dispatch(),
         lambda: check_torch_compile(),
         lambda: check_model_fit(),
+    ]
+    rest = [
+        lambda: check_numpy_anchor(),
+        lambda: check_against_float64(
+            "fp16 T=16384 W=2048 M=64 d=128 GQA 2/1", torch.float16, 2048,
+            16384, heads=2, kv_heads=1),
+        lambda: check_against_float64(
+            "bf16 T=4096 W=0 (GSA) M=64 d=128", torch.bfloat16, 0, 4096,
+            heads=2, kv_heads=1),
+        lambda: check_against_float64(
+            "bf16 T=4096 W>=T (global + sinks) M=64", torch.bfloat16, 8192,
+            4096, heads=2, kv_heads=1),
+        lambda: check_against_float64(
+            "fp16 T=1999 W=300 M=0 d=96 (SWA)", torch.float16, 300, 1999,
+            heads=2, kv_heads=1, dim=96, slots=0),
         lambda: check_model_fit(jit_compile=True),
     ]
-    if args.quick:
-        checks = checks[:2] + checks[5:6] + checks[9:11]
+    checks = {"all": core + rest, "core": core, "rest": rest}[args.part]
     for check in checks:
         try:
             check()

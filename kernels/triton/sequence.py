@@ -202,7 +202,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
                          slot_values_t)
     nt = triton.cdiv(s.T, blocks.chunk)
     mp = common.pow2(s.M)
-    dq = torch.empty(s.B, s.T, s.H, s.K, **f32)
+    dq = torch.empty(s.B, s.T, s.H, s.K, device=dev, dtype=q.dtype)
     dz = torch.empty(s.B, s.T, s.H, s.M, **f32)
     probs = torch.empty_like(dz)
     dg_read = torch.empty_like(dz)
@@ -269,8 +269,8 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
     blocks = cfg.blocks
     prec = _precision(qw.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
-    dqw = torch.empty(s.B, s.T, s.H, s.K, **f32)
-    dkw = torch.empty(s.B, s.T, s.HKV, s.K, **f32)
+    dqw = torch.empty(s.B, s.T, s.H, s.K, device=dev, dtype=qw.dtype)
+    dkw = torch.empty(s.B, s.T, s.HKV, s.K, device=dev, dtype=kw.dtype)
     dv = torch.empty(s.B, s.T, s.HKV, s.V, **f32)
     common_args = dict(H=s.H, HKV=s.HKV, DK=s.K, DV=s.V,
                        BK=common.pow2(s.K), BV=common.pow2(s.V),
@@ -321,29 +321,28 @@ class NHAFunction(torch.autograd.Function):
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
-        do = d_output.contiguous().to(q.dtype)
-        delta = (do.float() * output.float()).sum(-1)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        dq = torch.zeros(s.B, s.T, s.H, s.K, **f32)
-        dk = torch.zeros(s.B, s.T, s.HKV, s.K, **f32)
-        dv = torch.zeros(s.B, s.T, s.HKV, s.V, **f32)
-        dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
-        dqw = torch.zeros_like(dq)
-        dkw = torch.zeros_like(dk)
+        do = d_output.to(q.dtype).contiguous()
+        delta = torch.empty(s.B, s.T, s.H, device=q.device,
+                            dtype=torch.float32)
+        rows = s.B * s.T * s.H
+        window.row_dot_kernel[(triton.cdiv(rows, 16),)](
+            do, output, delta, rows, D=s.V, BD=common.pow2(s.V), BR=16)
+        dq = dk = dv = dg = dqw = dkw = None
         if cfg.capacity:
             dqw, dkw, dv = _window_backward(s, cfg, qw, kw, v, mask, ring,
                                             position, do, lse, delta)
         if s.M:
-            dq, dk_slot, dv_slot, dg_slot = _slot_backward(
+            dq, dk, dv_slot, dg = _slot_backward(
                 s, cfg, q, k, v, g, mask, ring, position, slot_keys,
                 slot_values_t, do, lse, delta)
-            if dk_slot is not None:
-                dk = dk_slot
-                dv = dv + dv_slot
-                dg = dg_slot
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                dg.to(g.dtype), dqw.to(qw.dtype), dkw.to(kw.dtype),
-                None, None, None, None, None, None, None, None, None, None)
+            if dv_slot is not None:
+                dv = dv_slot if dv is None else dv + dv_slot
+        grads = []
+        for grad, x in ((dq, q), (dk, k), (dv, v), (dg, g), (dqw, qw),
+                        (dkw, kw)):
+            grads.append(torch.zeros_like(x) if grad is None
+                         else grad.to(x.dtype))
+        return tuple(grads) + (None,) * 10
 
 
 def _new_ring(name, ring, new, start, end, capacity):

@@ -281,7 +281,8 @@ def _store_readout(out_ptr, OUT_ROW, scale, t_ok, coef, w, s_ptr, x_ptr,
                             True)
             out += tl.dot(w.to(x.dtype), x, input_precision=PRECISION)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * OUT_ROW + d[None, :],
-                 scale * out, mask=t_ok[:, None] & (d < D)[None, :])
+                 (scale * out).to(out_ptr.dtype.element_ty),
+                 mask=t_ok[:, None] & (d < D)[None, :])
 
 
 @triton.jit

@@ -134,14 +134,14 @@ def step_attend_kernel(Q, QW, K_, KW, V_, G_, PM, POS, NSK, NSV, RK, RKW, RV,
             kw = tl.where(is_new[:, None], kw_t[None, :], kw)
             v = tl.where(is_new[:, None], v_t[None, :], v)
             rm = tl.where(is_new, real, rm)
-            s = tl.sum(kw * qw[None, :], 1) * qk_scale
-            s = tl.where(j_ok & (rm > 0), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
+            s_w = tl.sum(kw * qw[None, :], 1) * qk_scale
+            s_w = tl.where(j_ok & (rm > 0), s_w, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_w, 0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            p_w = tl.exp2(s_w - m_use)
+            l_i = l_i * alpha + tl.sum(p_w, 0)
+            acc = acc * alpha + tl.sum(p_w[:, None] * v, 0)
             m_i = m_new
         if h % G == 0:
             at = (b * C + here) * HKV + hk
@@ -238,9 +238,9 @@ def triton_nha_step(query, key, value, log_forget_gate, state, *, window_size,
         ring["keys"], ring["window_keys"], ring["values"],
         ring["log_forget_gates"], ring["mask"], out, capacity, float(scale),
         H=heads, HKV=kv_heads, DK=key_dim, DV=value_dim, M=num_slots, BK=bk,
-        BV=bv, MT=mt, MP=mp, BN=32 if max(bk, bv) <= 128 else 16,
+        BV=bv, MT=mt, MP=mp, BN=64 if max(bk, bv) <= 128 else 32,
         HAS_PM=padding_mask is not None,
-        num_warps=1 if common.interpreting() else 4)
+        num_warps=1 if common.interpreting() else 8)
     acc = state["slot_keys"].dtype
     new_state = {"slot_keys": new_keys.to(acc),
                  "slot_values": new_values.to(acc),

@@ -262,7 +262,8 @@ def window_dq_kernel(
     dq = _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, z, hi, T,
                  W, qk_scale, HKV, DK, DV, BK, BV, BN, HAS_PM, True,
                  PRECISION)
-    tl.store(DQ + row[:, None] * DK + dk[None, :], dq * sm_scale,
+    tl.store(DQ + row[:, None] * DK + dk[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=t_ok[:, None] & (dk < DK)[None, :])
 
 
@@ -354,7 +355,21 @@ def window_dkdv_kernel(
         dk_acc, dv_acc = _dkdv_queries(
             k, v, key_ok, u, q_base, do_base, l_base, d_base, dk_acc, dv_acc,
             z, hi, T, W, qk_scale, H, DK, DV, BK, BV, BM, True, PRECISION)
-    tl.store(DK_ + krow[:, None] * DK + dk[None, :], dk_acc * sm_scale,
+    tl.store(DK_ + krow[:, None] * DK + dk[None, :],
+             (dk_acc * sm_scale).to(DK_.dtype.element_ty),
              mask=u_ok[:, None] & (dk < DK)[None, :])
     tl.store(DV_ + krow[:, None] * DV + dv[None, :], dv_acc,
              mask=u_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def row_dot_kernel(A, B_, OUT, N, D: tl.constexpr, BD: tl.constexpr,
+                   BR: tl.constexpr):
+    """OUT[r] = sum_d A[r, d] B[r, d] in fp32 (delta = rowsum(dO * O))."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    ok = (r < N)[:, None] & (d < D)[None, :]
+    at = r.to(tl.int64)[:, None] * D + d[None, :]
+    a = tl.load(A + at, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(B_ + at, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + r, tl.sum(a * b, 1), mask=r < N)
