@@ -61,11 +61,12 @@ def check_scale(scale, key_dim):
 
 def check_gates_nonpositive(log_forget_gate):
     """Positive log gates are the caller's bug; checked only when it is free."""
-    if 0 in tuple(log_forget_gate.shape):
+    if 0 in tuple(log_forget_gate.shape) or not is_concrete(log_forget_gate):
         return
-    if is_concrete(log_forget_gate) and float(
-            ops.convert_to_numpy(ops.cast(ops.max(log_forget_gate),
-                                          "float32"))) > 0:
+    # A concrete array closed over inside a trace still reduces to a tracer.
+    largest = ops.max(log_forget_gate)
+    if is_concrete(largest) and float(ops.convert_to_numpy(
+            ops.cast(largest, "float32"))) > 0:
         _fail("log_forget_gate", "positive entries",
               "log(alpha) <= 0 everywhere (e.g. log_sigmoid(x) / tau)")
 
