@@ -1,4 +1,12 @@
-"""TensorFlow wiring: the XLA-compiled fused NHA ("xla") serves "auto"."""
+"""TensorFlow wiring: the XLA-compiled fused NHA ("xla") serves "auto".
+
+The kernel compiles with XLA on CPU and GPU alike. It refuses (and "auto"
+falls back to the chunked path) only when a dimension other than the batch
+is unknown while the graph is built, or for dtypes other than float16,
+bfloat16, float32 and float64.
+"""
+
+import functools
 
 import tensorflow as tf
 
@@ -45,6 +53,20 @@ def fast_paths():
 
 def fast_step_paths():
     return {"xla": _xla_step}
+
+
+@functools.lru_cache(maxsize=None)
+def _graph(kernel):
+    return tf.function(kernel)
+
+
+def portable(kernel):
+    """The chunked path as one TF graph (op-by-op eager dispatch is slow).
+
+    The reference stays eager: its unrolled T-step graph builds slowly.
+    """
+    from keras_nha.kernels.reference import reference_nha
+    return kernel if kernel is reference_nha else _graph(kernel)
 
 
 def is_concrete(x):

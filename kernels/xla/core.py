@@ -6,13 +6,12 @@ start). The backward loops over the groups in reverse, recomputes every
 per-chunk intermediate (gates, decays, logits, probabilities) and carries the
 memory's gradient. Nothing of size [T, T] or [T, W] outlives one group.
 
-Inputs (a dict, acc dtype, layout of `layout.to_chunks`):
-    `slot_query` `[Z, N, L, G, K]`, `fed_keys`, `fed_values`,
-    `fed_log_gates` `[Z, N, L, *]`, `slot_keys` `[Z, K, M]`, `slot_values`
+Inputs (a dict, acc dtype, layout of `layout.to_rows`, `tiling.rows` rows):
+    `slot_query` `[Z, rows, G, K]`, `fed_keys`, `fed_values`,
+    `fed_log_gates` `[Z, rows, *]`, `slot_keys` `[Z, K, M]`, `slot_values`
     `[Z, M, V]` (slot path, M > 0; the fed stream only when tokens enter the
-    slots), `window_query` `[Z, N, L, G, K]`, `window_keys`, `window_values`
-    `[Z, N + D - 1, L, *]`, `window_mask` `[Z, N + D - 1, L]` (window path,
-    C > 0).
+    slots), `window_query` `[Z, rows, G, K]`, `window_keys`, `window_values`
+    `[Z, key_rows, *]`, `window_mask` `[Z, key_rows]` (window path, C > 0).
 """
 
 import dataclasses
@@ -33,37 +32,35 @@ class Config:
     scale: float
 
 
-def _take(x, config, group_index, extra=0):
-    return layout.take_chunks(x, group_index * config.tiling.group,
-                              config.tiling.group + extra)
-
-
 def _logits(config, inputs, group_index, memory):
     """Recomputable per-group terms: logits and what the readouts need."""
+    tiling = config.tiling
+    start = group_index * tiling.group_rows
+
+    def take(name, size, extra=0):
+        rows = layout.take_rows(inputs[name], start, tiling.group_rows + extra)
+        return layout.split_rows(rows, size)
+
     parts = {}
     if config.num_slots:
-        q = _take(inputs["slot_query"], config, group_index)
-        slot = dict(q=q)
+        size = tiling.slot_chunk
+        slot = dict(q=take("slot_query", size), keys=None, values=None,
+                    gate=None, starts=memory, ends=None, size=size)
         if config.feeds:
-            slot.update(
-                keys=_take(inputs["fed_keys"], config, group_index),
-                values=_take(inputs["fed_values"], config, group_index))
-            slot["gate"] = slot_memory.gates(
-                _take(inputs["fed_log_gates"], config, group_index))
+            slot.update(keys=take("fed_keys", size),
+                        values=take("fed_values", size),
+                        gate=slot_memory.gates(take("fed_log_gates", size)))
             slot["starts"], slot["ends"] = slot_memory.chunk_states(
                 slot["gate"], slot["keys"], slot["values"], *memory)
-        else:
-            slot.update(keys=None, values=None, gate=None, starts=memory,
-                        ends=None)
-        slot["logits"] = slot_memory.logits(q, slot["keys"], slot["gate"],
-                                            slot["starts"][0], config.scale)
+        slot["logits"] = slot_memory.logits(slot["q"], slot["keys"],
+                                            slot["gate"], slot["starts"][0],
+                                            config.scale)
         parts["slot"] = slot
     if config.capacity:
-        frame = config.tiling.frame
-        win = dict(q=_take(inputs["window_query"], config, group_index))
+        size, frame = tiling.window_block, tiling.frame
+        win = dict(q=take("window_query", size), size=size)
         win["keys"], win["values"], mask = (
-            window.frames(_take(inputs[name], config, group_index, frame - 1),
-                          frame)
+            window.frames(take(name, size, tiling.spill_rows), frame)
             for name in ("window_keys", "window_values", "window_mask"))
         win["logits"] = window.logits(win["q"], win["keys"], mask,
                                       config.capacity, config.scale)
@@ -80,18 +77,22 @@ def _memory_after(parts, memory):
 
 def _forward_group(config, inputs, group_index, memory):
     parts = _logits(config, inputs, group_index, memory)
-    peaks = [tf.reduce_max(p["logits"], axis=-1) for p in parts.values()]
+    # Rows of the group, [Z, R, G]: parts tile them in different chunks.
+    peaks = [layout.merge_rows(tf.reduce_max(p["logits"], axis=-1))
+             for p in parts.values()]
     peak = peaks[0] if len(peaks) == 1 else tf.maximum(*peaks)
     total = 0.0
     out = 0.0
     for name, part in parts.items():
-        weights = tf.exp(part["logits"] - peak[..., None])
-        total += tf.reduce_sum(weights, axis=-1)
+        shift = layout.split_rows(peak, part["size"])[..., None]
+        weights = tf.exp(part["logits"] - shift)
+        total += layout.merge_rows(tf.reduce_sum(weights, axis=-1))
         if name == "slot":
-            out += slot_memory.readout(weights, part["values"], part["gate"],
+            read = slot_memory.readout(weights, part["values"], part["gate"],
                                        part["starts"][1])
         else:
-            out += window.readout(weights, part["values"])
+            read = window.readout(weights, part["values"])
+        out += layout.merge_rows(read)
     out = out / total[..., None]
     log_total = peak + tf.math.log(total)
     return _memory_after(parts, memory), {"out": out, "lse": log_total}
@@ -99,46 +100,52 @@ def _forward_group(config, inputs, group_index, memory):
 
 def _backward_group(config, inputs, group_index, memory, out, log_total,
                     d_out, carry, pending):
+    tiling = config.tiling
     parts = _logits(config, inputs, group_index, memory)
     delta = tf.reduce_sum(d_out * out, axis=-1)
     grads = {}
+
+    def split(x, part):
+        return layout.split_rows(x, part["size"])
+
     if "window" in parts:
         win = parts["window"]
-        probs = tf.exp(win["logits"] - log_total[..., None])
+        probs = tf.exp(win["logits"] - split(log_total, win)[..., None])
         d_query, d_keys, d_values = window.backward(
-            win["q"], win["keys"], win["values"], probs, d_out, delta,
-            config.scale)
-        grads["window_query"] = d_query
-        frame = config.tiling.frame
+            win["q"], win["keys"], win["values"], probs, split(d_out, win),
+            split(delta, win), config.scale)
+        grads["window_query"] = layout.merge_rows(d_query)
+        spill = tiling.spill_rows
         new_pending = []
         for i, (name, d_frames) in enumerate(
                 zip(("window_keys", "window_values"), (d_keys, d_values))):
-            span = window.unframe(d_frames, frame)
-            if frame > 1:
-                # The last key chunks of this group's frames also got
-                # gradient from the next group (done before: the loop runs
-                # backward); the first ones will get more from the previous.
-                span += tf.pad(pending[i], [[0, 0], [config.tiling.group, 0]]
-                               + [[0, 0]] * (len(span.shape) - 2))
-                new_pending.append(span[:, :frame - 1])
-            grads[name] = span[:, frame - 1:]
+            rows = layout.merge_rows(window.unframe(d_frames, tiling.frame))
+            if spill:
+                # The last key rows of this group's frames also got gradient
+                # from the next group (done before: the loop runs backward);
+                # the first ones will get more from the previous group.
+                rows += tf.pad(pending[i], [[0, 0], [tiling.group_rows, 0]]
+                               + [[0, 0]] * (len(rows.shape) - 2))
+                new_pending.append(rows[:, :spill])
+            grads[name] = rows[:, spill:]
         pending = tuple(new_pending)
     if "slot" in parts:
         slot = parts["slot"]
-        probs = tf.exp(slot["logits"] - log_total[..., None])
-        (grads["slot_query"], d_keys, d_values, d_gates,
-         carry) = slot_memory.backward(
-             slot["q"], slot["keys"], slot["values"], slot["gate"],
-             slot["starts"], slot["ends"], carry, probs, slot["logits"],
-             d_out, delta, config.scale)
+        probs = tf.exp(slot["logits"] - split(log_total, slot)[..., None])
+        d_query, d_keys, d_values, d_gates, carry = slot_memory.backward(
+            slot["q"], slot["keys"], slot["values"], slot["gate"],
+            slot["starts"], slot["ends"], carry, probs, slot["logits"],
+            split(d_out, slot), split(delta, slot), config.scale)
+        grads["slot_query"] = layout.merge_rows(d_query)
         if config.feeds:
-            grads.update(fed_keys=d_keys, fed_values=d_values,
-                         fed_log_gates=d_gates)
+            grads.update(fed_keys=layout.merge_rows(d_keys),
+                         fed_values=layout.merge_rows(d_values),
+                         fed_log_gates=layout.merge_rows(d_gates))
     return carry, pending, grads
 
 
 def _merge_groups(stacked):
-    """`[num_groups, Z, P, ...]` -> `[Z, num_groups * P, ...]`."""
+    """`[num_groups, Z, R, ...]` -> `[Z, num_groups * R, ...]`."""
     rank = len(stacked.shape)
     x = tf.transpose(stacked, [1, 0] + list(range(2, rank)))
     return tf.reshape(x, [-1, x.shape[1] * x.shape[2]] + list(x.shape[3:]))
@@ -175,7 +182,7 @@ def _zeros_like_memory(inputs):
 def nha_core(config, inputs):
     """Runs NHA on chunked inputs; differentiable w.r.t. every float input.
 
-    Returns `(out [Z, N, L, G, V], memory)`, memory being the final
+    Returns `(out [Z, rows, G, V], memory)`, memory being the final
     `(slot_keys, slot_values)` or None without slots.
     """
     names = sorted(inputs)
@@ -208,10 +215,9 @@ def nha_core(config, inputs):
                 tf.zeros_like(m) if d is None else tf.convert_to_tensor(d)
                 for m, d in zip(memory, d_memory))
             pending = ()
-            if config.capacity and config.tiling.frame > 1:
+            if config.capacity and config.tiling.spill_rows:
                 pending = tuple(
-                    tf.zeros_like(layout.take_chunks(
-                        tensors[n], 0, config.tiling.frame - 1))
+                    tf.zeros_like(tensors[n][:, :config.tiling.spill_rows])
                     for n in ("window_keys", "window_values"))
             grad_names = [n for n in names
                           if n not in ("window_mask", "slot_keys",
@@ -219,16 +225,18 @@ def nha_core(config, inputs):
 
             def backward(index, carries):
                 carry, pending = carries
-                start = index * config.tiling.group
+                start = index * config.tiling.group_rows
                 group_memory = memory
                 if keeps_memory:
-                    group_memory = (stacked["start_keys"][index],
-                                    stacked["start_values"][index])
-                take = lambda x: layout.take_chunks(x, start,
-                                                    config.tiling.group)
+                    group_memory = (
+                        layout.take_group(stacked["start_keys"], index),
+                        layout.take_group(stacked["start_values"], index))
+                take = lambda x: layout.take_rows(x, start,
+                                                  config.tiling.group_rows)
                 carry, pending, grads = _backward_group(
                     config, tensors, index, group_memory,
-                    take(out), stacked["lse"][index], take(d_out), carry,
+                    take(out), layout.take_group(stacked["lse"], index),
+                    take(d_out), carry,
                     pending)
                 return (carry, pending), grads
 

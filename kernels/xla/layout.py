@@ -1,21 +1,26 @@
-"""Static tiling for the XLA kernel: chunk sizes and tensor layouts.
+"""Static tiling for the XLA kernel, and its tensor layouts.
 
-The kernel works on kv-head-major tensors `[Z, N, L, ...]` with
-`Z = batch * kv_heads`, `N` chunks of `L` rows, processed in `num_groups`
-groups of `group` chunks (one loop iteration per group, so transient memory
-is bounded by the group, not the sequence).
+The kernel works on kv-head-major rows `[Z, rows, ...]` with
+`Z = batch * kv_heads`. The rows are cut into groups of `group_rows` (one
+loop iteration each, so transient memory is bounded by a group, not by the
+sequence). Inside a group the slot memory works in chunks of `slot_chunk`
+rows and the window in query blocks of `window_block` rows, each reading a
+frame of `frame` key blocks.
 """
 
 import dataclasses
 
 import tensorflow as tf
 
-# Rows per chunk: the slot memory's intra-chunk decay tensor is [L, L, M]
-# and each window frame spans whole chunks, so small chunks waste little.
-CHUNK = 32
-# Rows per loop iteration (a multiple of CHUNK), before the memory cap below.
+# Rows per slot chunk: the intra-chunk decay tensor is [Ls, Ls, M] per
+# chunk, the rest of the slot work is matmuls against chunk-start states.
+SLOT_CHUNK = 16
+# Rows per window query block; its frame covers WINDOW_BLOCK + W - 1 keys
+# rounded up to whole blocks.
+WINDOW_BLOCK = 64
+# Rows per loop iteration, before the memory cap below.
 GROUP_ROWS = 1024
-# Cap on window + slot logits per head and group, in elements.
+# Cap on the window logits of one group, per query head, in elements.
 GROUP_LOGITS = 1 << 19
 
 
@@ -24,66 +29,77 @@ class Tiling:
     """How a sequence of `length` rows is cut (all Python ints)."""
 
     length: int
-    chunk: int
-    chunks: int  # N, a multiple of `group`
-    group: int  # chunks per loop iteration (P)
-    frame: int  # key chunks seen by one query chunk (D), 0 without window
+    slot_chunk: int  # Ls
+    window_block: int  # Lw, a multiple of Ls
+    group_rows: int  # R, a multiple of Lw
+    num_groups: int
+    frame: int  # key blocks read by one query block, 0 without window
 
     @property
-    def num_groups(self):
-        return self.chunks // self.group
+    def rows(self):
+        """Rows after padding: a whole number of groups."""
+        return self.group_rows * self.num_groups
 
     @property
-    def key_chunks(self):
-        """Chunks of (shifted) window history the frames read."""
-        return self.chunks + max(self.frame - 1, 0)
+    def key_rows(self):
+        """Rows of (shifted) window history that the frames read."""
+        return self.rows + max(self.frame - 1, 0) * self.window_block
+
+    @property
+    def spill_rows(self):
+        """Key rows a group's frames read past the group's own rows."""
+        return max(self.frame - 1, 0) * self.window_block
 
 
-def make_tiling(length, capacity, num_slots, chunk=CHUNK):
+def current_sizes():
+    """The module's tile sizes now (tests and benchmarks may change them)."""
+    return SLOT_CHUNK, WINDOW_BLOCK, GROUP_ROWS, GROUP_LOGITS
+
+
+def make_tiling(length, capacity, sizes=None):
     """Tiling for `length` new rows and a window ring of `capacity` rows.
 
     Query row t sees the shifted history rows t .. t + capacity - 1, so a
-    query chunk needs `frame` whole key chunks.
+    query block needs `frame` whole key blocks.
     """
-    chunk = max(1, min(chunk, length))
-    needed = -(-length // chunk)
-    frame = -(-(chunk + capacity - 1) // chunk) if capacity else 0
-    per_chunk = chunk * (frame * chunk + num_slots)
-    largest = max(1, min(GROUP_ROWS // chunk, GROUP_LOGITS // per_chunk))
-    num_groups = -(-needed // largest)
-    group = -(-needed // num_groups)
-    return Tiling(length, chunk, group * num_groups, group, frame)
+    slot_chunk, window_block, group_rows, group_logits = (
+        sizes or current_sizes())
+    slot_chunk = max(1, min(slot_chunk, length))
+    slot_chunks = -(-length // slot_chunk)
+    window_block = slot_chunk * max(1, min(window_block // slot_chunk,
+                                           slot_chunks))
+    blocks = -(-length // window_block)
+    frame = -(-(window_block + capacity - 1) // window_block) if capacity else 0
+    per_block = window_block * max(frame, 1) * window_block
+    largest = max(1, min(group_rows // window_block,
+                         group_logits // per_block))
+    num_groups = -(-blocks // largest)
+    group_blocks = -(-blocks // num_groups)
+    return Tiling(length, slot_chunk, window_block,
+                  group_blocks * window_block, num_groups, frame)
 
 
-def pad_rows(x, rows, axis=1):
-    """Zero-pads axis `axis` of `x` to `rows` (static) entries."""
-    extra = rows - x.shape[axis]
+def pad_rows(x, rows):
+    """Zero-pads axis 1 of `x` to `rows` (static) entries."""
+    extra = rows - x.shape[1]
     if extra == 0:
         return x
-    paddings = [[0, 0]] * len(x.shape)
-    paddings[axis] = [0, extra]
-    return tf.pad(x, paddings)
+    return tf.pad(x, [[0, 0], [0, extra]] + [[0, 0]] * (len(x.shape) - 2))
 
 
-def to_chunks(x, tiling, chunks=None):
-    """`[B, T, Hkv, ...]` -> `[B * Hkv, N, L, ...]` (zero padded rows)."""
-    chunks = tiling.chunks if chunks is None else chunks
-    rows = chunks * tiling.chunk
+def to_rows(x, rows):
+    """`[B, T, Hkv, ...]` -> `[B * Hkv, rows, ...]` (zero padded)."""
     x = pad_rows(x[:, :rows], rows)
-    rest = x.shape[3:]
-    x = tf.reshape(x, [-1, chunks, tiling.chunk, x.shape[2]] + list(rest))
-    order = [0, 3, 1, 2] + list(range(4, 4 + len(rest)))
+    order = [0, 2, 1] + list(range(3, len(x.shape)))
     x = tf.transpose(x, order)
-    return tf.reshape(x, [-1, chunks, tiling.chunk] + list(rest))
+    return tf.reshape(x, [-1, rows] + list(x.shape[3:]))
 
 
-def from_chunks(x, tiling, kv_heads):
-    """Inverse of `to_chunks` (drops padded rows): `[B, T, Hkv, ...]`."""
-    rest = x.shape[3:]
-    x = tf.reshape(x, [-1, kv_heads, tiling.chunks * tiling.chunk]
-                   + list(rest))
-    order = [0, 2, 1] + list(range(3, 3 + len(rest)))
-    return tf.transpose(x, order)[:, :tiling.length]
+def from_rows(x, length, kv_heads):
+    """Inverse of `to_rows` (drops padded rows): `[B, length, Hkv, ...]`."""
+    x = tf.reshape(x, [-1, kv_heads] + list(x.shape[1:]))
+    order = [0, 2, 1] + list(range(3, len(x.shape)))
+    return tf.transpose(x, order)[:, :length]
 
 
 def group_query_heads(x, kv_heads):
@@ -92,8 +108,26 @@ def group_query_heads(x, kv_heads):
                           x.shape[3]])
 
 
-def take_chunks(x, start, count):
-    """Chunks `start .. start + count` of `[Z, N, ...]` (start may be traced)."""
-    begin = [0, start] + [0] * (len(x.shape) - 2)
-    size = [-1, count] + [-1] * (len(x.shape) - 2)
-    return tf.slice(x, begin, size)
+def take_rows(x, start, count, axis=1):
+    """`count` entries of `x` along `axis` from `start` (may be traced)."""
+    begin = [0] * len(x.shape)
+    begin[axis] = start
+    # Sizes spelled out: a -1 size makes tf2xla pad x to twice its size.
+    size = tf.unstack(tf.shape(x))
+    size[axis] = count
+    return tf.slice(x, tf.stack(begin), tf.stack(size))
+
+
+def take_group(stacked, index):
+    """`stacked[index]` for `[num_groups, ...]` (index may be traced)."""
+    return take_rows(stacked, index, 1, axis=0)[0]
+
+
+def split_rows(x, size):
+    """`[Z, R, ...]` -> `[Z, R // size, size, ...]`."""
+    return tf.reshape(x, [-1, x.shape[1] // size, size] + list(x.shape[2:]))
+
+
+def merge_rows(x):
+    """`[Z, N, size, ...]` -> `[Z, N * size, ...]`."""
+    return tf.reshape(x, [-1, x.shape[1] * x.shape[2]] + list(x.shape[3:]))

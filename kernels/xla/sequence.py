@@ -23,13 +23,13 @@ def _history(state, new, start, acc):
 
 
 def _nha(query, key, value, log_forget_gate, window_query, window_key,
-         padding_mask, state, *, window_size, scale):
+         padding_mask, state, *, window_size, scale, sizes):
     acc = state_lib.state_dtype(query.dtype.name)
     length, num_heads, _ = query.shape[1:]
     kv_heads, num_slots = key.shape[2], log_forget_gate.shape[-1]
     capacity = state_lib.capacity_of(state)
     feeds = capacity == window_size and num_slots > 0
-    tiling = layout.make_tiling(length, capacity, num_slots)
+    tiling = layout.make_tiling(length, capacity, sizes)
     config = core.Config(tiling=tiling, capacity=capacity,
                          num_slots=num_slots, feeds=feeds, scale=scale)
     start = state["position"]
@@ -43,8 +43,8 @@ def _nha(query, key, value, log_forget_gate, window_query, window_key,
     history = _history(state, new, start, acc)
 
     def grouped(x):
-        return layout.to_chunks(
-            layout.group_query_heads(tf.cast(x, acc), kv_heads), tiling)
+        return layout.to_rows(
+            layout.group_query_heads(tf.cast(x, acc), kv_heads), tiling.rows)
 
     inputs = {}
     if num_slots:
@@ -57,19 +57,18 @@ def _nha(query, key, value, log_forget_gate, window_query, window_key,
             for name, source in (("fed_keys", "keys"),
                                  ("fed_values", "values"),
                                  ("fed_log_gates", "log_forget_gates")):
-                inputs[name] = layout.to_chunks(history[source][:, :length],
-                                                tiling)
+                inputs[name] = layout.to_rows(history[source][:, :length],
+                                              tiling.rows)
     if capacity:
         inputs["window_query"] = grouped(window_query)
         mask = tf.tile(history["mask"][:, 1:, None], [1, 1, kv_heads])
         for name, source in (("window_keys", history["window_keys"][:, 1:]),
                              ("window_values", history["values"][:, 1:]),
                              ("window_mask", mask)):
-            inputs[name] = layout.to_chunks(source, tiling,
-                                            tiling.key_chunks)
+            inputs[name] = layout.to_rows(source, tiling.key_rows)
 
     out, memory = core.nha_core(config, inputs)
-    out = layout.from_chunks(out, tiling, kv_heads)
+    out = layout.from_rows(out, length, kv_heads)
     out = tf.reshape(out, [-1, length, num_heads, out.shape[-1]])
 
     end = start + length
@@ -91,13 +90,14 @@ def _nha(query, key, value, log_forget_gate, window_query, window_key,
 
 def compiled(window_size, scale):
     """The XLA-compiled kernel for one (window_size, scale), cached."""
-    key = (window_size, scale)
+    sizes = layout.current_sizes()
+    key = (window_size, scale, sizes)
     if key not in _COMPILED:
         def kernel(query, key, value, log_forget_gate, window_query,
                    window_key, padding_mask, state):
             return _nha(query, key, value, log_forget_gate, window_query,
                         window_key, padding_mask, state,
-                        window_size=window_size, scale=scale)
+                        window_size=window_size, scale=scale, sizes=sizes)
         _COMPILED[key] = tf.function(kernel, jit_compile=True)
     return _COMPILED[key]
 

@@ -31,10 +31,31 @@ def _causal(size, strict=False):
     return cols < rows if strict else cols <= rows
 
 
-def _masked_exp(exponent, mask):
-    """exp(exponent) where mask, else 0; exponent may be > 0 off the mask."""
-    zero = tf.zeros((), exponent.dtype)
-    return tf.where(mask, tf.exp(tf.where(mask, exponent, zero)), zero)
+def _decay(log_rows, log_cols, keep):
+    """`exp(rows_t - cols_i)` where `keep[t, i]` else 0: `[..., t, i, M]`.
+
+    Callers keep only pairs whose exponent is <= 0 (cumulative sums of log
+    gates <= 0), where `-|x|` is `x`; the abs keeps the discarded pairs
+    finite without a select around the exp.
+    """
+    diff = log_rows[..., :, None, :] - log_cols[..., None, :, :]
+    return tf.exp(-tf.abs(diff)) * tf.cast(keep, diff.dtype)[:, :, None]
+
+
+def _contract_keys(x, decay):
+    """`sum_i x[t, g, i] * decay[t, i, m]` -> `[Z, P, t, G, M]`."""
+    return tf.reduce_sum(x[..., None] * decay[:, :, :, None], axis=-2)
+
+
+def _contract_slots(x, decay):
+    """`sum_m x[t, g, m] * decay[t, i, m]` -> `[Z, P, t, G, i]`."""
+    return tf.reduce_sum(x[:, :, :, :, None, :] * decay[:, :, :, None],
+                         axis=-1)
+
+
+def _contract_heads(x, y):
+    """`sum_g x[t, g, i] * y[t, g, m]` -> `[Z, P, t, i, M]`."""
+    return tf.reduce_sum(x[..., None] * y[:, :, :, :, None, :], axis=3)
 
 
 @dataclasses.dataclass
@@ -55,37 +76,91 @@ class Gates:
 
 
 def gates(log_gates):
-    chunk = log_gates.shape[2]
     cum = tf.cumsum(log_gates, axis=2)
     last = cum[:, :, -1:]
-    causal = _causal(chunk)[None, None, :, :, None]
     alpha = tf.exp(log_gates)
     return Gates(
         alpha=alpha,
         strength=1.0 - alpha,
         from_start=tf.exp(cum),
         to_end=tf.exp(last - cum),
-        decay=_masked_exp(cum[:, :, :, None] - cum[:, :, None, :], causal),
+        decay=_decay(cum, cum, _causal(cum.shape[2])),
         chunk_log_decay=last[:, :, 0])
 
 
-def _group_decays(chunk_log_decay):
-    """Decays between chunks of the group.
+# Chunks per block of the blocked scan over chunk states.
+SCAN_BLOCK = 8
 
-    Returns `before` `[Z, P, M]` (from the group start to chunk j's start),
-    `between` `[Z, P(j), P(l), M]` (from the end of chunk l to the start of
-    chunk j, zero unless l < j) and `after` `[Z, P, M]` (from the end of
-    chunk l to the group end), and `total` `[Z, M]`.
+
+def affine_scan(log_decay, x, init, block=None):
+    """`h_0 = init`, `h_{j+1} = exp(log_decay_j) * h_j + x_j`, in parallel.
+
+    Blocks of `block` steps are solved with a [block, block] decay matrix,
+    the blocks' own totals by the same scan one level up, so the work is
+    linear in the number of steps and every exponent stays <= 0.
+
+    Args:
+        log_decay: `[Z, P, M]`, <= 0.
+        x: `[Z, P, R, M]`.
+        init: `[Z, R, M]`.
+        block: steps solved directly (default `SCAN_BLOCK`).
+
+    Returns:
+        `(states [Z, P, R, M], final [Z, R, M])`: h_0 .. h_{P-1} and h_P.
     """
-    group = chunk_log_decay.shape[1]
-    inclusive = tf.cumsum(chunk_log_decay, axis=1)
-    exclusive = inclusive - chunk_log_decay
-    total = inclusive[:, -1]
-    between = _masked_exp(
-        exclusive[:, :, None] - inclusive[:, None, :],
-        _causal(group, strict=True)[None, :, :, None])
-    return (tf.exp(exclusive), between, tf.exp(total[:, None] - inclusive),
-            tf.exp(total))
+    block = block or SCAN_BLOCK
+    steps = log_decay.shape[1]
+    if steps <= block:
+        inclusive = tf.cumsum(log_decay, axis=1)
+        exclusive = inclusive - log_decay
+        total = inclusive[:, -1:]
+        between = _decay(exclusive, inclusive, _causal(steps, strict=True))
+        states = (tf.exp(exclusive)[:, :, None] * init[:, None]
+                  + tf.reduce_sum(between[:, :, :, None] * x[:, None],
+                                  axis=2))
+        final = (tf.exp(total) * init + tf.reduce_sum(
+            tf.exp(total - inclusive)[:, :, None] * x, axis=1))
+        return states, final
+    count = -(-steps // block)
+    # Steps appended at the end with decay 1 and no input change nothing.
+    log_decay = _pad_steps(log_decay, count * block)
+    x = _pad_steps(x, count * block)
+    rest = x.shape[2:]
+    local, block_x = affine_scan(
+        tf.reshape(log_decay, [-1, block, rest[-1]]),
+        tf.reshape(x, [-1, block] + list(rest)),
+        tf.zeros(tf.concat([tf.shape(x)[:1] * count, rest], 0), x.dtype),
+        block)
+    log_decay = tf.reshape(log_decay, [-1, count, block, rest[-1]])
+    block_starts, final = affine_scan(
+        tf.reduce_sum(log_decay, axis=2),
+        tf.reshape(block_x, [-1, count] + list(rest)), init, block)
+    within = tf.exp(tf.cumsum(log_decay, axis=2, exclusive=True))
+    states = (tf.reshape(local, [-1, count, block] + list(rest))
+              + within[:, :, :, None] * block_starts[:, :, None])
+    return tf.reshape(states, [-1, count * block] + list(rest))[:, :steps], (
+        final)
+
+
+def _pad_steps(x, steps):
+    extra = steps - x.shape[1]
+    if not extra:
+        return x
+    return tf.pad(x, [[0, 0], [0, extra]] + [[0, 0]] * (len(x.shape) - 2))
+
+
+def _join_memory(keys, values):
+    """`[..., K, M]` and `[..., M, V]` -> `[..., K + V, M]` (for scans)."""
+    rank = len(values.shape)
+    order = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return tf.concat([keys, tf.transpose(values, order)], axis=-2)
+
+
+def _split_memory(joined, key_dim):
+    rank = len(joined.shape)
+    order = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return joined[..., :key_dim, :], tf.transpose(joined[..., key_dim:, :],
+                                                  order)
 
 
 def chunk_states(gate, keys, values, slot_keys, slot_values):
@@ -97,11 +172,10 @@ def chunk_states(gate, keys, values, slot_keys, slot_values):
     feed = gate.to_end * gate.strength  # [Z, P, L, M]
     chunk_keys = tf.einsum("zpik,zpim->zpkm", keys, feed)
     chunk_values = tf.einsum("zpim,zpiv->zpmv", feed, values)
-    before, between, _, _ = _group_decays(gate.chunk_log_decay)
-    starts_k = (before[:, :, None, :] * slot_keys[:, None]
-                + tf.einsum("zjlm,zlkm->zjkm", between, chunk_keys))
-    starts_v = (before[:, :, :, None] * slot_values[:, None]
-                + tf.einsum("zjlm,zlmv->zjmv", between, chunk_values))
+    starts, _ = affine_scan(gate.chunk_log_decay,
+                            _join_memory(chunk_keys, chunk_values),
+                            _join_memory(slot_keys, slot_values))
+    starts_k, starts_v = _split_memory(starts, keys.shape[-1])
     decay = tf.exp(gate.chunk_log_decay)
     ends_k = decay[:, :, None, :] * starts_k + chunk_keys
     ends_v = decay[:, :, :, None] * starts_v + chunk_values
@@ -117,7 +191,7 @@ def logits(q, keys, gate, starts_k, scale):
         return scale * tf.einsum("zptgk,zkm->zptgm", q, starts_k)
     inter = tf.einsum("zptgk,zpkm->zptgm", q, starts_k)
     scores = tf.einsum("zptgk,zpik->zptgi", q, keys)
-    intra = tf.einsum("zptgi,zptim->zptgm", scores, gate.weights)
+    intra = _contract_keys(scores, gate.weights)
     return scale * (intra + inter * gate.from_start[:, :, :, None])
 
 
@@ -125,7 +199,7 @@ def readout(probs, values, gate, starts_v):
     """`sum_m probs[m] * Sv_t[m]`: `[Z, P, L, G, V]` (probs unnormalised ok)."""
     if gate is None:
         return tf.einsum("zptgm,zmv->zptgv", probs, starts_v)
-    mixed = tf.einsum("zptgm,zptim->zptgi", probs, gate.weights)
+    mixed = _contract_slots(probs, gate.weights)
     return (tf.einsum("zptgi,zpiv->zptgv", mixed, values)
             + tf.einsum("zptgm,zpmv->zptgv",
                         probs * gate.from_start[:, :, :, None], starts_v))
@@ -169,21 +243,21 @@ def backward(q, keys, values, gate, starts, ends, carry, probs, slot_logits,
     weights = gate.weights
     value_scores = tf.einsum("zptgv,zpiv->zptgi", d_out, values)
     d_probs = (from_start * tf.einsum("zptgv,zpmv->zptgm", d_out, starts_v)
-               + tf.einsum("zptgi,zptim->zptgm", value_scores, weights))
+               + _contract_keys(value_scores, weights))
     d_logits = probs * (d_probs - delta[..., None])
 
     local_k = scale * tf.einsum("zptgk,zptgm->zpkm", q, d_logits * from_start)
     local_v = tf.einsum("zptgm,zptgv->zpmv", probs * from_start, d_out)
-    key_mix = tf.einsum("zptgm,zptim->zptgi", d_logits, weights)
-    value_mix = tf.einsum("zptgm,zptim->zptgi", probs, weights)
+    key_mix = _contract_slots(d_logits, weights)
+    value_mix = _contract_slots(probs, weights)
     dq = scale * (tf.einsum("zptgm,zpkm->zptgk", d_logits * from_start,
                             starts_k)
                   + tf.einsum("zptgi,zpik->zptgk", key_mix, keys))
     d_keys = scale * tf.einsum("zptgi,zptgk->zpik", key_mix, q)
     d_values = tf.einsum("zptgi,zptgv->zpiv", value_mix, d_out)
     scores = tf.einsum("zptgk,zpik->zptgi", q, keys)
-    pair = (scale * tf.einsum("zptgi,zptgm->zptim", scores, d_logits)
-            + tf.einsum("zptgi,zptgm->zptim", value_scores, probs))
+    pair = (scale * _contract_heads(scores, d_logits)
+            + _contract_heads(value_scores, probs))
     d_strength = tf.reduce_sum(gate.decay * pair, axis=2)  # [Z, P, L(i), M]
 
     end_k, end_v, carry = _reverse_chunks(gate, local_k, local_v, carry)
@@ -208,16 +282,13 @@ def _reverse_chunks(gate, local_k, local_v, carry):
     """Gradient w.r.t. the memory at every chunk end, and at the group start.
 
     `local_*` `[Z, P, ...]`: what each chunk's own rows send to its start
-    state; `carry`: gradient at the group's end.
+    state; `carry`: gradient at the group's end. Backward in chunks, the
+    gradient follows the same recurrence as the memory:
+    d_end_{n-1} = exp(decay_n) * d_end_n + local_n.
     """
-    before, between, after, total = _group_decays(gate.chunk_log_decay)
-    carry_k, carry_v = carry
-    end_k = (after[:, :, None, :] * carry_k[:, None]
-             + tf.einsum("zlnm,zlkm->znkm", between, local_k))
-    end_v = (after[:, :, :, None] * carry_v[:, None]
-             + tf.einsum("zlnm,zlmv->znmv", between, local_v))
-    carry_k = (total[:, None, :] * carry_k
-               + tf.einsum("zlm,zlkm->zkm", before, local_k))
-    carry_v = (total[:, :, None] * carry_v
-               + tf.einsum("zlm,zlmv->zmv", before, local_v))
-    return end_k, end_v, (carry_k, carry_v)
+    flip = lambda x: tf.reverse(x, axis=[1])
+    ends, start = affine_scan(
+        flip(gate.chunk_log_decay), flip(_join_memory(local_k, local_v)),
+        _join_memory(*carry))
+    end_k, end_v = _split_memory(flip(ends), local_k.shape[2])
+    return end_k, end_v, _split_memory(start, local_k.shape[2])
