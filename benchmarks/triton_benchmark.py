@@ -289,7 +289,11 @@ def _table(result):
                  f"{ceil['matmul_bf16_tflops']:.0f} TFLOP/s, copy "
                  f"{ceil['copy_gbs']:.0f} GB/s (read + write)")
     lines.append(f"B={B} H={H} K=V={D} M={M} W={W} bf16; median ms; TFLOP/s "
-                 "on counted FLOPs (fwd+bwd = 3.5 x fwd)")
+                 "on counted FLOPs (fwd+bwd = 3.5 x fwd); NHA tile overrides: "
+                 f"[{result.get('blocks') or 'none'}]")
+    for config, (fwd, both) in result.get("tuning", {}).items():
+        lines.append(f"  tuning at T=16384 [{config}]: fwd {fwd:.3f} ms, "
+                     f"fwd+bwd {both:.3f} ms")
     header = f"{'row':34s} {'T':>6s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} " \
              f"{'fwd TF/s':>9s} {'f+b TF/s':>9s} {'% matmul':>8s}"
     lines.append(header)
@@ -349,22 +353,32 @@ def main():
                         help="T for the per-kernel profile (0: none)")
     parser.add_argument("--tune", default="",
                         help="';'-separated KERAS_NHA_TRITON_BLOCKS values: "
-                        "time NHA at the first length under each, then exit")
+                        "time NHA fwd+bwd at --tune-length under each and "
+                        "the defaults, then benchmark with the fastest")
+    parser.add_argument("--tune-length", type=int, default=16384)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG of time vs T here")
     parser.add_argument("--from-json", help="re-print/plot saved results")
     args = parser.parse_args()
 
+    tuning = {}
     if args.tune:
-        length = int(args.lengths.split(",")[0])
         for config in [""] + args.tune.split(";"):
             os.environ["KERAS_NHA_TRITON_BLOCKS"] = config
             start = time.time()
-            (fwd, both, flops), = nha_rows(length).values()
-            print(f"tune T={length} [{config or 'default'}]: fwd {fwd:.3f} "
-                  f"ms, fwd+bwd {both:.3f} ms ({time.time() - start:.0f}s)",
-                  flush=True)
-        return
+            try:
+                (fwd, both, _), = nha_rows(args.tune_length).values()
+            except Exception as error:  # a config that does not compile
+                print(f"tune [{config}]: {type(error).__name__}", flush=True)
+                continue
+            tuning[config or "default"] = (fwd, both)
+            print(f"tune T={args.tune_length} [{config or 'default'}]: fwd "
+                  f"{fwd:.3f} ms, fwd+bwd {both:.3f} ms "
+                  f"({time.time() - start:.0f}s)", flush=True)
+        best = min(tuning, key=lambda c: tuning[c][1])
+        os.environ["KERAS_NHA_TRITON_BLOCKS"] = "" if best == "default" \
+            else best
+        print(f"benchmarking with blocks [{best}]", flush=True)
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)
@@ -374,7 +388,9 @@ def main():
 
         result = {"device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "triton": triton.__version__,
-                  "ceilings": _ceilings(), "rows": {}, "skipped": {}}
+                  "ceilings": _ceilings(), "rows": {}, "skipped": {},
+                  "blocks": os.environ.get("KERAS_NHA_TRITON_BLOCKS", ""),
+                  "tuning": tuning}
         peers = {"sdpa": sdpa_rows, "flex": flex_rows, "fla": fla_rows}
         chosen = [nha_rows] + [peers[p] for p in args.peers.split(",")
                                if p in peers]
@@ -392,7 +408,10 @@ def main():
                 for name, values in rows.items():
                     result["rows"].setdefault(name, {})[str(length)] = values
                 print(f"[{rows_fn.__name__} T={length}: "
-                      f"{time.time() - start:.0f}s]", flush=True)
+                      f"{time.time() - start:.0f}s] {rows}", flush=True)
+                if args.json:  # partial results survive a timeout
+                    with open(args.json, "w") as f:
+                        json.dump(result, f, indent=1)
         if not args.no_decode:
             result["decode"] = decode_rows()
         if args.breakdown:

@@ -265,28 +265,28 @@ def main():
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}"
           f", keras {keras.__version__}", flush=True)
     core = [
+        lambda: check_auto_dispatch(),
+        lambda: check_torch_compile(),
+        lambda: check_model_fit(),
         lambda: check_against_float64(
             "bf16 T=16384 W=512 M=64 d=128 GQA 2/1", torch.bfloat16, 512,
             16384, heads=2, kv_heads=1),
-        lambda: check_against_float64(
-            "fp32 T=4096 W=512 M=64 padded B=2", torch.float32, 512, 4096,
-            batch=2, heads=2, kv_heads=1, padding=True),
+        lambda: check_streaming(),
         lambda: check_against_float64(
             "bf16 T=3001 W=100 M=128 d=64 GQA 8/2", torch.bfloat16, 100,
             3001, heads=8, kv_heads=2, dim=64, slots=128),
         lambda: check_against_float64(
-            "bf16 T=2049 W=256 M=32 d=256", torch.bfloat16, 256, 2049,
-            heads=2, kv_heads=1, dim=256, slots=32),
-        lambda: check_against_float64(
             "bf16 T=4096 W=64 M=64 strong gates (exact path)",
             torch.bfloat16, 64, 4096, heads=2, kv_heads=1, gate_scale=8.0),
-        lambda: check_streaming(),
-        lambda: check_auto_dispatch(),
-        lambda: check_torch_compile(),
-        lambda: check_model_fit(),
+        lambda: check_against_float64(
+            "fp32 T=2048 W=512 M=64 padded B=2", torch.float32, 512, 2048,
+            batch=2, heads=2, kv_heads=1, padding=True),
     ]
     rest = [
         lambda: check_numpy_anchor(),
+        lambda: check_against_float64(
+            "bf16 T=2049 W=256 M=32 d=256", torch.bfloat16, 256, 2049,
+            heads=2, kv_heads=1, dim=256, slots=32),
         lambda: check_against_float64(
             "fp16 T=16384 W=2048 M=64 d=128 GQA 2/1", torch.float16, 2048,
             16384, heads=2, kv_heads=1),

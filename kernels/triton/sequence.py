@@ -22,6 +22,7 @@ from keras_nha.kernels.triton import slots
 from keras_nha.kernels.triton import window
 
 _SCAN_BLOCK = 256
+_SCAN_UNROLL = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,7 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
         slots.chunk_scan_kernel[(s.B * s.HKV,
                                  triton.cdiv(width * s.M, _SCAN_BLOCK))](
             out, decay, nt, s.HKV, 1, D=width, M=s.M, BLOCK=_SCAN_BLOCK,
-            REVERSE=False)
+            UNROLL=_SCAN_UNROLL, REVERSE=False)
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1)
 
 
@@ -230,7 +231,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         slots.chunk_scan_kernel[(s.B * s.H,
                                  triton.cdiv(width * s.M, _SCAN_BLOCK))](
             adjoint, state.decay, nt, s.H, s.group, D=width, M=s.M,
-            BLOCK=_SCAN_BLOCK, REVERSE=True)
+            BLOCK=_SCAN_BLOCK, UNROLL=_SCAN_UNROLL, REVERSE=True)
         dx = torch.empty(s.B, s.T, s.H, width, **f32)
         ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
         slots.slot_dx_kernel[(nt, s.B * s.H)](

@@ -171,14 +171,23 @@ def adjoint_delta_kernel(Y, CF, GC, R, T, H, HKV, D: tl.constexpr,
 
 
 @triton.jit
+def _chain(a_decay, a_value, b_decay, b_value):
+    """Composes `S -> S * decay + value` maps: a first, then b."""
+    return a_decay * b_decay, a_value * b_decay + b_value
+
+
+@triton.jit
 def chunk_scan_kernel(S, DEC, NT, HX, GROUP, D: tl.constexpr, M: tl.constexpr,
-                      BLOCK: tl.constexpr, REVERSE: tl.constexpr):
-    """Turns per-chunk contributions into states, in place.
+                      BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                      REVERSE: tl.constexpr):
+    """Turns per-chunk contributions into states, in place, UNROLL chunks
+    per step (one tile load, a log-depth scan, one tile store).
 
     Forward (S has NT + 1 entries, entry 0 the initial state): entry n + 1
-    becomes the state after chunk n. Reverse (NT entries): entry n becomes
-    the adjoint arriving at the end of chunk n from the chunks after it.
-    Four chunks per step: their loads do not wait on the running state.
+    becomes the state after chunk n: S_{n+1} = S_n * dec_n + entry_{n+1}.
+    Reverse (NT entries): entry n becomes the adjoint arriving at the end of
+    chunk n from the chunks after it: R_n = V_{n+1}, V_n = V_{n+1} dec_n +
+    entry_n, V_NT = 0.
     """
     bh = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -186,55 +195,44 @@ def chunk_scan_kernel(S, DEC, NT, HX, GROUP, D: tl.constexpr, M: tl.constexpr,
     m = e % M
     b = bh // HX
     hk = (bh % HX) // GROUP
-    dec = DEC + ((b * (HX // GROUP) + hk).to(tl.int64) * NT) * M + m
+    dec = DEC + ((b * (HX // GROUP) + hk).to(tl.int64) * NT) * M
     step = D * M
+    u = tl.arange(0, UNROLL)
     if REVERSE:
-        base = S + bh.to(tl.int64) * NT * step + e
-        acc = tl.zeros([BLOCK], tl.float32)
-        for i in range(0, NT, 4):
-            n0 = NT - 1 - i
-            x0 = tl.load(base + n0 * step, mask=ok, other=0.0)
-            d0 = tl.load(dec + n0 * M, mask=ok, other=0.0)
-            x1 = tl.load(base + (n0 - 1) * step, mask=ok & (n0 >= 1), other=0.0)
-            d1 = tl.load(dec + (n0 - 1) * M, mask=ok & (n0 >= 1), other=0.0)
-            x2 = tl.load(base + (n0 - 2) * step, mask=ok & (n0 >= 2), other=0.0)
-            d2 = tl.load(dec + (n0 - 2) * M, mask=ok & (n0 >= 2), other=0.0)
-            x3 = tl.load(base + (n0 - 3) * step, mask=ok & (n0 >= 3), other=0.0)
-            d3 = tl.load(dec + (n0 - 3) * M, mask=ok & (n0 >= 3), other=0.0)
-            tl.store(base + n0 * step, acc, mask=ok)
-            acc = x0 + d0 * acc
-            tl.store(base + (n0 - 1) * step, acc, mask=ok & (n0 >= 1))
-            acc = x1 + d1 * acc
-            tl.store(base + (n0 - 2) * step, acc, mask=ok & (n0 >= 2))
-            acc = x2 + d2 * acc
-            tl.store(base + (n0 - 3) * step, acc, mask=ok & (n0 >= 3))
-            acc = x3 + d3 * acc
+        base = S + bh.to(tl.int64) * NT * step
+        carry = tl.zeros([BLOCK], tl.float32)
+        tiles = tl.cdiv(NT, UNROLL)
+        for i in range(tiles):
+            n = (tiles - 1 - i) * UNROLL + u
+            live = (n < NT)[:, None] & ok[None, :]
+            at = n.to(tl.int64)[:, None] * step + e[None, :]
+            x = tl.load(base + at, mask=live, other=0.0)
+            d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
+                        other=1.0)
+            p, y = tl.associative_scan((d, x), 0, _chain, reverse=True)
+            v = carry[None, :] * p + y
+            # R_n = V_{n+1}: row k's V goes one row up; the carry (V after
+            # this tile) to the tile's last row.
+            tl.store(base + at - step, v,
+                     mask=((n <= NT) & (u >= 1))[:, None] & ok[None, :])
+            last = (tiles - i) * UNROLL - 1
+            tl.store(base + last.to(tl.int64) * step + e, carry,
+                     mask=ok & (last < NT))
+            carry = tl.sum(tl.where((u == 0)[:, None], v, 0.0), 0)
     else:
-        base = S + bh.to(tl.int64) * (NT + 1) * step + e
-        acc = tl.load(base, mask=ok, other=0.0)
-        for n0 in range(0, NT, 4):
-            x0 = tl.load(base + (n0 + 1) * step, mask=ok, other=0.0)
-            d0 = tl.load(dec + n0 * M, mask=ok, other=0.0)
-            x1 = tl.load(base + (n0 + 2) * step, mask=ok & (n0 + 1 < NT),
-                         other=0.0)
-            d1 = tl.load(dec + (n0 + 1) * M, mask=ok & (n0 + 1 < NT),
-                         other=0.0)
-            x2 = tl.load(base + (n0 + 3) * step, mask=ok & (n0 + 2 < NT),
-                         other=0.0)
-            d2 = tl.load(dec + (n0 + 2) * M, mask=ok & (n0 + 2 < NT),
-                         other=0.0)
-            x3 = tl.load(base + (n0 + 4) * step, mask=ok & (n0 + 3 < NT),
-                         other=0.0)
-            d3 = tl.load(dec + (n0 + 3) * M, mask=ok & (n0 + 3 < NT),
-                         other=0.0)
-            acc = acc * d0 + x0
-            tl.store(base + (n0 + 1) * step, acc, mask=ok)
-            acc = acc * d1 + x1
-            tl.store(base + (n0 + 2) * step, acc, mask=ok & (n0 + 1 < NT))
-            acc = acc * d2 + x2
-            tl.store(base + (n0 + 3) * step, acc, mask=ok & (n0 + 2 < NT))
-            acc = acc * d3 + x3
-            tl.store(base + (n0 + 4) * step, acc, mask=ok & (n0 + 3 < NT))
+        base = S + bh.to(tl.int64) * (NT + 1) * step
+        carry = tl.load(base + e, mask=ok, other=0.0)
+        for n0 in range(0, NT, UNROLL):
+            n = n0 + u
+            live = (n < NT)[:, None] & ok[None, :]
+            at = (n + 1).to(tl.int64)[:, None] * step + e[None, :]
+            x = tl.load(base + at, mask=live, other=0.0)
+            d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
+                        other=1.0)
+            p, y = tl.associative_scan((d, x), 0, _chain)
+            v = carry[None, :] * p + y
+            tl.store(base + at, v, mask=live)
+            carry = tl.sum(tl.where((u == UNROLL - 1)[:, None], v, 0.0), 0)
 
 
 @triton.jit
