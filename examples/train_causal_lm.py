@@ -52,7 +52,7 @@ def parse_args(argv=None):
     train = parser.add_argument_group("training")
     train.add_argument("--sequence-length", type=int, default=256)
     train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--steps", type=int, default=600)
+    train.add_argument("--steps", type=int, default=500)
     train.add_argument("--steps-per-epoch", type=int, default=100)
     train.add_argument("--learning-rate", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
@@ -123,14 +123,24 @@ def unigram_cross_entropy(train_ids, valid_ids, vocabulary_size):
 
 
 class BatchLoss(keras.callbacks.Callback):
-    """Records the training loss of every step for the plot."""
+    """Records the training loss of every step for the plot.
+
+    Keras logs the running mean over the epoch; the step's own loss is
+    recovered from consecutive means.
+    """
 
     def __init__(self):
         super().__init__()
         self.losses = []
+        self._previous_mean = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
-        self.losses.append(float(logs["loss"]))
+        mean = float(logs["loss"])
+        self.losses.append((batch + 1) * mean - batch * self._previous_mean)
+        self._previous_mean = mean
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous_mean = 0.0
 
 
 def plot(path, batch_losses, history, steps_per_epoch, baseline):
@@ -140,8 +150,13 @@ def plot(path, batch_losses, history, steps_per_epoch, baseline):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    axis.plot(np.arange(1, len(batch_losses) + 1), batch_losses, lw=0.8,
-              alpha=0.6, label="train (per step)")
+    smooth, average = [], batch_losses[0]
+    for loss in batch_losses:
+        average = 0.9 * average + 0.1 * loss
+        smooth.append(average)
+    steps = np.arange(1, len(batch_losses) + 1)
+    axis.plot(steps, batch_losses, lw=0.5, alpha=0.3, color="C0")
+    axis.plot(steps, smooth, color="C0", label="train (per step, smoothed)")
     valid = history.history.get("val_loss", [])
     axis.plot(steps_per_epoch * np.arange(1, len(valid) + 1), valid, "o-",
               label="validation")
@@ -206,7 +221,7 @@ def main(argv=None):
         return x, rows[:, 1:]
 
     x, y = as_inputs(train_rows)
-    validation = as_inputs(valid_rows[:max(args.batch_size * 4, 1)])
+    validation = as_inputs(valid_rows[:args.batch_size * 16])
     epochs = max(1, math.ceil(args.steps / args.steps_per_epoch))
     batch_losses = BatchLoss()
     history = lm.fit(x, y, batch_size=args.batch_size, epochs=epochs,

@@ -169,16 +169,15 @@ def _gate_from_keys(key_kernel, num_slots):
 def _load_source(backbone):
     if isinstance(backbone, str):
         backbone = Backbone.from_preset(backbone)
-    preprocessor = None
+    task = None
     if isinstance(backbone, CausalLM):
-        preprocessor = backbone.preprocessor
-        backbone = backbone.backbone
+        task, backbone = backbone, backbone.backbone
     if not isinstance(backbone, _SUPPORTED):
         raise TypeError(
             "`backbone`: expected a keras-hub LlamaBackbone, MistralBackbone, "
             "QwenBackbone or GemmaBackbone (or one of their CausalLMs, or a "
             f"preset path), got {type(backbone).__name__}.")
-    return backbone, preprocessor
+    return backbone, task
 
 
 def hybridize(backbone, window_size=512, num_slots=64, global_layers=(),
@@ -218,7 +217,7 @@ def hybridize(backbone, window_size=512, num_slots=64, global_layers=(),
     >>> hybrid = keras_nha.models.hybridize(
     ...     source, window_size=64, num_slots=16, global_layers=[1])
     """
-    source, preprocessor = _load_source(backbone)
+    source, task = _load_source(backbone)
     num_layers = len(source.transformer_layers)
     global_layers = sorted(set(int(i) for i in global_layers))
     if any(not 0 <= i < num_layers for i in global_layers):
@@ -279,6 +278,6 @@ def hybridize(backbone, window_size=512, num_slots=64, global_layers=(),
                           block.feedforward_intermediate_dense,
                           block.feedforward_output_dense):
                 layer.trainable = False
-    if preprocessor is None:
+    if task is None:
         return hybrid
-    return NHACausalLM(hybrid, preprocessor=preprocessor)
+    return NHACausalLM(hybrid, preprocessor=task.preprocessor)

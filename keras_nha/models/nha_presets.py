@@ -21,7 +21,7 @@ backbone_presets = {
                 "64, 16 slots) trained for a few CPU minutes on Python "
                 "standard-library source by examples/train_causal_lm.py. A "
                 "demo and test fixture, not a useful language model."),
-            "params": None,
+            "params": 337152,
             "path": "nha",
         },
         "kaggle_handle": os.path.join(PRESET_ROOT, "nha_tiny_python_bytes"),

@@ -125,3 +125,22 @@ def test_fit_lowers_loss(rng, make_backbone):
     history = lm.fit(x, ids[:, 1:], batch_size=16, epochs=40, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_mixed_precision_cache_keeps_float32_slots(rng, make_backbone):
+    lm = NHACausalLM(make_backbone(dtype="mixed_bfloat16"))
+    ids = rng.integers(0, 50, (2, 10)).astype("int32")
+    full = _logits(lm, ids).astype("float32")
+    cache = lm.get_initial_cache(2, max_length=10)
+    assert all(keras.backend.standardize_dtype(s["slot_keys"].dtype)
+               == "float32" for s in cache if "slot_keys" in s)
+    assert all(keras.backend.standardize_dtype(s["keys"].dtype) == "bfloat16"
+               for s in cache if "keys" in s)
+    first, _, cache = lm.call_with_cache(ids[:, :7], cache)
+    rest = [lm.call_with_cache(ids[:, t:t + 1], cache) for t in (7,)]
+    logits, _, cache = rest[0]
+    last, _, _ = lm.call_with_cache(ids[:, 8:10], cache)
+    incremental = np.concatenate([ops.convert_to_numpy(ops.cast(x, "float32"))
+                                  for x in (first, logits, last)], axis=1)
+    assert np.isfinite(incremental).all()
+    assert np.abs(incremental - full).max() < 0.05 * np.abs(full).max()

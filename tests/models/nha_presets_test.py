@@ -19,6 +19,8 @@ from keras_nha.models import NHATokenizer
 from keras_nha.models import preset_path
 
 BUNDLED = "nha_tiny_python_bytes"
+# Logits of the bundled preset under the backend that trained it
+# (TensorFlow), for fixed ids: load it, run `{"token_ids": ids, ...}`.
 REFERENCE = os.path.join(os.path.dirname(__file__), "data",
                          f"{BUNDLED}_logits.npz")
 NEXT_BACKEND = {"jax": "tensorflow", "tensorflow": "torch", "torch": "jax"}
@@ -79,13 +81,13 @@ def test_preset_loads_under_another_backend(saved, tmp_path):
     np.savez(tmp_path / "expected.npz", ids=ids, logits=_logits(lm, ids))
     other = NEXT_BACKEND[keras.config.backend()]
     script = (
-        "import sys, numpy as np\n"
+        "import sys, keras, numpy as np\n"
         "from keras_nha.models import NHACausalLM\n"
         "data = np.load(sys.argv[2])\n"
         "lm = NHACausalLM.from_preset(sys.argv[1])\n"
         "lm.preprocessor = None\n"
         "ids = data['ids']\n"
-        "got = np.asarray(lm({'token_ids': ids, "
+        "got = keras.ops.convert_to_numpy(lm({'token_ids': ids, "
         "'padding_mask': np.ones_like(ids)}))\n"
         "print('MAXDIFF', float(np.abs(got - data['logits']).max()))\n")
     env = dict(os.environ, KERAS_BACKEND=other, JAX_ENABLE_X64="0",
