@@ -267,6 +267,13 @@ def decode_rows(batch=8, contexts=(4096, 16384, 65536)):
                       window_key=k, padding_mask=None)
         rows[f"NHA step, context {context} (functional)"] = _bench(
             lambda: triton_nha_step(q, k, v, g, state, **kwargs))
+        graph = torch.cuda.CUDAGraph()
+        triton_nha_step(q, k, v, g, state, **kwargs)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            triton_nha_step(q, k, v, g, state, **kwargs)
+        rows[f"NHA step, context {context} (functional, CUDA graph)"] = (
+            _bench(graph.replay))
         rows[f"NHA step, context {context} (in place)"] = _bench(
             lambda: triton_nha_step(q, k, v, g, state, inplace=True,
                                     **kwargs))

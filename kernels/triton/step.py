@@ -1,12 +1,14 @@
 """One-token NHA decode on Triton: two launches, cost flat in the context.
 
-Launch 1 (per batch row and kv head, tiled over the state): the token that
-leaves the window (ring entry `position % C`, or the new token when W = 0)
-enters the slot memory. Launch 2 (per batch row and query head): slot logits,
-window logits over the ring with the new token in place of the entry it
-overwrites, one online softmax, the output; the first query head of each kv
-head then writes the new token into the ring. Launch 1 has read the leaving
-entry by then (same stream), so the ring can be updated in place.
+Launch 1 does two independent jobs in one grid: (a) per batch row and kv
+head, tiled over the state, the token that leaves the window (ring entry
+`position % C`, or the new token when W = 0) enters the slot memory; (b) per
+batch row, query head and block of ring rows, a partial softmax (max, sum,
+weighted values) over the ring entries that stay, so the ring's keys are read
+by many programs at once. Launch 2, per batch row and query head: slot logits
+from the new slot memory, the partials, the new token, one softmax, the
+output; the first query head of each kv head then writes the new token into
+the ring (launch 1 has read the leaving entry by then: same stream).
 """
 
 import torch
@@ -15,20 +17,17 @@ import triton.language as tl
 
 from keras_nha.kernels.triton import common
 
+NEG_INF = tl.constexpr(float("-inf"))
+
 
 @triton.jit
-def step_update_kernel(K_, V_, G_, PM, POS, SK, SV, RK, RV, RG, NSK, NSV, C,
-                       HKV, DK: tl.constexpr, DV: tl.constexpr,
-                       M: tl.constexpr, KT: tl.constexpr, VT: tl.constexpr,
-                       MP: tl.constexpr, HAS_PM: tl.constexpr,
-                       SOURCE: tl.constexpr):
-    """SOURCE: 0 nothing enters (ring below W), 1 the ring entry leaving the
-    window, 2 the new token itself (W = 0)."""
-    bhk = tl.program_id(0)
-    tile = tl.program_id(1)
+def _update_slots(K_, V_, G_, PM, SK, SV, RK, RV, RG, NSK, NSV, bhk, tile,
+                  here, C, HKV, DK: tl.constexpr, DV: tl.constexpr,
+                  M: tl.constexpr, KT: tl.constexpr, VT: tl.constexpr,
+                  MP: tl.constexpr, HAS_PM: tl.constexpr,
+                  SOURCE: tl.constexpr):
     b = (bhk // HKV).to(tl.int64)
     hk = bhk % HKV
-    pos = tl.load(POS)
     cols = tl.arange(0, MP)
     m_ok = cols < M
     if SOURCE == 2:
@@ -39,11 +38,10 @@ def step_update_kernel(K_, V_, G_, PM, POS, SK, SV, RK, RV, RG, NSK, NSV, C,
         k_src = K_ + bhk.to(tl.int64) * DK
         v_src = V_ + bhk.to(tl.int64) * DV
     elif SOURCE == 1:
-        here = (pos % C).to(tl.int64)
-        gate = tl.load(RG + ((b * C + here) * HKV + hk) * M + cols, mask=m_ok,
-                       other=0.0)
-        k_src = RK + ((b * C + here) * HKV + hk) * DK
-        v_src = RV + ((b * C + here) * HKV + hk) * DV
+        at = (b * C + here) * HKV + hk
+        gate = tl.load(RG + at * M + cols, mask=m_ok, other=0.0)
+        k_src = RK + at * DK
+        v_src = RV + at * DV
     else:
         gate = tl.zeros([MP], tl.float32)
         k_src = K_ + bhk.to(tl.int64) * DK
@@ -70,12 +68,73 @@ def step_update_kernel(K_, V_, G_, PM, POS, SK, SV, RK, RV, RG, NSK, NSV, C,
 
 
 @triton.jit
+def _ring_partial(QW, RKW, RV, RM, PART, bh, split, here, C, sm_scale, H, HKV,
+                  DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, RB: tl.constexpr):
+    """Max, sum and weighted values (base 2) of the ring rows of one block,
+    the row being overwritten left out; written to PART[bh, split]."""
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // (H // HKV)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    j = split * RB + tl.arange(0, RB)
+    j_ok = (j < C) & (j != here)
+    qw = tl.load(QW + bh.to(tl.int64) * DK + dk, mask=dk < DK,
+                 other=0.0).to(tl.float32)
+    slot = (b * C + j) * HKV + hk
+    kw = tl.load(RKW + slot[:, None] * DK + dk[None, :],
+                 mask=j_ok[:, None] & (dk < DK)[None, :],
+                 other=0.0).to(tl.float32)
+    real = tl.load(RM + b * C + j, mask=j_ok, other=0.0)
+    s = tl.sum(kw * qw[None, :], 1) * (sm_scale * 1.4426950408889634)
+    s = tl.where(j_ok & (real > 0), s, NEG_INF)
+    m = tl.max(s, 0)
+    m_use = tl.where(m == NEG_INF, 0.0, m)
+    p = tl.exp2(s - m_use)
+    v = tl.load(RV + slot[:, None] * DV + dv[None, :],
+                mask=j_ok[:, None] & (dv < DV)[None, :],
+                other=0.0).to(tl.float32)
+    out = PART + (bh.to(tl.int64) * tl.cdiv(C, RB) + split) * (BV + 2)
+    tl.store(out + dv, tl.sum(p[:, None] * v, 0))
+    tl.store(out + BV, m)
+    tl.store(out + BV + 1, tl.sum(p, 0))
+
+
+@triton.jit
+def step_prepare_kernel(K_, V_, G_, QW, PM, POS, SK, SV, RK, RKW, RV, RG, RM,
+                        NSK, NSV, PART, C, sm_scale, H, HKV, updates,
+                        DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+                        KT: tl.constexpr, VT: tl.constexpr, MP: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, RB: tl.constexpr,
+                        HAS_PM: tl.constexpr, SOURCE: tl.constexpr):
+    """Launch 1: programs [0, updates) update the slot memory (SOURCE: 0
+    nothing enters, 1 the ring entry leaving the window, 2 the new token
+    itself, W = 0); the rest compute ring partials."""
+    pid = tl.program_id(0)
+    pos = tl.load(POS)
+    here = pos % tl.maximum(C, 1)
+    if pid < updates:
+        tiles = tl.cdiv(DK, KT) + tl.cdiv(DV, VT)
+        _update_slots(K_, V_, G_, PM, SK, SV, RK, RV, RG, NSK, NSV,
+                      pid // tiles, pid % tiles, here, C, HKV, DK, DV, M, KT,
+                      VT, MP, HAS_PM, SOURCE)
+    else:
+        splits = tl.cdiv(C, RB)
+        work = pid - updates
+        _ring_partial(QW, RKW, RV, RM, PART, work // splits, work % splits,
+                      here, C, sm_scale, H, HKV, DK, DV, BK, BV, RB)
+
+
+@triton.jit
 def step_attend_kernel(Q, QW, K_, KW, V_, G_, PM, POS, NSK, NSV, RK, RKW, RV,
-                       RG, RM, OUT, C, sm_scale,
-                       H, HKV, DK: tl.constexpr,
-                       DV: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, MT: tl.constexpr, MP: tl.constexpr,
-                       BN: tl.constexpr, HAS_PM: tl.constexpr):
+                       RG, RM, PART, OUT, C, sm_scale, H, HKV,
+                       DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, MT: tl.constexpr,
+                       MP: tl.constexpr, RB: tl.constexpr,
+                       SPLITS: tl.constexpr, HAS_PM: tl.constexpr):
+    """Launch 2: slot logits, ring partials and the new token in one
+    softmax; then the new token enters the ring."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -98,8 +157,7 @@ def step_attend_kernel(Q, QW, K_, KW, V_, G_, PM, POS, NSK, NSV, RK, RKW, RV,
         mm_ok = mm < M
         sk = tl.load(NSK + bhk * DK * M + dk[:, None] * M + mm[None, :],
                      mask=k_ok[:, None] & mm_ok[None, :], other=0.0)
-        z = tl.where(mm_ok, tl.sum(q[:, None] * sk, 0) * qk_scale,
-                     float("-inf"))
+        z = tl.where(mm_ok, tl.sum(q[:, None] * sk, 0) * qk_scale, NEG_INF)
         sv = tl.load(NSV + bhk * M * DV + mm[:, None] * DV + dv[None, :],
                      mask=mm_ok[:, None] & v_ok[None, :], other=0.0)
         m_new = tl.maximum(m_i, tl.max(z, 0))
@@ -114,35 +172,35 @@ def step_attend_kernel(Q, QW, K_, KW, V_, G_, PM, POS, NSK, NSV, RK, RKW, RV,
             real = tl.load(PM + b)
         else:
             real = 1.0
+        # The ring partials of launch 1.
+        sp = tl.arange(0, SPLITS)
+        sp_ok = sp < tl.cdiv(C, RB)
+        part = PART + (bh.to(tl.int64) * tl.cdiv(C, RB) + sp) * (BV + 2)
+        m_p = tl.load(part + BV, mask=sp_ok, other=float("-inf"))
+        l_p = tl.load(part + BV + 1, mask=sp_ok, other=0.0)
+        a_p = tl.load(part[:, None] + dv[None, :], mask=sp_ok[:, None],
+                      other=0.0)
+        m_new = tl.maximum(m_i, tl.max(m_p, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where(m_p == float("-inf"), 0.0, tl.exp2(m_p - m_use))
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(w * l_p, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * a_p, 0)
+        m_i = m_new
+        # The new token, in the ring entry it takes over.
         qw = tl.load(QW + bh.to(tl.int64) * DK + dk, mask=k_ok,
                      other=0.0).to(tl.float32)
         kw_t = tl.load(KW + bhk * DK + dk, mask=k_ok, other=0.0).to(
             tl.float32)
         v_t = tl.load(V_ + bhk * DV + dv, mask=v_ok, other=0.0).to(tl.float32)
-        for j0 in range(0, C, BN):
-            j = j0 + tl.arange(0, BN)
-            j_ok = j < C
-            slot = (b * C + j) * HKV + hk
-            kw = tl.load(RKW + slot[:, None] * DK + dk[None, :],
-                         mask=j_ok[:, None] & k_ok[None, :],
-                         other=0.0).to(tl.float32)
-            v = tl.load(RV + slot[:, None] * DV + dv[None, :],
-                        mask=j_ok[:, None] & v_ok[None, :],
-                        other=0.0).to(tl.float32)
-            rm = tl.load(RM + b * C + j, mask=j_ok, other=0.0)
-            is_new = j == here
-            kw = tl.where(is_new[:, None], kw_t[None, :], kw)
-            v = tl.where(is_new[:, None], v_t[None, :], v)
-            rm = tl.where(is_new, real, rm)
-            s_w = tl.sum(kw * qw[None, :], 1) * qk_scale
-            s_w = tl.where(j_ok & (rm > 0), s_w, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_w, 0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p_w = tl.exp2(s_w - m_use)
-            l_i = l_i * alpha + tl.sum(p_w, 0)
-            acc = acc * alpha + tl.sum(p_w[:, None] * v, 0)
-            m_i = m_new
+        s_t = tl.where(real > 0, tl.sum(kw_t * qw, 0) * qk_scale,
+                       float("-inf"))
+        m_new = tl.maximum(m_i, s_t)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p_t = tl.exp2(s_t - m_use)
+        l_i = l_i * alpha + p_t
+        acc = acc * alpha + p_t * v_t
         if h % G == 0:
             at = (b * C + here) * HKV + hk
             k_t = tl.load(K_ + bhk * DK + dk, mask=k_ok, other=0.0)
@@ -200,8 +258,9 @@ def triton_nha_step(query, key, value, log_forget_gate, state, *, window_size,
     q, qw = query.contiguous(), window_query.contiguous()
     k, kw, v = key.contiguous(), window_key.contiguous(), value.contiguous()
     g = log_forget_gate.to(torch.float32).contiguous()
-    mask = (torch.zeros(1, device=dev) if padding_mask is None
-            else padding_mask.to(torch.float32).contiguous())
+    has_mask = padding_mask is not None
+    mask = (padding_mask.to(torch.float32).contiguous() if has_mask
+            else g)
     position = state["position"].to(torch.int32).reshape(())
     slot_keys = state["slot_keys"].to(torch.float32).contiguous()
     slot_values = state["slot_values"].to(torch.float32).contiguous()
@@ -220,27 +279,34 @@ def triton_nha_step(query, key, value, log_forget_gate, state, *, window_size,
     else:
         source = 1 if capacity == window_size else 0
     mp = common.pow2(num_slots)
-    kt = min(common.pow2(key_dim), max(16, 8192 // mp))
-    vt = min(common.pow2(value_dim), max(16, 8192 // mp))
-    if num_slots:
-        step_update_kernel[(batch * kv_heads, triton.cdiv(key_dim, kt)
-                            + triton.cdiv(value_dim, vt))](
-            k, v, g, mask, position, slot_keys, slot_values, ring["keys"],
-            ring["values"], ring["log_forget_gates"], new_keys, new_values,
-            capacity, HKV=kv_heads, DK=key_dim, DV=value_dim, M=num_slots,
-            KT=kt, VT=vt, MP=mp, HAS_PM=padding_mask is not None,
-            SOURCE=source)
-    out = torch.empty(batch, heads, value_dim, device=dev, dtype=query.dtype)
     bk, bv = common.pow2(key_dim), common.pow2(value_dim)
-    mt = min(mp, max(16, 4096 // bv), max(16, 4096 // bk))
+    kt = min(bk, max(16, 8192 // mp))
+    vt = min(bv, max(16, 8192 // mp))
+    rows = 16 if common.interpreting() else 64
+    splits = triton.cdiv(capacity, rows)
+    parts = torch.empty(batch * heads * max(splits, 1) * (bv + 2),
+                        device=dev, dtype=torch.float32)
+    updates = (batch * kv_heads * (triton.cdiv(key_dim, kt)
+                                   + triton.cdiv(value_dim, vt))
+               if num_slots else 0)
+    common_args = dict(DK=key_dim, DV=value_dim, M=num_slots, MP=mp, BK=bk,
+                       BV=bv, RB=rows, HAS_PM=has_mask)
+    warps = 1 if common.interpreting() else 4
+    if updates + batch * heads * splits:
+        step_prepare_kernel[(updates + batch * heads * splits,)](
+            k, v, g, qw, mask, position, slot_keys, slot_values,
+            ring["keys"], ring["window_keys"], ring["values"],
+            ring["log_forget_gates"], ring["mask"], new_keys, new_values,
+            parts, capacity, float(scale), heads, kv_heads, updates, KT=kt,
+            VT=vt, SOURCE=source, num_warps=2 * warps, **common_args)
+    out = torch.empty(batch, heads, value_dim, device=dev, dtype=query.dtype)
     step_attend_kernel[(batch * heads,)](
-        q, qw, k, kw, v, g, mask, position, new_keys, new_values,
-        ring["keys"], ring["window_keys"], ring["values"],
-        ring["log_forget_gates"], ring["mask"], out, capacity, float(scale),
-        H=heads, HKV=kv_heads, DK=key_dim, DV=value_dim, M=num_slots, BK=bk,
-        BV=bv, MT=mt, MP=mp, BN=64 if max(bk, bv) <= 128 else 32,
-        HAS_PM=padding_mask is not None,
-        num_warps=1 if common.interpreting() else 8)
+        q, qw, k, kw, v, g, mask, position, new_keys, new_values, ring["keys"],
+        ring["window_keys"], ring["values"], ring["log_forget_gates"],
+        ring["mask"], parts, out, capacity, float(scale), heads, kv_heads,
+        MT=min(mp, max(16, 4096 // bv), max(16, 4096 // bk)),
+        SPLITS=common.pow2(max(splits, 1), least=2), num_warps=warps,
+        **common_args)
     acc = state["slot_keys"].dtype
     new_state = {"slot_keys": new_keys.to(acc),
                  "slot_values": new_values.to(acc),
