@@ -16,9 +16,6 @@ import os
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
 def interpreting():
     """True when Triton runs kernels on the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -85,25 +82,6 @@ def history_offsets(rows, C, pos, delta, ROW):
     ring_row = (pos + rows) % tl.maximum(C, 1)
     return tl.where(rows < C, delta + ring_row.to(tl.int64) * ROW,
                     (rows - C).to(tl.int64) * ROW)
-
-
-@triton.jit
-def history_mask(pm_ptr, rm_ptr, rows, C, pos, T, HAS_PM: tl.constexpr):
-    """1.0 where history row `rows` holds a real token, else 0.0.
-
-    Rows outside [0, C + T) are 0. `pm_ptr` is the batch row of the padding
-    mask (unused without one), `rm_ptr` the batch row of the ring's mask.
-    """
-    inside = (rows >= 0) & (rows < C + T)
-    in_ring = rows < C
-    ring_row = (pos + rows) % tl.maximum(C, 1)
-    ring_real = tl.load(rm_ptr + ring_row, mask=inside & in_ring, other=0.0)
-    if HAS_PM:
-        new_real = tl.load(pm_ptr + (rows - C), mask=inside & (rows >= C),
-                           other=0.0)
-    else:
-        new_real = tl.where(inside & (rows >= C), 1.0, 0.0)
-    return tl.where(in_ring, ring_real, new_real)
 
 
 @triton.jit

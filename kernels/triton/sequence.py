@@ -1,10 +1,12 @@
 """NHA over a sequence on the Triton kernels, differentiable in torch.
 
 `triton_nha` follows the kernel contract of `kernels.chunked.chunked_nha`.
-Forward: slot states at chunk starts (two launches and a scan per state),
-the slot-only softmax output and log-sum-exp, then the window flash kernel
-seeded with them (the joint softmax). Backward: window flash backward fed the
-merged output and log-sum-exp, plus the slot backward (see `slots.py`).
+Forward: the stream's gate tiles and per-chunk state contributions (one
+launch per state), a scan to chunk-start states, the slot-only softmax output
+and log-sum-exp (one program per chunk and query head), then the window flash
+kernel seeded with them (the joint softmax). Backward: window flash backward
+fed the merged output and log-sum-exp, plus the slot backward (see
+`slots.py`); the forward's slot states are recomputed, not stored.
 
 Gradients flow to query, key, value, log_forget_gate, window_query and
 window_key; the incoming state and the returned slot memory carry none (the
@@ -346,17 +348,16 @@ class NHAFunction(torch.autograd.Function):
         return tuple(grads) + (None,) * 10
 
 
-def _new_ring(name, ring, new, start, end, capacity):
-    """The ring after the call: the last `capacity` history rows."""
-    length = new.shape[1]
-    if length >= capacity:
-        last = new[:, length - capacity:]
-    else:
-        last = torch.cat([_chronological(ring, start)[:, length:],
-                          new.to(ring.dtype)], 1)
+def _new_ring(ring, tail, start, end):
+    """The ring after the call: its last C history rows, `tail` holding the
+    last min(C, T) new ones."""
+    capacity, kept = ring.shape[1], tail.shape[1]
+    last = tail.to(ring.dtype)
+    if kept < capacity:
+        last = torch.cat([_chronological(ring, start)[:, kept:], last], 1)
     index = torch.remainder(
-        torch.arange(capacity, device=new.device) - end, capacity)
-    return last.index_select(1, index).to(ring.dtype)
+        torch.arange(capacity, device=tail.device) - end, capacity)
+    return last.index_select(1, index)
 
 
 @torch.compiler.disable
@@ -387,6 +388,7 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
     """
     dtype = query.dtype
     s = _Shapes(query, key, value, log_forget_gate)
+    keep = min(state["keys"].shape[1], s.T)
     capacity = state["keys"].shape[1]
     if blocks is None:
         blocks = common.default_blocks(s.K, s.V, s.M)
@@ -402,11 +404,11 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
     g = prep(log_forget_gate, torch.float32)
     position = state["position"].to(torch.int32).reshape(())
     if padding_mask is None:
-        real = torch.ones(s.B, s.T, device=query.device, dtype=torch.float32)
+        real = torch.ones(s.B, keep, device=query.device, dtype=torch.float32)
         mask = _dummy(g)
     else:
-        real = prep(padding_mask, torch.float32)
-        mask = real
+        mask = prep(padding_mask, torch.float32)
+        real = mask[:, s.T - keep:]
     ring = {}
     for name in ("keys", "window_keys", "values"):
         ring[name] = _ring_or_dummy(prep(state[name]).detach(), q)
@@ -430,14 +432,12 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
         "slot_values": final_values_t.transpose(-1, -2).to(acc),
         "position": end,
     }
-    new = {"keys": key, "window_keys": window_key, "values": value,
-           "log_forget_gates": log_forget_gate.to(torch.float32) * real[
-               :, :, None, None],
-           "mask": real}
-    for name in ("keys", "window_keys", "values", "log_forget_gates", "mask"):
-        if capacity:
-            new_state[name] = _new_ring(name, state[name], new[name], start,
-                                        end, capacity)
-        else:
-            new_state[name] = state[name]
+    tail = {name: x[:, s.T - keep:] for name, x in (
+        ("keys", key), ("window_keys", window_key), ("values", value))}
+    tail["log_forget_gates"] = log_forget_gate[:, s.T - keep:].to(
+        torch.float32) * real[:, :, None, None]
+    tail["mask"] = real
+    for name, rows in tail.items():
+        new_state[name] = (_new_ring(state[name], rows, start, end)
+                           if capacity else state[name])
     return output.to(dtype), new_state
