@@ -287,6 +287,80 @@ def decode_rows(batch=8, contexts=(4096, 16384, 65536)):
     return rows
 
 
+def compile_report():
+    """Compiles every kernel of one NHA forward+backward and decode step for
+    sm_90 on this machine (no GPU needed) and prints registers and spills
+    (cuobjdump's STACK) per kernel. Launches are recorded, not run."""
+    import re
+    import subprocess
+    import tempfile
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from keras_nha.kernels import state as state_lib
+    from keras_nha.kernels.triton import common
+    from keras_nha.kernels.triton.sequence import triton_nha
+    from keras_nha.kernels.triton.step import triton_nha_step
+
+    launches = {}
+    types = {torch.float32: "*fp32", torch.bfloat16: "*bf16",
+             torch.float16: "*fp16", torch.int32: "*i32"}
+
+    def record(fn, *args, grid, warmup, **kwargs):
+        bound = dict(zip(fn.arg_names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+        signature, constants = {}, {}
+        for param in fn.params:
+            value = bound.get(param.name, param.default)
+            if param.is_constexpr:
+                constants[param.name] = value
+                signature[param.name] = "constexpr"
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = types[value.dtype]
+            elif isinstance(value, float):
+                signature[param.name] = "fp32"
+            else:
+                signature[param.name] = "i64" if abs(value) >= 2 ** 31 \
+                    else "i32"
+        options = {k: v for k, v in kwargs.items()
+                   if k in ("num_warps", "num_stages")}
+        key = (fn.fn.__name__, str(signature), str(constants), str(options))
+        launches[key] = (fn, signature, constants, options)
+
+    JITFunction.run = record
+    common.interpreting = lambda: False
+    length = 1024
+    q, k, v = (torch.randn(B, length, H, D, dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    g = (-torch.rand(B, length, H, M)).requires_grad_(True)
+    state = state_lib.zero_state(B, H, D, D, M, W, "bfloat16")
+    out, _ = triton_nha(q, k, v, g, window_size=W, scale=D ** -0.5,
+                        window_query=q, window_key=k, padding_mask=None,
+                        state=state)
+    out.sum().backward()
+    triton_nha_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state, window_size=W,
+                    scale=D ** -0.5, window_query=q[:, 0],
+                    window_key=k[:, 0], padding_mask=None)
+    dump = os.path.join(os.path.dirname(triton.__file__),
+                        "backends/nvidia/bin/cuobjdump")
+    for fn, signature, constants, options in launches.values():
+        kernel = triton.compile(ASTSource(fn, signature, constants),
+                                target=GPUTarget("cuda", 90, 32),
+                                options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([dump, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+        print(f"{fn.fn.__name__:24s} registers {found.group(1):>4s} "
+              f"spill/stack bytes {found.group(2):>5s} {options}")
+
+
 def _table(result):
     lines = []
     card = result["device"]
@@ -366,7 +440,13 @@ def main():
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG of time vs T here")
     parser.add_argument("--from-json", help="re-print/plot saved results")
+    parser.add_argument("--compile-report", action="store_true",
+                        help="compile for sm_90 on this machine (no GPU) "
+                        "and print registers and spills per kernel")
     args = parser.parse_args()
+    if args.compile_report:
+        compile_report()
+        return
 
     tuning = {}
     if args.tune:

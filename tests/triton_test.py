@@ -17,8 +17,9 @@ import keras
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(keras.config.backend() != "torch",
-                                reason="Triton kernels run on the torch backend")
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="Triton kernels run on the torch backend")
 
 TOLERANCE = 5e-5
 LENGTH = 37

@@ -6,8 +6,9 @@ Every kernel works in "history" coordinates: the window ring of the state
 row C + t. With a capacity C equal to the window W, history row t is also the
 token that leaves the window (and enters the slots) at step t, so the slot
 memory is plain gated slot attention over history rows 0 .. T-1 (the
-"stream"). Nothing is concatenated in memory: the kernels address the ring relative to
-the new-token tensor (`ring_delta`) and pick the row's source by index.
+"stream"). Nothing is concatenated in memory: the kernels address the ring
+relative to the new-token tensor (`ring_delta`) and pick each row's source by
+its index.
 """
 
 import dataclasses
@@ -111,7 +112,8 @@ def stream_gates(gn_ptr, g_delta, pm_ptr, rows, cols, C, pos, T,
 
 @triton.jit
 def stream_rows(xn_ptr, x_delta, rows, cols, C, pos, T, HKV,
-                D: tl.constexpr, FEEDS: tl.constexpr, RAW: tl.constexpr = False):
+                D: tl.constexpr, FEEDS: tl.constexpr,
+                RAW: tl.constexpr = False):
     """Key-side rows [len(rows), len(cols)] of the slot stream (fp32, or the
     tensor's own dtype with RAW)."""
     if FEEDS:

@@ -4,8 +4,8 @@ The slot memory is two gated linear recurrences over the stream (history rows
 0 .. T-1, see `common.py`), both written with `x_i (x) s_i` (s = 1 - alpha)
 and decayed per slot by alpha = exp(g):
 
-    Sk_t = Sk_{t-1} * alpha_t + k_t (x) s_t      [K, M]  -> z_t = scale q_t Sk_t
-    Sv_t = Sv_{t-1} * alpha_t + v_t (x) s_t      [V, M]  -> o_t = Sv_t p_t
+    Sk_t = Sk_{t-1} * alpha_t + k_t (x) s_t    [K, M] -> z_t = scale q_t Sk_t
+    Sv_t = Sv_{t-1} * alpha_t + v_t (x) s_t    [V, M] -> o_t = Sv_t p_t
 
 (Sv is kept transposed, [V, M], so both states share one layout.) A prep
 pass writes the in-chunk cumulative log gates G and the strengths s of every

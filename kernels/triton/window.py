@@ -20,7 +20,8 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _split(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr, HAS_PM: tl.constexpr):
+def _split(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr,
+           HAS_PM: tl.constexpr):
     """Cuts [lo, hi) into [lo, a) masked, [a, b) mask-free, [b, hi) masked,
     with block-aligned cuts; [full_lo, full_hi) is where no mask is needed."""
     lead = tl.maximum(full_lo - lo, 0)
