@@ -59,9 +59,19 @@ def check_scale(scale, key_dim):
     return float(scale)
 
 
+def _on_host(x):
+    try:
+        device = str(getattr(x.device, "type", x.device)).lower()
+    except Exception:  # sharded arrays have no single device
+        return False
+    return "cuda" not in device and "gpu" not in device
+
+
 def check_gates_nonpositive(log_forget_gate):
-    """Positive log gates are the caller's bug; checked only when it is free."""
-    if 0 in tuple(log_forget_gate.shape) or not is_concrete(log_forget_gate):
+    """Positive log gates are the caller's bug; checked only when it is free:
+    eager values on the host (on an accelerator the check would sync)."""
+    if (0 in tuple(log_forget_gate.shape) or not is_concrete(log_forget_gate)
+            or not _on_host(log_forget_gate)):
         return
     # A concrete array closed over inside a trace still reduces to a tracer.
     largest = ops.max(log_forget_gate)
