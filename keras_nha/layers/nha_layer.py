@@ -54,6 +54,10 @@ class NHALayer(keras.layers.Layer):
                  rope_scaling_factor=1.0, scale=None, norm_epsilon=1e-6,
                  kernel_initializer=None, implementation="auto", **kwargs):
         super().__init__(**kwargs)
+        # Keras would autocast every float argument, the cache too: under
+        # mixed precision that rounds the float32 slot memory to bfloat16.
+        # `__call__` converts `inputs` (and only `inputs`) itself.
+        self._convert_input_args = False
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value, low in (("num_heads", num_heads, 1),
                                  ("num_kv_heads", num_kv_heads, 1),
@@ -177,6 +181,11 @@ class NHALayer(keras.layers.Layer):
             batch_size, self.num_kv_heads, self._head_dim, self._head_dim,
             self.num_slots, self.window_size, max_length=max_length,
             dtype=self.compute_dtype)
+
+    def __call__(self, inputs, *args, **kwargs):
+        inputs = self.dtype_policy.convert_input(inputs, self.autocast,
+                                                 self.input_dtype)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, padding_mask=None, cache=None):
         """Runs the layer.
