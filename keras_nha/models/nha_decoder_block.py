@@ -64,6 +64,8 @@ class NHADecoderBlock(keras.layers.Layer):
                  layer_norm_epsilon=1e-6, dropout=0.0,
                  kernel_initializer=None, implementation="auto", **kwargs):
         super().__init__(**kwargs)
+        # No autocasting of the (float32) cache; `__call__` converts `inputs`.
+        self._convert_input_args = False
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
         self.intermediate_dim = intermediate_dim
@@ -143,6 +145,11 @@ class NHADecoderBlock(keras.layers.Layer):
     def get_initial_cache(self, batch_size, max_length=None):
         """The empty NHA state of this block's attention layer."""
         return self.attention.get_initial_cache(batch_size, max_length)
+
+    def __call__(self, inputs, *args, **kwargs):
+        inputs = self.dtype_policy.convert_input(inputs, self.autocast,
+                                                 self.input_dtype)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, padding_mask=None, cache=None, training=None):
         """Runs the block.

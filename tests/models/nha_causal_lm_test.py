@@ -142,5 +142,8 @@ def test_mixed_precision_cache_keeps_float32_slots(rng, make_backbone):
     last, _, _ = lm.call_with_cache(ids[:, 8:10], cache)
     incremental = np.concatenate([ops.convert_to_numpy(ops.cast(x, "float32"))
                                   for x in (first, logits, last)], axis=1)
+    # The state stays float32 through the layers (no autocasting).
+    assert all(keras.backend.standardize_dtype(s["slot_keys"].dtype)
+               == "float32" for s in cache if "slot_keys" in s)
     assert np.isfinite(incremental).all()
     assert np.abs(incremental - full).max() < 0.05 * np.abs(full).max()
