@@ -1,4 +1,4 @@
-"""NHA over chunked tensors with a memory-lean custom gradient.
+"""NHA over tiled tensors with a memory-lean custom gradient.
 
 The forward loops over groups of chunks carrying the slot memory and keeps
 only the output and the per-row log-sum-exp (plus the memory at each group
@@ -174,11 +174,6 @@ def _run_groups(num_groups, body, carry, names, dtype, reverse=False):
     return carry, {n: a.stack() for n, a in arrays.items()}
 
 
-def _zeros_like_memory(inputs):
-    return (tf.zeros_like(inputs["slot_keys"]),
-            tf.zeros_like(inputs["slot_values"]))
-
-
 def nha_core(config, inputs):
     """Runs NHA on chunked inputs; differentiable w.r.t. every float input.
 
@@ -234,10 +229,9 @@ def nha_core(config, inputs):
                 take = lambda x: layout.take_rows(x, start,
                                                   config.tiling.group_rows)
                 carry, pending, grads = _backward_group(
-                    config, tensors, index, group_memory,
-                    take(out), layout.take_group(stacked["lse"], index),
-                    take(d_out), carry,
-                    pending)
+                    config, tensors, index, group_memory, take(out),
+                    layout.take_group(stacked["lse"], index), take(d_out),
+                    carry, pending)
                 return (carry, pending), grads
 
             (carry, pending), stacked_grads = _run_groups(

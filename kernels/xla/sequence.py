@@ -1,7 +1,7 @@
 """The XLA sequence kernel: `chunked_nha`'s contract, compiled by XLA.
 
 Builds the shifted history stream (ring oldest-first, then the new tokens)
-exactly like `kernels/chunked.py`, lays it out in chunks and hands it to the
+exactly like `kernels/chunked.py`, lays it out in tiled rows and hands it to the
 custom-gradient core. Each (window_size, scale) gets one `tf.function`
 compiled with XLA; it traces once per input shape and dtype.
 """
