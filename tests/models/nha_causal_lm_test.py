@@ -116,15 +116,16 @@ def test_generate_strings_and_stop_token(make_backbone, no_x64):
 
 
 def test_fit_lowers_loss(rng, make_backbone):
-    lm = NHACausalLM(make_backbone(dtype="float32"))
-    lm.compile(optimizer=keras.optimizers.Adam(3e-3), sampler="greedy")
+    lm = NHACausalLM(make_backbone(num_layers=2, window_size=[3, 0],
+                                   num_slots=[4, 3]))
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2), sampler="greedy")
     # A learnable sequence: counting modulo the vocabulary.
-    ids = (np.arange(17)[None, :] + rng.integers(0, 50, (16, 1))) % 50
+    ids = (np.arange(17)[None, :] + rng.integers(0, 50, (160, 1))) % 50
     x = {"token_ids": ids[:, :-1].astype("int32"),
-         "padding_mask": np.ones((16, 16), "int32")}
-    history = lm.fit(x, ids[:, 1:], batch_size=16, epochs=40, verbose=0)
-    losses = history.history["loss"]
-    assert losses[-1] < 0.5 * losses[0]
+         "padding_mask": np.ones((160, 16), "int32")}
+    history = lm.fit(x, ids[:, 1:], batch_size=16, epochs=3, verbose=0)
+    # Chance level is log(50) = 3.9; the next id is a function of the last.
+    assert history.history["loss"][-1] < 0.5 * np.log(50)
 
 
 def test_mixed_precision_cache_keeps_float32_slots(rng, make_backbone):
