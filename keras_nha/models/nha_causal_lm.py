@@ -63,8 +63,9 @@ class NHACausalLM(CausalLM):
     `fit()` trains next-token prediction on text (with a preprocessor) or on
     `{"token_ids", "padding_mask"}` batches. `generate()` keeps, per layer,
     only the NHA state: a float32 slot memory and a ring of the last W
-    tokens, so its memory does not grow with the generated length (global
-    layers keep a ring as long as the sequence, like a KV cache). The prompt
+    tokens, so its memory does not grow with the generated length (a global
+    layer's ring holds the whole sequence, like a KV cache: twice the padded
+    length inside `generate()`, see `_build_cache`). The prompt
     is absorbed by one prefill through the fast sequence path, then each new
     token costs one decode step. Every keras-hub sampler works
     (`compile(sampler=...)`).
