@@ -14,7 +14,7 @@ from keras_nha.layers import NHALayer
 __version__ = "0.1.0"
 
 _MODEL_NAMES = ("NHABackbone", "NHACausalLM", "NHACausalLMPreprocessor",
-                "NHADecoderBlock", "NHATokenizer", "hybridize")
+                "NHADecoderBlock", "NHATokenizer", "hybridize", "preset_path")
 
 
 def __getattr__(name):
