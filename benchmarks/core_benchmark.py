@@ -119,6 +119,9 @@ def run_backend(lengths, repeats, reference_limit):
                 backend=keras.config.backend(), length=length, path=name,
                 forward_ms=_median_ms(forward, args, repeats),
                 train_ms=_median_ms(both, args, repeats)))
+            print(f"  fwd {rows[-1]['forward_ms']:.1f} ms, fwd+bwd "
+                  f"{rows[-1]['train_ms']:.1f} ms", file=sys.stderr,
+                  flush=True)
     return rows
 
 
