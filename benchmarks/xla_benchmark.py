@@ -22,8 +22,8 @@ HLO of the XLA-compiled forward+backward, the check that nothing is
 quadratic in T.
 
     KERAS_BACKEND=tensorflow python benchmarks/xla_benchmark.py \\
-        --plot benchmarks/results/xla_benchmark_cpu2.png \\
-        --out benchmarks/results/xla_benchmark_cpu2
+        --machine cpu2-AMD-EPYC --out benchmarks/results/xla_benchmark_cpu2 \\
+        --plot benchmarks/results/xla_benchmark_cpu2.png
 """
 
 import argparse
@@ -303,6 +303,7 @@ def plot(rows, path, machine):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in PATHS:
         done = sorted((r["length"], r["train_ms"], r["peak_mb"]) for r in rows
@@ -325,6 +326,9 @@ def plot(rows, path, machine):
     right.set_title("peak memory (RSS growth)")
     right.set_ylabel("MB")
     for axis in (left, right):
+        axis.set_xticks(sorted({r["length"] for r in rows}))
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("sequence length T")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
@@ -349,6 +353,8 @@ def main():
                         help="machine name for titles")
     parser.add_argument("--out", help="write PREFIX.txt and PREFIX.json")
     parser.add_argument("--plot", help="write a PNG here")
+    parser.add_argument("--from-json", help="report and plot saved rows "
+                        "(a PREFIX.json of --out) instead of running")
     parser.add_argument("--one", nargs=2, metavar=("PATH", "T"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -356,11 +362,15 @@ def main():
         row = run_one(args.one[0], int(args.one[1]), args.repeats)
         print(json.dumps(row))
         return
-    rows = run_all(args.paths, args.lengths, args.repeats,
-                   args.memory_fraction, args.chunked_xla_max)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+    else:
+        rows = run_all(args.paths, args.lengths, args.repeats,
+                       args.memory_fraction, args.chunked_xla_max)
     text = report(rows, args.machine)
     print(text)
-    if args.out:
+    if args.out and not args.from_json:
         with open(args.out + ".txt", "w") as f:
             f.write(text + "\n")
         with open(args.out + ".json", "w") as f:

@@ -25,6 +25,8 @@ from keras_nha.kernels.xla import window
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Static configuration of one compiled kernel (Python values only)."""
+
     tiling: layout.Tiling
     capacity: int  # window ring C (0: no window)
     num_slots: int  # M (0: no slots)

@@ -120,6 +120,18 @@ def xla_nha(query, key, value, log_forget_gate, *, window_size, scale,
 
     Returns:
         `(output [B, T, H, V] in the query's dtype, new_state)`.
+
+    Example:
+
+    >>> state = keras_nha.ops.initial_state(1, 2, 16, 16, 8, 4)
+    >>> q = tf.random.normal((1, 10, 4, 16))
+    >>> k = v = tf.random.normal((1, 10, 2, 16))
+    >>> g = tf.math.log_sigmoid(tf.random.normal((1, 10, 2, 8)))
+    >>> out, state = xla_nha(q, k, v, g, window_size=4, scale=0.25,
+    ...                      window_query=q, window_key=k,
+    ...                      padding_mask=None, state=state)
+    >>> out.shape
+    TensorShape([1, 10, 4, 16])
     """
     return compiled(window_size, float(scale))(
         query, key, value, log_forget_gate, window_query, window_key,

@@ -76,6 +76,7 @@ class Gates:
 
 
 def gates(log_gates):
+    """`Gates` of the fed log gates `[Z, P, L, M]` (in-chunk cumsums)."""
     cum = tf.cumsum(log_gates, axis=2)
     last = cum[:, :, -1:]
     alpha = tf.exp(log_gates)
@@ -129,7 +130,8 @@ def affine_scan(log_decay, x, init, block=None):
     local, block_x = affine_scan(
         tf.reshape(log_decay, [-1, block, rest[-1]]),
         tf.reshape(x, [-1, block] + list(rest)),
-        tf.zeros(tf.concat([tf.shape(x)[:1] * count, rest], 0), x.dtype),
+        tf.zeros(tf.concat([tf.shape(x)[:1] * count, list(rest)], 0),
+                 x.dtype),
         block)
     log_decay = tf.reshape(log_decay, [-1, count, block, rest[-1]])
     block_starts, final = affine_scan(
@@ -157,6 +159,7 @@ def _join_memory(keys, values):
 
 
 def _split_memory(joined, key_dim):
+    """Inverse of `_join_memory`."""
     rank = len(joined.shape)
     order = list(range(rank - 2)) + [rank - 1, rank - 2]
     return joined[..., :key_dim, :], tf.transpose(joined[..., key_dim:, :],

@@ -122,6 +122,18 @@ def xla_nha_step(query, key, value, log_forget_gate, state, *, window_size,
 
     Returns:
         `(output [B, H, V] in the query's dtype, new_state)`.
+
+    Example:
+
+    >>> state = keras_nha.ops.initial_state(1, 2, 16, 16, 8, 4)
+    >>> q = tf.random.normal((1, 4, 16))
+    >>> k = v = tf.random.normal((1, 2, 16))
+    >>> g = tf.math.log_sigmoid(tf.random.normal((1, 2, 8)))
+    >>> out, state = xla_nha_step(q, k, v, g, state, window_size=4,
+    ...                           scale=0.25, window_query=q, window_key=k,
+    ...                           padding_mask=None)
+    >>> out.shape
+    TensorShape([1, 4, 16])
     """
     return compiled_step(window_size, float(scale))(
         query, key, value, log_forget_gate, window_query, window_key,
