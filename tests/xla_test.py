@@ -209,13 +209,12 @@ def test_inside_tf_function_and_jit_compile():
                                              **kw),
         tensors, INPUT_NAMES, cot)
     # A graph with an unknown batch dimension (Keras' trainer makes these),
-    # and the whole step compiled by XLA. (autograph=False: the kernel needs
-    # no conversion; see the closing report on autograph.)
+    # and the whole step compiled by XLA.
     specs = {n: tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype)
              for n, x in tensors.items()}
-    graph = tf.function(_loss_and_grads, autograph=False, input_signature=(
+    graph = tf.function(_loss_and_grads, input_signature=(
         specs, tf.TensorSpec((None,) + cot.shape[1:], "float64")))
-    jitted = tf.function(_loss_and_grads, jit_compile=True, autograph=False)
+    jitted = tf.function(_loss_and_grads, jit_compile=True)
     mask = inputs["padding_mask"]
     for fn in (graph, jitted):
         out, grads = fn(tensors, tf.constant(cot))
