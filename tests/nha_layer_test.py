@@ -163,3 +163,20 @@ def test_bad_layer_arguments():
         NHALayer(num_heads=2, window_size=-3)
     with pytest.raises(ValueError, match="feature_map"):
         NHALayer(num_heads=2, feature_map="relu")
+
+
+def test_layers_import_only_keras_and_the_backend():
+    backend = keras.config.backend()
+    script = (
+        "import sys, keras, keras_nha\n"
+        "keras_nha.NHALayer(num_heads=2, num_slots=4, window_size=3)("
+        "keras.random.normal((1, 7, 16)))\n"
+        "print(sorted(m for m in ('tensorflow', 'keras_hub', 'torch', 'jax')"
+        " if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], check=True,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, KERAS_BACKEND=backend))
+    loaded = eval(result.stdout.strip().splitlines()[-1])
+    assert "keras_hub" not in loaded
+    if backend != "tensorflow":
+        assert "tensorflow" not in loaded, loaded

@@ -98,8 +98,10 @@ class NHALayer(keras.layers.Layer):
     def _dense(self, name, equation, output_shape, bias_axes=None, dtype=None):
         return keras.layers.EinsumDense(
             equation, output_shape, bias_axes=bias_axes,
-            kernel_initializer=keras.initializers.get(
-                keras.initializers.serialize(self.kernel_initializer)),
+            # A fresh copy per projection. (Not through serialize(): that
+            # imports TensorFlow whenever it is installed.)
+            kernel_initializer=self.kernel_initializer.__class__.from_config(
+                self.kernel_initializer.get_config()),
             dtype=dtype or self.dtype_policy, name=name)
 
     def build(self, input_shape):
