@@ -72,20 +72,21 @@ def nha_step(query, key, value, log_forget_gate, state, *, window_size, scale,
             token["log_forget_gates"])
     else:
         here = ops.one_hot(ops.mod(position, capacity), capacity, dtype=acc)
-        here_ = {n: ops.reshape(here, (1, capacity) + (1,) * (ops.ndim(state[n]) - 2))
-                 for n in token}
+        # `here` shaped to broadcast against each ring buffer [B, C, ...].
+        at = {n: ops.reshape(here, (1, capacity) + (1,) * (
+            ops.ndim(state[n]) - 2)) for n in token}
         if capacity == window_size:
             # The ring slot we overwrite holds token t - W, which leaves the
             # window now and enters the slots. (With capacity < W nothing
             # leaves: the caller promised the sequence fits.)
-            leaving = {n: ops.sum(ops.cast(state[n], acc) * here_[n], axis=1)
+            leaving = {n: ops.sum(ops.cast(state[n], acc) * at[n], axis=1)
                        for n in ("keys", "values", "log_forget_gates")}
             slot_keys, slot_values = write_into_slots(
                 slot_keys, slot_values, leaving["keys"], leaving["values"],
                 leaving["log_forget_gates"])
         for n, value_now in token.items():
             ring = state[n]
-            new_state[n] = ops.where(here_[n] > 0,
+            new_state[n] = ops.where(at[n] > 0,
                                      ops.cast(ops.expand_dims(value_now, 1),
                                               ring.dtype), ring)
     new_state["slot_keys"], new_state["slot_values"] = slot_keys, slot_values
