@@ -38,8 +38,12 @@ def _inputs(length):
     }
 
 
-def _compiled(fn, names):
-    """(forward, forward+backward) callables for the active backend."""
+def _compiled(fn, names, compile=True):
+    """(forward, forward+backward) callables for the active backend.
+
+    `compile=False` keeps the step-by-step reference eager: compiling its
+    unrolled loop (and gradient) takes far more time and memory than running.
+    """
     import keras
     backend = keras.config.backend()
     if backend == "jax":
@@ -47,20 +51,18 @@ def _compiled(fn, names):
 
         def loss(*args):
             return jax.numpy.sum(fn(*args))
-        forward = jax.jit(fn)
-        both = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(
-            len(names)))))
-        return forward, both
+        both = jax.value_and_grad(loss, argnums=tuple(range(len(names))))
+        return (jax.jit(fn), jax.jit(both)) if compile else (fn, both)
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function
         def both(*args):
             with tf.GradientTape() as tape:
                 tape.watch(args)
                 out = tf.reduce_sum(fn(*args))
             return out, tape.gradient(out, args)
-        return tf.function(fn), both
+        return ((tf.function(fn), tf.function(both)) if compile
+                else (fn, both))
     import torch
 
     def torch_both(*args):
@@ -111,7 +113,8 @@ def run_backend(lengths, repeats, reference_limit):
         for name, fn in variants.items():
             if name == "reference" and length > reference_limit:
                 continue
-            forward, both = _compiled(fn, names)
+            forward, both = _compiled(fn, names,
+                                      compile=name != "reference")
             args = [tensors[n] for n in names]
             print(f"[{keras.config.backend()}] T={length} {name} ...",
                   file=sys.stderr, flush=True)
