@@ -37,10 +37,10 @@ if [ -n "${ONE_GPU:-}" ]; then
   run_job triton 0 "${TRITON_S:-200}"; run_job pallas 0 "${PALLAS_S:-170}"
   run_job mqar 0 "${MQAR_S:-240}"; run_job lm_study 0 "${LM_S:-120}"
 else
-  ( run_job triton 0 "${TRITON_S:-240}"; run_job pallas 0 "${PALLAS_S:-210}" ) &
-  ( run_job mqar 1 "${MQAR_S:-300}"; run_job lm_study 1 "${LM_S:-150}" ) &
+  ( run_job triton 0 "${TRITON_S:-220}"; run_job pallas 0 "${PALLAS_S:-190}" ) &
+  ( run_job mqar 1 "${MQAR_S:-280}"; run_job lm_study 1 "${LM_S:-130}" ) &
   wait
-  run_job distributed 0,1 "${DIST_S:-90}"
+  run_job distributed 0,1 "${DIST_S:-120}"
 fi
 tar czf "${OUT:-/tmp/out}/round.tgz" -C "$results" .
 cat "$results/summary.txt"
