@@ -197,8 +197,28 @@ def fla_rows(length):
     return rows
 
 
+# Kernel name fragments -> the part of NHA they belong to (breakdown groups).
+_PARTS = (
+    ("prep_kernel", "slot pass (fwd)"), ("chunk_scan", "slot pass (fwd)"),
+    ("slot_forward", "slot pass (fwd)"), ("slot_logits", "slot pass (fwd)"),
+    ("window_forward", "window pass (fwd)"),
+    ("row_dot", "window bwd"), ("window_dq", "window bwd"),
+    ("window_dkdv", "window bwd"),
+    ("slot_dq", "slot bwd"), ("slot_dx", "slot bwd"),
+    ("adjoint", "slot bwd"), ("gate_", "slot bwd"),
+)
+
+
+def part_of(kernel_name):
+    """The NHA part a CUDA kernel belongs to; torch's own kernels are glue."""
+    for fragment, part in _PARTS:
+        if fragment in kernel_name:
+            return part
+    return "torch glue (copies, casts, adds)"
+
+
 def nha_breakdown(length):
-    """CUDA time per kernel of one NHA forward+backward."""
+    """CUDA time per kernel of one NHA forward+backward, and per part."""
     import torch
 
     from keras_nha.kernels import state as state_lib
@@ -225,10 +245,15 @@ def nha_breakdown(length):
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] = totals.get(event.name, 0.0) + (
                 event.device_time_total / 3 / 1000)
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:16])
+    parts = {}
+    for name, ms in totals.items():
+        parts[part_of(name)] = parts.get(part_of(name), 0.0) + ms
+    kernels = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:20])
+    return {"kernels": kernels,
+            "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
 
 
-def decode_rows(batch=8, contexts=(4096, 16384, 65536)):
+def decode_rows(batch=8, contexts=(4096, 65536)):
     """ms per one-token step; SDPA reads the whole KV cache."""
     import torch
 
@@ -386,17 +411,32 @@ def _table(result):
             lines.append(f"{name:34s} {int(length):6d} {fwd:9.3f} "
                          f"{both:11.3f} {f_rate:9.0f} {b_rate:9.0f} "
                          f"{100 * b_rate / ceil['matmul_bf16_tflops']:7.0f}%")
+    nha = next((per for name, per in result["rows"].items()
+                if name.startswith("NHA")), {})
+    for name, per_length in result["rows"].items():
+        if name.startswith("NHA"):
+            continue
+        ratios = [f"T={t}: fwd {nha[t][0] / per_length[t][0]:.2f}x, "
+                  f"fwd+bwd {nha[t][1] / per_length[t][1]:.2f}x"
+                  for t in sorted(per_length, key=int) if t in nha]
+        if ratios:
+            lines.append(f"NHA time / {name}: " + "; ".join(ratios))
     for name, error in result.get("skipped", {}).items():
         lines.append(f"{name:34s} skipped: {error}")
     if result.get("decode"):
         lines.append("decode, B=8, one token (ms):")
         for name, ms in result["decode"].items():
             lines.append(f"  {name:54s} {ms:8.4f}")
-    if result.get("breakdown"):
-        lines.append(f"NHA fwd+bwd CUDA time per kernel at T="
-                     f"{result['breakdown_length']} (ms):")
-        for name, ms in result["breakdown"].items():
-            lines.append(f"  {name[:60]:60s} {ms:8.3f}")
+    for length, found in sorted(result.get("breakdowns", {}).items(),
+                                key=lambda kv: int(kv[0])):
+        total = sum(found["parts"].values())
+        lines.append(f"NHA fwd+bwd CUDA time at T={length}: {total:.3f} ms "
+                     "of kernels; per part (ms):")
+        for name, ms in found["parts"].items():
+            lines.append(f"  {name:40s} {ms:8.3f} {100 * ms / total:5.1f}%")
+        lines.append("  per kernel (ms):")
+        for name, ms in found["kernels"].items():
+            lines.append(f"    {name[:58]:58s} {ms:8.3f}")
     return "\n".join(lines)
 
 
@@ -424,14 +464,115 @@ def _plot(result, path):
     fig.savefig(path, dpi=120)
 
 
+def _measure(args, tuning):
+    """Most important first, each row saved as soon as it is measured (a job
+    with a wall-clock limit keeps what it got): NHA at every length, its
+    per-kernel breakdowns, decode, then the peers one by one (fla last,
+    shortest T first: its first call at each length autotunes)."""
+    import torch
+    import triton
+
+    start = time.time()
+    result = {"device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "ceilings": _ceilings(), "rows": {}, "skipped": {},
+              "blocks": os.environ.get("KERAS_NHA_TRITON_BLOCKS", ""),
+              "tuning": tuning, "breakdowns": {}}
+    print(f"{result['device']}: {result['ceilings']}", flush=True)
+    reused = {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            reused = json.load(f)
+        if reused.get("device") != result["device"]:
+            print(f"not reusing rows measured on {reused.get('device')}")
+            reused = {}
+
+    def save():
+        if args.json:  # partial results survive a timeout
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    def late(what):
+        if args.deadline and time.time() - start > args.deadline:
+            result["skipped"][what] = "deadline"
+            print(f"skipped {what}: past the deadline", flush=True)
+            return True
+        return False
+
+    def run_rows(rows_fn, length):
+        if late(f"{rows_fn.__name__} T={length}"):
+            return
+        began = time.time()
+        try:
+            rows = rows_fn(length)
+        except Exception as error:  # a missing peer stays visible
+            result["skipped"][f"{rows_fn.__name__} T={length}"] = (
+                f"{type(error).__name__}: {str(error)[:200]}")
+            print(f"[{rows_fn.__name__} T={length}] failed: {error!r}",
+                  flush=True)
+            return
+        finally:
+            torch.cuda.empty_cache()
+        for name, values in rows.items():
+            result["rows"].setdefault(name, {})[str(length)] = values
+        print(f"[{rows_fn.__name__} T={length}: {time.time() - began:.0f}s,"
+              f" at {time.time() - start:.0f}s] " + "; ".join(
+                  f"{n}: fwd {f:.3f} ms, fwd+bwd {b:.3f} ms"
+                  for n, (f, b, _) in rows.items()), flush=True)
+        save()
+
+    lengths = [int(t) for t in args.lengths.split(",")]
+    for length in lengths:
+        run_rows(nha_rows, length)
+    for length in (int(t) for t in args.breakdown.split(",") if t):
+        if late(f"breakdown T={length}"):
+            continue
+        result["breakdowns"][str(length)] = found = nha_breakdown(length)
+        print(f"[breakdown T={length}] {found['parts']}", flush=True)
+        save()
+    if not args.no_decode and not late("decode"):
+        result["decode"] = decode_rows()
+        print(f"[decode] {result['decode']}", flush=True)
+        save()
+    peers = {"sdpa": sdpa_rows, "flex": flex_rows, "fla": fla_rows}
+    for peer in (p for p in args.peers.split(",") if p in peers):
+        order = sorted(lengths) if peer == "fla" else lengths
+        for length in order:
+            old = {name: per[str(length)]
+                   for name, per in reused.get("rows", {}).items()
+                   if str(length) in per and not name.startswith("NHA")
+                   and _peer_of(name) == peer}
+            if old:
+                for name, values in old.items():
+                    result["rows"].setdefault(name, {})[str(length)] = values
+                result.setdefault("reused", []).append(f"{peer} T={length}")
+                print(f"[{peer} T={length}] reused from {args.reuse}")
+                save()
+                continue
+            run_rows(peers[peer], length)
+    return result
+
+
+def _peer_of(row_name):
+    lowered = row_name.lower()
+    for peer in ("sdpa", "flex", "fla"):
+        if lowered.startswith(peer):
+            return peer
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="4096,16384,65536")
     parser.add_argument("--peers", default="sdpa,flex,fla",
                         help="comma list of sdpa, flex, fla (or none)")
     parser.add_argument("--no-decode", action="store_true")
-    parser.add_argument("--breakdown", type=int, default=16384,
-                        help="T for the per-kernel profile (0: none)")
+    parser.add_argument("--breakdown", default="65536,4096",
+                        help="comma list of T for the per-kernel profile")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="seconds after which no new row is started")
+    parser.add_argument("--reuse", help="a JSON of an earlier run on the "
+                        "same card: its peer rows are kept, not re-measured")
     parser.add_argument("--tune", default="",
                         help="';'-separated KERAS_NHA_TRITON_BLOCKS values: "
                         "time NHA fwd+bwd at --tune-length under each and "
@@ -470,40 +611,7 @@ def main():
         with open(args.from_json) as f:
             result = json.load(f)
     else:
-        import torch
-        import triton
-
-        result = {"device": torch.cuda.get_device_name(),
-                  "torch": torch.__version__, "triton": triton.__version__,
-                  "ceilings": _ceilings(), "rows": {}, "skipped": {},
-                  "blocks": os.environ.get("KERAS_NHA_TRITON_BLOCKS", ""),
-                  "tuning": tuning}
-        peers = {"sdpa": sdpa_rows, "flex": flex_rows, "fla": fla_rows}
-        chosen = [nha_rows] + [peers[p] for p in args.peers.split(",")
-                               if p in peers]
-        for length in (int(t) for t in args.lengths.split(",")):
-            for rows_fn in chosen:
-                start = time.time()
-                try:
-                    rows = rows_fn(length)
-                except Exception as error:  # a missing peer stays visible
-                    result["skipped"][f"{rows_fn.__name__} T={length}"] = (
-                        f"{type(error).__name__}: {str(error)[:200]}")
-                    continue
-                finally:
-                    torch.cuda.empty_cache()
-                for name, values in rows.items():
-                    result["rows"].setdefault(name, {})[str(length)] = values
-                print(f"[{rows_fn.__name__} T={length}: "
-                      f"{time.time() - start:.0f}s] {rows}", flush=True)
-                if args.json:  # partial results survive a timeout
-                    with open(args.json, "w") as f:
-                        json.dump(result, f, indent=1)
-        if not args.no_decode:
-            result["decode"] = decode_rows()
-        if args.breakdown:
-            result["breakdown_length"] = args.breakdown
-            result["breakdown"] = nha_breakdown(args.breakdown)
+        result = _measure(args, tuning)
     print(_table(result))
     if args.json and not args.from_json:
         with open(args.json, "w") as f:
