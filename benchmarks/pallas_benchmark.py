@@ -12,6 +12,11 @@ memory); the driver collects their JSON rows, prints a table, and with
 Usage:
     python benchmarks/pallas_benchmark.py [--lengths 4096 16384 65536]
         [--json PATH] [--plot PATH] [--no-triton]
+    # JAX rows only, in a chosen order, each appended to a file as measured
+    # (what benchmarks/gpu/pallas.sh runs):
+    python benchmarks/pallas_benchmark.py --part jax --steps main:65536 \
+        breakdown:65536 main:16384 variants:65536 decode --jsonl rows.jsonl
+    python benchmarks/pallas_benchmark.py --from-jsonl rows.jsonl --plot p.png
 
 TFLOP/s are against counted FLOPs (one multiply-add = 2 FLOPs), forward:
 NHA 4*W*d (window logits + readout) + 8*M*d (slot logits + readout)
@@ -59,18 +64,48 @@ def _median_ms(fn, sync, warmup=2, reps=int(os.environ.get("NHA_BENCH_REPS",
     return statistics.median(times)
 
 
-def run_jax(lengths):
+_JSONL = None
+
+
+def _emit(rows, row):
+    """Keeps `row` and reports it at once (stderr, and `--jsonl` if set)."""
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    if _JSONL:
+        with open(_JSONL, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _timed(rows, impl, mode, length, call, card, sync, flops=None):
+    try:
+        ms, error = _median_ms(call, sync), None
+    except Exception as exc:  # noqa: BLE001 (report, go on)
+        ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
+    _emit(rows, dict(impl=impl, mode=mode, T=length, ms=ms, flops=flops,
+                     card=card, error=error))
+
+
+DEFAULT_STEPS = ("main:65536", "breakdown:65536", "main:16384", "main:4096",
+                 "variants:65536", "decode")
+
+
+def run_jax(lengths, steps=None):
+    """JAX rows: `steps` in order ("main:T", "breakdown:T", "variants:T",
+    "decode"); by default the main rows for `lengths`, the breakdown at the
+    largest, then decode."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import keras_nha
 
     card = jax.devices()[0].device_kind
     rows = []
     sync = jax.block_until_ready
+    if steps is None:
+        steps = [f"main:{t}" for t in lengths] + [
+            f"breakdown:{max(lengths)}", "decode"]
 
     def inputs(length, seed):
         keys = jax.random.split(jax.random.PRNGKey(seed), 5)
@@ -90,7 +125,7 @@ def run_jax(lengths):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                             implementation="cudnn")
 
-    for length in lengths:
+    def main_rows(length):
         q, k, v, gate, ct = inputs(length, length)
         for name, fn, flops in (("pallas", nha, nha_flops),
                                 ("cudnn causal", cudnn, causal_flops)):
@@ -102,20 +137,30 @@ def run_jax(lengths):
 
             both = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
             for mode, call in (("fwd", forward), ("fwd+bwd", both)):
-                try:
-                    ms = _median_ms(lambda: call(q, k, v, gate), sync)
-                    error = None
-                except Exception as exc:  # noqa: BLE001 (report, go on)
-                    ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
-                rows.append(dict(impl=name, mode=mode, T=length, ms=ms,
-                                 flops=flops(length, mode == "fwd+bwd"),
-                                 card=card, error=error))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                _timed(rows, name, mode, length,
+                       lambda call=call: call(q, k, v, gate), card, sync,
+                       flops(length, mode == "fwd+bwd"))
 
-    rows += _breakdown(max(lengths), card, sync, _median_ms,
-                       sweep=os.environ.get("NHA_BENCH_SWEEP") == "1")
+    for step in steps:
+        kind, _, length = step.partition(":")
+        if kind == "main":
+            main_rows(int(length))
+        elif kind in ("breakdown", "variants"):
+            _breakdown(rows, int(length), card, sync, kind == "variants")
+        elif kind == "decode":
+            _decode(rows, card, sync)
+        else:
+            raise ValueError(f"Unknown step {step!r}")
+    return rows
 
-    # Decode: one token over a full state (context 65536, ring of W).
+
+def _decode(rows, card, sync):
+    """Decode: one token over a full state (context 65536, ring of W)."""
+    import jax
+    import jax.numpy as jnp
+
+    import keras_nha
+
     state = keras_nha.ops.initial_state(DECODE_BATCH, HEADS, DIM, DIM, SLOTS,
                                         WINDOW, dtype="bfloat16")
     keys = jax.random.split(jax.random.PRNGKey(1), 8)
@@ -164,28 +209,25 @@ def run_jax(lengths):
         def call_many():
             out, holder["s"] = looped(holder["s"], token)
             return out
-        rows.append(dict(impl=f"decode {implementation}", mode="1 call",
-                         T=DECODE_CONTEXT, ms=_median_ms(call_one, sync,
-                                                         reps=50),
-                         flops=None, card=card, error=None))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        rows.append(dict(impl=f"decode {implementation}",
+        _emit(rows, dict(impl=f"decode {implementation}", mode="1 call",
+                         T=DECODE_CONTEXT,
+                         ms=_median_ms(call_one, sync, reps=50), flops=None,
+                         card=card, error=None))
+        _emit(rows, dict(impl=f"decode {implementation}",
                          mode="per step, 100-step device loop",
                          T=DECODE_CONTEXT,
                          ms=_median_ms(call_many, sync) / 100, flops=None,
                          card=card, error=None))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    del np
-    return rows
 
 
-def _breakdown(length, card, sync, timer, sweep=False):
-    """The two Pallas passes alone (no history assembly, no merge).
+def _breakdown(rows, length, card, sync, variants=False):
+    """The two Pallas passes alone (no history assembly, no merge), and the
+    slot pass's kernels one by one (chunk walks, readers, XLA cumsums).
 
-    With `sweep`, the slot pass also for other chunk sizes and pipelining
-    depths of its chunk-walking kernels, and those kernels alone.
+    With `variants`, the slot pass under other tilings (`_VARIANTS`).
     """
     import dataclasses
+    import functools
 
     import jax
     import jax.numpy as jnp
@@ -195,73 +237,93 @@ def _breakdown(length, card, sync, timer, sweep=False):
     from keras_nha.kernels.pallas.slots import slot_attention
     from keras_nha.kernels.pallas.window import window_attention
 
-    config = default_config(length, DIM, False)
+    base = default_config(length, DIM, jax.default_backend() != "gpu")
     keys = jax.random.split(jax.random.PRNGKey(2), 6)
     shape = (BATCH, length, HEADS, DIM)
     history = (BATCH, length + WINDOW, HEADS, DIM)
     q = jax.random.normal(keys[0], shape, jnp.bfloat16)
     k = jax.random.normal(keys[1], history, jnp.bfloat16)
     v = jax.random.normal(keys[2], history, jnp.bfloat16)
+    dout = jax.random.normal(keys[4], shape, jnp.float32)
     mask = jnp.ones(history[:2], jnp.float32)
     gate = jax.nn.log_sigmoid(jax.random.normal(
         keys[3], (BATCH, length, HEADS, SLOTS))) / 8
     sk0 = jnp.zeros((BATCH, HEADS, DIM, SLOTS), jnp.float32)
     sv0 = jnp.zeros((BATCH, HEADS, SLOTS, DIM), jnp.float32)
     scale = DIM ** -0.5
+    kf, vf = k[:, :length], v[:, :length]
 
     def window(q, k, v):
-        return window_attention(q, k, v, mask, scale, WINDOW, config)[0]
+        return window_attention(q, k, v, mask, scale, WINDOW, base)[0]
 
-    def slots(q, k, v):
-        return slot_attention(q, k[:, :length], v[:, :length], gate, sk0,
-                              sv0, scale, SLOTS, config)[0]
+    def slots_with(config):
+        def slots(q, k, v):
+            return slot_attention(q, k[:, :length], v[:, :length], gate, sk0,
+                                  sv0, scale, SLOTS, config)[0]
+        return slots
 
-    variants = [("pallas window", window, None), ("pallas slots", slots, None)]
-    if sweep:
-        for chunk, stages in ((64, 2), (128, 1), (128, 2)):
-            variant = dataclasses.replace(config, chunk=chunk,
-                                          sequential_stages=stages)
-
-            def slots_variant(q, k, v, variant=variant):
-                return slot_attention(q, k[:, :length], v[:, :length], gate,
-                                      sk0, sv0, scale, SLOTS, variant)[0]
-            variants.append((f"slots c={chunk} st={stages}", slots_variant,
-                             variant))
-    for chunk, stages in ((64, 1),) + (((64, 2), (128, 1), (128, 2))
-                                       if sweep else ()):
-        variant = dataclasses.replace(config, chunk=chunk,
-                                      sequential_stages=stages)
-
-        def states(q, k, v, variant=variant):
-            del q
-            gc = slots_lib._chunk_cumsum(gate, variant.chunk)
-            return slots_lib._states(k[:, :length], v[:, :length], gc,
-                                     -jnp.expm1(gate), sk0, sv0, variant)
-        variants.append((f"states c={chunk} st={stages}", states, "fwd"))
-
-    def cumsums(q, k, v):
-        del q, k, v
-        local = slots_lib._chunk_cumsum(gate, config.chunk)
-        reverse = jnp.flip(jnp.cumsum(jnp.flip(gate, 1), axis=1), 1)
-        return local + reverse
-    variants.append(("xla cumsums", cumsums, "fwd"))
-
-    rows = []
-    for name, fn, only in variants:
+    def passes(name, fn):
         forward = jax.jit(fn)
-        both = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)),
+        both = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)),
                                 argnums=(0, 1, 2)))
-        modes = (("fwd (pass alone)", forward),
-                 ("fwd+bwd (pass alone)", both))
-        for mode, call in modes[:1] if only == "fwd" else modes:
-            try:
-                ms, error = timer(lambda: call(q, k, v), sync), None
-            except Exception as exc:  # noqa: BLE001 (report, go on)
-                ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(dict(impl=name, mode=mode, T=length, ms=ms,
-                             flops=None, card=card, error=error))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return rows
+        _timed(rows, name, "fwd (pass alone)", length,
+               lambda: forward(q, k, v), card, sync)
+        _timed(rows, name, "fwd+bwd (pass alone)", length,
+               lambda: both(q, k, v), card, sync)
+
+    def kernels(tag, config):
+        """The slot pass's pieces one at a time, on real intermediates."""
+        gc = jax.jit(functools.partial(slots_lib._chunk_cumsum,
+                                       chunk=config.chunk))(gate)
+        s = -jnp.expm1(gate)
+        states = jax.jit(lambda: slots_lib._states(kf, vf, gc, s, sk0, sv0,
+                                                   config))
+        _timed(rows, f"{tag}chunk walks", "fwd (states)", length, states,
+               card, sync)
+        sk, sv = states()
+        read = jax.jit(lambda: slots_lib._read(q, kf, vf, gc, s, sk, sv,
+                                               scale, SLOTS, config))
+        _timed(rows, f"{tag}slot reader", "fwd", length, read, card, sync)
+        out, lse = read()
+        delta = jnp.einsum("bthv,bthv->bht", out, dout)
+        dq = jax.jit(lambda: slots_lib._dq(q, kf, vf, gc, s, sk, sv, dout,
+                                           lse, delta, scale, SLOTS, config))
+        _timed(rows, f"{tag}slot dq", "bwd", length, dq, card, sync)
+        _, dz, p, _ = dq()
+        zeros = (jnp.zeros_like(sk0), jnp.zeros_like(sv0))
+        adjoints = jax.jit(lambda: slots_lib._adjoints(
+            q, dz, p, dout, gc, *zeros, scale, config))
+        _timed(rows, f"{tag}chunk walks", "bwd (adjoints)", length, adjoints,
+               card, sync)
+        lk, lv, _, _ = adjoints()
+        dkv = jax.jit(lambda: slots_lib._dkv(kf, vf, gc, s, lk, lv, q, dz, p,
+                                             dout, scale, config))
+        _timed(rows, f"{tag}slot dkv", "bwd", length, dkv, card, sync)
+
+    if not variants:
+        passes("pallas window", window)
+        passes("pallas slots", slots_with(base))
+        kernels("", base)
+
+        def cumsums():
+            local = slots_lib._chunk_cumsum(gate, base.chunk)
+            reverse = jnp.flip(jnp.cumsum(jnp.flip(gate, 1), axis=1), 1)
+            return local + reverse
+        _timed(rows, "xla cumsums", "fwd+bwd ones", length, jax.jit(cumsums),
+               card, sync)
+        return
+    for name, changes in _VARIANTS:
+        config = dataclasses.replace(base, **changes)
+        passes(f"slots {name}", slots_with(config))
+        if os.environ.get("NHA_BENCH_VARIANT_KERNELS") == "1":
+            kernels(f"{name}: ", config)
+
+
+# Slot-pass tilings timed by the "variants" step (name, config changes).
+_VARIANTS = (
+    ("warps=4", dict(num_warps=4)),
+    ("c=128 st=2", dict(chunk=128, sequential_stages=2)),
+)
 
 
 def run_torch(lengths):
@@ -301,10 +363,9 @@ def run_torch(lengths):
                 error = None
             except Exception as exc:  # noqa: BLE001 (report, go on)
                 ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(dict(impl="triton (torch)", mode=mode, T=length,
+            _emit(rows, dict(impl="triton (torch)", mode=mode, T=length,
                              ms=ms, flops=nha_flops(length, mode != "fwd"),
                              card=card, error=error))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         del q, k, v, ct, gate, leaves
         torch.cuda.empty_cache()
     return rows
@@ -369,11 +430,26 @@ def main():
     parser.add_argument("--part", choices=("all", "jax", "torch"),
                         default="all")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--steps", nargs="+",
+                        help="JAX steps in order, e.g. main:65536 "
+                        "breakdown:65536 variants:65536 decode")
+    parser.add_argument("--jsonl", help="append each row here as measured")
+    parser.add_argument("--from-jsonl",
+                        help="only print/plot the rows of this file")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
+    global _JSONL
+    _JSONL = args.jsonl
+    if args.from_jsonl:
+        with open(args.from_jsonl) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        print(table(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return
     if args.part == "jax":
-        print(json.dumps(run_jax(args.lengths)))
+        print(json.dumps(run_jax(args.lengths, args.steps)))
         return
     if args.part == "torch":
         print(json.dumps(run_torch(args.lengths)))

@@ -463,16 +463,14 @@ def _reader_specs(config, key_dim, value_dim, slots, groups):
             _chunk_state((slots, value_dim), groups, per)]
 
 
-def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
+def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
+    """Reader forward: slot-normalised output and lse per query row."""
     batch, length, heads, key_dim = q.shape
-    kv_heads, value_dim, slots = k.shape[2], v.shape[-1], g.shape[-1]
-    groups, chunk, sub = heads // kv_heads, config.chunk, config.sub
-    gc = _chunk_cumsum(g, chunk)
-    s = -jnp.expm1(g)
-    sk, sv = _states(k, v, gc, s, sk0, sv0, config)
-    out, lse = pl.pallas_call(
+    kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
+    groups, sub = heads // kv_heads, config.sub
+    return pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, num_slots=num_slots,
-                          chunk=chunk, sub=sub, diag=config.diag),
+                          chunk=config.chunk, sub=sub, diag=config.diag),
         grid=(length // sub, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
         out_specs=[_rows(sub, value_dim),
@@ -484,6 +482,13 @@ def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
         interpret=config.interpret,
         name="nha_slot_forward",
     )(q, k, v, gc, s, sk, sv)
+
+
+def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
+    gc = _chunk_cumsum(g, config.chunk)
+    s = -jnp.expm1(g)
+    sk, sv = _states(k, v, gc, s, sk0, sv0, config)
+    out, lse = _read(q, k, v, gc, s, sk, sv, scale, num_slots, config)
     return out, lse, sk, sv, gc, s
 
 
@@ -518,21 +523,18 @@ def _slot_fwd(q, k, v, g, sk0, sv0, scale, num_slots, config):
     return (out, lse, sk[:, :, -1], sv[:, :, -1]), residuals
 
 
-def _slot_bwd(scale, num_slots, config, residuals, cotangents):
-    q, k, v, g, gc, s, sk, sv, out, lse = residuals
-    dout, dlse, dsk_end, dsv_end = cotangents
+def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
+        config):
+    """Reader backward: dq (scaled), dz, p and the readers' dL/dG terms."""
     batch, length, heads, key_dim = q.shape
-    kv_heads, value_dim, slots = k.shape[2], v.shape[-1], g.shape[-1]
-    groups, chunk, sub = heads // kv_heads, config.chunk, config.sub
-    per = chunk // sub
-    params = compiler_params(config.num_warps, config.num_stages)
-    delta = jnp.einsum("bthv,bthv->bht", out, dout) - dlse
+    kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
+    groups, sub = heads // kv_heads, config.sub
     per_query = lambda dim: jax.ShapeDtypeStruct(
         (batch, length, heads, dim), _F32)
     by_rows = pl.BlockSpec((None, None, sub), lambda j, b, h: (b, h, j))
-    dq, dz, p, x = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, num_slots=num_slots,
-                          chunk=chunk, sub=sub, diag=config.diag),
+                          chunk=config.chunk, sub=sub, diag=config.diag),
         grid=(length // sub, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
         + [_rows(sub, value_dim), by_rows, by_rows],
@@ -540,21 +542,25 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
                    _rows(sub, slots)],
         out_shape=[per_query(key_dim), per_query(slots), per_query(slots),
                    per_query(slots)],
-        compiler_params=params,
+        compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
         name="nha_slot_dq",
     )(q, k, v, gc, s, sk, sv, dout, lse, delta)
 
-    lk, lv, dsk0, dsv0 = _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end,
-                                   scale, config)
 
+def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
+    """Writer backward: dk, dv and dL/ds per fed token."""
+    batch, length, kv_heads, key_dim = k.shape
+    heads, value_dim, slots = q.shape[2], v.shape[-1], gc.shape[-1]
+    groups, chunk, sub = heads // kv_heads, config.chunk, config.sub
+    per = chunk // sub
     group_chunk = lambda dim: pl.BlockSpec(
         (None, chunk, groups, dim), lambda j, b, c: (b, j // per, c, 0))
     adjoint = lambda shape: pl.BlockSpec(
         (None, None, None) + shape, lambda j, b, c: (b, c, j // per, 0, 0))
     per_kv = lambda dim: jax.ShapeDtypeStruct(
         (batch, length, kv_heads, dim), _F32)
-    dk, dv, ds = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk, sub=sub,
                           groups=groups, diag=config.diag),
         grid=(length // sub, batch, kv_heads),
@@ -567,10 +573,24 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
         out_specs=[_rows(sub, key_dim), _rows(sub, value_dim),
                    _rows(sub, slots)],
         out_shape=[per_kv(key_dim), per_kv(value_dim), per_kv(slots)],
-        compiler_params=params,
+        compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
         name="nha_slot_dkv",
     )(k, v, gc, s, gc, lk, lv, q, dz, p, dout)
+
+
+def _slot_bwd(scale, num_slots, config, residuals, cotangents):
+    q, k, v, g, gc, s, sk, sv, out, lse = residuals
+    dout, dlse, dsk_end, dsv_end = cotangents
+    batch, length, heads, _ = q.shape
+    kv_heads, slots = k.shape[2], g.shape[-1]
+    groups = heads // kv_heads
+    delta = jnp.einsum("bthv,bthv->bht", out, dout) - dlse
+    dq, dz, p, x = _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale,
+                       num_slots, config)
+    lk, lv, dsk0, dsv0 = _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end,
+                                   scale, config)
+    dk, dv, ds = _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config)
 
     # dL/dG per step: readers (summed over the group) minus writers, plus
     # the returned memory, which reads G at the last step.
