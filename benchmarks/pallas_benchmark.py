@@ -271,16 +271,27 @@ def _breakdown(rows, length, card, sync, variants=False):
         _timed(rows, name, "fwd+bwd (pass alone)", length,
                lambda: both(q, k, v), card, sync)
 
-    def kernels(tag, config):
+    def kernels(tag, config, only_walks=False):
         """The slot pass's pieces one at a time, on real intermediates."""
         gc = jax.jit(functools.partial(slots_lib._chunk_cumsum,
                                        chunk=config.chunk))(gate)
         s = -jnp.expm1(gate)
-        states = jax.jit(lambda: slots_lib._states(kf, vf, gc, s, sk0, sv0,
-                                                   config))
+        scan = config.walk == "scan"
+        walk = slots_lib._states_scan if scan else slots_lib._states
+        states = jax.jit(lambda: walk(kf, vf, gc, s, sk0, sv0, config))
         _timed(rows, f"{tag}chunk walks", "fwd (states)", length, states,
                card, sync)
         sk, sv = states()
+        if only_walks:
+            shape = (BATCH, length, HEADS, SLOTS)
+            dz, p = (jax.random.normal(keys[5], shape) * 0.01,
+                     jax.nn.softmax(jax.random.normal(keys[5], shape)))
+            walk = slots_lib._adjoints_scan if scan else slots_lib._adjoints
+            zeros = (jnp.zeros_like(sk0), jnp.zeros_like(sv0))
+            _timed(rows, f"{tag}chunk walks", "bwd (adjoints)", length,
+                   jax.jit(lambda: walk(q, dz, p, dout, gc, *zeros, scale,
+                                        config)), card, sync)
+            return
         read = jax.jit(lambda: slots_lib._read(q, kf, vf, gc, s, sk, sv,
                                                scale, SLOTS, config))
         _timed(rows, f"{tag}slot reader", "fwd", length, read, card, sync)
@@ -314,13 +325,14 @@ def _breakdown(rows, length, card, sync, variants=False):
         return
     for name, changes in _VARIANTS:
         config = dataclasses.replace(base, **changes)
+        if "walk" in changes:
+            kernels(f"{name}: ", config, only_walks=True)
         passes(f"slots {name}", slots_with(config))
-        if os.environ.get("NHA_BENCH_VARIANT_KERNELS") == "1":
-            kernels(f"{name}: ", config)
 
 
 # Slot-pass tilings timed by the "variants" step (name, config changes).
 _VARIANTS = (
+    ("walk=scan", dict(walk="scan")),
     ("warps=4", dict(num_warps=4)),
     ("c=128 st=2", dict(chunk=128, sequential_stages=2)),
 )

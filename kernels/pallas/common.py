@@ -77,6 +77,10 @@ class KernelConfig:
         sequential_stages: pipelining stages of the chunk-walking kernels.
         diag: how slot programs add the writers of their own 16 rows:
             "tensor" (a `[16, 16, M]` tensor, no loop) or "loop".
+        walk: how the slot memory is carried from chunk to chunk: "loop"
+            (one kernel computes each chunk's writes inside the sequential
+            walk) or "scan" (every chunk's writes at once as batched
+            matrix products, then a walk that only scales and adds).
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -89,6 +93,7 @@ class KernelConfig:
     num_stages: int = 2
     sequential_stages: int = 1
     diag: str = "tensor"
+    walk: str = "loop"
     interpret: bool = False
 
 

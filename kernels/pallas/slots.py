@@ -435,6 +435,117 @@ def _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     return lk, lv, dsk0, dsv0
 
 
+def _scan_kernel(decay_ref, local_ref, init_ref, out_ref, *, chunks,
+                 decay_rows, reverse):
+    """out[n] = x before chunk n; x <- x * decay[n] + local[n]; out[N] = x.
+
+    Only the scale-and-add is sequential: every load is independent of the
+    carry, so the walk is bound by memory, not by dependent latency.
+    """
+    def body(r, x):
+        n = chunks - 1 - r if reverse else r
+        out_ref[n] = x
+        decay = decay_ref[n, :]
+        decay = decay[:, None] if decay_rows else decay[None, :]
+        return x * decay + local_ref[n]
+
+    out_ref[chunks] = loop(0, chunks, body, init_ref[...])
+
+
+def _scan(decay, local, init, config, *, decay_rows, reverse=False):
+    """The linear recurrence of `_scan_kernel` over `local [B, Hkv, N, X, Y]`.
+
+    `decay [B, Hkv, N, M]` scales the rows (`decay_rows`, X = M) or the
+    columns (Y = M). Returns `[B, Hkv, N + 1, X, Y]` float32: the carry before
+    each chunk (after it, walking in `reverse`) and the final one last.
+    """
+    batch, kv_heads, chunks, rows, cols = local.shape
+    slots = decay.shape[-1]
+    # Tiles along the axis the decay does not touch: more programs.
+    if decay_rows:
+        tile = min(16, cols)
+        block, index = (rows, tile), (lambda b, c, j: (b, c, 0, 0, j))
+        init_index = lambda b, c, j: (b, c, 0, j)
+        grid = (batch, kv_heads, cols // tile)
+    else:
+        tile = min(16, rows)
+        block, index = (tile, cols), (lambda b, c, j: (b, c, 0, j, 0))
+        init_index = lambda b, c, j: (b, c, j, 0)
+        grid = (batch, kv_heads, rows // tile)
+    return pl.pallas_call(
+        functools.partial(_scan_kernel, chunks=chunks, decay_rows=decay_rows,
+                          reverse=reverse),
+        grid=grid,
+        in_specs=[pl.BlockSpec((None, None, chunks, slots),
+                               lambda b, c, j: (b, c, 0, 0)),
+                  pl.BlockSpec((None, None, chunks) + block, index),
+                  pl.BlockSpec((None, None) + block, init_index)],
+        out_specs=pl.BlockSpec((None, None, chunks + 1) + block, index),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch, kv_heads, chunks + 1, rows, cols), _F32),
+        compiler_params=compiler_params(2, config.sequential_stages + 1),
+        interpret=config.interpret,
+        name="nha_slot_scan",
+    )(decay, local, init)
+
+
+def _by_chunk(x, chunk):
+    """`[B, T, ...]` -> `[B, N, chunk, ...]`."""
+    return x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
+
+
+def _einsum(spec, a, b):
+    precision = (lax.Precision.HIGHEST if a.dtype == _F32 and b.dtype == _F32
+                 else None)
+    return jnp.einsum(spec, a, b, precision=precision,
+                      preferred_element_type=_F32)
+
+
+def _chunk_decay(gc, chunk):
+    """exp(G at each chunk's last row): `[B, Hkv, N, M]`."""
+    return jnp.transpose(jnp.exp(_by_chunk(gc, chunk)[:, :, -1]), (0, 2, 1, 3))
+
+
+def _states_scan(k, v, gc, s, sk0, sv0, config):
+    """`_states` as batched per-chunk writes plus `_scan`."""
+    chunk = config.chunk
+    end = _by_chunk(gc, chunk)[:, :, -1:]
+    to_end = _by_chunk(s, chunk) * jnp.exp(end - _by_chunk(gc, chunk))
+    local_k = _einsum("bnchk,bnchm->bhnkm", _by_chunk(k, chunk),
+                      to_end.astype(k.dtype))
+    local_v = _einsum("bnchm,bnchv->bhnmv", to_end.astype(v.dtype),
+                      _by_chunk(v, chunk))
+    decay = _chunk_decay(gc, chunk)
+    return (_scan(decay, local_k, sk0, config, decay_rows=False),
+            _scan(decay, local_v, sv0, config, decay_rows=True))
+
+
+def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
+    """`_adjoints` as batched per-chunk reads plus a reverse `_scan`.
+
+    Returns lk, lv with N + 1 chunk entries (entry n: the adjoint at chunk
+    n's end, entry N unused by the readers) and the adjoints of the start
+    memory.
+    """
+    batch, length, heads, key_dim = q.shape
+    kv_heads, chunk = gc.shape[2], config.chunk
+    groups = heads // kv_heads
+    grouped = lambda x: _by_chunk(x.reshape(
+        (batch, length, kv_heads, groups, x.shape[-1])), chunk)
+    eg = _by_chunk(jnp.exp(gc), chunk)[:, :, :, :, None, :]
+    local_k = scale * _einsum("bnchgk,bnchgm->bhnkm", grouped(q),
+                              (grouped(dz) * eg).astype(q.dtype))
+    local_v = _einsum("bnchgm,bnchgv->bhnmv",
+                      (grouped(p) * eg).astype(q.dtype),
+                      grouped(dout).astype(q.dtype))
+    decay = _chunk_decay(gc, chunk)
+    lk = _scan(decay, local_k, dsk_end, config, decay_rows=False,
+               reverse=True)
+    lv = _scan(decay, local_v, dsv_end, config, decay_rows=True,
+               reverse=True)
+    return lk, lv, lk[:, :, -1], lv[:, :, -1]
+
+
 def _rows(size, dim, groups=None, per=1):
     """`size` rows of `[B, T, H, dim]` for programs (block, b, head).
 
@@ -487,7 +598,8 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
 def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
     gc = _chunk_cumsum(g, config.chunk)
     s = -jnp.expm1(g)
-    sk, sv = _states(k, v, gc, s, sk0, sv0, config)
+    states = _states_scan if config.walk == "scan" else _states
+    sk, sv = states(k, v, gc, s, sk0, sv0, config)
     out, lse = _read(q, k, v, gc, s, sk, sv, scale, num_slots, config)
     return out, lse, sk, sv, gc, s
 
@@ -588,8 +700,9 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
     delta = jnp.einsum("bthv,bthv->bht", out, dout) - dlse
     dq, dz, p, x = _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale,
                        num_slots, config)
-    lk, lv, dsk0, dsv0 = _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end,
-                                   scale, config)
+    adjoints = _adjoints_scan if config.walk == "scan" else _adjoints
+    lk, lv, dsk0, dsv0 = adjoints(q, dz, p, dout, gc, dsk_end, dsv_end,
+                                  scale, config)
     dk, dv, ds = _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config)
 
     # dL/dG per step: readers (summed over the group) minus writers, plus
