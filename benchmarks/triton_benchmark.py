@@ -312,10 +312,13 @@ def decode_rows(batch=8, contexts=(4096, 65536)):
     return rows
 
 
-def compile_report():
+def compile_report(only=""):
     """Compiles every kernel of one NHA forward+backward and decode step for
     sm_90 on this machine (no GPU needed) and prints registers and spills
-    (cuobjdump's STACK) per kernel. Launches are recorded, not run."""
+    (cuobjdump's STACK) per kernel. Launches are recorded, not run, and
+    specialised with the JIT's own rules (pointer and integer alignment):
+    without those hints loads are not vectorised or pipelined and the
+    register counts mean nothing."""
     import re
     import subprocess
     import tempfile
@@ -324,37 +327,31 @@ def compile_report():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import create_function_from_signature
 
     from keras_nha.kernels import state as state_lib
     from keras_nha.kernels.triton import common
     from keras_nha.kernels.triton.sequence import triton_nha
     from keras_nha.kernels.triton.step import triton_nha_step
 
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
     launches = {}
-    types = {torch.float32: "*fp32", torch.bfloat16: "*bf16",
-             torch.float16: "*fp16", torch.int32: "*i32"}
 
     def record(fn, *args, grid, warmup, **kwargs):
-        bound = dict(zip(fn.arg_names, args))
-        bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-        signature, constants = {}, {}
-        for param in fn.params:
-            value = bound.get(param.name, param.default)
-            if param.is_constexpr:
-                constants[param.name] = value
-                signature[param.name] = "constexpr"
-            elif isinstance(value, torch.Tensor):
-                signature[param.name] = types[value.dtype]
-            elif isinstance(value, float):
-                signature[param.name] = "fp32"
-            else:
-                signature[param.name] = "i64" if abs(value) >= 2 ** 31 \
-                    else "i32"
-        options = {k: v for k, v in kwargs.items()
-                   if k in ("num_warps", "num_stages")}
-        key = (fn.fn.__name__, str(signature), str(constants), str(options))
-        launches[key] = (fn, signature, constants, options)
+        binder = create_function_from_signature(fn.signature, fn.params,
+                                                backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constants, attrs = fn._pack_args(
+            backend, kwargs, bound, specialization, options)
+        shown = {k: v for k, v in kwargs.items()
+                 if k in ("num_warps", "num_stages")}
+        key = (fn.fn.__name__, str(signature), str(constants), str(attrs),
+               str(shown))
+        launches[key] = (fn, ASTSource(fn, signature, constants, attrs),
+                         options, shown)
 
     JITFunction.run = record
     common.interpreting = lambda: False
@@ -372,10 +369,11 @@ def compile_report():
                     window_key=k[:, 0], padding_mask=None)
     dump = os.path.join(os.path.dirname(triton.__file__),
                         "backends/nvidia/bin/cuobjdump")
-    for fn, signature, constants, options in launches.values():
-        kernel = triton.compile(ASTSource(fn, signature, constants),
-                                target=GPUTarget("cuda", 90, 32),
-                                options=options)
+    for fn, source, options, shown in launches.values():
+        if only and fn.fn.__name__ not in only.split(","):
+            continue
+        kernel = triton.compile(source, target=target,
+                                options=options.__dict__)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()
@@ -383,7 +381,7 @@ def compile_report():
                                    capture_output=True, text=True).stdout
         found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
         print(f"{fn.fn.__name__:24s} registers {found.group(1):>4s} "
-              f"spill/stack bytes {found.group(2):>5s} {options}")
+              f"spill/stack bytes {found.group(2):>5s} {shown}", flush=True)
 
 
 def _table(result):
@@ -584,9 +582,11 @@ def main():
     parser.add_argument("--compile-report", action="store_true",
                         help="compile for sm_90 on this machine (no GPU) "
                         "and print registers and spills per kernel")
+    parser.add_argument("--kernels", default="",
+                        help="with --compile-report: only these kernels")
     args = parser.parse_args()
     if args.compile_report:
-        compile_report()
+        compile_report(args.kernels)
         return
 
     tuning = {}
