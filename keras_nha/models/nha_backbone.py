@@ -204,6 +204,79 @@ class NHABackbone(Backbone):
             return super().from_preset(preset, load_weights=load_weights,
                                        **kwargs)
 
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model",
+                       data_parallel_dim_name="batch"):
+        """A `keras.distribution.LayoutMap` for `ModelParallel` training.
+
+        Attention heads are split over the model axis, whole heads per
+        device: the query, key, value and gate projections are sharded on
+        their head axis, the output projection (and the RMSNorm over the
+        heads before it) on its input heads. NHA's slots and window belong
+        to a head, so every device runs the NHA operation on its own batch
+        rows and heads without seeing the others' activations. The
+        feedforward network is split Megatron-style (gate and up
+        projections on their output axis, down projection on its input
+        axis) and the token embedding on its vocabulary axis. As in
+        keras-hub's Gemma, the model-width axis of those weights is split
+        over the data axis (each data-parallel group stores a slice and
+        gathers the weight when it uses it, which saves memory). Norms
+        are replicated.
+
+        Under this layout, `num_query_heads`, `num_key_value_heads`,
+        `intermediate_dim` and `vocabulary_size` must be multiples of the
+        model axis size, and `hidden_dim` of the data axis size.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: the mesh axis that splits heads and
+                weights.
+            data_parallel_dim_name: the mesh axis that splits the batch.
+
+        Returns:
+            A `keras.distribution.LayoutMap` for
+            `keras.distribution.ModelParallel(layout_map=...,
+            batch_dim_name=data_parallel_dim_name)`.
+
+        Example:
+
+        >>> mesh = keras.distribution.DeviceMesh(
+        ...     (2, 4), ("batch", "model"), keras.distribution.list_devices())
+        >>> layout_map = NHABackbone.get_layout_map(mesh)
+        >>> distribution = keras.distribution.ModelParallel(
+        ...     layout_map=layout_map, batch_dim_name="batch")
+        >>> with distribution.scope():
+        ...     backbone = NHABackbone(
+        ...         vocabulary_size=256, num_layers=2, num_query_heads=8,
+        ...         num_key_value_heads=4, hidden_dim=64,
+        ...         intermediate_dim=128, window_size=16, num_slots=8)
+        """
+        if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+            raise TypeError("`device_mesh`: expected a keras.distribution."
+                            f"DeviceMesh, got {type(device_mesh).__name__}.")
+        for name, axis in (("model_parallel_dim_name", model_parallel_dim_name),
+                           ("data_parallel_dim_name", data_parallel_dim_name)):
+            if axis not in device_mesh.axis_names:
+                raise ValueError(
+                    f"`{name}`: {axis!r} is not an axis of the device mesh "
+                    f"(axis names: {list(device_mesh.axis_names)}).")
+        model, data = model_parallel_dim_name, data_parallel_dim_name
+        block = r"transformer_layer_\d+/"
+        layout_map = keras.distribution.LayoutMap(device_mesh)
+        layout_map["token_embedding/embeddings"] = (model, data)
+        layout_map["token_embedding/reverse_embeddings"] = (data, model)
+        # Kernels [hidden, heads, dim]; biases [heads, dim].
+        layout_map[block + "attention/(query|key|value|gate)/kernel"] = (
+            data, model, None)
+        layout_map[block + "attention/(query|key|value)/bias"] = (model, None)
+        # [heads * dim]: contiguous per head, so it splits like the heads.
+        layout_map[block + "attention/output_norm/scale"] = (model,)
+        layout_map[block + "attention/output/kernel"] = (model, None, data)
+        layout_map[block + "feedforward_(gate|intermediate)_dense/kernel"] = (
+            data, model)
+        layout_map[block + "feedforward_output_dense/kernel"] = (model, data)
+        return layout_map
+
     def embed(self, token_ids):
         """Token embeddings as the first block sees them (scaled if set)."""
         x = self.token_embedding(token_ids)

@@ -1,0 +1,286 @@
+"""Training throughput of an NHA causal LM on one device vs several (JAX).
+
+Trains `keras_nha.models.NHACausalLM` with `model.fit` on synthetic tokens
+under `keras.distribution`, one run per (implementation, mode):
+
+- `single`: no distribution, one device;
+- `data`: `keras.distribution.DataParallel` over `--devices` devices with the
+  same per-device batch (so the global batch grows with the devices);
+- `model`: `keras.distribution.ModelParallel` on a `(1, --devices)` mesh with
+  `NHABackbone.get_layout_map` (heads split over the devices, one batch).
+
+Each run compiles and warms up with `--warmup` steps, then times `--steps`
+steps (the timed `fit` ends with a device sync: its losses are read back).
+Prints one table row as soon as a run finishes (and appends it to `--json`),
+then the data-parallel scaling against `single`.
+
+    # GPU (both cards): the job script benchmarks/gpu/distributed.sh
+    python3 benchmarks/distributed_benchmark.py --size h200 --json out.json
+    # CPU smoke test on 8 host devices, tiny model:
+    python benchmarks/distributed_benchmark.py --size tiny --host-devices 8 \\
+        --devices 2
+    # Replot from saved results:
+    python benchmarks/distributed_benchmark.py --from-json out.json \\
+        --plot out.png
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+SIZES = {
+    # Fits a small CPU; for smoke tests only.
+    "tiny": dict(model=dict(vocabulary_size=256, num_layers=2,
+                            num_query_heads=4, num_key_value_heads=2,
+                            hidden_dim=64, intermediate_dim=128,
+                            window_size=16, num_slots=8),
+                 batch_per_device=2, sequence_length=64),
+    # About 0.3 B parameters; 16k tokens per device and step. Four layers
+    # keep compile time low (the GPU job has 120 s in all).
+    "h200": dict(model=dict(vocabulary_size=32768, num_layers=4,
+                            num_query_heads=16, num_key_value_heads=8,
+                            hidden_dim=2048, intermediate_dim=5632,
+                            window_size=128, num_slots=64),
+                 batch_per_device=8, sequence_length=2048),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--runs", default="auto:single,auto:data,auto:model",
+                        help="comma-separated implementation:mode pairs; "
+                             "modes: single, data, model")
+    parser.add_argument("--devices", type=int, default=2,
+                        help="devices of the data and model runs")
+    parser.add_argument("--host-devices", type=int, default=0,
+                        help="CPU only: split the host into this many devices")
+    parser.add_argument("--batch-per-device", type=int, default=0,
+                        help="override the size's batch per device")
+    parser.add_argument("--sequence-length", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="mixed_bfloat16")
+    parser.add_argument("--json", help="append one JSON line per run here")
+    parser.add_argument("--plot", help="write a PNG of tokens/s per run")
+    parser.add_argument("--from-json", help="skip running; read these rows")
+    return parser.parse_args(argv)
+
+
+def _distribution(mode, devices):
+    import keras
+
+    from keras_nha.models import NHABackbone
+
+    if mode == "single":
+        return None
+    if mode == "data":
+        return keras.distribution.DataParallel(devices=devices)
+    if mode == "model":
+        mesh = keras.distribution.DeviceMesh((1, len(devices)),
+                                             ("batch", "model"), devices)
+        return keras.distribution.ModelParallel(
+            layout_map=NHABackbone.get_layout_map(mesh),
+            batch_dim_name="batch")
+    raise ValueError(f"`--runs`: unknown mode {mode!r}; expected single, "
+                     "data or model.")
+
+
+def _build(size, implementation, dtype):
+    import keras
+
+    from keras_nha.models import NHABackbone, NHACausalLM
+
+    keras.utils.set_random_seed(0)
+    backbone = NHABackbone(**size["model"], implementation=implementation,
+                           dtype=dtype)
+    model = NHACausalLM(backbone)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[])
+    return model
+
+
+def _peak_memory_gib(devices):
+    peaks = []
+    for device in devices:
+        stats = getattr(device, "memory_stats", lambda: None)() or {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"] / 2**30)
+    return round(max(peaks), 2) if peaks else None
+
+
+def run_one(size, implementation, mode, args):
+    """Compiles, warms up and times one run; returns its result row."""
+    import jax
+    import keras
+    import numpy as np
+
+    all_devices = keras.distribution.list_devices()
+    count = 1 if mode == "single" else args.devices
+    if count > len(all_devices):
+        raise ValueError(f"`--devices`: {count} requested, "
+                         f"{len(all_devices)} available.")
+    devices = all_devices[:count]
+    jax_devices = jax.devices()[:count]
+    replicas = count if mode == "data" else 1
+    per_device = args.batch_per_device or size["batch_per_device"]
+    length = args.sequence_length or size["sequence_length"]
+    batch = per_device * replicas
+    rng = np.random.default_rng(0)
+    vocabulary = size["model"]["vocabulary_size"]
+
+    def data(steps):
+        ids = rng.integers(0, vocabulary, (steps * batch, length + 1),
+                           dtype="int32")
+        x = {"token_ids": ids[:, :-1],
+             "padding_mask": np.ones((steps * batch, length), "int32")}
+        return x, ids[:, 1:]
+
+    distribution = _distribution(mode, devices)
+    start = time.perf_counter()
+    if distribution is None:
+        model = _build(size, implementation, args.dtype)
+    else:
+        with distribution.scope():
+            model = _build(size, implementation, args.dtype)
+    parameters = model.count_params()
+    print(f"  [{implementation}:{mode}] built {parameters / 1e6:.1f} M "
+          f"parameters in {time.perf_counter() - start:.1f} s; compiling",
+          flush=True)
+
+    def fit(steps):
+        x, y = data(steps)
+        if distribution is None:
+            return model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
+                             shuffle=False)
+        with distribution.scope():
+            return model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
+                             shuffle=False)
+
+    start = time.perf_counter()
+    fit(args.warmup)
+    warmup_s = time.perf_counter() - start
+    print(f"  [{implementation}:{mode}] compile + {args.warmup} warmup steps "
+          f"{warmup_s:.1f} s; timing {args.steps} steps", flush=True)
+    start = time.perf_counter()
+    history = fit(args.steps)
+    elapsed = time.perf_counter() - start
+    tokens = args.steps * batch * length
+    row = dict(
+        implementation=implementation, mode=mode, devices=count,
+        device_kind=jax_devices[0].device_kind, global_batch=batch,
+        sequence_length=length, parameters=parameters,
+        step_ms=round(1000 * elapsed / args.steps, 2),
+        tokens_per_s=round(tokens / elapsed, 1),
+        warmup_s=round(warmup_s, 1), loss=float(history.history["loss"][-1]),
+        peak_gib=_peak_memory_gib(jax_devices), backend=jax.default_backend())
+    del model, history
+    keras.backend.clear_session()
+    gc.collect()
+    return row
+
+
+HEADER = (f"{'implementation':<14} {'mode':<7} {'dev':>3} {'batch':>5} "
+          f"{'T':>5} {'step ms':>9} {'tokens/s':>11} {'vs 1':>6} "
+          f"{'compile s':>9} {'peak GiB':>8} {'loss':>7}  card")
+
+
+def format_row(row, baseline):
+    ratio = (f"{row['tokens_per_s'] / baseline:.2f}x" if baseline else "-")
+    peak = "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}"
+    return (f"{row['implementation']:<14} {row['mode']:<7} "
+            f"{row['devices']:>3} {row['global_batch']:>5} "
+            f"{row['sequence_length']:>5} {row['step_ms']:>9.1f} "
+            f"{row['tokens_per_s']:>11.0f} {ratio:>6} "
+            f"{row['warmup_s']:>9.1f} {peak:>8} {row['loss']:>7.3f}  "
+            f"{row['device_kind']}")
+
+
+def _baseline(rows, implementation):
+    for row in rows:
+        if row["implementation"] == implementation and row["mode"] == "single":
+            return row["tokens_per_s"]
+    return None
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['implementation']}\n{r['mode']} x{r['devices']}"
+              for r in rows]
+    values = [r["tokens_per_s"] / 1e3 for r in rows]
+    figure, axis = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 4))
+    bars = axis.bar(labels, values, color=[
+        {"single": "tab:gray", "data": "tab:blue", "model": "tab:orange"}
+        .get(r["mode"], "tab:green") for r in rows])
+    for bar, row in zip(bars, rows):
+        baseline = _baseline(rows, row["implementation"])
+        if baseline and row["mode"] != "single":
+            axis.annotate(f"{row['tokens_per_s'] / baseline:.2f}x",
+                          (bar.get_x() + bar.get_width() / 2,
+                           bar.get_height()), ha="center", va="bottom")
+    axis.set_ylabel("training throughput (k tokens/s)")
+    card = rows[0]["device_kind"] if rows else ""
+    axis.set_title(f"NHACausalLM fit, {rows[0]['parameters'] / 1e6:.0f} M "
+                   f"params, T={rows[0]['sequence_length']}, {card}"
+                   if rows else "no rows")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        if args.host_devices:
+            os.environ["XLA_FLAGS"] = (
+                os.environ.get("XLA_FLAGS", "") +
+                f" --xla_force_host_platform_device_count={args.host_devices}")
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras
+
+        if keras.config.backend() != "jax":
+            sys.exit("keras.distribution training needs KERAS_BACKEND=jax.")
+        size = SIZES[args.size]
+        print(f"size {args.size}: {size}; warmup {args.warmup}, timed "
+              f"{args.steps} steps; devices "
+              f"{keras.distribution.list_devices()}", flush=True)
+        rows = []
+        for spec in args.runs.split(","):
+            implementation, _, mode = spec.strip().partition(":")
+            try:
+                row = run_one(size, implementation, mode, args)
+            except Exception as error:  # report and go on with the next run
+                print(f"  [{spec}] FAILED: {type(error).__name__}: "
+                      f"{str(error)[:2000]}", flush=True)
+                keras.backend.clear_session()
+                gc.collect()
+                continue
+            rows.append(row)
+            if len(rows) == 1:
+                print(HEADER)
+            print(format_row(row, _baseline(rows, implementation)), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print()
+    print(HEADER)
+    for row in rows:
+        print(format_row(row, _baseline(rows, row["implementation"])))
+    if args.plot and rows:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
