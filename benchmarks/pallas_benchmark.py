@@ -85,10 +85,6 @@ def _timed(rows, impl, mode, length, call, card, sync, flops=None):
                      card=card, error=error))
 
 
-DEFAULT_STEPS = ("main:65536", "breakdown:65536", "main:16384", "main:4096",
-                 "variants:65536", "decode")
-
-
 def run_jax(lengths, steps=None):
     """JAX rows: `steps` in order ("main:T", "breakdown:T", "variants:T",
     "decode"); by default the main rows for `lengths`, the breakdown at the
@@ -253,23 +249,36 @@ def _breakdown(rows, length, card, sync, variants=False):
     scale = DIM ** -0.5
     kf, vf = k[:, :length], v[:, :length]
 
-    def window(q, k, v):
-        return window_attention(q, k, v, mask, scale, WINDOW, base)[0]
+    def window_with(config):
+        def window(q, k, v, mask):
+            return window_attention(q, k, v, mask, scale, WINDOW, config)[0]
+        return window, (mask,)
+    window = window_with(base)
 
     def slots_with(config):
-        def slots(q, k, v):
+        def slots(q, k, v, gate, sk0, sv0):
             return slot_attention(q, k[:, :length], v[:, :length], gate, sk0,
                                   sv0, scale, SLOTS, config)[0]
-        return slots
+        return slots, (gate, sk0, sv0)
 
-    def passes(name, fn):
+    def passes(name, fn_and_extra):
+        """Forward and forward+backward (q, k, v) of one pass alone; the
+        other arrays are arguments too (as closed-over constants XLA would
+        try to fold them)."""
+        fn, extra = fn_and_extra
         forward = jax.jit(fn)
-        both = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)),
+        both = jax.jit(jax.grad(lambda q, k, v, *e: jnp.sum(fn(q, k, v, *e)),
                                 argnums=(0, 1, 2)))
         _timed(rows, name, "fwd (pass alone)", length,
-               lambda: forward(q, k, v), card, sync)
+               lambda: forward(q, k, v, *extra), card, sync)
         _timed(rows, name, "fwd+bwd (pass alone)", length,
-               lambda: both(q, k, v), card, sync)
+               lambda: both(q, k, v, *extra), card, sync)
+
+    def bound(fn, *args):
+        """`fn(*args)` jitted with the arrays as arguments (closed-over
+        arrays would be constants, which XLA tries to fold)."""
+        call = jax.jit(fn)
+        return lambda: call(*args)
 
     def kernels(tag, config, only_walks=False):
         """The slot pass's pieces one at a time, on real intermediates."""
@@ -278,37 +287,36 @@ def _breakdown(rows, length, card, sync, variants=False):
         s = -jnp.expm1(gate)
         scan = config.walk == "scan"
         walk = slots_lib._states_scan if scan else slots_lib._states
-        states = jax.jit(lambda: walk(kf, vf, gc, s, sk0, sv0, config))
+        states = bound(lambda *a: walk(*a, config), kf, vf, gc, s, sk0, sv0)
         _timed(rows, f"{tag}chunk walks", "fwd (states)", length, states,
                card, sync)
-        sk, sv = states()
+        sk, sv = states()[:2]
+        zeros = (jnp.zeros_like(sk0), jnp.zeros_like(sv0))
+        walk = slots_lib._adjoints_scan if scan else slots_lib._adjoints
         if only_walks:
             shape = (BATCH, length, HEADS, SLOTS)
             dz, p = (jax.random.normal(keys[5], shape) * 0.01,
                      jax.nn.softmax(jax.random.normal(keys[5], shape)))
-            walk = slots_lib._adjoints_scan if scan else slots_lib._adjoints
-            zeros = (jnp.zeros_like(sk0), jnp.zeros_like(sv0))
             _timed(rows, f"{tag}chunk walks", "bwd (adjoints)", length,
-                   jax.jit(lambda: walk(q, dz, p, dout, gc, *zeros, scale,
-                                        config)), card, sync)
+                   bound(lambda *a: walk(*a, scale, config), q, dz, p, dout,
+                         gc, *zeros), card, sync)
             return
-        read = jax.jit(lambda: slots_lib._read(q, kf, vf, gc, s, sk, sv,
-                                               scale, SLOTS, config))
+        read = bound(lambda *a: slots_lib._read(*a, scale, SLOTS, config),
+                     q, kf, vf, gc, s, sk, sv)
         _timed(rows, f"{tag}slot reader", "fwd", length, read, card, sync)
         out, lse = read()
         delta = jnp.einsum("bthv,bthv->bht", out, dout)
-        dq = jax.jit(lambda: slots_lib._dq(q, kf, vf, gc, s, sk, sv, dout,
-                                           lse, delta, scale, SLOTS, config))
+        dq = bound(lambda *a: slots_lib._dq(*a, scale, SLOTS, config),
+                   q, kf, vf, gc, s, sk, sv, dout, lse, delta)
         _timed(rows, f"{tag}slot dq", "bwd", length, dq, card, sync)
         _, dz, p, _ = dq()
-        zeros = (jnp.zeros_like(sk0), jnp.zeros_like(sv0))
-        adjoints = jax.jit(lambda: slots_lib._adjoints(
-            q, dz, p, dout, gc, *zeros, scale, config))
+        adjoints = bound(lambda *a: walk(*a, scale, config), q, dz, p, dout,
+                         gc, *zeros)
         _timed(rows, f"{tag}chunk walks", "bwd (adjoints)", length, adjoints,
                card, sync)
         lk, lv, _, _ = adjoints()
-        dkv = jax.jit(lambda: slots_lib._dkv(kf, vf, gc, s, lk, lv, q, dz, p,
-                                             dout, scale, config))
+        dkv = bound(lambda *a: slots_lib._dkv(*a, scale, config),
+                    kf, vf, gc, s, lk, lv, q, dz, p, dout)
         _timed(rows, f"{tag}slot dkv", "bwd", length, dkv, card, sync)
 
     if not variants:
@@ -316,18 +324,21 @@ def _breakdown(rows, length, card, sync, variants=False):
         passes("pallas slots", slots_with(base))
         kernels("", base)
 
-        def cumsums():
+        def cumsums(gate):
             local = slots_lib._chunk_cumsum(gate, base.chunk)
             reverse = jnp.flip(jnp.cumsum(jnp.flip(gate, 1), axis=1), 1)
             return local + reverse
-        _timed(rows, "xla cumsums", "fwd+bwd ones", length, jax.jit(cumsums),
-               card, sync)
+        _timed(rows, "xla cumsums", "fwd+bwd ones", length,
+               bound(cumsums, gate), card, sync)
         return
     for name, changes in _VARIANTS:
         config = dataclasses.replace(base, **changes)
         if "walk" in changes:
             kernels(f"{name}: ", config, only_walks=True)
         passes(f"slots {name}", slots_with(config))
+    for name, changes in _WINDOW_VARIANTS:
+        passes(f"window {name}", window_with(dataclasses.replace(base,
+                                                                 **changes)))
 
 
 # Slot-pass tilings timed by the "variants" step (name, config changes).
@@ -335,6 +346,12 @@ _VARIANTS = (
     ("walk=scan", dict(walk="scan")),
     ("warps=4", dict(num_warps=4)),
     ("c=128 st=2", dict(chunk=128, sequential_stages=2)),
+)
+# Window-pass tilings timed by the "variants" step.
+_WINDOW_VARIANTS = (
+    ("bq=128", dict(block_q=128)),
+    ("warps=4", dict(num_warps=4)),
+    ("bk=128", dict(block_k=128)),
 )
 
 

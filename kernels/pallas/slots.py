@@ -435,29 +435,34 @@ def _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     return lk, lv, dsk0, dsv0
 
 
-def _scan_kernel(decay_ref, local_ref, init_ref, out_ref, *, chunks,
-                 decay_rows, reverse):
-    """out[n] = x before chunk n; x <- x * decay[n] + local[n]; out[N] = x.
+def _scan_kernel(decay_ref, local_ref, init_ref, out_ref, final_ref, *,
+                 chunks, decay_rows, reverse):
+    """out[n] = x before chunk n; x <- x * decay[n] + local[n]; final = x.
 
     Only the scale-and-add is sequential: every load is independent of the
-    carry, so the walk is bound by memory, not by dependent latency.
+    carry, so the walk is bound by memory, not by dependent latency. The
+    carry stays float32; `out` may be stored narrower (the readers feed it
+    to the tensor cores in the input dtype anyway).
     """
     def body(r, x):
         n = chunks - 1 - r if reverse else r
-        out_ref[n] = x
+        out_ref[n] = x.astype(out_ref.dtype)
         decay = decay_ref[n, :]
         decay = decay[:, None] if decay_rows else decay[None, :]
         return x * decay + local_ref[n]
 
-    out_ref[chunks] = loop(0, chunks, body, init_ref[...])
+    final = loop(0, chunks, body, init_ref[...])
+    out_ref[chunks] = final.astype(out_ref.dtype)
+    final_ref[...] = final
 
 
-def _scan(decay, local, init, config, *, decay_rows, reverse=False):
+def _scan(decay, local, init, config, *, decay_rows, dtype, reverse=False):
     """The linear recurrence of `_scan_kernel` over `local [B, Hkv, N, X, Y]`.
 
     `decay [B, Hkv, N, M]` scales the rows (`decay_rows`, X = M) or the
-    columns (Y = M). Returns `[B, Hkv, N + 1, X, Y]` float32: the carry before
-    each chunk (after it, walking in `reverse`) and the final one last.
+    columns (Y = M). Returns `[B, Hkv, N + 1, X, Y]` in `dtype`: the carry
+    before each chunk (after it, walking in `reverse`) and the final one
+    last; and the final carry `[B, Hkv, X, Y]` in float32.
     """
     batch, kv_heads, chunks, rows, cols = local.shape
     slots = decay.shape[-1]
@@ -480,9 +485,11 @@ def _scan(decay, local, init, config, *, decay_rows, reverse=False):
                                lambda b, c, j: (b, c, 0, 0)),
                   pl.BlockSpec((None, None, chunks) + block, index),
                   pl.BlockSpec((None, None) + block, init_index)],
-        out_specs=pl.BlockSpec((None, None, chunks + 1) + block, index),
-        out_shape=jax.ShapeDtypeStruct(
-            (batch, kv_heads, chunks + 1, rows, cols), _F32),
+        out_specs=[pl.BlockSpec((None, None, chunks + 1) + block, index),
+                   pl.BlockSpec((None, None) + block, init_index)],
+        out_shape=[jax.ShapeDtypeStruct(
+            (batch, kv_heads, chunks + 1, rows, cols), dtype),
+                   jax.ShapeDtypeStruct(init.shape, _F32)],
         compiler_params=compiler_params(2, config.sequential_stages + 1),
         interpret=config.interpret,
         name="nha_slot_scan",
@@ -507,7 +514,11 @@ def _chunk_decay(gc, chunk):
 
 
 def _states_scan(k, v, gc, s, sk0, sv0, config):
-    """`_states` as batched per-chunk writes plus `_scan`."""
+    """`_states` as batched per-chunk writes plus `_scan`.
+
+    Returns the memory at every chunk start in the input dtype (`[B, Hkv,
+    N + 1, ...]`) and the memory after the last chunk in float32.
+    """
     chunk = config.chunk
     end = _by_chunk(gc, chunk)[:, :, -1:]
     to_end = _by_chunk(s, chunk) * jnp.exp(end - _by_chunk(gc, chunk))
@@ -516,16 +527,19 @@ def _states_scan(k, v, gc, s, sk0, sv0, config):
     local_v = _einsum("bnchm,bnchv->bhnmv", to_end.astype(v.dtype),
                       _by_chunk(v, chunk))
     decay = _chunk_decay(gc, chunk)
-    return (_scan(decay, local_k, sk0, config, decay_rows=False),
-            _scan(decay, local_v, sv0, config, decay_rows=True))
+    sk, sk_end = _scan(decay, local_k, sk0, config, decay_rows=False,
+                       dtype=k.dtype)
+    sv, sv_end = _scan(decay, local_v, sv0, config, decay_rows=True,
+                       dtype=v.dtype)
+    return sk, sv, sk_end, sv_end
 
 
 def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     """`_adjoints` as batched per-chunk reads plus a reverse `_scan`.
 
     Returns lk, lv with N + 1 chunk entries (entry n: the adjoint at chunk
-    n's end, entry N unused by the readers) and the adjoints of the start
-    memory.
+    n's end, entry N unused by the readers) in the query dtype and the
+    adjoints of the start memory in float32.
     """
     batch, length, heads, key_dim = q.shape
     kv_heads, chunk = gc.shape[2], config.chunk
@@ -539,11 +553,11 @@ def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
                       (grouped(p) * eg).astype(q.dtype),
                       grouped(dout).astype(q.dtype))
     decay = _chunk_decay(gc, chunk)
-    lk = _scan(decay, local_k, dsk_end, config, decay_rows=False,
-               reverse=True)
-    lv = _scan(decay, local_v, dsv_end, config, decay_rows=True,
-               reverse=True)
-    return lk, lv, lk[:, :, -1], lv[:, :, -1]
+    lk, dsk0 = _scan(decay, local_k, dsk_end, config, decay_rows=False,
+                     dtype=q.dtype, reverse=True)
+    lv, dsv0 = _scan(decay, local_v, dsv_end, config, decay_rows=True,
+                     dtype=q.dtype, reverse=True)
+    return lk, lv, dsk0, dsv0
 
 
 def _rows(size, dim, groups=None, per=1):
@@ -598,10 +612,13 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
 def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
     gc = _chunk_cumsum(g, config.chunk)
     s = -jnp.expm1(g)
-    states = _states_scan if config.walk == "scan" else _states
-    sk, sv = states(k, v, gc, s, sk0, sv0, config)
+    if config.walk == "scan":
+        sk, sv, sk_end, sv_end = _states_scan(k, v, gc, s, sk0, sv0, config)
+    else:
+        sk, sv = _states(k, v, gc, s, sk0, sv0, config)
+        sk_end, sv_end = sk[:, :, -1], sv[:, :, -1]
     out, lse = _read(q, k, v, gc, s, sk, sv, scale, num_slots, config)
-    return out, lse, sk, sv, gc, s
+    return out, lse, sk, sv, sk_end, sv_end, gc, s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -623,16 +640,16 @@ def slot_attention(q, k, v, g, sk0, sv0, scale, num_slots, config):
         `(out [B, T, H, V] f32, lse [B, H, T] f32, sk [B, Hkv, K, M],
         sv [B, Hkv, M, V])`, the last two being the memory after step T.
     """
-    out, lse, sk, sv, _, _ = _forward(q, k, v, g, sk0, sv0, scale, num_slots,
-                                      config)
-    return out, lse, sk[:, :, -1], sv[:, :, -1]
+    out, lse, _, _, sk_end, sv_end, _, _ = _forward(
+        q, k, v, g, sk0, sv0, scale, num_slots, config)
+    return out, lse, sk_end, sv_end
 
 
 def _slot_fwd(q, k, v, g, sk0, sv0, scale, num_slots, config):
-    out, lse, sk, sv, gc, s = _forward(q, k, v, g, sk0, sv0, scale,
-                                       num_slots, config)
-    residuals = (q, k, v, g, gc, s, sk, sv, out, lse)
-    return (out, lse, sk[:, :, -1], sv[:, :, -1]), residuals
+    out, lse, sk, sv, sk_end, sv_end, gc, s = _forward(
+        q, k, v, g, sk0, sv0, scale, num_slots, config)
+    residuals = (q, k, v, g, gc, s, sk, sv, sk_end, sv_end, out, lse)
+    return (out, lse, sk_end, sv_end), residuals
 
 
 def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
@@ -692,7 +709,7 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
 
 
 def _slot_bwd(scale, num_slots, config, residuals, cotangents):
-    q, k, v, g, gc, s, sk, sv, out, lse = residuals
+    q, k, v, g, gc, s, sk, sv, sk_end, sv_end, out, lse = residuals
     dout, dlse, dsk_end, dsv_end = cotangents
     batch, length, heads, _ = q.shape
     kv_heads, slots = k.shape[2], g.shape[-1]
@@ -709,8 +726,8 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
     # the returned memory, which reads G at the last step.
     x = x.reshape(batch, length, kv_heads, groups, slots).sum(axis=3)
     x = x - ds * s
-    final = (jnp.einsum("bckm,bckm->bcm", dsk_end, sk[:, :, -1])
-             + jnp.einsum("bcmv,bcmv->bcm", dsv_end, sv[:, :, -1]))
+    final = (jnp.einsum("bckm,bckm->bcm", dsk_end, sk_end)
+             + jnp.einsum("bcmv,bcmv->bcm", dsv_end, sv_end))
     x = x.at[:, -1].add(final)
     dg = jnp.flip(jnp.cumsum(jnp.flip(x, 1), axis=1), 1) - ds * jnp.exp(g)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
