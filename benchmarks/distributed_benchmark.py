@@ -229,7 +229,7 @@ def plot(rows, path):
                            bar.get_height()), ha="center", va="bottom")
     axis.set_ylabel("training throughput (k tokens/s)")
     card = rows[0]["device_kind"] if rows else ""
-    axis.set_title(f"NHACausalLM fit, {rows[0]['parameters'] / 1e6:.0f} M "
+    axis.set_title(f"NHACausalLM fit, {rows[0]['parameters'] / 1e6:.1f} M "
                    f"params, T={rows[0]['sequence_length']}, {card}"
                    if rows else "no rows")
     figure.tight_layout()
@@ -237,11 +237,15 @@ def plot(rows, path):
     print(f"wrote {path}")
 
 
+def _read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = _read_rows(args.from_json)
     else:
         if args.host_devices:
             os.environ["XLA_FLAGS"] = (
@@ -256,7 +260,9 @@ def main(argv=None):
         print(f"size {args.size}: {size}; warmup {args.warmup}, timed "
               f"{args.steps} steps; devices "
               f"{keras.distribution.list_devices()}", flush=True)
-        rows = []
+        # Rows of earlier invocations in the same file count as baselines.
+        rows = _read_rows(args.json) if args.json and os.path.exists(
+            args.json) else []
         for spec in args.runs.split(","):
             implementation, _, mode = spec.strip().partition(":")
             try:
@@ -268,8 +274,7 @@ def main(argv=None):
                 gc.collect()
                 continue
             rows.append(row)
-            if len(rows) == 1:
-                print(HEADER)
+            print(HEADER)
             print(format_row(row, _baseline(rows, implementation)), flush=True)
             if args.json:
                 with open(args.json, "a") as f:

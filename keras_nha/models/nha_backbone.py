@@ -221,7 +221,9 @@ class NHABackbone(Backbone):
         keras-hub's Gemma, the model-width axis of those weights is split
         over the data axis (each data-parallel group stores a slice and
         gathers the weight when it uses it, which saves memory). Norms
-        are replicated.
+        are replicated. The map also lays out `NHACausalLM`'s decode caches
+        (`cache/<entry>`: batch rows on the data axis, kv heads on the model
+        axis).
 
         Under this layout, `num_query_heads`, `num_key_value_heads`,
         `intermediate_dim` and `vocabulary_size` must be multiples of the
@@ -275,6 +277,13 @@ class NHABackbone(Backbone):
         layout_map[block + "feedforward_(gate|intermediate)_dense/kernel"] = (
             data, model)
         layout_map[block + "feedforward_output_dense/kernel"] = (model, data)
+        # Decode caches (`NHACausalLM.get_initial_cache`): batch rows and kv
+        # heads, like the keys and values that fill them.
+        layout_map["cache/slot_(keys|values)"] = (data, model, None, None)
+        layout_map["cache/(keys|window_keys|values|log_forget_gates)"] = (
+            data, None, model, None)
+        layout_map["cache/mask"] = (data, None)
+        layout_map["cache/position"] = (data,)
         return layout_map
 
     def embed(self, token_ids):

@@ -1,5 +1,7 @@
 """Causal language model on `NHABackbone`, with constant-memory generation."""
 
+import math
+
 import keras
 from keras import ops
 from keras_hub.models import CausalLM
@@ -24,6 +26,45 @@ def _pack(state, batch_size):
     packed["position"] = ops.cast(state["position"], "int32") + ops.zeros(
         (batch_size,), "int32")
     return packed
+
+
+def _mesh_size(mesh, axis):
+    if axis is None:
+        return 1
+    names = (axis,) if isinstance(axis, str) else tuple(axis)
+    sizes = dict(zip(mesh.axis_names, mesh.shape))
+    return math.prod(sizes[name] for name in names)
+
+
+def _distribute(tensor, path=None):
+    """`tensor` laid out for the current `keras.distribution`, if any.
+
+    The layout is the layout map's entry for `path` when there is one, else
+    the data layout (batch axis split); an axis that does not divide evenly
+    over its mesh axis stays whole.
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return tensor
+    shape = tuple(tensor.shape)
+    layout = distribution.get_tensor_layout(path) if path else None
+    if layout is None or len(layout.axes) != len(shape):
+        layout = distribution.get_data_layout(shape)
+    mesh = distribution.device_mesh
+    axes = [axis if size is not None and size % _mesh_size(mesh, axis) == 0
+            else None for axis, size in zip(layout.axes, shape)]
+    return keras.distribution.distribute_tensor(
+        tensor, keras.distribution.TensorLayout(axes, mesh))
+
+
+def _distribute_cache(packed):
+    """Shards a `_pack`ed entry like the activations that fill it.
+
+    `NHABackbone.get_layout_map` lays out `cache/<entry>` on batch rows and
+    kv heads; other distributions split the batch axis only.
+    """
+    return {name: _distribute(tensor, f"cache/{name}")
+            for name, tensor in packed.items()}
 
 
 def _unpack(packed, attention, batch_size):
@@ -139,10 +180,14 @@ class NHACausalLM(CausalLM):
             `keras_nha.ops.initial_state`), except that `position` is
             repeated per row (`[batch_size]`, all equal) and zero-size
             entries are left out, so that samplers can tile and gather every
-            entry along the batch axis.
+            entry along the batch axis. Under a `keras.distribution` the
+            entries are sharded like the activations that fill them (batch
+            rows, and kv heads under `NHABackbone.get_layout_map`).
         """
         return tuple(
-            _pack(block.get_initial_cache(batch_size, max_length), batch_size)
+            _distribute_cache(_pack(block.get_initial_cache(batch_size,
+                                                            max_length),
+                                    batch_size))
             for block in self.backbone.transformer_layers)
 
     def call_with_cache(self, token_ids, cache, cache_update_index=None,
@@ -161,13 +206,16 @@ class NHACausalLM(CausalLM):
             `(logits [B, T, vocab], hidden_states [B, T, D], new_cache)`.
         """
         del cache_update_index
+        # Keeps decoding split over batch rows (the sampler's loop carries
+        # the token buffer, which XLA would otherwise replicate).
+        token_ids = _distribute(token_ids)
         batch_size = ops.shape(token_ids)[0]
         x = self.backbone.embed(token_ids)
         new_cache = []
         for block, packed in zip(self.backbone.transformer_layers, cache):
             state = _unpack(packed, block.attention, batch_size)
             x, state = block(x, padding_mask=padding_mask, cache=state)
-            new_cache.append(_pack(state, batch_size))
+            new_cache.append(_distribute_cache(_pack(state, batch_size)))
         hidden_states = self.backbone.layer_norm(x)
         logits = self.backbone.token_embedding(hidden_states, reverse=True)
         return logits, hidden_states, tuple(new_cache)
