@@ -71,24 +71,24 @@ def nha_step(query, key, value, log_forget_gate, state, *, window_size, scale,
             slot_keys, slot_values, token["keys"], token["values"],
             token["log_forget_gates"])
     else:
-        here = ops.one_hot(ops.mod(position, capacity), capacity, dtype=acc)
-        # `here` shaped to broadcast against each ring buffer [B, C, ...].
-        at = {n: ops.reshape(here, (1, capacity) + (1,) * (
-            ops.ndim(state[n]) - 2)) for n in token}
+        index = ops.mod(position, capacity)
         if capacity == window_size:
-            # The ring slot we overwrite holds token t - W, which leaves the
+            # The ring entry we overwrite holds token t - W, which leaves the
             # window now and enters the slots. (With capacity < W nothing
             # leaves: the caller promised the sequence fits.)
-            leaving = {n: ops.sum(ops.cast(state[n], acc) * at[n], axis=1)
+            leaving = {n: ops.cast(ops.take(state[n], index, axis=1), acc)
                        for n in ("keys", "values", "log_forget_gates")}
             slot_keys, slot_values = write_into_slots(
                 slot_keys, slot_values, leaving["keys"], leaving["values"],
                 leaving["log_forget_gates"])
+        # A masked select rather than a dynamic slice update: TensorFlow has
+        # no gradient for the latter.
+        here = ops.arange(capacity, dtype=index.dtype) == index
         for n, value_now in token.items():
             ring = state[n]
-            new_state[n] = ops.where(at[n] > 0,
-                                     ops.cast(ops.expand_dims(value_now, 1),
-                                              ring.dtype), ring)
+            at = ops.reshape(here, (1, capacity) + (1,) * (ops.ndim(ring) - 2))
+            new_state[n] = ops.where(
+                at, ops.cast(ops.expand_dims(value_now, 1), ring.dtype), ring)
     new_state["slot_keys"], new_state["slot_values"] = slot_keys, slot_values
 
     q = ops.reshape(ops.cast(query, acc), (-1, num_kv_heads, groups, key_dim))
