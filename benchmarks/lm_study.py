@@ -1,0 +1,320 @@
+"""Same-budget language-modelling study: NHA vs Transformer vs GSA vs SWA.
+
+Trains four byte-level causal LMs on the corpus of
+`examples/train_causal_lm.py` (the Python standard library's source, so
+nothing is downloaded) with the same parameter count (within 1%), tokens,
+steps, seed and optimizer. The variants differ only in what one
+`NHALayer` attends to:
+
+- `nha`: M slots + a window of W tokens (the example's model),
+- `transformer`: no slots, global window (full causal attention),
+- `gsa`: M slots, no window (gated slot attention),
+- `swa`: no slots, a window of `--swa-window` tokens.
+
+The variants without slots lack the gate projection; their feed-forward
+width grows to keep the parameter count equal. Prints progress, a table of
+validation loss, perplexity, bits per byte and training tokens/s, writes a
+JSON record, the training curves (`--plot`) and each model's weights (for
+`lm_study_search.py`).
+
+    KERAS_BACKEND=tensorflow nice -n 5 python benchmarks/lm_study.py \
+        --out benchmarks/results/lm_study_cpu2 \
+        --plot docs/images/lm_training_curves.png
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "..", "examples"))
+import train_causal_lm as example  # noqa: E402
+
+from keras_nha.models import NHABackbone  # noqa: E402
+from keras_nha.models import NHACausalLM  # noqa: E402
+from keras_nha.models import NHATokenizer  # noqa: E402
+
+VARIANTS = ("nha", "transformer", "gsa", "swa")
+LABELS = {
+    "nha": "NHA (slots + window)",
+    "transformer": "Transformer (global)",
+    "gsa": "GSA (slots only)",
+    "swa": "Sliding window",
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--max-bytes", type=int, default=3_000_000)
+    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    parser.add_argument("--validation-rows", type=int, default=256,
+                        help="validation sequences (the same for everyone)")
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--hidden-dim", type=int, default=128)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--num-kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate-dim", type=int, default=256)
+    parser.add_argument("--window-size", type=int, default=64)
+    parser.add_argument("--num-slots", type=int, default=16)
+    parser.add_argument("--swa-window", type=int, default=64)
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="lm_study_out",
+                        help="folder for results.json, log lines and weights")
+    parser.add_argument("--plot", default=None, help="training curves PNG")
+    parser.add_argument("--from-json", default=None,
+                        help="only redraw the plot and table from this JSON")
+    return parser.parse_args(argv)
+
+
+def backbone_kwargs(variant, args, vocabulary_size, intermediate_dim=None):
+    """NHABackbone arguments of one variant (window None = global)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant`: expected one of {VARIANTS}, got "
+                         f"{variant!r}.")
+    window, slots = {
+        "nha": (args.window_size, args.num_slots),
+        "transformer": (None, 0),
+        "gsa": (0, args.num_slots),
+        "swa": (args.swa_window, 0),
+    }[variant]
+    return dict(vocabulary_size=vocabulary_size, num_layers=args.num_layers,
+                num_query_heads=args.num_heads,
+                num_key_value_heads=args.num_kv_heads,
+                hidden_dim=args.hidden_dim,
+                intermediate_dim=intermediate_dim or args.intermediate_dim,
+                window_size=window, num_slots=slots)
+
+
+def matched_kwargs(variant, args, vocabulary_size):
+    """Backbone arguments with the feed-forward width that matches NHA's
+    parameter count (the variants without slots have no gate projection).
+
+    Returns:
+        `(kwargs, parameters, reference_parameters)`.
+    """
+    def count(kwargs):
+        return NHABackbone(**kwargs).count_params()
+
+    reference = count(backbone_kwargs("nha", args, vocabulary_size))
+    kwargs = backbone_kwargs(variant, args, vocabulary_size)
+    params = count(kwargs)
+    # One feed-forward unit costs 3 * hidden_dim weights per layer.
+    per_unit = 3 * args.hidden_dim * args.num_layers
+    extra = round((reference - params) / per_unit)
+    if extra:
+        kwargs = backbone_kwargs(variant, args, vocabulary_size,
+                                 args.intermediate_dim + extra)
+        params = count(kwargs)
+    return kwargs, params, reference
+
+
+def load_data(args):
+    """Training and validation rows `[N, T + 1]` of byte ids, and the unigram
+    baseline (nats/byte)."""
+    tokenizer = NHATokenizer()
+    documents = example.read_corpus(None, "**/*.py", args.max_bytes)
+    train_text, valid_text = example.split_documents(
+        documents, args.validation_fraction)
+    offset = tokenizer.token_to_id("<0x00>")
+    train_ids = np.frombuffer(train_text, np.uint8).astype("int32") + offset
+    valid_ids = np.frombuffer(valid_text, np.uint8).astype("int32") + offset
+    train_rows = example.windows(train_ids, args.sequence_length,
+                                 tokenizer.start_token_id)
+    valid_rows = example.windows(valid_ids, args.sequence_length,
+                                 tokenizer.start_token_id)
+    baseline = example.unigram_cross_entropy(train_ids, valid_ids,
+                                             tokenizer.vocabulary_size())
+    print(f"corpus: {len(documents)} documents, {len(train_ids):,} train / "
+          f"{len(valid_ids):,} validation bytes; unigram baseline "
+          f"{baseline:.3f} nats/byte", flush=True)
+    return tokenizer, train_ids, valid_ids, train_rows, valid_rows, baseline
+
+
+def as_inputs(rows):
+    x = {"token_ids": rows[:, :-1], "padding_mask": np.ones_like(rows[:, :-1])}
+    return x, rows[:, 1:]
+
+
+def compile_lm(lm, steps, learning_rate):
+    """The example's optimizer: AdamW, warmup then cosine decay, clipping."""
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=steps, warmup_target=learning_rate,
+        warmup_steps=max(1, steps // 20), alpha=0.1)
+    lm.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01,
+                                                clipnorm=1.0),
+               weighted_metrics=[])
+
+
+class StepClock(keras.callbacks.Callback):
+    """Per-step training loss and wall time, with a progress line."""
+
+    def __init__(self, tokens_per_step, total_steps, every=25):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.total_steps = total_steps
+        self.every = every
+        self.losses, self.intervals = [], []
+        self.first_step_s = None
+        self._previous_mean, self._last = 0.0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous_mean, self._last = 0.0, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.first_step_s is None:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.first_step_s is None:
+            self.first_step_s = now - self._start
+        elif self._last is not None:
+            # Within an epoch only: epoch ends add validation time.
+            self.intervals.append(now - self._last)
+        self._last = now
+        mean = float(logs["loss"])
+        self.losses.append((batch + 1) * mean - batch * self._previous_mean)
+        self._previous_mean = mean
+        step = len(self.losses)
+        if step % self.every == 0 or step == self.total_steps:
+            recent = self.intervals[-self.every:] or [float("nan")]
+            print(f"  step {step:4d}/{self.total_steps}  loss "
+                  f"{np.mean(self.losses[-self.every:]):.3f}  "
+                  f"{1000 * np.median(recent):.0f} ms/step", flush=True)
+
+
+def train_variant(variant, args, data):
+    tokenizer, _, _, train_rows, valid_rows, baseline = data
+    kwargs, params, reference = matched_kwargs(
+        variant, args, tokenizer.vocabulary_size())
+    keras.utils.set_random_seed(args.seed)
+    backbone = NHABackbone(**kwargs)
+    lm = NHACausalLM(backbone, preprocessor=None)
+    compile_lm(lm, args.steps, args.learning_rate)
+    print(f"[{variant}] {params:,} parameters ({100 * (params / reference - 1):+.2f}% "
+          f"vs NHA), window {kwargs['window_size']}, {kwargs['num_slots']} "
+          f"slots, intermediate {kwargs['intermediate_dim']}, backend "
+          f"{keras.config.backend()}", flush=True)
+    x, y = as_inputs(train_rows)
+    validation = as_inputs(valid_rows[:args.validation_rows])
+    tokens_per_step = args.batch_size * args.sequence_length
+    clock = StepClock(tokens_per_step, args.steps)
+    started = time.perf_counter()
+    history = lm.fit(x, y, batch_size=args.batch_size,
+                     epochs=math.ceil(args.steps / args.eval_every),
+                     steps_per_epoch=args.eval_every,
+                     validation_data=validation, callbacks=[clock],
+                     verbose=0)
+    wall = time.perf_counter() - started
+    valid_losses = [float(v) for v in history.history["val_loss"]]
+    step_s = float(np.median(clock.intervals))
+    record = dict(
+        variant=variant, label=LABELS[variant], parameters=params,
+        backbone=kwargs, valid_loss=valid_losses[-1],
+        perplexity=math.exp(valid_losses[-1]),
+        bits_per_byte=valid_losses[-1] / math.log(2),
+        valid_curve=valid_losses,
+        valid_steps=[args.eval_every * (i + 1)
+                     for i in range(len(valid_losses))],
+        train_losses=clock.losses, first_step_s=clock.first_step_s,
+        median_step_s=step_s, tokens_per_s=tokens_per_step / step_s,
+        wall_s=wall, unigram_baseline=baseline)
+    print(f"[{variant}] validation {record['valid_loss']:.4f} nats/byte, "
+          f"ppl {record['perplexity']:.3f}, {record['bits_per_byte']:.3f} "
+          f"bits/byte; {record['tokens_per_s']:,.0f} tokens/s; first step "
+          f"(compile) {clock.first_step_s:.1f} s; wall {wall:.0f} s",
+          flush=True)
+    lm.save_weights(os.path.join(args.out, f"{variant}.weights.h5"))
+    return record
+
+
+def table(records):
+    lines = [f"{'variant':24s} {'params':>8s} {'val loss':>9s} {'ppl':>7s} "
+             f"{'bits/B':>7s} {'tok/s':>8s} {'compile s':>9s} {'wall s':>7s}"]
+    for r in records:
+        lines.append(
+            f"{r['label']:24s} {r['parameters']:8,d} {r['valid_loss']:9.4f} "
+            f"{r['perplexity']:7.3f} {r['bits_per_byte']:7.3f} "
+            f"{r['tokens_per_s']:8,.0f} {r['first_step_s']:9.1f} "
+            f"{r['wall_s']:7.0f}")
+    return "\n".join(lines)
+
+
+def plot(path, records, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for i, r in enumerate(records):
+        losses = np.asarray(r["train_losses"])
+        width = min(20, len(losses))
+        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
+        steps = np.arange(width, len(losses) + 1)
+        axis.plot(steps, smooth, color=f"C{i}", lw=1.2,
+                  label=f"{r['label']} (train, 20-step mean)")
+        axis.plot(r["valid_steps"], r["valid_curve"], "o--", color=f"C{i}",
+                  ms=4, lw=0.8)
+    axis.axhline(records[0]["unigram_baseline"], color="gray", ls=":",
+                 label="unigram baseline")
+    axis.set_ylim(top=min(3.3, axis.get_ylim()[1]))
+    axis.set_xlabel("training step")
+    axis.set_ylabel("loss (nats / byte)")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8, title="dashed circles: validation",
+                title_fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as handle:
+            saved = json.load(handle)
+        print(table(saved["records"]))
+        if args.plot:
+            plot(args.plot, saved["records"], saved["title"])
+        return saved
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"--variants: unknown variant {v!r}; expected "
+                             f"some of {VARIANTS}.")
+    os.makedirs(args.out, exist_ok=True)
+    data = load_data(args)
+    title = (f"byte LM on Python stdlib, {args.num_layers} layers, d "
+             f"{args.hidden_dim}, T {args.sequence_length}, batch "
+             f"{args.batch_size}, {args.steps} steps, seed {args.seed} "
+             f"({keras.config.backend()})")
+    records, path = [], os.path.join(args.out, "results.json")
+    for variant in variants:
+        records.append(train_variant(variant, args, data))
+        saved = dict(title=title, args=vars(args),
+                     python=sys.version.split()[0], records=records)
+        with open(path, "w") as handle:
+            json.dump(saved, handle, indent=1)
+        print(table(records), flush=True)
+        if args.plot:
+            plot(args.plot, records, title)
+    return saved
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Inference-time window search on a trained LM-study model (no retraining).
+
+Windows are not weights: the NHA model trained by `benchmarks/lm_study.py`
+is rebuilt with other per-layer windows (`None` = a global layer, `0` = slots
+only) and the trained weights. For each schedule this tabulates the
+validation loss (at the training length and at longer contexts), the greedy
+decode time per token and the generation cache's bytes per sequence, and
+plots loss against cache size and against decode time.
+
+    KERAS_BACKEND=tensorflow nice -n 5 python benchmarks/lm_study_search.py \
+        --out /tmp/lm_study --plot docs/images/lm_window_search.png
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lm_study  # noqa: E402
+import lm_study_decode  # noqa: E402
+
+from keras_nha.models import NHABackbone  # noqa: E402
+from keras_nha.models import NHACausalLM  # noqa: E402
+
+# Per-layer windows of a 2-layer model; the trained NHA model has [64, 64].
+DEFAULT_SCHEDULES = (
+    "64,64 0,0 8,8 16,16 32,32 128,128 g,g "
+    "g,0 0,g g,16 16,g g,64 64,g 64,0 0,64")
+
+
+def parse_schedule(text, num_layers):
+    """"g,16" -> [None, 16] (g = global)."""
+    windows = []
+    for item in text.split(","):
+        if item in ("g", "global"):
+            windows.append(None)
+        elif item.isdigit():
+            windows.append(int(item))
+        else:
+            raise ValueError(f"--schedules: expected ints or 'g' separated "
+                             f"by commas, got {text!r}.")
+    if len(windows) != num_layers:
+        raise ValueError(f"--schedules: {text!r} has {len(windows)} windows; "
+                         f"the model has {num_layers} layers.")
+    return windows
+
+
+def schedule_name(windows):
+    return "[" + ", ".join("g" if w is None else str(w) for w in windows) + "]"
+
+
+def per_layer_windows(backbone_kwargs):
+    windows = backbone_kwargs["window_size"]
+    if not isinstance(windows, list):
+        windows = [windows] * backbone_kwargs["num_layers"]
+    return windows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True,
+                        help="the training run's folder (results.json, "
+                             "weights); results_search.json is written here")
+    parser.add_argument("--variant", default="nha",
+                        help="which trained model to search")
+    parser.add_argument("--schedules", default=DEFAULT_SCHEDULES,
+                        help="space-separated per-layer windows, g = global")
+    parser.add_argument("--lengths", default="256,1024",
+                        help="validation context lengths")
+    parser.add_argument("--validation-bytes", type=int, default=65536,
+                        help="validation text per length (same bytes)")
+    parser.add_argument("--decode-context", type=int, default=1024)
+    parser.add_argument("--decode-steps", type=int, default=100)
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--from-json", default=None,
+                        help="only redraw the plot and table from this JSON")
+    return parser.parse_args(argv)
+
+
+def validation_rows(train_args, length, total_bytes):
+    """Validation rows of `length + 1` ids covering the same first bytes."""
+    train_args = argparse.Namespace(**{**train_args,
+                                       "sequence_length": length})
+    *_, valid_rows, _ = lm_study.load_data(train_args)
+    return valid_rows[:max(1, total_bytes // length)]
+
+
+def evaluate(lm, rows, batch_size):
+    """Mean next-byte cross entropy (nats) over `rows`.
+
+    A compiled forward pass per batch rather than `lm.evaluate()`: on
+    TensorFlow, `evaluate()` traces the model with an unknown time axis,
+    which the NHA op cannot size its state from.
+    """
+    @lm_study_decode.compiled
+    def batch_loss(x, y):
+        logits = lm(x)
+        return ops.sum(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True))
+
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        x, y = lm_study.as_inputs(rows[start:start + batch_size])
+        total += float(batch_loss(x, y))
+    return total / rows[:, 1:].size
+
+
+def table(records, lengths):
+    head = f"{'windows':12s} " + " ".join(
+        f"{'loss@' + str(t):>9s}" for t in lengths) + (
+        f" {'ms/token':>9s} {'cache KiB':>10s}")
+    lines = [head]
+    for r in records:
+        lines.append(f"{r['schedule']:12s} " + " ".join(
+            f"{r['valid_loss'][str(t)]:9.4f}" for t in lengths) +
+            f" {r['ms_per_token']:9.3f} {r['cache_bytes'] / 1024:10.1f}")
+    return "\n".join(lines)
+
+
+def plot(path, saved):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, lengths = saved["records"], saved["lengths"]
+    length = str(lengths[-1])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for axis, key, label in (
+            (axes[0], "cache_bytes", f"generation cache (KiB per sequence, "
+                                     f"context {saved['decode_context']})"),
+            (axes[1], "ms_per_token", "greedy decode (ms / token, batch 1, "
+                                      f"{saved['device']})")):
+        for r in records:
+            x = r[key] / (1024 if key == "cache_bytes" else 1)
+            trained = r["schedule"] == saved["trained_schedule"]
+            axis.plot(x, r["valid_loss"][length], "*" if trained else "o",
+                      color="C3" if trained else "C0",
+                      ms=12 if trained else 6)
+            axis.annotate(r["schedule"], (x, r["valid_loss"][length]),
+                          fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+        if key == "cache_bytes":
+            axis.set_xscale("log")
+    axes[0].set_ylabel(f"validation loss at context {length} (nats/byte)")
+    figure.suptitle(
+        f"{saved['variant']} model trained with windows "
+        f"{saved['trained_schedule']}, rerun with other per-layer windows "
+        "(g = global), no retraining; star = as trained", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as handle:
+            saved = json.load(handle)
+        print(table(saved["records"], saved["lengths"]))
+        if args.plot:
+            plot(args.plot, saved)
+        return saved
+    with open(os.path.join(args.out, "results.json")) as handle:
+        trained = {r["variant"]: r for r in json.load(handle)["records"]}
+        handle.seek(0)
+        train_args = json.load(handle)["args"]
+    base = trained[args.variant]["backbone"]
+    lengths = [int(t) for t in args.lengths.split(",")]
+    rows = {t: validation_rows(train_args, t, args.validation_bytes)
+            for t in lengths}
+    reference = NHACausalLM(NHABackbone(**base), preprocessor=None)
+    reference.load_weights(os.path.join(args.out,
+                                        f"{args.variant}.weights.h5"))
+    weights = reference.get_weights()
+    saved = dict(variant=args.variant, backend=keras.config.backend(),
+                 device=f"{keras.config.backend()} on CPU",
+                 trained_schedule=schedule_name(
+                     per_layer_windows(base)),
+                 lengths=lengths, decode_context=args.decode_context,
+                 validation_bytes=args.validation_bytes, records=[])
+    path = os.path.join(args.out, f"results_search_{args.variant}.json")
+    for text in args.schedules.split():
+        windows = parse_schedule(text, base["num_layers"])
+        started = time.perf_counter()
+        lm = NHACausalLM(NHABackbone(**{**base, "window_size": windows}),
+                         preprocessor=None)
+        lm.set_weights(weights)
+        losses = {str(t): evaluate(lm, rows[t], max(1, 4096 // t))
+                  for t in lengths}
+        ms, compile_s = lm_study_decode.decode_ms_per_token(
+            lm, args.decode_context, args.decode_steps)
+        total, per_layer = lm_study_decode.cache_bytes(lm,
+                                                       args.decode_context)
+        record = dict(schedule=schedule_name(windows), windows=windows,
+                      valid_loss=losses,
+                      perplexity={t: math.exp(v) for t, v in losses.items()},
+                      ms_per_token=ms, decode_compile_s=compile_s,
+                      cache_bytes=total, cache_bytes_per_layer=per_layer,
+                      wall_s=time.perf_counter() - started)
+        saved["records"].append(record)
+        print(f"{record['schedule']:12s} loss " + " ".join(
+            f"@{t} {v:.4f}" for t, v in losses.items()) +
+            f"; {ms:.3f} ms/token; cache {total / 1024:.1f} KiB; "
+            f"{record['wall_s']:.0f} s", flush=True)
+        with open(path, "w") as handle:
+            json.dump(saved, handle, indent=1)
+        if args.plot:
+            plot(args.plot, saved)
+    print(table(saved["records"], lengths))
+    return saved
+
+
+if __name__ == "__main__":
+    main()

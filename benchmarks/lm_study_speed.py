@@ -1,0 +1,156 @@
+"""Training throughput and decode latency of the LM-study variants.
+
+Builds the four same-budget models of `benchmarks/lm_study.py` (NHA,
+Transformer, GSA, sliding window; parameters matched within 1%), and for
+each one measures:
+
+- training: the first `train_on_batch` (trace + compile) separately, a few
+  warmup steps, then the mean step time of `--steps` timed steps, as
+  tokens/s (batch * sequence length / step time);
+- decoding: ms per greedy token through `call_with_cache` with a cache sized
+  for `--decode-context` tokens, and the cache's bytes per sequence.
+
+Inputs are random byte ids (speed does not depend on the text). Every result
+is appended to `--out` (JSON lines) as soon as it exists, so a run cut short
+keeps what it measured.
+
+    KERAS_BACKEND=jax python benchmarks/lm_study_speed.py --out speed.jsonl
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import keras
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lm_study  # noqa: E402
+import lm_study_decode  # noqa: E402
+
+from keras_nha.models import NHABackbone  # noqa: E402
+from keras_nha.models import NHACausalLM  # noqa: E402
+from keras_nha.models import NHATokenizer  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(lm_study.VARIANTS))
+    parser.add_argument("--phases", default="train,decode",
+                        help="comma-separated: train, decode")
+    parser.add_argument("--implementation", default="auto",
+                        help="NHA kernel (auto, chunked, pallas, xla, ...)")
+    parser.add_argument("--dtype-policy", default="float32",
+                        help="e.g. mixed_bfloat16")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--decode-context", type=int, default=2048)
+    parser.add_argument("--decode-steps", type=int, default=100)
+    parser.add_argument("--out", required=True, help="JSON lines output")
+    args, rest = parser.parse_known_args(argv)
+    # Model and batch flags are the training script's, with its defaults.
+    model_args = lm_study.parse_args(rest)
+    return args, model_args
+
+
+def device_name():
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform}: {device.device_kind}"
+    return f"{backend} cpu"
+
+
+def build(variant, model_args, implementation):
+    vocabulary_size = NHATokenizer().vocabulary_size()
+    kwargs, params, _ = lm_study.matched_kwargs(variant, model_args,
+                                                vocabulary_size)
+    keras.utils.set_random_seed(model_args.seed)
+    backbone = NHABackbone(**kwargs, implementation=implementation)
+    return NHACausalLM(backbone, preprocessor=None), kwargs, params
+
+
+def time_training(lm, model_args, warmup, steps):
+    """`(compile_s, mean_step_s)` of `train_on_batch` on random bytes."""
+    rng = np.random.default_rng(model_args.seed)
+    rows = rng.integers(3, 259, (model_args.batch_size,
+                                 model_args.sequence_length + 1), "int32")
+    x, y = lm_study.as_inputs(rows)
+    lm_study.compile_lm(lm, model_args.steps, model_args.learning_rate)
+    started = time.perf_counter()
+    lm.train_on_batch(x, y)  # returns the loss: waits for the device
+    compile_s = time.perf_counter() - started
+    for _ in range(warmup):
+        lm.train_on_batch(x, y)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = lm.train_on_batch(x, y)
+    step_s = (time.perf_counter() - started) / steps
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss}")
+    return compile_s, step_s
+
+
+def write(path, record):
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def run_one(phase, variant, args, model_args, implementation):
+    lm, kwargs, params = build(variant, model_args, implementation)
+    record = dict(phase=phase, variant=variant, parameters=params,
+                  window_size=kwargs["window_size"],
+                  num_slots=kwargs["num_slots"],
+                  implementation=implementation,
+                  dtype_policy=args.dtype_policy, device=device_name(),
+                  backend=keras.config.backend(),
+                  batch_size=model_args.batch_size,
+                  sequence_length=model_args.sequence_length)
+    if phase == "train":
+        compile_s, step_s = time_training(lm, model_args, args.warmup,
+                                          args.steps)
+        tokens = model_args.batch_size * model_args.sequence_length
+        record.update(compile_s=compile_s, step_ms=1000 * step_s,
+                      tokens_per_s=tokens / step_s, timed_steps=args.steps)
+    else:
+        ms, compile_s = lm_study_decode.decode_ms_per_token(
+            lm, args.decode_context, args.decode_steps)
+        total, per_layer = lm_study_decode.cache_bytes(lm,
+                                                       args.decode_context)
+        record.update(compile_s=compile_s, ms_per_token=ms,
+                      context=args.decode_context,
+                      cache_bytes=total, cache_bytes_per_layer=per_layer,
+                      batch_size=1)
+    return record
+
+
+def main(argv=None):
+    args, model_args = parse_args(argv)
+    keras.config.set_dtype_policy(args.dtype_policy)
+    print(f"device {device_name()}, backend {keras.config.backend()}, "
+          f"policy {args.dtype_policy}, implementation {args.implementation}",
+          flush=True)
+    for phase in args.phases.split(","):
+        for variant in args.variants.split(","):
+            started = time.perf_counter()
+            try:
+                record = run_one(phase, variant, args, model_args,
+                                 args.implementation)
+            except Exception as error:  # keep measuring the others
+                traceback.print_exc()
+                record = dict(phase=phase, variant=variant,
+                              implementation=args.implementation,
+                              dtype_policy=args.dtype_policy,
+                              error=f"{type(error).__name__}: {error}"[:500])
+            record["wall_s"] = time.perf_counter() - started
+            write(args.out, record)
+
+
+if __name__ == "__main__":
+    main()
