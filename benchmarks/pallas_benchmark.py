@@ -220,7 +220,8 @@ def _breakdown(rows, length, card, sync, variants=False):
     """The two Pallas passes alone (no history assembly, no merge), and the
     slot pass's kernels one by one (chunk walks, readers, XLA cumsums).
 
-    With `variants`, the slot pass under other tilings (`_VARIANTS`).
+    With `variants`, the passes under other tilings (`_VARIANTS`,
+    `_WINDOW_VARIANTS`).
     """
     import dataclasses
     import functools
@@ -280,7 +281,7 @@ def _breakdown(rows, length, card, sync, variants=False):
         call = jax.jit(fn)
         return lambda: call(*args)
 
-    def kernels(tag, config, only_walks=False):
+    def kernels(tag, config):
         """The slot pass's pieces one at a time, on real intermediates."""
         gc = jax.jit(functools.partial(slots_lib._chunk_cumsum,
                                        chunk=config.chunk))(gate)
@@ -293,14 +294,6 @@ def _breakdown(rows, length, card, sync, variants=False):
         sk, sv = states()[:2]
         zeros = (jnp.zeros_like(sk0), jnp.zeros_like(sv0))
         walk = slots_lib._adjoints_scan if scan else slots_lib._adjoints
-        if only_walks:
-            shape = (BATCH, length, HEADS, SLOTS)
-            dz, p = (jax.random.normal(keys[5], shape) * 0.01,
-                     jax.nn.softmax(jax.random.normal(keys[5], shape)))
-            _timed(rows, f"{tag}chunk walks", "bwd (adjoints)", length,
-                   bound(lambda *a: walk(*a, scale, config), q, dz, p, dout,
-                         gc, *zeros), card, sync)
-            return
         read = bound(lambda *a: slots_lib._read(*a, scale, SLOTS, config),
                      q, kf, vf, gc, s, sk, sv)
         _timed(rows, f"{tag}slot reader", "fwd", length, read, card, sync)
@@ -331,21 +324,25 @@ def _breakdown(rows, length, card, sync, variants=False):
         _timed(rows, "xla cumsums", "fwd+bwd ones", length,
                bound(cumsums, gate), card, sync)
         return
-    for name, changes in _VARIANTS:
+    for name, changes, by_kernel in _VARIANTS:
         config = dataclasses.replace(base, **changes)
-        if "walk" in changes:
-            kernels(f"{name}: ", config, only_walks=True)
+        if by_kernel:
+            kernels(f"{name}: ", config)
         passes(f"slots {name}", slots_with(config))
     for name, changes in _WINDOW_VARIANTS:
         passes(f"window {name}", window_with(dataclasses.replace(base,
                                                                  **changes)))
 
 
-# Slot-pass tilings timed by the "variants" step (name, config changes).
+# Slot-pass tilings timed by the "variants" step: (name, config changes,
+# whether to time its kernels one by one too).
 _VARIANTS = (
-    ("walk=scan", dict(walk="scan")),
-    ("warps=4", dict(num_warps=4)),
-    ("c=128 st=2", dict(chunk=128, sequential_stages=2)),
+    ("scan rows=64", dict(walk="scan", rows=64), True),
+    ("rows=64", dict(rows=64), False),
+    ("walk=scan", dict(walk="scan"), False),
+    ("warps=4", dict(num_warps=4), False),
+    ("scan rows=64 warps=4", dict(walk="scan", rows=64, num_warps=4), False),
+    ("c=128 st=2", dict(chunk=128, sequential_stages=2), False),
 )
 # Window-pass tilings timed by the "variants" step.
 _WINDOW_VARIANTS = (

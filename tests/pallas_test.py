@@ -76,15 +76,22 @@ LENGTH = 37
 # that need padding inside the kernels, and gates strong enough that their
 # in-chunk cumsum falls far below -88 (exp would overflow if factored). The
 # strong-gate case runs the slot kernels' per-row path ("loop", used above
-# 64 slots) instead of the block tensor.
+# 64 slots) instead of the block tensor. `config` changes the kernel tiling
+# (`KernelConfig` fields): the slot memory carried by batched per-chunk
+# writes and a scale-and-add walk (`walk="scan"`), and slot programs that
+# read a whole chunk (`rows=32`, the chunk at this length).
 CASES = {
     "gsa_w0": dict(window_size=0),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
-                                num_slots=5, kv_heads=1),
-    "w5_padding": dict(window_size=5, padding=True),
-    "w64_beyond_length": dict(window_size=64),
-    "w_length_minus_1_strong_gates": dict(window_size=LENGTH - 1,
-                                          gate_scale=40.0, diag="loop"),
+                                num_slots=5, kv_heads=1,
+                                config=dict(rows=32)),
+    "w5_padding": dict(window_size=5, padding=True,
+                       config=dict(walk="scan")),
+    "w64_beyond_length": dict(window_size=64,
+                              config=dict(walk="scan", rows=32)),
+    "w_length_minus_1_strong_gates": dict(
+        window_size=LENGTH - 1, gate_scale=40.0,
+        config=dict(diag="loop", walk="scan", rows=32)),
     "w_length": dict(window_size=LENGTH),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
 }
@@ -94,14 +101,14 @@ CASES = {
 def test_outputs_and_gradients(case, monkeypatch):
     options = dict(CASES[case])
     window_size = options.pop("window_size")
-    diag = options.pop("diag", None)
-    if diag:
+    changes = options.pop("config", None)
+    if changes:
         import dataclasses
 
         from keras_nha.kernels.pallas import sequence
         default = sequence.default_config
         monkeypatch.setattr(sequence, "default_config", lambda *a, **k: (
-            dataclasses.replace(default(*a, **k), diag=diag)))
+            dataclasses.replace(default(*a, **k), **changes)))
     options.setdefault("num_slots", 8)
     options.setdefault("kv_heads", 2)
     inputs = random_inputs(len(case), length=LENGTH, heads=4, **options)

@@ -70,7 +70,11 @@ class KernelConfig:
         block_q: query rows per window program.
         block_k: history rows per window loop step.
         chunk: tokens per slot chunk (slot states are stored at chunk starts).
-        sub: rows per slot program (a divisor of `chunk`, at least 16).
+        sub: rows of one slot sub-block (a divisor of `chunk`, at least
+            16): the unit of the exact in-block terms.
+        rows: rows per slot reader program, a multiple of `sub` dividing
+            `chunk` (`chunk` = one program per chunk, which then loads the
+            chunk's state once for all its sub-blocks).
         tile: state columns per program of the sequential slot kernels.
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
@@ -88,6 +92,7 @@ class KernelConfig:
     block_k: int = 64
     chunk: int = 64
     sub: int = 16
+    rows: int = 16
     tile: int = 32
     num_warps: int = 4
     num_stages: int = 2

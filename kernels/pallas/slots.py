@@ -62,8 +62,8 @@ def _own_block(gc_rows, gc_i, i):
 class _SubBlock:
     """Gate factors of one `sub`-row block of readers inside its chunk."""
 
-    def __init__(self, gc_ref, s_ref, program, sub, chunk):
-        self.start = lax.rem(program, jnp.int32(chunk // sub)) * sub
+    def __init__(self, gc_ref, s_ref, start, sub, chunk):
+        self.start = start
         self.rows = pl.ds(self.start, sub)
         self.gc = gc_ref[self.rows, :]
         self.s = s_ref[self.rows, :]
@@ -74,6 +74,12 @@ class _SubBlock:
             jnp.where(earlier, ref[None, :] - gc_ref[...], 0.0)), 0.0)
         self.from_ref = jnp.exp(self.gc - ref[None, :])
         self.from_start = jnp.exp(self.gc)
+
+
+def _block_start(b, blocks, sub, chunk):
+    """First in-chunk row of sub-block `b` of this program's `blocks`."""
+    return lax.rem(pl.program_id(0) * blocks + b,
+                   jnp.int32(chunk // sub)) * sub
 
 
 def _own_block_weights(gc, s):
@@ -157,52 +163,74 @@ def _slot_mask(z, num_slots):
 
 def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
                     lse_ref, *, scale, num_slots, chunk, sub, diag):
-    q = q_ref[...]
+    blocks = q_ref.shape[0] // sub
+    sk = sk_ref[...]
     sv = sv_ref[...]
-    block = _SubBlock(gc_ref, s_ref, pl.program_id(0), sub, chunk)
-    z, _ = _readout_terms(q, None, k_ref, v_ref, gc_ref, s_ref, sk_ref[...],
-                          sv, block, sub, diag)
-    z = jnp.where(_slot_mask(z, num_slots), z * scale, -jnp.inf)
-    top = jnp.max(z, axis=1)
-    weights = jnp.exp(z - top[:, None])
-    total = jnp.sum(weights, axis=1)
-    p = weights / total[:, None]
-    lse_ref[...] = top + jnp.log(total)
-    o_ref[...] = (_mm(p * block.from_start, sv, v_ref.dtype)
-                  + _spread(p, v_ref, gc_ref, s_ref, block, sub, v_ref.dtype,
-                            diag))
+    for b in range(blocks):  # the chunk's state is loaded once for all
+        mine = pl.ds(b * sub, sub)
+        block = _SubBlock(gc_ref, s_ref, _block_start(b, blocks, sub, chunk),
+                          sub, chunk)
+        z, _ = _readout_terms(q_ref[mine, :], None, k_ref, v_ref, gc_ref,
+                              s_ref, sk, sv, block, sub, diag)
+        z = jnp.where(_slot_mask(z, num_slots), z * scale, -jnp.inf)
+        top = jnp.max(z, axis=1)
+        weights = jnp.exp(z - top[:, None])
+        total = jnp.sum(weights, axis=1)
+        p = weights / total[:, None]
+        lse_ref[mine] = top + jnp.log(total)
+        o_ref[mine, :] = (_mm(p * block.from_start, sv, v_ref.dtype)
+                          + _spread(p, v_ref, gc_ref, s_ref, block, sub,
+                                    v_ref.dtype, diag))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
                lse_ref, delta_ref, dq_ref, dz_ref, p_ref, x_ref, *, scale,
                num_slots, chunk, sub, diag):
-    q = q_ref[...]
+    blocks = q_ref.shape[0] // sub
     sk = sk_ref[...]
-    block = _SubBlock(gc_ref, s_ref, pl.program_id(0), sub, chunk)
-    z, dp = _readout_terms(q, do_ref[...], k_ref, v_ref, gc_ref, s_ref, sk,
-                           sv_ref[...], block, sub, diag)
-    real = _slot_mask(z, num_slots)
-    z = jnp.where(real, z * scale, 0.0)
-    p = jnp.where(real, jnp.exp(z - lse_ref[...][:, None]), 0.0)
-    dz = p * (dp - delta_ref[...][:, None])
-    dq = (_mm(dz * block.from_start, sk, q.dtype, trans_b=True)
-          + _spread(dz, k_ref, gc_ref, s_ref, block, sub, q.dtype, diag))
-    dq_ref[...] = dq * scale
-    dz_ref[...] = dz
-    p_ref[...] = p
-    # dL/dG_t from the readers at t (each carries the factor exp(G_t)).
-    x_ref[...] = dz * z + p * dp
+    sv = sv_ref[...]
+    for b in range(blocks):
+        mine = pl.ds(b * sub, sub)
+        block = _SubBlock(gc_ref, s_ref, _block_start(b, blocks, sub, chunk),
+                          sub, chunk)
+        q = q_ref[mine, :]
+        z, dp = _readout_terms(q, do_ref[mine, :], k_ref, v_ref, gc_ref,
+                               s_ref, sk, sv, block, sub, diag)
+        real = _slot_mask(z, num_slots)
+        z = jnp.where(real, z * scale, 0.0)
+        p = jnp.where(real, jnp.exp(z - lse_ref[mine][:, None]), 0.0)
+        dz = p * (dp - delta_ref[mine][:, None])
+        dq = (_mm(dz * block.from_start, sk, q.dtype, trans_b=True)
+              + _spread(dz, k_ref, gc_ref, s_ref, block, sub, q.dtype, diag))
+        dq_ref[mine, :] = dq * scale
+        dz_ref[mine, :] = dz
+        p_ref[mine, :] = p
+        # dL/dG_t from the readers at t (each carries the factor exp(G_t)).
+        x_ref[mine, :] = dz * z + p * dp
 
 
 def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
                 dz_ref, p_ref, do_ref, dk_ref, dv_ref, ds_ref, *, scale, chunk,
                 sub, groups, diag):
-    k = k_ref[...]
-    v = v_ref[...]
+    blocks = k_ref.shape[0] // sub
+    lk = lk_ref[...]
+    lv = lv_ref[...]
+    for b in range(blocks):  # the chunk's adjoints are loaded once for all
+        mine = pl.ds(b * sub, sub)
+        dk, dv, ds = _dkv_block(
+            k_ref[mine, :], v_ref[mine, :], gcb_ref[mine, :], s_ref[mine, :],
+            _block_start(b, blocks, sub, chunk), gc_ref, lk, lv, q_ref,
+            dz_ref, p_ref, do_ref, scale=scale, chunk=chunk, sub=sub,
+            groups=groups, diag=diag)
+        dk_ref[mine, :] = dk
+        dv_ref[mine, :] = dv
+        ds_ref[mine, :] = ds
+
+
+def _dkv_block(k, v, gcb, s, start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
+               do_ref, *, scale, chunk, sub, groups, diag):
+    """dk, dv, dL/ds for the `sub` writers from in-chunk row `start`."""
     dtype = k.dtype
-    gcb = gcb_ref[...]
-    s = s_ref[...]
-    start = lax.rem(pl.program_id(0), jnp.int32(chunk // sub)) * sub
     last = start + sub - 1
     # Readers after this block, through the reference row `last`.
     ref = gc_ref[last, :]
@@ -211,8 +239,6 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
     down = jnp.exp(ref[None, :] - gcb)
     # Readers after the chunk, through the stored adjoint at its end.
     to_end = jnp.exp(gc_ref[chunk - 1, :][None, :] - gcb)
-    lk = lk_ref[...]
-    lv = lv_ref[...]
     dk = _mm(s * to_end, lk, dtype, trans_b=True)
     dv = _mm(s * to_end, lv, dtype)
     ds = to_end * (_mm(k, lk, dtype) + _mm(v, lv, dtype, trans_b=True))
@@ -246,10 +272,7 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
             by_value = jnp.sum(p[:, None, :] * reach * s[None, :, :], axis=2)
             dk = dk + dot_ta(by_key.astype(dtype), q.astype(dtype))
             dv = dv + dot_ta(by_value.astype(dtype), do.astype(dtype))
-        dk_ref[...] = dk
-        dv_ref[...] = dv
-        ds_ref[...] = ds
-        return
+        return dk, dv, ds
     kf, vf = k.astype(_F32), v.astype(_F32)
     rows = irange(sub)
 
@@ -269,10 +292,7 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
             dv = dv + jnp.sum(by_value * s, axis=1)[:, None] * do_t[None, :]
         return dk, dv, ds
 
-    dk, dv, ds = loop(0, sub, body, (dk, dv, ds))
-    dk_ref[...] = dk
-    dv_ref[...] = dv
-    ds_ref[...] = ds
+    return loop(0, sub, body, (dk, dv, ds))
 
 
 def _chunk_gates(gc_ref, s_ref, n, chunk):
@@ -577,9 +597,9 @@ def _chunk_state(shape, groups, per):
 
 
 def _reader_specs(config, key_dim, value_dim, slots, groups):
-    chunk, sub = config.chunk, config.sub
-    per = chunk // sub
-    return [_rows(sub, key_dim),
+    chunk, rows = config.chunk, config.rows
+    per = chunk // rows
+    return [_rows(rows, key_dim),
             _rows(chunk, key_dim, groups, per),
             _rows(chunk, value_dim, groups, per),
             _rows(chunk, slots, groups, per),
@@ -592,14 +612,16 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
     """Reader forward: slot-normalised output and lse per query row."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
-    groups, sub = heads // kv_heads, config.sub
+    groups, rows = heads // kv_heads, config.rows
     return pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, num_slots=num_slots,
-                          chunk=config.chunk, sub=sub, diag=config.diag),
-        grid=(length // sub, batch, heads),
+                          chunk=config.chunk, sub=config.sub,
+                          diag=config.diag),
+        grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
-        out_specs=[_rows(sub, value_dim),
-                   pl.BlockSpec((None, None, sub), lambda j, b, h: (b, h, j))],
+        out_specs=[_rows(rows, value_dim),
+                   pl.BlockSpec((None, None, rows),
+                                lambda j, b, h: (b, h, j))],
         out_shape=[
             jax.ShapeDtypeStruct((batch, length, heads, value_dim), _F32),
             jax.ShapeDtypeStruct((batch, heads, length), _F32)],
@@ -657,18 +679,19 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
     """Reader backward: dq (scaled), dz, p and the readers' dL/dG terms."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
-    groups, sub = heads // kv_heads, config.sub
+    groups, rows = heads // kv_heads, config.rows
     per_query = lambda dim: jax.ShapeDtypeStruct(
         (batch, length, heads, dim), _F32)
-    by_rows = pl.BlockSpec((None, None, sub), lambda j, b, h: (b, h, j))
+    by_rows = pl.BlockSpec((None, None, rows), lambda j, b, h: (b, h, j))
     return pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, num_slots=num_slots,
-                          chunk=config.chunk, sub=sub, diag=config.diag),
-        grid=(length // sub, batch, heads),
+                          chunk=config.chunk, sub=config.sub,
+                          diag=config.diag),
+        grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
-        + [_rows(sub, value_dim), by_rows, by_rows],
-        out_specs=[_rows(sub, key_dim), _rows(sub, slots), _rows(sub, slots),
-                   _rows(sub, slots)],
+        + [_rows(rows, value_dim), by_rows, by_rows],
+        out_specs=[_rows(rows, key_dim), _rows(rows, slots),
+                   _rows(rows, slots), _rows(rows, slots)],
         out_shape=[per_query(key_dim), per_query(slots), per_query(slots),
                    per_query(slots)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
@@ -681,8 +704,8 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
     """Writer backward: dk, dv and dL/ds per fed token."""
     batch, length, kv_heads, key_dim = k.shape
     heads, value_dim, slots = q.shape[2], v.shape[-1], gc.shape[-1]
-    groups, chunk, sub = heads // kv_heads, config.chunk, config.sub
-    per = chunk // sub
+    groups, chunk, rows = heads // kv_heads, config.chunk, config.rows
+    per = chunk // rows
     group_chunk = lambda dim: pl.BlockSpec(
         (None, chunk, groups, dim), lambda j, b, c: (b, j // per, c, 0))
     adjoint = lambda shape: pl.BlockSpec(
@@ -690,17 +713,17 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
     per_kv = lambda dim: jax.ShapeDtypeStruct(
         (batch, length, kv_heads, dim), _F32)
     return pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, chunk=chunk, sub=sub,
-                          groups=groups, diag=config.diag),
-        grid=(length // sub, batch, kv_heads),
-        in_specs=[_rows(sub, key_dim), _rows(sub, value_dim),
-                  _rows(sub, slots), _rows(sub, slots),
+        functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
+                          sub=config.sub, groups=groups, diag=config.diag),
+        grid=(length // rows, batch, kv_heads),
+        in_specs=[_rows(rows, key_dim), _rows(rows, value_dim),
+                  _rows(rows, slots), _rows(rows, slots),
                   _rows(chunk, slots, per=per),
                   adjoint((key_dim, slots)), adjoint((slots, value_dim)),
                   group_chunk(key_dim), group_chunk(slots),
                   group_chunk(slots), group_chunk(value_dim)],
-        out_specs=[_rows(sub, key_dim), _rows(sub, value_dim),
-                   _rows(sub, slots)],
+        out_specs=[_rows(rows, key_dim), _rows(rows, value_dim),
+                   _rows(rows, slots)],
         out_shape=[per_kv(key_dim), per_kv(value_dim), per_kv(slots)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
@@ -715,6 +738,9 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
     kv_heads, slots = k.shape[2], g.shape[-1]
     groups = heads // kv_heads
     delta = jnp.einsum("bthv,bthv->bht", out, dout) - dlse
+    # The kernels feed dout to the tensor cores in the input dtype: casting
+    # once here halves what every program that re-reads it loads.
+    dout = dout.astype(v.dtype)
     dq, dz, p, x = _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale,
                        num_slots, config)
     adjoints = _adjoints_scan if config.walk == "scan" else _adjoints
