@@ -395,9 +395,10 @@ def _table(result):
     lines.append(f"B={B} H={H} K=V={D} M={M} W={W} bf16; median ms; TFLOP/s "
                  "on counted FLOPs (fwd+bwd = 3.5 x fwd); NHA tile overrides: "
                  f"[{result.get('blocks') or 'none'}]")
-    for config, (fwd, both) in result.get("tuning", {}).items():
-        lines.append(f"  tuning at T=16384 [{config}]: fwd {fwd:.3f} ms, "
-                     f"fwd+bwd {both:.3f} ms")
+    for config, found in result.get("tuning", {}).items():
+        lines.append(f"  tuning [{config}]: fwd {found['fwd']:.3f} ms, "
+                     f"fwd+bwd {found['fwd+bwd']:.3f} ms; " + ", ".join(
+                         f"{k} {v:.3f}" for k, v in found["parts"].items()))
     header = f"{'row':34s} {'T':>6s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} " \
              f"{'fwd TF/s':>9s} {'f+b TF/s':>9s} {'% matmul':>8s}"
     lines.append(header)
@@ -533,7 +534,12 @@ def _measure(args, tuning):
         print(f"[decode] {result['decode']}", flush=True)
         save()
     peers = {"sdpa": sdpa_rows, "flex": flex_rows, "fla": fla_rows}
-    for peer in (p for p in args.peers.split(",") if p in peers):
+    for peer in args.peers.split(","):
+        if peer == "tune":
+            _tune(args, result, late, save)
+            continue
+        if peer not in peers:
+            continue
         order = sorted(lengths) if peer == "fla" else lengths
         for length in order:
             old = {name: per[str(length)]
@@ -551,6 +557,45 @@ def _measure(args, tuning):
     return result
 
 
+def _tune(args, result, late, save):
+    """NHA fwd+bwd at --tune-length under each KERAS_NHA_TRITON_BLOCKS value
+    of --tune, with the per-part breakdown (parts are independent, so the
+    best value of each part can be combined)."""
+    fixed = os.environ.get("KERAS_NHA_TRITON_BLOCKS", "")
+    for config in (c for c in args.tune.split(";") if c):
+        if late(f"tune [{config}]"):
+            continue
+        began = time.time()
+        # Upper-case names are environment switches, the rest tile fields.
+        items = config.split(",")
+        switches = dict(i.split("=") for i in items if i[:1].isupper())
+        saved = {name: os.environ.get(name) for name in switches}
+        os.environ.update(switches)
+        os.environ["KERAS_NHA_TRITON_BLOCKS"] = ",".join(
+            c for c in [fixed] + [i for i in items if not i[:1].isupper()]
+            if c)
+        try:
+            (fwd, both, _), = nha_rows(args.tune_length).values()
+            parts = nha_breakdown(args.tune_length)["parts"]
+        except Exception as error:  # a config that does not compile
+            print(f"tune [{config}]: {error!r}"[:300], flush=True)
+            continue
+        finally:
+            os.environ["KERAS_NHA_TRITON_BLOCKS"] = fixed
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
+        result["tuning"][config] = {"fwd": fwd, "fwd+bwd": both,
+                                    "parts": parts}
+        print(f"[tune T={args.tune_length} [{config}]: "
+              f"{time.time() - began:.0f}s] fwd {fwd:.3f} ms, fwd+bwd "
+              f"{both:.3f} ms; " + ", ".join(
+                  f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
+        save()
+
+
 def _peer_of(row_name):
     lowered = row_name.lower()
     for peer in ("sdpa", "flex", "fla"):
@@ -563,7 +608,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="4096,16384,65536")
     parser.add_argument("--peers", default="sdpa,flex,fla",
-                        help="comma list of sdpa, flex, fla (or none)")
+                        help="comma list of sdpa, flex, fla, tune, in the "
+                        "order to run them (or none)")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--breakdown", default="65536,4096",
                         help="comma list of T for the per-kernel profile")
@@ -573,8 +619,8 @@ def main():
                         "same card: its peer rows are kept, not re-measured")
     parser.add_argument("--tune", default="",
                         help="';'-separated KERAS_NHA_TRITON_BLOCKS values: "
-                        "time NHA fwd+bwd at --tune-length under each and "
-                        "the defaults, then benchmark with the fastest")
+                        "NHA fwd+bwd and its parts at --tune-length under "
+                        "each, where 'tune' stands in --peers")
     parser.add_argument("--tune-length", type=int, default=16384)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG of time vs T here")
@@ -590,23 +636,6 @@ def main():
         return
 
     tuning = {}
-    if args.tune:
-        for config in [""] + args.tune.split(";"):
-            os.environ["KERAS_NHA_TRITON_BLOCKS"] = config
-            start = time.time()
-            try:
-                (fwd, both, _), = nha_rows(args.tune_length).values()
-            except Exception as error:  # a config that does not compile
-                print(f"tune [{config}]: {type(error).__name__}", flush=True)
-                continue
-            tuning[config or "default"] = (fwd, both)
-            print(f"tune T={args.tune_length} [{config or 'default'}]: fwd "
-                  f"{fwd:.3f} ms, fwd+bwd {both:.3f} ms "
-                  f"({time.time() - start:.0f}s)", flush=True)
-        best = min(tuning, key=lambda c: tuning[c][1])
-        os.environ["KERAS_NHA_TRITON_BLOCKS"] = "" if best == "default" \
-            else best
-        print(f"benchmarking with blocks [{best}]", flush=True)
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)

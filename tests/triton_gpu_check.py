@@ -257,10 +257,12 @@ def check_model_fit(jit_compile=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "core", "rest"),
+    parser.add_argument("--part", choices=("all", "core", "rest", "quick"),
                         default="all", help="core: the main cases, "
                         "streaming, dispatch, torch.compile, model.fit; "
-                        "rest: the other dtypes and shapes")
+                        "rest: the other dtypes and shapes; quick: bf16 "
+                        "at real size with one and two query heads per kv "
+                        "head (the benchmark's tiles, little compiling)")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}"
           f", keras {keras.__version__}", flush=True)
@@ -301,7 +303,14 @@ def main():
             heads=2, kv_heads=1, dim=96, slots=0),
         lambda: check_model_fit(jit_compile=True),
     ]
-    checks = {"all": core + rest, "core": core, "rest": rest}[args.part]
+    quick = [
+        lambda: check_against_float64(
+            "bf16 T=8192 W=512 M=64 d=128 H=Hkv=2", torch.bfloat16, 512,
+            8192, heads=2, kv_heads=2),
+        core[3],
+    ]
+    checks = {"all": core + rest + quick[:1], "core": core, "rest": rest,
+              "quick": quick}[args.part]
     for check in checks:
         try:
             check()

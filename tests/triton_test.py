@@ -40,6 +40,13 @@ SEQUENCE_CASES.update({
     # exact offset-by-offset path.
     "W5-M8-strong-gates": dict(window_size=5, num_slots=8, gate_scale=6.0),
     "W0-M8-strong-gates": dict(window_size=0, num_slots=8, gate_scale=6.0),
+    # The backward recomputes the slot states instead of keeping them.
+    "W5-M8-gqa2x4-recomputed-states": dict(
+        window_size=5, num_slots=8, heads=4, kv_heads=2, keep_states="0"),
+    # Unequal window-backward tiles (dq and dk/dv blocks differ).
+    "W11-M8-uneven-tiles": dict(
+        window_size=11, num_slots=8, heads=4, kv_heads=2,
+        blocks="query_bwd=32,key_bwd=16,dkdv_query=16,dkdv_key=32"),
     "W7-M5-dims24x20-shared-window": dict(window_size=7, num_slots=5,
                                           key_dim=24, value_dim=20,
                                           separate_window=False,
@@ -247,6 +254,8 @@ def _worker():
     for group, cases, run in groups:
         for seed, (name, case) in enumerate(cases.items()):
             os.environ["KERAS_NHA_TRITON_BLOCKS"] = case.get("blocks", "")
+            os.environ["KERAS_NHA_TRITON_KEEP_STATES"] = case.get(
+                "keep_states", "1")
             try:
                 result = {"errors": run(dict(case), seed)}
             except Exception as error:  # reported to the parent test

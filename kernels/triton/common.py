@@ -40,6 +40,9 @@ class Blocks:
     warps: int = 4
     window_warps: int = 4
     stages: int = 2
+    # The window dk/dv kernel's query and key blocks (0: query_bwd, key_bwd).
+    dkdv_query: int = 0
+    dkdv_key: int = 0
 
 
 # The interpreter walks every program in Python: small tiles keep it quick

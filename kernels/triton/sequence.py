@@ -8,6 +8,11 @@ kernel seeded with them (the joint softmax). Backward: window flash backward
 fed the merged output and log-sum-exp, plus the slot backward (see
 `slots.py`); the forward's slot states are recomputed, not stored.
 
+The chunk-start slot states of the forward are kept for the backward
+(recomputing them costs a third of the slot forward); set
+KERAS_NHA_TRITON_KEEP_STATES=0 to recompute instead and save their memory
+(2 x B x Hkv x (T / 64) x d x M floats per call).
+
 Gradients flow to query, key, value, log_forget_gate, window_query and
 window_key; the incoming state and the returned slot memory carry none (the
 loader refuses states that require grad). The returned ring buffers are built
@@ -15,6 +20,7 @@ with torch ops from the inputs, so they stay differentiable.
 """
 
 import dataclasses
+import os
 
 import torch
 import triton
@@ -46,6 +52,10 @@ class _Config:
         """Tokens leave the window into the slots only when the ring holds
         a full window (always so for W = 0)."""
         return self.capacity == self.window_size
+
+
+def _keep_states():
+    return os.environ.get("KERAS_NHA_TRITON_KEEP_STATES", "1") != "0"
 
 
 def _precision(dtype):
@@ -110,8 +120,12 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
     bt = cfg.blocks.chunk
     nt = triton.cdiv(s.T, bt)
     f32 = dict(device=key.device, dtype=torch.float32)
-    sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, **f32)
-    sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, **f32)
+    if s.K == s.V:  # one buffer: both recurrences scan in one launch
+        both = torch.empty(2, s.B, s.HKV, nt + 1, s.K, s.M, **f32)
+        sk, sv = both[0], both[1]
+    else:
+        sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, **f32)
+        sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, **f32)
     sk[:, :, 0] = slot_keys
     sv[:, :, 0] = slot_values_t
     decay = torch.empty(s.B, s.HKV, nt, s.M, **f32)
@@ -129,11 +143,12 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
             DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=first,
             PRECISION=prec, num_warps=cfg.blocks.warps)
-    for out, width in ((sk, s.K), (sv, s.V)):
-        slots.chunk_scan_kernel[(s.B * s.HKV,
+    stacks = [(sk, s.K, 2)] if s.K == s.V else [(sk, s.K, 1), (sv, s.V, 1)]
+    for out, width, count in stacks:
+        slots.chunk_scan_kernel[(count * s.B * s.HKV,
                                  triton.cdiv(width * s.M, _SCAN_BLOCK))](
-            out, decay, nt, s.HKV, 1, D=width, M=s.M, BLOCK=_SCAN_BLOCK,
-            UNROLL=_SCAN_UNROLL, REVERSE=False)
+            out, decay, nt, s.HKV, 1, s.B * s.HKV, D=width, M=s.M,
+            BLOCK=_SCAN_BLOCK, UNROLL=_SCAN_UNROLL, REVERSE=False)
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1)
 
 
@@ -178,7 +193,7 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
         final_values_t = state.values[:, :, -1]
     else:
         final_keys, final_values_t = slot_keys.clone(), slot_values_t.clone()
-    return output, lse, final_keys, final_values_t
+    return output, lse, final_keys, final_values_t, state
 
 
 def _group_sum(x, s):
@@ -195,14 +210,18 @@ def _chronological(ring, position):
 
 
 def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
-                   slot_values_t, do, lse, delta):
-    """Slot parts of (dq, dk, dv, dg), the last three in new-token rows."""
+                   slot_values_t, do, lse, delta, state=None,
+                   dv_window=None):
+    """Slot parts of (dq, dk, dv, dg), the last three in new-token rows,
+    dv plus `dv_window` (fp32, updated in place); `state`: the forward's
+    `_Slots` (None: recompute them)."""
     dev = q.device
     blocks = cfg.blocks
     prec = _precision(q.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
-    state = _slot_states(s, cfg, k, v, g, ring, mask, position, slot_keys,
-                         slot_values_t)
+    if state is None:
+        state = _slot_states(s, cfg, k, v, g, ring, mask, position,
+                             slot_keys, slot_values_t)
     nt = triton.cdiv(s.T, blocks.chunk)
     mp = common.pow2(s.M)
     dq = torch.empty(s.B, s.T, s.H, s.K, device=dev, dtype=q.dtype)
@@ -218,32 +237,56 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         MP=mp, BT=blocks.chunk, FEEDS=cfg.feeds, PRECISION=prec,
         num_warps=blocks.warps)
     if not cfg.feeds:
-        return dq, None, None, None
+        return dq, None, dv_window, None
 
-    sides = []
-    for y, coef, x, x_ring, width, y_scale in (
-            (q, dz, k, ring["keys"], s.K, cfg.scale),
-            (do, probs, v, ring["values"], s.V, 1.0)):
+    # The key side (y = q, c = dz) and the value side (y = do, c = p).
+    sides = ((q, dz, k, ring["keys"], s.K, cfg.scale),
+             (do, probs, v, ring["values"], s.V, 1.0))
+    if s.K == s.V:  # one buffer: both adjoints scan in one launch
+        both = torch.empty(2, s.B, s.H, nt, s.K, s.M, **f32)
+        adjoints = (both[0], both[1])
+        stacks = [(both, s.K, 2)]
+    else:
+        adjoints = tuple(torch.empty(s.B, s.H, nt, width, s.M, **f32)
+                         for width in (s.K, s.V))
+        stacks = [(adjoints[0], s.K, 1), (adjoints[1], s.V, 1)]
+    for (y, coef, _, _, width, _), adjoint in zip(sides, adjoints):
         dt = _tile(width, s.M)
-        adjoint = torch.empty(s.B, s.H, nt, width, s.M, **f32)
         slots.adjoint_delta_kernel[(nt, s.B * s.H, triton.cdiv(width, dt))](
             y, coef, state.gates, adjoint, s.T, s.H, s.HKV, D=width, M=s.M,
             DT=dt, MP=mp, BT=blocks.chunk, PRECISION=prec,
             num_warps=blocks.warps)
-        slots.chunk_scan_kernel[(s.B * s.H,
+    for adjoint, width, count in stacks:
+        slots.chunk_scan_kernel[(count * s.B * s.H,
                                  triton.cdiv(width * s.M, _SCAN_BLOCK))](
-            adjoint, state.decay, nt, s.H, s.group, D=width, M=s.M,
-            BLOCK=_SCAN_BLOCK, UNROLL=_SCAN_UNROLL, REVERSE=True)
-        dx = torch.empty(s.B, s.T, s.H, width, **f32)
-        ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
+            adjoint, state.decay, nt, s.H, s.group, s.B * s.H, D=width,
+            M=s.M, BLOCK=_SCAN_BLOCK, UNROLL=_SCAN_UNROLL, REVERSE=True)
+    ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
+    fed = s.T - cfg.capacity
+    # With one query head per kv head the kernels write token gradients
+    # directly (the value side onto the window's); else per query head,
+    # summed over each group below.
+    direct = s.group == 1
+    dxs = []
+    for index, ((y, coef, x, x_ring, width, y_scale), adjoint) in enumerate(
+            zip(sides, adjoints)):
+        add = direct and index == 1 and dv_window is not None
+        if add:
+            dx = dv_window
+        elif direct:  # stored in the input's dtype: nothing to add
+            dx = torch.empty(s.B, s.T, s.HKV, width, device=dev,
+                             dtype=x.dtype)
+            dx[:, max(fed, 0):].zero_()  # tokens that never left the window
+        else:
+            dx = torch.empty(s.B, s.T, s.H, width, **f32)
         slots.slot_dx_kernel[(nt, s.B * s.H)](
             y, coef, x, state.gates, state.strengths, position, adjoint, dx,
             ds, s.T, cfg.capacity, y_scale, _delta(x_ring, x), s.H, s.HKV,
             D=width, M=s.M, BD=common.pow2(width), LT=_inner(width), MP=mp,
-            BT=blocks.chunk, PRECISION=prec, num_warps=blocks.warps)
-        sides.append((dx, ds))
-    (dx_k, ds_k), (dx_v, ds_v) = sides
-    ds = ds_k + ds_v
+            BT=blocks.chunk, ADD_DS=index > 0, DIRECT=direct, ADD_DX=add,
+            PRECISION=prec, num_warps=blocks.warps)
+        dxs.append(dx)
+    dx_k, dx_v = dxs
 
     # dg: reverse cumulative sum of dG over the stream, chunk totals first.
     totals = torch.empty(s.B, s.HKV, nt, s.M, **f32)
@@ -257,12 +300,15 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
         HAS_PM=cfg.has_mask, num_warps=blocks.warps)
 
-    fed = s.T - cfg.capacity
+    if direct:
+        return dq, dx_k, dx_v, dg
     dk = torch.zeros(s.B, s.T, s.HKV, s.K, **f32)
     dv = torch.zeros(s.B, s.T, s.HKV, s.V, **f32)
     if fed > 0:
         dk[:, :fed] = _group_sum(dx_k, s)[:, cfg.capacity:]
         dv[:, :fed] = _group_sum(dx_v, s)[:, cfg.capacity:]
+    if dv_window is not None:
+        dv += dv_window
     return dq, dk, dv, dg
 
 
@@ -283,10 +329,11 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
         qw, kw, v, ring["window_keys"], ring["values"], mask, ring["mask"],
         position, do, lse, delta, dqw, s.T, cfg.capacity, cfg.visible,
         cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd, **common_args)
-    window.window_dkdv_kernel[(triton.cdiv(s.T, blocks.key_bwd),
-                               s.B * s.HKV)](
+    dkdv_query = blocks.dkdv_query or blocks.query_bwd
+    dkdv_key = blocks.dkdv_key or blocks.key_bwd
+    window.window_dkdv_kernel[(triton.cdiv(s.T, dkdv_key), s.B * s.HKV)](
         qw, kw, v, mask, do, lse, delta, dkw, dv, s.T, cfg.visible,
-        cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd, **common_args)
+        cfg.scale, BM=dkdv_query, BN=dkdv_key, **common_args)
     return dqw, dkw, dv
 
 
@@ -301,10 +348,11 @@ class NHAFunction(torch.autograd.Function):
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
-        output, lse, final_keys, final_values_t = _forward(
+        output, lse, final_keys, final_values_t, slot_state = _forward(
             s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
             slot_values_t)
         ctx.cfg = cfg
+        ctx.slot_state = slot_state if _keep_states() else None
         ctx.save_for_backward(q, k, v, g, qw, kw, mask, ring_keys,
                               ring_window_keys, ring_values, ring_gates,
                               ring_mask, position, slot_keys, slot_values_t,
@@ -335,11 +383,10 @@ class NHAFunction(torch.autograd.Function):
             dqw, dkw, dv = _window_backward(s, cfg, qw, kw, v, mask, ring,
                                             position, do, lse, delta)
         if s.M:
-            dq, dk, dv_slot, dg = _slot_backward(
+            dq, dk, dv, dg = _slot_backward(
                 s, cfg, q, k, v, g, mask, ring, position, slot_keys,
-                slot_values_t, do, lse, delta)
-            if dv_slot is not None:
-                dv = dv_slot if dv is None else dv + dv_slot
+                slot_values_t, do, lse, delta, ctx.slot_state, dv)
+            ctx.slot_state = None
         grads = []
         for grad, x in ((dq, q), (dk, k), (dv, v), (dg, g), (dqw, qw),
                         (dkw, kw)):

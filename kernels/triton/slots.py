@@ -177,11 +177,15 @@ def _chain(a_decay, a_value, b_decay, b_value):
 
 
 @triton.jit
-def chunk_scan_kernel(S, DEC, NT, HX, GROUP, D: tl.constexpr, M: tl.constexpr,
-                      BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                      REVERSE: tl.constexpr):
+def chunk_scan_kernel(S, DEC, NT, HX, GROUP, BHX, D: tl.constexpr,
+                      M: tl.constexpr, BLOCK: tl.constexpr,
+                      UNROLL: tl.constexpr, REVERSE: tl.constexpr):
     """Turns per-chunk contributions into states, in place, UNROLL chunks
     per step (one tile load, a log-depth scan, one tile store).
+
+    S holds one or more stacks of BHX = B * HX state sequences (the key and
+    the value recurrence side by side: one launch, twice the programs); all
+    stacks share the decays.
 
     Forward (S has NT + 1 entries, entry 0 the initial state): entry n + 1
     becomes the state after chunk n: S_{n+1} = S_n * dec_n + entry_{n+1}.
@@ -193,7 +197,7 @@ def chunk_scan_kernel(S, DEC, NT, HX, GROUP, D: tl.constexpr, M: tl.constexpr,
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = e < D * M
     m = e % M
-    b = bh // HX
+    b = (bh % BHX) // HX
     hk = (bh % HX) // GROUP
     dec = DEC + ((b * (HX // GROUP) + hk).to(tl.int64) * NT) * M
     step = D * M
@@ -409,10 +413,16 @@ def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA,
 def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
                    HKV, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr,
                    LT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   ADD_DS: tl.constexpr, DIRECT: tl.constexpr,
+                   ADD_DX: tl.constexpr, PRECISION: tl.constexpr):
     """Backward, write side of one recurrence (keys: Y = q, c = dz, scaled;
     values: Y = do, c = p), one chunk and query head: the gradient of the
-    written rows x_i and of their strengths s_i."""
+    written rows x_i and of their strengths s_i (added to DS with ADD_DS:
+    both recurrences write with the same s).
+
+    DX rows are stream rows per query head, or with DIRECT (one query head
+    per kv head) the new tokens the rows came from (row C + u is token u;
+    ring rows get nothing), added to what DX holds with ADD_DX."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     NT = tl.num_programs(0)
@@ -472,9 +482,19 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
             ds += tl.sum(tl.where(at_t, ax, 0.0), 1)[:, None] * e
 
     row = (b * T + rows) * H + h
-    tl.store(DS + row[:, None] * M + cols[None, :], ds * y_scale,
-             mask=t_ok[:, None] & (cols < M)[None, :])
+    ds_at = DS + row[:, None] * M + cols[None, :]
+    ds_ok = t_ok[:, None] & (cols < M)[None, :]
+    ds = ds * y_scale
+    if ADD_DS:
+        ds += tl.load(ds_at, mask=ds_ok, other=0.0)
+    tl.store(ds_at, ds, mask=ds_ok)
     weight = to_end * s
+    if DIRECT:
+        out_row = row - C * H
+        out_ok = t_ok & (rows >= C)
+    else:
+        out_row = row
+        out_ok = t_ok
     for d0 in tl.static_range(0, BD, LT):
         d = d0 + tl.arange(0, LT)
         ra = tl.load(r_ptr + d[:, None] * M + cols[None, :],
@@ -482,8 +502,12 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
         dx = tl.dot(weight, tl.trans(ra), input_precision=PRECISION)
         y = plain_rows(y_ptr, rows, d, T, H * D, D, True)
         dx += tl.dot(coef.to(y.dtype), y, input_precision=PRECISION)
-        tl.store(DX + row[:, None] * D + d[None, :], dx * y_scale,
-                 mask=t_ok[:, None] & (d < D)[None, :])
+        dx_at = DX + out_row[:, None] * D + d[None, :]
+        dx_ok = out_ok[:, None] & (d < D)[None, :]
+        dx = dx * y_scale
+        if ADD_DX:
+            dx += tl.load(dx_at, mask=dx_ok, other=0.0).to(tl.float32)
+        tl.store(dx_at, dx.to(DX.dtype.element_ty), mask=dx_ok)
 
 
 @triton.jit
