@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--decode-context", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=100)
     parser.add_argument("--out", required=True, help="JSON lines output")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the tables of the records in --out")
     args, rest = parser.parse_known_args(argv)
     # Model and batch flags are the training script's, with its defaults.
     model_args = lm_study.parse_args(rest)
@@ -130,8 +132,38 @@ def run_one(phase, variant, args, model_args, implementation):
     return record
 
 
+def tables(path):
+    """Markdown tables (training, decoding) of the records in `path`."""
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    train = ["| variant | kernel | policy | batch x T | compile s | ms/step | "
+             "tokens/s |", "|---|---|---|---|---|---|---|"]
+    decode = ["| variant | kernel | policy | context | compile s | ms/token | "
+              "cache KiB/seq |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        head = (f"| {r['variant']} | {r['implementation']} | "
+                f"{r['dtype_policy']} |")
+        if "error" in r:
+            (train if r["phase"] == "train" else decode).append(
+                f"{head} failed: {r['error'][:80]} | | | |")
+        elif r["phase"] == "train":
+            train.append(f"{head} {r['batch_size']} x {r['sequence_length']}"
+                         f" | {r['compile_s']:.1f} | {r['step_ms']:.2f} | "
+                         f"{r['tokens_per_s']:,.0f} |")
+        else:
+            decode.append(f"{head} {r['context']} | {r['compile_s']:.1f} | "
+                          f"{r['ms_per_token']:.3f} | "
+                          f"{r['cache_bytes'] / 1024:.1f} |")
+    device = records[0].get("device", "?") if records else "?"
+    return f"device: {device}\n\n" + "\n".join(train) + "\n\n" + "\n".join(
+        decode)
+
+
 def main(argv=None):
     args, model_args = parse_args(argv)
+    if args.table:
+        print(tables(args.out))
+        return
     keras.config.set_dtype_policy(args.dtype_policy)
     print(f"device {device_name()}, backend {keras.config.backend()}, "
           f"policy {args.dtype_policy}, implementation {args.implementation}",
