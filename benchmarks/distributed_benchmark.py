@@ -9,8 +9,9 @@ under `keras.distribution`, one run per (implementation, mode):
 - `model`: `keras.distribution.ModelParallel` on a `(1, --devices)` mesh with
   `NHABackbone.get_layout_map` (heads split over the devices, one batch).
 
-Each run compiles and warms up with `--warmup` steps, then times `--steps`
-steps (the timed `fit` ends with a device sync: its losses are read back).
+Each run compiles and warms up with `--warmup` steps, then runs `--steps`
+steps, waiting for each step's loss; the step time is the median interval
+between step ends (fit's start-up is not inside).
 Prints one table row as soon as a run finishes (and appends it to `--json`),
 then the data-parallel scaling against `single`.
 
@@ -62,7 +63,8 @@ def parse_args(argv=None):
                         help="override the size's batch per device")
     parser.add_argument("--sequence-length", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps (at least 2)")
     parser.add_argument("--dtype", default="mixed_bfloat16")
     parser.add_argument("--json", help="append one JSON line per run here")
     parser.add_argument("--plot", help="write a PNG of tokens/s per run")
@@ -153,30 +155,40 @@ def run_one(size, implementation, mode, args):
           f"parameters in {time.perf_counter() - start:.1f} s; compiling",
           flush=True)
 
+    step_ends = []
+
+    class StepClock(keras.callbacks.Callback):
+        """Waits for each step's loss, then notes the time."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])
+            step_ends.append(time.perf_counter())
+
     def fit(steps):
         x, y = data(steps)
+        kwargs = dict(batch_size=batch, epochs=1, verbose=0, shuffle=False,
+                      callbacks=[StepClock()])
         if distribution is None:
-            return model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
-                             shuffle=False)
+            return model.fit(x, y, **kwargs)
         with distribution.scope():
-            return model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
-                             shuffle=False)
+            return model.fit(x, y, **kwargs)
 
     start = time.perf_counter()
     fit(args.warmup)
     warmup_s = time.perf_counter() - start
     print(f"  [{implementation}:{mode}] compile + {args.warmup} warmup steps "
           f"{warmup_s:.1f} s; timing {args.steps} steps", flush=True)
-    start = time.perf_counter()
+    step_ends.clear()
     history = fit(args.steps)
-    elapsed = time.perf_counter() - start
-    tokens = args.steps * batch * length
+    # Step times between consecutive step ends: no fit() start-up inside.
+    step_s = float(np.median(np.diff(step_ends)))
+    tokens = batch * length
     row = dict(
         implementation=implementation, mode=mode, devices=count,
         device_kind=jax_devices[0].device_kind, global_batch=batch,
         sequence_length=length, parameters=parameters,
-        step_ms=round(1000 * elapsed / args.steps, 2),
-        tokens_per_s=round(tokens / elapsed, 1),
+        step_ms=round(1000 * step_s, 2),
+        tokens_per_s=round(tokens / step_s, 1),
         warmup_s=round(warmup_s, 1), loss=float(history.history["loss"][-1]),
         peak_gib=_peak_memory_gib(jax_devices), backend=jax.default_backend())
     del model, history

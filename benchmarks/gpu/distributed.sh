@@ -15,7 +15,8 @@ bench() {
     --warmup 3 --steps 10 --json "$rows" "$@"
 }
 echo "== 1 GPU (only GPU 0 visible)"
-CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*} bench --runs auto:single
+first_gpu=${CUDA_VISIBLE_DEVICES:-0}
+CUDA_VISIBLE_DEVICES=${first_gpu%%,*} bench --runs auto:single
 echo "== 2 GPUs"
 bench --runs auto:data,auto:model,chunked:single,chunked:data \
   --plot "$out/distributed_h200.png"

@@ -217,17 +217,20 @@ class NHABackbone(Backbone):
         rows and heads without seeing the others' activations. The
         feedforward network is split Megatron-style (gate and up
         projections on their output axis, down projection on its input
-        axis) and the token embedding on its vocabulary axis. As in
-        keras-hub's Gemma, the model-width axis of those weights is split
-        over the data axis (each data-parallel group stores a slice and
-        gathers the weight when it uses it, which saves memory). Norms
-        are replicated. The map also lays out `NHACausalLM`'s decode caches
-        (`cache/<entry>`: batch rows on the data axis, kv heads on the model
-        axis).
+        axis) and the token embedding on its vocabulary axis. Norms are
+        replicated. Weights are not split over the data axis (unlike
+        keras-hub's Gemma layout): with the model width split there too,
+        XLA moves activations between layouts (all-to-alls in the prefill,
+        batch gathers in decoding) instead of gathering weights. So the
+        only cross-device traffic is Megatron's all-reduces (partial sums
+        after the output and down projections, the RMSNorm statistics over
+        the heads, the loss and argmax over the vocabulary shards) and the
+        gradient reductions over the data axis. The map also lays out
+        `NHACausalLM`'s decode caches (`cache/<entry>`: batch rows on the
+        data axis, kv heads on the model axis).
 
-        Under this layout, `num_query_heads`, `num_key_value_heads`,
-        `intermediate_dim` and `vocabulary_size` must be multiples of the
-        model axis size, and `hidden_dim` of the data axis size.
+        `num_query_heads`, `num_key_value_heads`, `intermediate_dim` and
+        `vocabulary_size` must be multiples of the model axis size.
 
         Args:
             device_mesh: a `keras.distribution.DeviceMesh`.
@@ -265,18 +268,18 @@ class NHABackbone(Backbone):
         model, data = model_parallel_dim_name, data_parallel_dim_name
         block = r"transformer_layer_\d+/"
         layout_map = keras.distribution.LayoutMap(device_mesh)
-        layout_map["token_embedding/embeddings"] = (model, data)
-        layout_map["token_embedding/reverse_embeddings"] = (data, model)
+        layout_map["token_embedding/embeddings"] = (model, None)
+        layout_map["token_embedding/reverse_embeddings"] = (None, model)
         # Kernels [hidden, heads, dim]; biases [heads, dim].
         layout_map[block + "attention/(query|key|value|gate)/kernel"] = (
-            data, model, None)
+            None, model, None)
         layout_map[block + "attention/(query|key|value)/bias"] = (model, None)
         # [heads * dim]: contiguous per head, so it splits like the heads.
         layout_map[block + "attention/output_norm/scale"] = (model,)
-        layout_map[block + "attention/output/kernel"] = (model, None, data)
+        layout_map[block + "attention/output/kernel"] = (model, None, None)
         layout_map[block + "feedforward_(gate|intermediate)_dense/kernel"] = (
-            data, model)
-        layout_map[block + "feedforward_output_dense/kernel"] = (model, data)
+            None, model)
+        layout_map[block + "feedforward_output_dense/kernel"] = (model, None)
         # Decode caches (`NHACausalLM.get_initial_cache`): batch rows and kv
         # heads, like the keys and values that fill them.
         layout_map["cache/slot_(keys|values)"] = (data, model, None, None)
