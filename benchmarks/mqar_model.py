@@ -1,0 +1,119 @@
+"""The MQAR study's model settings, their state sizes and the model itself.
+
+A setting is written as a short name, e.g. `nha-M64-W64`, `gsa-M64`,
+`swa-W64`, `full` or `hybrid-M64`:
+
+| name | layer 1 | layer 2 |
+|---|---|---|
+| `nha-M<m>-W<w>` | M=m slots, window w | the same |
+| `gsa-M<m>` | M=m, W=0 (gated slot attention) | the same |
+| `swa-W<w>` | M=0, window w (sliding window) | the same |
+| `full` | M=0, global window (causal attention) | the same |
+| `hybrid-M<m>` | M=m, W=0 (GSA) | M=0, global |
+
+The recurrent state of a layer, per key/value head and in floats, is
+`M * (K + V)` for the slots plus `min(W, T) * (K + V)` for the window; a
+global layer keeps all `T` tokens.
+"""
+
+import re
+
+import keras
+
+_SETTING = re.compile(r"^(nha|gsa|swa|full|hybrid)((?:-[MW]\d+)*)$")
+_DEFAULT_SLOTS = 64
+_DEFAULT_WINDOW = 64
+
+
+def parse_setting(name):
+    """Per-layer windows and slot counts of a two-layer setting.
+
+    Args:
+        name: e.g. "nha-M64-W64" (see the module docstring); missing numbers
+            default to M=64, W=64.
+
+    Returns:
+        `(windows, slots)`: two lists of one entry per layer; a window of
+        None is global.
+    """
+    match = _SETTING.match(name) if isinstance(name, str) else None
+    if not match:
+        raise ValueError(f"`setting`: expected one of nha-M<m>-W<w>, gsa-M<m>,"
+                         f" swa-W<w>, full, hybrid-M<m>; got {name!r}.")
+    kind = match.group(1)
+    numbers = dict((part[0], int(part[1:]))
+                   for part in match.group(2).split("-")[1:])
+    slots = numbers.get("M", _DEFAULT_SLOTS)
+    window = numbers.get("W", _DEFAULT_WINDOW)
+    allowed = {"nha": "MW", "gsa": "M", "swa": "W", "full": "",
+               "hybrid": "M"}[kind]
+    extra = set(numbers) - set(allowed)
+    if extra:
+        raise ValueError(f"`setting`: {kind!r} takes no "
+                         f"{'/'.join(sorted(extra))}, got {name!r}.")
+    if kind == "nha":
+        return [window, window], [slots, slots]
+    if kind == "gsa":
+        return [0, 0], [slots, slots]
+    if kind == "swa":
+        return [window, window], [0, 0]
+    if kind == "full":
+        return [None, None], [0, 0]
+    return [0, None], [slots, 0]
+
+
+def state_floats(name, sequence_length, num_kv_heads, head_dim):
+    """Recurrent state of the whole model per sequence, in floats.
+
+    Args:
+        name: a setting name.
+        sequence_length: T (the size of a global layer's cache).
+        num_kv_heads: key/value heads per layer.
+        head_dim: K = V per head.
+
+    Returns:
+        The sum over layers of `num_kv_heads * (M + min(W, T)) * (K + V)`.
+    """
+    windows, slots = parse_setting(name)
+    total = 0
+    for window, slot_count in zip(windows, slots):
+        kept = sequence_length if window is None else min(window,
+                                                          sequence_length)
+        total += num_kv_heads * (slot_count + kept) * 2 * head_dim
+    return total
+
+
+def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
+                     intermediate_dim=256, implementation="auto"):
+    """The two-layer NHABackbone of a setting with an answer-position head.
+
+    Args:
+        setting: a setting name (module docstring).
+        vocab_size: token ids.
+        hidden_dim: model width.
+        num_heads: query and key/value heads per layer.
+        intermediate_dim: feed-forward width.
+        implementation: NHA kernel choice, see `keras_nha.ops`.
+
+    Returns:
+        A `keras.Model` mapping `{"token_ids" [B, T], "positions" [B, P]}` to
+        logits `[B, P, vocab_size]` at the given positions only (the MQAR
+        loss needs nothing else, which keeps the vocabulary cheap).
+    """
+    from keras_nha.models import NHABackbone
+
+    windows, slots = parse_setting(setting)
+    backbone = NHABackbone(
+        vocabulary_size=vocab_size, num_layers=len(windows),
+        num_query_heads=num_heads, hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim, window_size=windows,
+        num_slots=slots, tie_word_embeddings=False,
+        implementation=implementation)
+    token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+    positions = keras.Input((None,), dtype="int32", name="positions")
+    hidden = backbone({"token_ids": token_ids,
+                       "padding_mask": keras.ops.ones_like(token_ids)})
+    picked = keras.ops.take_along_axis(hidden, positions[:, :, None], axis=1)
+    logits = backbone.token_embedding(picked, reverse=True)
+    return keras.Model({"token_ids": token_ids, "positions": positions},
+                       logits, name=f"mqar_{setting.replace('-', '_')}")

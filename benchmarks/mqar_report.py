@@ -1,0 +1,160 @@
+"""Table and figure of MQAR results (JSON lines written by `mqar.py`)."""
+
+import collections
+import json
+
+import numpy as np
+
+_ORDER = ("nha", "gsa", "swa", "full", "hybrid")
+_COLORS = {"nha": "tab:red", "gsa": "tab:blue", "swa": "tab:green",
+           "full": "black", "hybrid": "tab:purple"}
+
+
+def load_results(paths):
+    """Every JSON line of `paths`; a later line replaces an earlier one for
+    the same (setting, T, pairs, seed, learning rate)."""
+    records = {}
+    for path in paths:
+        with open(path) as handle:
+            for line in handle:
+                line = line.strip()
+                if line:
+                    record = json.loads(line)
+                    records[(record["setting"], record["seq_len"],
+                             record["pairs"], record["seed"],
+                             record["lr"])] = record
+    return list(records.values())
+
+
+def _sort_key(setting):
+    kind = setting.split("-")[0]
+    return (_ORDER.index(kind) if kind in _ORDER else len(_ORDER), setting)
+
+
+def best_learning_rate(records):
+    """Per (setting, T, pairs, seed), the run of the best learning rate (as
+    Zoology reports MQAR: the best of a learning-rate sweep)."""
+    best = {}
+    for record in records:
+        key = (record["setting"], record["seq_len"], record["pairs"],
+               record["seed"])
+        if key not in best or (record["test_accuracy"]
+                               > best[key]["test_accuracy"]):
+            best[key] = record
+    return list(best.values())
+
+
+def summarize(records):
+    """Mean/min/max test accuracy per (setting, T, pairs) over seeds, each
+    seed at its best learning rate.
+
+    Returns:
+        A list of dicts sorted by T, setting and pairs.
+    """
+    groups = collections.defaultdict(list)
+    for record in best_learning_rate(records):
+        groups[(record["setting"], record["seq_len"], record["pairs"])].append(
+            record)
+    rows = []
+    for (setting, seq_len, pairs), runs in groups.items():
+        accuracy = np.array([r["test_accuracy"] for r in runs])
+        rows.append(dict(
+            setting=setting, kind=setting.split("-")[0], seq_len=seq_len,
+            pairs=pairs, state_floats=runs[0]["state_floats"],
+            mean=float(accuracy.mean()), low=float(accuracy.min()),
+            high=float(accuracy.max()), seeds=sorted(r["seed"] for r in runs),
+            steps=runs[0]["steps"], train_s=float(np.mean(
+                [r["train_s"] for r in runs]))))
+    rows.sort(key=lambda r: (r["seq_len"], _sort_key(r["setting"]),
+                             r["pairs"]))
+    return rows
+
+
+def markdown_table(rows):
+    """Accuracy (mean over seeds, min..max) per setting and pair count."""
+    lines = []
+    for seq_len in sorted({r["seq_len"] for r in rows}):
+        subset = [r for r in rows if r["seq_len"] == seq_len]
+        pair_counts = sorted({r["pairs"] for r in subset})
+        settings = sorted({r["setting"] for r in subset}, key=_sort_key)
+        lines.append(f"T = {seq_len}: test accuracy on the answers, mean over "
+                     f"seeds (min..max)\n")
+        lines.append("| setting | state (floats) | " + " | ".join(
+            f"{p} pairs" for p in pair_counts) + " |")
+        lines.append("|---|---|" + "---|" * len(pair_counts))
+        for setting in settings:
+            cells = {r["pairs"]: r for r in subset if r["setting"] == setting}
+            state = next(iter(cells.values()))["state_floats"]
+            row = [setting, f"{state:,}"]
+            for pairs in pair_counts:
+                r = cells.get(pairs)
+                row.append("-" if r is None else (
+                    f"{r['mean']:.3f} ({r['low']:.2f}..{r['high']:.2f}, "
+                    f"n={len(r['seeds'])})"))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Left: accuracy vs pairs per main setting; right: accuracy vs state."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq_len = max({r["seq_len"] for r in rows},
+                  key=lambda t: sum(r["seq_len"] == t for r in rows))
+    subset = [r for r in rows if r["seq_len"] == seq_len]
+    main = {"nha-M64-W64", "gsa-M64", "swa-W64", "full", "hybrid-M64"}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for setting in sorted({r["setting"] for r in subset} & main,
+                          key=_sort_key):
+        points = sorted((r["pairs"], r["mean"], r["low"], r["high"])
+                        for r in subset if r["setting"] == setting)
+        x, mean, low, high = map(np.array, zip(*points))
+        left.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
+                      capsize=3, label=setting,
+                      color=_COLORS[setting.split("-")[0]])
+    left.set_xscale("log", base=2)
+    left.set_xlabel("key-value pairs")
+    left.set_ylabel("test accuracy (answers)")
+    left.set_ylim(-0.02, 1.02)
+    left.set_title(f"MQAR, T={seq_len}: accuracy vs pairs")
+    left.legend(fontsize=8)
+
+    largest = max(r["pairs"] for r in subset)
+    for kind in _ORDER:
+        points = sorted((r["state_floats"], r["mean"], r["low"], r["high"])
+                        for r in subset
+                        if r["kind"] == kind and r["pairs"] == largest)
+        if not points:
+            continue
+        x, mean, low, high = map(np.array, zip(*points))
+        right.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
+                       capsize=3, label=kind, color=_COLORS[kind],
+                       linestyle="-" if len(x) > 1 else "none")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("recurrent state of the model (floats per sequence)")
+    right.set_ylabel("test accuracy (answers)")
+    right.set_ylim(-0.02, 1.02)
+    right.set_title(f"accuracy vs state size ({largest} pairs)")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(paths, table_path=None, plot_path=None):
+    """Prints the markdown table; optionally writes it and the figure."""
+    rows = summarize(load_results(paths))
+    if not rows:
+        raise SystemExit(f"no results in {paths}")
+    table = markdown_table(rows)
+    print(table)
+    if table_path:
+        with open(table_path, "w") as handle:
+            handle.write(table + "\n")
+    if plot_path:
+        plot(rows, plot_path)
+        print(f"wrote {plot_path}")
