@@ -395,16 +395,20 @@ class NHAFunction(torch.autograd.Function):
         return tuple(grads) + (None,) * 10
 
 
-def _new_ring(ring, tail, start, end):
+def _new_ring(ring, tail, start, index):
     """The ring after the call: its last C history rows, `tail` holding the
-    last min(C, T) new ones."""
+    last min(C, T) new ones; `index` from `_ring_index`."""
     capacity, kept = ring.shape[1], tail.shape[1]
     last = tail.to(ring.dtype)
     if kept < capacity:
         last = torch.cat([_chronological(ring, start)[:, kept:], last], 1)
-    index = torch.remainder(
-        torch.arange(capacity, device=tail.device) - end, capacity)
     return last.index_select(1, index)
+
+
+def _ring_index(capacity, end, device):
+    """Ring slot j holds the chronological row (j - end) mod C."""
+    return torch.remainder(torch.arange(capacity, device=device) - end,
+                           capacity)
 
 
 @torch.compiler.disable
@@ -482,9 +486,13 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
     tail = {name: x[:, s.T - keep:] for name, x in (
         ("keys", key), ("window_keys", window_key), ("values", value))}
     tail["log_forget_gates"] = log_forget_gate[:, s.T - keep:].to(
-        torch.float32) * real[:, :, None, None]
+        torch.float32)
+    if padding_mask is not None:
+        tail["log_forget_gates"] = tail["log_forget_gates"] * real[
+            :, :, None, None]
     tail["mask"] = real
+    index = _ring_index(capacity, end, query.device) if capacity else None
     for name, rows in tail.items():
-        new_state[name] = (_new_ring(state[name], rows, start, end)
+        new_state[name] = (_new_ring(state[name], rows, start, index)
                            if capacity else state[name])
     return output.to(dtype), new_state
