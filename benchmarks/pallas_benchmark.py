@@ -337,12 +337,14 @@ def _breakdown(rows, length, card, sync, variants=False):
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
-    ("scan rows=64", dict(walk="scan", rows=64), True),
+    ("fast", dict(walk="scan", rows=64, factor=True), True),
+    ("scan rows=64", dict(walk="scan", rows=64), False),
+    ("factor rows=64", dict(rows=64, factor=True), False),
     ("rows=64", dict(rows=64), False),
     ("walk=scan", dict(walk="scan"), False),
+    ("fast warps=4", dict(walk="scan", rows=64, factor=True, num_warps=4),
+     False),
     ("warps=4", dict(num_warps=4), False),
-    ("scan rows=64 warps=4", dict(walk="scan", rows=64, num_warps=4), False),
-    ("c=128 st=2", dict(chunk=128, sequential_stages=2), False),
 )
 # Window-pass tilings timed by the "variants" step.
 _WINDOW_VARIANTS = (

@@ -78,20 +78,24 @@ LENGTH = 37
 # strong-gate case runs the slot kernels' per-row path ("loop", used above
 # 64 slots) instead of the block tensor. `config` changes the kernel tiling
 # (`KernelConfig` fields): the slot memory carried by batched per-chunk
-# writes and a scale-and-add walk (`walk="scan"`), and slot programs that
-# read a whole chunk (`rows=32`, the chunk at this length).
+# writes and a scale-and-add walk (`walk="scan"`), slot programs that read
+# a whole chunk (`rows=32`, the chunk at this length) and their factored
+# in-chunk products (`factor`; the strong-gate case takes their exact
+# fallback).
 CASES = {
     "gsa_w0": dict(window_size=0),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
                                 num_slots=5, kv_heads=1,
-                                config=dict(rows=32)),
+                                config=dict(rows=32, factor=True)),
     "w5_padding": dict(window_size=5, padding=True,
                        config=dict(walk="scan")),
     "w64_beyond_length": dict(window_size=64,
                               config=dict(walk="scan", rows=32)),
+    "w7_fast_slots": dict(window_size=7, config=dict(walk="scan", rows=32,
+                                                     factor=True)),
     "w_length_minus_1_strong_gates": dict(
         window_size=LENGTH - 1, gate_scale=40.0,
-        config=dict(diag="loop", walk="scan", rows=32)),
+        config=dict(diag="loop", walk="scan", rows=32, factor=True)),
     "w_length": dict(window_size=LENGTH),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
 }

@@ -81,6 +81,10 @@ class KernelConfig:
         sequential_stages: pipelining stages of the chunk-walking kernels.
         diag: how slot programs add the writers of their own 16 rows:
             "tensor" (a `[16, 16, M]` tensor, no loop) or "loop".
+        factor: whether chunk-wide slot programs (`rows == chunk`) use
+            factored in-chunk products (a few matrix products per chunk)
+            in chunks whose gates allow them without overflow, falling back
+            to the exact sub-block terms elsewhere.
         walk: how the slot memory is carried from chunk to chunk: "loop"
             (one kernel computes each chunk's writes inside the sequential
             walk) or "scan" (every chunk's writes at once as batched
@@ -99,6 +103,7 @@ class KernelConfig:
     sequential_stages: int = 1
     diag: str = "tensor"
     walk: str = "loop"
+    factor: bool = False
     interpret: bool = False
 
 

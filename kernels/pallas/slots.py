@@ -76,10 +76,13 @@ class _SubBlock:
         self.from_start = jnp.exp(self.gc)
 
 
-def _block_start(b, blocks, sub, chunk):
-    """First in-chunk row of sub-block `b` of this program's `blocks`."""
-    return lax.rem(pl.program_id(0) * blocks + b,
-                   jnp.int32(chunk // sub)) * sub
+def _block_start(program, b, blocks, sub, chunk):
+    """First in-chunk row of sub-block `b` of program `program`'s `blocks`.
+
+    The program id is read at the kernel's top level: the interpreter cannot
+    read it inside a `lax.cond` branch.
+    """
+    return lax.rem(program * blocks + b, jnp.int32(chunk // sub)) * sub
 
 
 def _own_block_weights(gc, s):
@@ -161,70 +164,195 @@ def _slot_mask(z, num_slots):
     return (irange(z.shape[1]) < num_slots)[None, :]
 
 
+# Chunks whose gates decay by less than exp(-_FACTOR_LIMIT) use factored
+# products exp(G_t - G_i) = exp(G_t) * exp(-G_i): every factor stays below
+# exp(60) ~ 1e26, far from the float32 / bfloat16 range (not float16's).
+_FACTOR_LIMIT = 60.0
+
+
+def _factored_ok(gc_ref, chunk):
+    """Whether the chunk's gate cumsums allow factored products.
+
+    G is a running sum of log gates <= 0, so its last row is its minimum.
+    """
+    return jnp.min(gc_ref[chunk - 1, :]) > -_FACTOR_LIMIT
+
+
+class _Chunk:
+    """Gate factors of a whole chunk, around its start (see `_factored_ok`).
+
+    A write of token i reaches reader t >= i with exp(G_t) * writers[i].
+    """
+
+    def __init__(self, gc_ref, s_ref):
+        gc = gc_ref[...]
+        self.from_start = jnp.exp(gc)
+        self.writers = s_ref[...] * jnp.exp(-gc)
+        self.causal = irange(gc.shape[0])[:, None] >= irange(gc.shape[0])[
+            None, :]
+
+    def pairs(self, a, b, dtype):
+        """`[t, i]`: a_t . b_i for readers t >= writers i, else 0."""
+        return jnp.where(self.causal, dot(a.astype(dtype), b.astype(dtype),
+                                          trans_b=True), 0.0)
+
+
+def _slot_softmax(z, num_slots, scale):
+    z = jnp.where(_slot_mask(z, num_slots), z * scale, -jnp.inf)
+    top = jnp.max(z, axis=1)
+    weights = jnp.exp(z - top[:, None])
+    total = jnp.sum(weights, axis=1)
+    return weights / total[:, None], top + jnp.log(total)
+
+
+def _branch(factored, ok, fast, exact):
+    """`fast()` where `ok` allows it (a traced scalar), else `exact()`."""
+    if not factored:
+        exact()
+        return
+    lax.cond(ok, fast, exact)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
-                    lse_ref, *, scale, num_slots, chunk, sub, diag):
+                    lse_ref, *, scale, num_slots, chunk, sub, diag, factored):
+    program = pl.program_id(0)
     blocks = q_ref.shape[0] // sub
-    sk = sk_ref[...]
-    sv = sv_ref[...]
-    for b in range(blocks):  # the chunk's state is loaded once for all
-        mine = pl.ds(b * sub, sub)
-        block = _SubBlock(gc_ref, s_ref, _block_start(b, blocks, sub, chunk),
-                          sub, chunk)
-        z, _ = _readout_terms(q_ref[mine, :], None, k_ref, v_ref, gc_ref,
-                              s_ref, sk, sv, block, sub, diag)
-        z = jnp.where(_slot_mask(z, num_slots), z * scale, -jnp.inf)
-        top = jnp.max(z, axis=1)
-        weights = jnp.exp(z - top[:, None])
-        total = jnp.sum(weights, axis=1)
-        p = weights / total[:, None]
-        lse_ref[mine] = top + jnp.log(total)
-        o_ref[mine, :] = (_mm(p * block.from_start, sv, v_ref.dtype)
-                          + _spread(p, v_ref, gc_ref, s_ref, block, sub,
-                                    v_ref.dtype, diag))
+    dtype = v_ref.dtype
+
+    def exact():
+        sk = sk_ref[...]
+        sv = sv_ref[...]
+        for b in range(blocks):  # the chunk's state is loaded once for all
+            mine = pl.ds(b * sub, sub)
+            start = _block_start(program, b, blocks, sub, chunk)
+            block = _SubBlock(gc_ref, s_ref, start, sub, chunk)
+            z, _ = _readout_terms(q_ref[mine, :], None, k_ref, v_ref, gc_ref,
+                                  s_ref, sk, sv, block, sub, diag)
+            p, lse_ref[mine] = _slot_softmax(z, num_slots, scale)
+            o_ref[mine, :] = (_mm(p * block.from_start, sv, dtype)
+                              + _spread(p, v_ref, gc_ref, s_ref, block, sub,
+                                        dtype, diag))
+
+    def fast():
+        f = _Chunk(gc_ref, s_ref)
+        q = q_ref[...]
+        z = f.from_start * (_mm(q, sk_ref[...], dtype) + _mm(
+            f.pairs(q, k_ref[...], dtype), f.writers, dtype))
+        p, lse_ref[...] = _slot_softmax(z, num_slots, scale)
+        reach = p * f.from_start
+        o_ref[...] = (_mm(reach, sv_ref[...], dtype)
+                      + _mm(f.pairs(reach, f.writers, dtype), v_ref[...],
+                            dtype))
+
+    _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
+            fast, exact)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
                lse_ref, delta_ref, dq_ref, dz_ref, p_ref, x_ref, *, scale,
-               num_slots, chunk, sub, diag):
+               num_slots, chunk, sub, diag, factored):
+    program = pl.program_id(0)
     blocks = q_ref.shape[0] // sub
-    sk = sk_ref[...]
-    sv = sv_ref[...]
-    for b in range(blocks):
-        mine = pl.ds(b * sub, sub)
-        block = _SubBlock(gc_ref, s_ref, _block_start(b, blocks, sub, chunk),
-                          sub, chunk)
-        q = q_ref[mine, :]
-        z, dp = _readout_terms(q, do_ref[mine, :], k_ref, v_ref, gc_ref,
-                               s_ref, sk, sv, block, sub, diag)
+    dtype = q_ref.dtype
+
+    def finish(mine, z, dp):
+        """p, dz and the readers' dL/dG from the unscaled logits."""
         real = _slot_mask(z, num_slots)
         z = jnp.where(real, z * scale, 0.0)
         p = jnp.where(real, jnp.exp(z - lse_ref[mine][:, None]), 0.0)
         dz = p * (dp - delta_ref[mine][:, None])
-        dq = (_mm(dz * block.from_start, sk, q.dtype, trans_b=True)
-              + _spread(dz, k_ref, gc_ref, s_ref, block, sub, q.dtype, diag))
-        dq_ref[mine, :] = dq * scale
         dz_ref[mine, :] = dz
         p_ref[mine, :] = p
         # dL/dG_t from the readers at t (each carries the factor exp(G_t)).
         x_ref[mine, :] = dz * z + p * dp
+        return dz
+
+    def exact():
+        sk = sk_ref[...]
+        sv = sv_ref[...]
+        for b in range(blocks):
+            mine = pl.ds(b * sub, sub)
+            start = _block_start(program, b, blocks, sub, chunk)
+            block = _SubBlock(gc_ref, s_ref, start, sub, chunk)
+            z, dp = _readout_terms(q_ref[mine, :], do_ref[mine, :], k_ref,
+                                   v_ref, gc_ref, s_ref, sk, sv, block, sub,
+                                   diag)
+            dz = finish(mine, z, dp)
+            dq = (_mm(dz * block.from_start, sk, dtype, trans_b=True)
+                  + _spread(dz, k_ref, gc_ref, s_ref, block, sub, dtype,
+                            diag))
+            dq_ref[mine, :] = dq * scale
+
+    def fast():
+        f = _Chunk(gc_ref, s_ref)
+        q, do, k, sk = q_ref[...], do_ref[...], k_ref[...], sk_ref[...]
+        z = f.from_start * (_mm(q, sk, dtype) + _mm(f.pairs(q, k, dtype),
+                                                    f.writers, dtype))
+        dp = f.from_start * (
+            _mm(do, sv_ref[...], dtype, trans_b=True)
+            + _mm(f.pairs(do, v_ref[...], dtype), f.writers, dtype))
+        reach = finish(pl.ds(0, q.shape[0]), z, dp) * f.from_start
+        dq = (_mm(reach, sk, dtype, trans_b=True)
+              + _mm(f.pairs(reach, f.writers, dtype), k, dtype))
+        dq_ref[...] = dq * scale
+
+    _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
+            fast, exact)
 
 
 def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
                 dz_ref, p_ref, do_ref, dk_ref, dv_ref, ds_ref, *, scale, chunk,
-                sub, groups, diag):
+                sub, groups, diag, factored):
+    program = pl.program_id(0)
     blocks = k_ref.shape[0] // sub
-    lk = lk_ref[...]
-    lv = lv_ref[...]
-    for b in range(blocks):  # the chunk's adjoints are loaded once for all
-        mine = pl.ds(b * sub, sub)
-        dk, dv, ds = _dkv_block(
-            k_ref[mine, :], v_ref[mine, :], gcb_ref[mine, :], s_ref[mine, :],
-            _block_start(b, blocks, sub, chunk), gc_ref, lk, lv, q_ref,
-            dz_ref, p_ref, do_ref, scale=scale, chunk=chunk, sub=sub,
-            groups=groups, diag=diag)
-        dk_ref[mine, :] = dk
-        dv_ref[mine, :] = dv
-        ds_ref[mine, :] = ds
+
+    def exact():
+        lk = lk_ref[...]
+        lv = lv_ref[...]
+        for b in range(blocks):  # the chunk's adjoints are loaded once
+            mine = pl.ds(b * sub, sub)
+            start = _block_start(program, b, blocks, sub, chunk)
+            dk, dv, ds = _dkv_block(
+                k_ref[mine, :], v_ref[mine, :], gcb_ref[mine, :],
+                s_ref[mine, :], start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
+                do_ref, scale=scale, chunk=chunk, sub=sub, groups=groups,
+                diag=diag)
+            dk_ref[mine, :] = dk
+            dv_ref[mine, :] = dv
+            ds_ref[mine, :] = ds
+
+    def fast():
+        # The program holds the whole chunk: gcb_ref is gc_ref's block.
+        f = _Chunk(gc_ref, s_ref)
+        k, v, s = k_ref[...], v_ref[...], s_ref[...]
+        dtype = k.dtype
+        gc = gc_ref[...]
+        lk, lv = lk_ref[...], lv_ref[...]
+        # Readers after the chunk, through the stored adjoint at its end.
+        to_end = jnp.exp(gc_ref[chunk - 1, :][None, :] - gc)
+        dk = _mm(s * to_end, lk, dtype, trans_b=True)
+        dv = _mm(s * to_end, lv, dtype)
+        ds = to_end * (_mm(k, lk, dtype) + _mm(v, lv, dtype, trans_b=True))
+        inside = jnp.zeros_like(ds)
+        for g in range(groups):
+            q, do = q_ref[:, g, :], do_ref[:, g, :]
+            by_key = dz_ref[:, g, :] * f.from_start * scale
+            by_value = p_ref[:, g, :] * f.from_start
+            inside = (inside
+                      + dot_ta(f.pairs(q, k, dtype).astype(dtype),
+                               by_key.astype(dtype))
+                      + dot_ta(f.pairs(do, v, dtype).astype(dtype),
+                               by_value.astype(dtype)))
+            dk = dk + dot_ta(f.pairs(by_key, f.writers, dtype).astype(dtype),
+                             q.astype(dtype))
+            dv = dv + dot_ta(f.pairs(by_value, f.writers, dtype).astype(
+                dtype), do.astype(dtype))
+        dk_ref[...] = dk
+        dv_ref[...] = dv
+        ds_ref[...] = ds + inside * jnp.exp(-gc)
+
+    _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
+            fast, exact)
 
 
 def _dkv_block(k, v, gcb, s, start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
@@ -608,6 +736,15 @@ def _reader_specs(config, key_dim, value_dim, slots, groups):
             _chunk_state((slots, value_dim), groups, per)]
 
 
+def _factored(config, dtype):
+    """Whether the slot programs may take the factored in-chunk products.
+
+    They need a whole chunk per program, and float16 cannot hold exp(60).
+    """
+    return (config.factor and config.rows == config.chunk
+            and dtype != jnp.float16)
+
+
 def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
     """Reader forward: slot-normalised output and lse per query row."""
     batch, length, heads, key_dim = q.shape
@@ -616,7 +753,8 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
     return pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, num_slots=num_slots,
                           chunk=config.chunk, sub=config.sub,
-                          diag=config.diag),
+                          diag=config.diag,
+                          factored=_factored(config, q.dtype)),
         grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
         out_specs=[_rows(rows, value_dim),
@@ -686,7 +824,8 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
     return pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, num_slots=num_slots,
                           chunk=config.chunk, sub=config.sub,
-                          diag=config.diag),
+                          diag=config.diag,
+                          factored=_factored(config, q.dtype)),
         grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
         + [_rows(rows, value_dim), by_rows, by_rows],
@@ -714,7 +853,8 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
         (batch, length, kv_heads, dim), _F32)
     return pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
-                          sub=config.sub, groups=groups, diag=config.diag),
+                          sub=config.sub, groups=groups, diag=config.diag,
+                          factored=_factored(config, k.dtype)),
         grid=(length // rows, batch, kv_heads),
         in_specs=[_rows(rows, key_dim), _rows(rows, value_dim),
                   _rows(rows, slots), _rows(rows, slots),
