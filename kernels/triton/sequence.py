@@ -2,16 +2,17 @@
 
 `triton_nha` follows the kernel contract of `kernels.chunked.chunked_nha`.
 Forward: the stream's gate tiles and per-chunk state contributions (one
-launch per state), a scan to chunk-start states, the slot-only softmax output
-and log-sum-exp (one program per chunk and query head), then the window flash
-kernel seeded with them (the joint softmax). Backward: window flash backward
-fed the merged output and log-sum-exp, plus the slot backward (see
-`slots.py`); the forward's slot states are recomputed, not stored.
+launch per state), a scan to chunk-start states (key and value states in one
+launch), the slot-only softmax output, its log-sum-exp and the scaled slot
+logits (one program per chunk and query head), then the window flash kernel
+seeded with them (the joint softmax). Backward: window flash backward fed the
+merged output and log-sum-exp, plus the slot backward (see `slots.py`),
+which reads the forward's slot logits instead of recomputing them.
 
-The chunk-start slot states of the forward are kept for the backward
+The chunk-start slot states of the forward are kept for the backward too
 (recomputing them costs a third of the slot forward); set
-KERAS_NHA_TRITON_KEEP_STATES=0 to recompute instead and save their memory
-(2 x B x Hkv x (T / 64) x d x M floats per call).
+KERAS_NHA_TRITON_KEEP_STATES=0 to recompute them instead and save their
+memory (2 x B x Hkv x (T / 64) x d x M floats per call).
 
 Gradients flow to query, key, value, log_forget_gate, window_query and
 window_key; the incoming state and the returned slot memory carry none (the
@@ -157,18 +158,20 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
     dev = q.device
     blocks = cfg.blocks
     prec = _precision(q.dtype)
-    o_slot = lse_slot = state = None
+    o_slot = lse_slot = state = logits = None
     if s.M:
         state = _slot_states(s, cfg, k, v, g, ring, mask, position,
                              slot_keys, slot_values_t)
         o_slot = torch.empty(s.B, s.T, s.H, s.V, device=dev,
                              dtype=torch.float32)
         lse_slot = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
+        logits = torch.empty(s.B, s.T, s.H, s.M, device=dev,
+                             dtype=torch.float32)
         slots.slot_forward_kernel[(triton.cdiv(s.T, blocks.chunk),
                                    s.B * s.H)](
             q, k, v, state.gates, state.strengths, position, state.keys,
-            state.values, o_slot, lse_slot, s.T, cfg.capacity, cfg.scale,
-            state.entries, state.per_chunk, _delta(ring["keys"], k),
+            state.values, o_slot, lse_slot, logits, s.T, cfg.capacity,
+            cfg.scale, state.entries, state.per_chunk, _delta(ring["keys"], k),
             _delta(ring["values"], v), s.H, s.HKV, DK=s.K, DV=s.V, M=s.M,
             BK=common.pow2(s.K), BV=common.pow2(s.V),
             LT=_inner(max(s.K, s.V)), MP=common.pow2(s.M), BT=blocks.chunk,
@@ -193,7 +196,7 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
         final_values_t = state.values[:, :, -1]
     else:
         final_keys, final_values_t = slot_keys.clone(), slot_values_t.clone()
-    return output, lse, final_keys, final_values_t, state
+    return output, lse, final_keys, final_values_t, state, logits
 
 
 def _group_sum(x, s):
@@ -210,11 +213,11 @@ def _chronological(ring, position):
 
 
 def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
-                   slot_values_t, do, lse, delta, state=None,
+                   slot_values_t, do, lse, delta, logits, state=None,
                    dv_window=None):
     """Slot parts of (dq, dk, dv, dg), the last three in new-token rows,
-    dv plus `dv_window` (fp32, updated in place); `state`: the forward's
-    `_Slots` (None: recompute them)."""
+    dv plus `dv_window` (fp32, updated in place); `logits`: the forward's
+    scaled slot logits; `state`: its `_Slots` (None: recompute them)."""
     dev = q.device
     blocks = cfg.blocks
     prec = _precision(q.dtype)
@@ -230,12 +233,12 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     dg_read = torch.empty_like(dz)
     slots.slot_dq_kernel[(nt, s.B * s.H)](
         q, do, k, v, state.gates, state.strengths, position, state.keys,
-        state.values, lse, delta, dq, dz, probs, dg_read, s.T, cfg.capacity,
-        cfg.scale, state.entries, state.per_chunk, _delta(ring["keys"], k),
-        _delta(ring["values"], v), s.H, s.HKV, DK=s.K, DV=s.V, M=s.M,
-        BK=common.pow2(s.K), BV=common.pow2(s.V), LT=_inner(max(s.K, s.V)),
-        MP=mp, BT=blocks.chunk, FEEDS=cfg.feeds, PRECISION=prec,
-        num_warps=blocks.warps)
+        state.values, lse, delta, logits, dq, dz, probs, dg_read, s.T,
+        cfg.capacity, cfg.scale, state.entries, state.per_chunk,
+        _delta(ring["keys"], k), _delta(ring["values"], v), s.H, s.HKV,
+        DK=s.K, DV=s.V, M=s.M, BK=common.pow2(s.K), BV=common.pow2(s.V),
+        LT=_inner(max(s.K, s.V)), MP=mp, BT=blocks.chunk, FEEDS=cfg.feeds,
+        PRECISION=prec, num_warps=blocks.warps)
     if not cfg.feeds:
         return dq, None, dv_window, None
 
@@ -348,10 +351,11 @@ class NHAFunction(torch.autograd.Function):
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
-        output, lse, final_keys, final_values_t, slot_state = _forward(
-            s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
-            slot_values_t)
+        output, lse, final_keys, final_values_t, slot_state, logits = (
+            _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position,
+                     slot_keys, slot_values_t))
         ctx.cfg = cfg
+        ctx.slot_logits = logits
         ctx.slot_state = slot_state if _keep_states() else None
         ctx.save_for_backward(q, k, v, g, qw, kw, mask, ring_keys,
                               ring_window_keys, ring_values, ring_gates,
@@ -385,7 +389,8 @@ class NHAFunction(torch.autograd.Function):
         if s.M:
             dq, dk, dv, dg = _slot_backward(
                 s, cfg, q, k, v, g, mask, ring, position, slot_keys,
-                slot_values_t, do, lse, delta, ctx.slot_state, dv)
+                slot_values_t, do, lse, delta, ctx.slot_logits,
+                ctx.slot_state, dv)
             ctx.slot_state = None
         grads = []
         for grad, x in ((dq, q), (dk, k), (dv, v), (dg, g), (dqw, qw),

@@ -288,14 +288,15 @@ def _store_readout(out_ptr, OUT_ROW, scale, t_ok, coef, w, s_ptr, x_ptr,
 
 
 @triton.jit
-def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS,
+def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS, ZS,
                         T, C, sm_scale, ns, per_chunk, RDK, RDV, H, HKV,
                         DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, LT: tl.constexpr,
                         MP: tl.constexpr, BT: tl.constexpr,
                         FEEDS: tl.constexpr, PRECISION: tl.constexpr):
-    """Slot-only softmax output (fp32) and its base-2 log-sum-exp, for one
-    chunk and query head."""
+    """Slot-only softmax output (fp32), its base-2 log-sum-exp and the
+    scaled slot logits (fp32, kept for the backward), for one chunk and
+    query head."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -324,6 +325,9 @@ def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS,
         z = z * tl.exp(G) + _pair_logits(a, G, s, gc, ss, c0, T, HKV, M, BT,
                                          MP, PRECISION)
     z = sm_scale * z
+    row = (b * T + rows) * H + h
+    tl.store(ZS + row[:, None] * M + cols[None, :], z,
+             mask=t_ok[:, None] & (cols < M)[None, :])
     z = tl.where((cols < M)[None, :], z, float("-inf"))
     zmax = tl.max(z, 1)
     e = tl.exp2((z - zmax[:, None]) * LOG2E)
@@ -336,7 +340,6 @@ def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS,
     else:
         coef = probs
         w = tl.zeros([BT, BT], tl.float32)
-    row = (b * T + rows) * H + h
     _store_readout(OS + (b * T * H + h) * DV, H * DV, 1.0, t_ok, coef, w,
                    SV + state * DV * M, vn, v_delta, rows, C, pos, T, HKV,
                    DV, M, BV, LT, MP, FEEDS, PRECISION)
@@ -344,14 +347,15 @@ def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS,
 
 
 @triton.jit
-def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA,
+def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA, ZS,
                    DQ, DZ, P, DGR, T, C, sm_scale, ns, per_chunk, RDK, RDV,
                    H, HKV, DK: tl.constexpr, DV: tl.constexpr,
                    M: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    LT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
                    FEEDS: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward, query side, one chunk and query head: slot probabilities p,
-    logit gradients dz, the read part of dG and the slot part of dq."""
+    """Backward, query side, one chunk and query head: slot probabilities p
+    (from the forward's scaled logits ZS), logit gradients dz, the read part
+    of dG and the slot part of dq."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -371,30 +375,25 @@ def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA,
     kn = KN + b * T * HKV * DK + hk * DK
     vn = VN + b * T * HKV * DV + hk * DV
 
-    z, a = _scan_rows(Q + b * T * H * DK + h * DK, H * DK, kn, k_delta,
-                      SK + state * DK * M, rows, C, pos, T, HKV, DK, M, BK,
-                      LT, BT, MP, FEEDS, PRECISION)
+    row = (b * T + rows) * H + h
+    ok = t_ok[:, None] & (cols < M)[None, :]
+    at = row[:, None] * M + cols[None, :]
+    z = tl.load(ZS + at, mask=ok, other=0.0)
     if FEEDS:
         G, s = _gates(gc, ss, rows, cols, T, HKV, M)
         decay = tl.exp(G)
         causal = r[None, :] <= r[:, None]
-        z = z * decay + _pair_logits(tl.where(causal, a, 0.0), G, s, gc, ss,
-                                     c0, T, HKV, M, BT, MP, PRECISION)
     dp, a = _scan_rows(DO + b * T * H * DV + h * DV, H * DV, vn, v_delta,
                        SV + state * DV * M, rows, C, pos, T, HKV, DV, M, BV,
                        LT, BT, MP, FEEDS, PRECISION)
     if FEEDS:
         dp = dp * decay + _pair_logits(tl.where(causal, a, 0.0), G, s, gc,
                                        ss, c0, T, HKV, M, BT, MP, PRECISION)
-    z = sm_scale * z
-    row = (b * T + rows) * H + h
     lse = tl.load(L + row, mask=t_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
-    ok = t_ok[:, None] & (cols < M)[None, :]
     p = tl.where(ok, tl.exp2(tl.where(ok, z * LOG2E - lse[:, None], 0.0)),
                  0.0)
     dz = p * (dp - delta[:, None])
-    at = row[:, None] * M + cols[None, :]
     tl.store(DZ + at, dz, mask=ok)
     tl.store(P + at, p, mask=ok)
     tl.store(DGR + at, tl.where(ok, z * dz + p * dp, 0.0), mask=ok)
