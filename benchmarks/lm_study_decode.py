@@ -54,6 +54,24 @@ def cache_bytes(lm, context):
     return sum(per_layer), per_layer
 
 
+def essential_cache_bytes(lm, context):
+    """Bytes a decoder must keep at least: per layer the float32 slot
+    memory plus the window's rotated keys and values (a KV cache of
+    `min(W, context)` tokens). The package's ring also keeps raw keys and
+    log gates (needed to write leaving tokens into the slots) and a mask.
+    """
+    total = 0
+    for block in lm.backbone.transformer_layers:
+        attention = block.attention
+        heads, dim = attention.num_kv_heads, attention._head_dim
+        itemsize = np.dtype(keras.backend.standardize_dtype(
+            attention.compute_dtype)).itemsize
+        window = min(attention.window_size, context)
+        total += 2 * heads * dim * attention.num_slots * 4
+        total += window * heads * 2 * dim * itemsize
+    return total
+
+
 def decode_ms_per_token(lm, context=2048, steps=100, warmup=5, repeats=3,
                         batch_size=1):
     """Milliseconds per greedily decoded token.

@@ -25,6 +25,7 @@ from keras import ops
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm_study  # noqa: E402
 import lm_study_decode  # noqa: E402
+import lm_study_speed  # noqa: E402
 
 from keras_nha.models import NHABackbone  # noqa: E402
 from keras_nha.models import NHACausalLM  # noqa: E402
@@ -67,9 +68,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True,
                         help="the training run's folder (results.json, "
-                             "weights); results_search.json is written here")
+                             "weights); results_search_VARIANT.json is "
+                             "written here")
     parser.add_argument("--variant", default="nha",
                         help="which trained model to search")
+    parser.add_argument("--results", default=None,
+                        help="training results JSON (default OUT/results.json)")
+    parser.add_argument("--weights", default=None,
+                        help="weights file (default OUT/VARIANT.weights.h5)")
     parser.add_argument("--schedules", default=DEFAULT_SCHEDULES,
                         help="space-separated per-layer windows, g = global")
     parser.add_argument("--lengths", default="256,1024",
@@ -77,7 +83,10 @@ def parse_args(argv=None):
     parser.add_argument("--validation-bytes", type=int, default=65536,
                         help="validation text per length (same bytes)")
     parser.add_argument("--decode-context", type=int, default=1024)
-    parser.add_argument("--decode-steps", type=int, default=100)
+    parser.add_argument("--decode-steps", type=int, default=50)
+    parser.add_argument("--decode-repeats", type=int, default=10,
+                        help="timed runs of --decode-steps; the fastest "
+                             "counts (others share this machine)")
     parser.add_argument("--plot", default=None)
     parser.add_argument("--from-json", default=None,
                         help="only redraw the plot and table from this JSON")
@@ -115,12 +124,13 @@ def evaluate(lm, rows, batch_size):
 def table(records, lengths):
     head = f"{'windows':12s} " + " ".join(
         f"{'loss@' + str(t):>9s}" for t in lengths) + (
-        f" {'ms/token':>9s} {'cache KiB':>10s}")
+        f" {'ms/token':>9s} {'cache KiB':>10s} {'KV+slots KiB':>12s}")
     lines = [head]
     for r in records:
         lines.append(f"{r['schedule']:12s} " + " ".join(
             f"{r['valid_loss'][str(t)]:9.4f}" for t in lengths) +
-            f" {r['ms_per_token']:9.3f} {r['cache_bytes'] / 1024:10.1f}")
+            f" {r['ms_per_token']:9.3f} {r['cache_bytes'] / 1024:10.1f}"
+            f" {r.get('essential_cache_bytes', float('nan')) / 1024:12.1f}")
     return "\n".join(lines)
 
 
@@ -132,25 +142,36 @@ def plot(path, saved):
 
     records, lengths = saved["records"], saved["lengths"]
     length = str(lengths[-1])
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    losses = sorted(r["valid_loss"][length] for r in records)
+    # Schedules far off (e.g. no window at all) would squash the rest: they
+    # are drawn as triangles on the top edge with their loss written out.
+    top = min(losses[-1], losses[0] + 3 * (losses[len(losses) // 2]
+                                           - losses[0]) + 0.05)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for axis, key, label in (
             (axes[0], "cache_bytes", f"generation cache (KiB per sequence, "
                                      f"context {saved['decode_context']})"),
             (axes[1], "ms_per_token", "greedy decode (ms / token, batch 1, "
                                       f"{saved['device']})")):
-        for r in records:
+        for i, r in enumerate(records):
             x = r[key] / (1024 if key == "cache_bytes" else 1)
+            y = r["valid_loss"][length]
             trained = r["schedule"] == saved["trained_schedule"]
-            axis.plot(x, r["valid_loss"][length], "*" if trained else "o",
-                      color="C3" if trained else "C0",
-                      ms=12 if trained else 6)
-            axis.annotate(r["schedule"], (x, r["valid_loss"][length]),
-                          fontsize=7, xytext=(3, 3),
+            text = r["schedule"]
+            if y > top:
+                marker, text, y = "^", f"{text}: {y:.2f}", top
+            else:
+                marker = "*" if trained else "o"
+            axis.plot(x, y, marker, color="C3" if trained else "C0",
+                      ms=12 if trained else 6, clip_on=False)
+            axis.annotate(text, (x, y), fontsize=7,
+                          xytext=(4, -10 if i % 2 else 4),
                           textcoords="offset points")
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
         if key == "cache_bytes":
             axis.set_xscale("log")
+    axes[0].set_ylim(losses[0] - 0.01, top)
     axes[0].set_ylabel(f"validation loss at context {length} (nats/byte)")
     figure.suptitle(
         f"{saved['variant']} model trained with windows "
@@ -170,20 +191,22 @@ def main(argv=None):
         if args.plot:
             plot(args.plot, saved)
         return saved
-    with open(os.path.join(args.out, "results.json")) as handle:
+    os.makedirs(args.out, exist_ok=True)
+    with open(args.results or os.path.join(args.out, "results.json")) as (
+            handle):
         trained = {r["variant"]: r for r in json.load(handle)["records"]}
         handle.seek(0)
         train_args = json.load(handle)["args"]
     base = trained[args.variant]["backbone"]
-    lengths = [int(t) for t in args.lengths.split(",")]
+    lengths = [int(t) for t in args.lengths.split(",") if t]
     rows = {t: validation_rows(train_args, t, args.validation_bytes)
             for t in lengths}
     reference = NHACausalLM(NHABackbone(**base), preprocessor=None)
-    reference.load_weights(os.path.join(args.out,
-                                        f"{args.variant}.weights.h5"))
+    reference.load_weights(args.weights or os.path.join(
+        args.out, f"{args.variant}.weights.h5"))
     weights = reference.get_weights()
     saved = dict(variant=args.variant, backend=keras.config.backend(),
-                 device=f"{keras.config.backend()} on CPU",
+                 device=lm_study_speed.device_name(),
                  trained_schedule=schedule_name(
                      per_layer_windows(base)),
                  lengths=lengths, decode_context=args.decode_context,
@@ -198,7 +221,8 @@ def main(argv=None):
         losses = {str(t): evaluate(lm, rows[t], max(1, 4096 // t))
                   for t in lengths}
         ms, compile_s = lm_study_decode.decode_ms_per_token(
-            lm, args.decode_context, args.decode_steps)
+            lm, args.decode_context, args.decode_steps,
+            repeats=args.decode_repeats)
         total, per_layer = lm_study_decode.cache_bytes(lm,
                                                        args.decode_context)
         record = dict(schedule=schedule_name(windows), windows=windows,
@@ -206,6 +230,8 @@ def main(argv=None):
                       perplexity={t: math.exp(v) for t, v in losses.items()},
                       ms_per_token=ms, decode_compile_s=compile_s,
                       cache_bytes=total, cache_bytes_per_layer=per_layer,
+                      essential_cache_bytes=lm_study_decode.
+                      essential_cache_bytes(lm, args.decode_context),
                       wall_s=time.perf_counter() - started)
         saved["records"].append(record)
         print(f"{record['schedule']:12s} loss " + " ".join(

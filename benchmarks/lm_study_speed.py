@@ -128,6 +128,8 @@ def run_one(phase, variant, args, model_args, implementation):
         record.update(compile_s=compile_s, ms_per_token=ms,
                       context=args.decode_context,
                       cache_bytes=total, cache_bytes_per_layer=per_layer,
+                      essential_cache_bytes=lm_study_decode.
+                      essential_cache_bytes(lm, args.decode_context),
                       batch_size=1)
     return record
 
