@@ -396,6 +396,8 @@ def _table(result):
                  "on counted FLOPs (fwd+bwd = 3.5 x fwd); NHA tile overrides: "
                  f"[{result.get('blocks') or 'none'}]")
     for config, found in result.get("tuning", {}).items():
+        if isinstance(found, list):  # older files: (fwd, fwd+bwd)
+            found = {"fwd": found[0], "fwd+bwd": found[1], "parts": {}}
         lines.append(f"  tuning [{config}]: fwd {found['fwd']:.3f} ms, "
                      f"fwd+bwd {found['fwd+bwd']:.3f} ms; " + ", ".join(
                          f"{k} {v:.3f}" for k, v in found["parts"].items()))
