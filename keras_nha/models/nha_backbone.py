@@ -28,6 +28,32 @@ def _per_layer(value, num_layers, name, allow_none):
     return values
 
 
+def _check_splits(sizes):
+    """Raises a ValueError naming the argument whose size the current
+    `ModelParallel` layout cannot split evenly (JAX's own error would only
+    name an array axis).
+
+    Args:
+        sizes: `(argument name, value, weight path, weight axis)` tuples.
+    """
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.ModelParallel):
+        return
+    mesh = distribution.device_mesh
+    mesh_sizes = dict(zip(mesh.axis_names, mesh.shape))
+    for name, value, path, axis in sizes:
+        layout = distribution.get_tensor_layout(path)
+        mesh_axis = layout.axes[axis] if layout is not None else None
+        if mesh_axis is None or not isinstance(mesh_axis, str):
+            continue
+        if value % mesh_sizes[mesh_axis]:
+            raise ValueError(
+                f"`{name}`: {value} does not split evenly over the "
+                f"{mesh_sizes[mesh_axis]} devices of mesh axis "
+                f"{mesh_axis!r}, which the layout map shards it on; use a "
+                f"multiple of {mesh_sizes[mesh_axis]}.")
+
+
 @keras.saving.register_keras_serializable(package="keras_nha")
 class NHABackbone(Backbone):
     """A decoder-only language model backbone built from NHA blocks.
@@ -115,6 +141,15 @@ class NHABackbone(Backbone):
         kv_heads = num_key_value_heads or num_query_heads
         windows = _per_layer(window_size, num_layers, "window_size", True)
         slots = _per_layer(num_slots, num_layers, "num_slots", False)
+        attention = "transformer_layer_0/attention/"
+        _check_splits((
+            ("vocabulary_size", vocabulary_size, "token_embedding/embeddings",
+             0),
+            ("num_query_heads", num_query_heads, attention + "query/kernel",
+             1),
+            ("num_key_value_heads", kv_heads, attention + "key/kernel", 1),
+            ("intermediate_dim", intermediate_dim,
+             "transformer_layer_0/feedforward_gate_dense/kernel", 1)))
 
         # === Layers ===
         self.token_embedding = ReversibleEmbedding(

@@ -250,6 +250,11 @@ def run(name, weights):
             for key, value in cache[0].items()}
         result["generate_cache_shapes"] = cache_shapes(cache, generate_hlo)
         if isinstance(distribution, keras.distribution.ModelParallel):
+            try:
+                NHABackbone(**dict(CONFIG, num_key_value_heads=2))
+                result["uneven_heads_error"] = None
+            except ValueError as error:
+                result["uneven_heads_error"] = str(error)
             # The hybrid block (slots and window); the train step above
             # covers the global and the slots-only blocks too.
             block = lm.backbone.transformer_layers[0]

@@ -219,3 +219,10 @@ def test_readme_example_runs(results):
     assert readme["query_kernel"] == [None, "model", None]
     assert readme["generated_shape"] == [8, 24]
     assert readme["prompts_kept"] and readme["in_vocabulary"]
+
+
+@pytest.mark.parametrize("scenario", ("model", "data_and_model"))
+def test_heads_that_do_not_split_evenly_raise(results, scenario):
+    # 2 kv heads over the 4 devices of the "model" axis.
+    error = results[scenario]["uneven_heads_error"]
+    assert error and "`num_key_value_heads`" in error and "4 devices" in error
