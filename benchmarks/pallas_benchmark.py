@@ -15,7 +15,7 @@ Usage:
     # JAX rows only, in a chosen order, each appended to a file as measured
     # (what benchmarks/gpu/pallas.sh runs):
     python benchmarks/pallas_benchmark.py --part jax --steps main:65536 \
-        breakdown:65536 main:16384 variants:65536 decode --jsonl rows.jsonl
+        breakdown:65536 variants:65536 candidates:65536 decode --jsonl rows.jsonl
     python benchmarks/pallas_benchmark.py --from-jsonl rows.jsonl --plot p.png
 
 TFLOP/s are against counted FLOPs (one multiply-add = 2 FLOPs), forward:
@@ -26,6 +26,7 @@ counts as 2.5 forwards (the flash-attention convention).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -86,9 +87,14 @@ def _timed(rows, impl, mode, length, call, card, sync, flops=None):
 
 
 def run_jax(lengths, steps=None):
-    """JAX rows: `steps` in order ("main:T", "breakdown:T", "variants:T",
-    "decode"); by default the main rows for `lengths`, the breakdown at the
-    largest, then decode."""
+    """JAX rows: `steps` in order; by default the main rows for `lengths`,
+    the breakdown at the largest, then decode.
+
+    Steps: "main:T" (NHA and cuDNN, fwd and fwd+bwd), "candidates:T" (NHA
+    under each of `_CANDIDATES`), "breakdown:T" (passes and kernels alone),
+    "variants:T" / "tuning:T" (passes alone under `_VARIANTS` /
+    `_TUNING`), "decode".
+    """
     os.environ.setdefault("KERAS_BACKEND", "jax")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
@@ -121,10 +127,20 @@ def run_jax(lengths, steps=None):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                             implementation="cudnn")
 
-    def main_rows(length):
+    def main_rows(length, candidates=False):
         q, k, v, gate, ct = inputs(length, length)
-        for name, fn, flops in (("pallas", nha, nha_flops),
-                                ("cudnn causal", cudnn, causal_flops)):
+        impls = (("pallas", nha, nha_flops),
+                 ("cudnn causal", cudnn, causal_flops))
+        if candidates:
+            for name, changes in _CANDIDATES:
+                with _tiling(changes):
+                    timed_rows(length, q, k, v, gate, ct,
+                               [(f"pallas {name}", nha, nha_flops)])
+            return
+        timed_rows(length, q, k, v, gate, ct, impls)
+
+    def timed_rows(length, q, k, v, gate, ct, impls):
+        for name, fn, flops in impls:
             forward = jax.jit(fn)
 
             def loss(q, k, v, gate, fn=fn):
@@ -139,10 +155,10 @@ def run_jax(lengths, steps=None):
 
     for step in steps:
         kind, _, length = step.partition(":")
-        if kind == "main":
-            main_rows(int(length))
-        elif kind in ("breakdown", "variants"):
-            _breakdown(rows, int(length), card, sync, kind == "variants")
+        if kind in ("main", "candidates"):
+            main_rows(int(length), kind == "candidates")
+        elif kind in ("breakdown", "variants", "tuning"):
+            _breakdown(rows, int(length), card, sync, kind)
         elif kind == "decode":
             _decode(rows, card, sync)
         else:
@@ -216,12 +232,35 @@ def _decode(rows, card, sync):
                          card=card, error=None))
 
 
-def _breakdown(rows, length, card, sync, variants=False):
+@contextlib.contextmanager
+def _tiling(changes):
+    """The Pallas kernels' default tiling changed by `changes` for a while.
+
+    JAX's trace caches are cleared on entry and exit: a trace made under
+    the other tiling would otherwise be reused.
+    """
+    import dataclasses
+
+    import jax
+
+    from keras_nha.kernels.pallas import sequence
+
+    default = sequence.default_config
+    sequence.default_config = lambda *a, **k: dataclasses.replace(
+        default(*a, **k), **changes)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        sequence.default_config = default
+        jax.clear_caches()
+
+
+def _breakdown(rows, length, card, sync, kind="breakdown"):
     """The two Pallas passes alone (no history assembly, no merge), and the
     slot pass's kernels one by one (chunk walks, readers, XLA cumsums).
 
-    With `variants`, the passes under other tilings (`_VARIANTS`,
-    `_WINDOW_VARIANTS`).
+    `kind` "variants" / "tuning": the passes under other tilings instead.
     """
     import dataclasses
     import functools
@@ -312,7 +351,7 @@ def _breakdown(rows, length, card, sync, variants=False):
                     kf, vf, gc, s, lk, lv, q, dz, p, dout)
         _timed(rows, f"{tag}slot dkv", "bwd", length, dkv, card, sync)
 
-    if not variants:
+    if kind == "breakdown":
         passes("pallas window", window)
         passes("pallas slots", slots_with(base))
         kernels("", base)
@@ -324,30 +363,38 @@ def _breakdown(rows, length, card, sync, variants=False):
         _timed(rows, "xla cumsums", "fwd+bwd ones", length,
                bound(cumsums, gate), card, sync)
         return
-    for name, changes, by_kernel in _VARIANTS:
+    slot_variants, window_variants = ((_VARIANTS, ()) if kind == "variants"
+                                      else (_TUNING, _WINDOW_TUNING))
+    for name, changes, by_kernel in slot_variants:
         config = dataclasses.replace(base, **changes)
         if by_kernel:
             kernels(f"{name}: ", config)
         passes(f"slots {name}", slots_with(config))
-    for name, changes in _WINDOW_VARIANTS:
+    for name, changes in window_variants:
         passes(f"window {name}", window_with(dataclasses.replace(base,
                                                                  **changes)))
 
 
+# Candidate tilings timed end to end by the "candidates" step.
+_CANDIDATES = (
+    ("fast", dict(walk="scan", rows=64, factor=True)),
+)
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
     ("fast", dict(walk="scan", rows=64, factor=True), True),
     ("scan rows=64", dict(walk="scan", rows=64), False),
     ("factor rows=64", dict(rows=64, factor=True), False),
+)
+# Further slot- and window-pass tilings, timed by the "tuning" step.
+_TUNING = (
     ("rows=64", dict(rows=64), False),
     ("walk=scan", dict(walk="scan"), False),
     ("fast warps=4", dict(walk="scan", rows=64, factor=True, num_warps=4),
      False),
     ("warps=4", dict(num_warps=4), False),
 )
-# Window-pass tilings timed by the "variants" step.
-_WINDOW_VARIANTS = (
+_WINDOW_TUNING = (
     ("bq=128", dict(block_q=128)),
     ("warps=4", dict(num_warps=4)),
     ("bk=128", dict(block_k=128)),

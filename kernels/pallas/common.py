@@ -73,7 +73,7 @@ class KernelConfig:
         sub: rows of one slot sub-block (a divisor of `chunk`, at least
             16): the unit of the exact in-block terms.
         rows: rows per slot reader program, a multiple of `sub` dividing
-            `chunk` (`chunk` = one program per chunk, which then loads the
+            `chunk`, capped at `chunk` (a whole chunk per program loads the
             chunk's state once for all its sub-blocks).
         tile: state columns per program of the sequential slot kernels.
         num_warps: Triton warps per program.

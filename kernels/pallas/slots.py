@@ -725,7 +725,7 @@ def _chunk_state(shape, groups, per):
 
 
 def _reader_specs(config, key_dim, value_dim, slots, groups):
-    chunk, rows = config.chunk, config.rows
+    chunk, rows = config.chunk, _program_rows(config)
     per = chunk // rows
     return [_rows(rows, key_dim),
             _rows(chunk, key_dim, groups, per),
@@ -736,12 +736,17 @@ def _reader_specs(config, key_dim, value_dim, slots, groups):
             _chunk_state((slots, value_dim), groups, per)]
 
 
+def _program_rows(config):
+    """Query rows per slot program: `config.rows`, at most a chunk."""
+    return min(config.rows, config.chunk)
+
+
 def _factored(config, dtype):
     """Whether the slot programs may take the factored in-chunk products.
 
     They need a whole chunk per program, and float16 cannot hold exp(60).
     """
-    return (config.factor and config.rows == config.chunk
+    return (config.factor and _program_rows(config) == config.chunk
             and dtype != jnp.float16)
 
 
@@ -749,7 +754,7 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
     """Reader forward: slot-normalised output and lse per query row."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
-    groups, rows = heads // kv_heads, config.rows
+    groups, rows = heads // kv_heads, _program_rows(config)
     return pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale, num_slots=num_slots,
                           chunk=config.chunk, sub=config.sub,
@@ -817,7 +822,7 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
     """Reader backward: dq (scaled), dz, p and the readers' dL/dG terms."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
-    groups, rows = heads // kv_heads, config.rows
+    groups, rows = heads // kv_heads, _program_rows(config)
     per_query = lambda dim: jax.ShapeDtypeStruct(
         (batch, length, heads, dim), _F32)
     by_rows = pl.BlockSpec((None, None, rows), lambda j, b, h: (b, h, j))
@@ -843,7 +848,8 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
     """Writer backward: dk, dv and dL/ds per fed token."""
     batch, length, kv_heads, key_dim = k.shape
     heads, value_dim, slots = q.shape[2], v.shape[-1], gc.shape[-1]
-    groups, chunk, rows = heads // kv_heads, config.chunk, config.rows
+    groups, chunk, rows = (heads // kv_heads, config.chunk,
+                           _program_rows(config))
     per = chunk // rows
     group_chunk = lambda dim: pl.BlockSpec(
         (None, chunk, groups, dim), lambda j, b, c: (b, j // per, c, 0))
