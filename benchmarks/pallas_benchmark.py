@@ -92,8 +92,8 @@ def run_jax(lengths, steps=None):
 
     Steps: "main:T" (NHA and cuDNN, fwd and fwd+bwd), "candidates:T" (NHA
     under each of `_CANDIDATES`), "breakdown:T" (passes and kernels alone),
-    "variants:T" / "tuning:T" (passes alone under `_VARIANTS` /
-    `_TUNING`), "decode".
+    "variants:T" / "tuning:T" (passes alone under `_VARIANTS` and
+    `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`), "decode".
     """
     os.environ.setdefault("KERAS_BACKEND", "jax")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -363,8 +363,9 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
         _timed(rows, "xla cumsums", "fwd+bwd ones", length,
                bound(cumsums, gate), card, sync)
         return
-    slot_variants, window_variants = ((_VARIANTS, ()) if kind == "variants"
-                                      else (_TUNING, _WINDOW_TUNING))
+    slot_variants, window_variants = (
+        (_VARIANTS, _WINDOW_VARIANTS) if kind == "variants"
+        else (_TUNING, _WINDOW_TUNING))
     for name, changes, by_kernel in slot_variants:
         config = dataclasses.replace(base, **changes)
         if by_kernel:
@@ -394,10 +395,13 @@ _TUNING = (
      False),
     ("warps=4", dict(num_warps=4), False),
 )
-_WINDOW_TUNING = (
+_WINDOW_VARIANTS = (
     ("bq=128", dict(block_q=128)),
-    ("warps=4", dict(num_warps=4)),
     ("bk=128", dict(block_k=128)),
+)
+_WINDOW_TUNING = (
+    ("warps=4", dict(num_warps=4)),
+    ("bq=128 bk=128", dict(block_q=128, block_k=128)),
 )
 
 
