@@ -39,10 +39,10 @@ from keras_nha.models import NHATokenizer  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(lm_study.VARIANTS))
-    parser.add_argument("--phases", default="train,decode",
-                        help="comma-separated: train, decode")
-    parser.add_argument("--implementation", default="auto",
-                        help="NHA kernel (auto, chunked, pallas, xla, ...)")
+    parser.add_argument("--plan", default="train:auto,decode:auto",
+                        help="comma-separated PHASE:KERNEL items, in order; "
+                             "PHASE is train or decode, KERNEL an NHA "
+                             "implementation (auto, chunked, pallas, ...)")
     parser.add_argument("--dtype-policy", default="float32",
                         help="e.g. mixed_bfloat16")
     parser.add_argument("--warmup", type=int, default=3)
@@ -168,18 +168,22 @@ def main(argv=None):
         return
     keras.config.set_dtype_policy(args.dtype_policy)
     print(f"device {device_name()}, backend {keras.config.backend()}, "
-          f"policy {args.dtype_policy}, implementation {args.implementation}",
-          flush=True)
-    for phase in args.phases.split(","):
+          f"policy {args.dtype_policy}, plan {args.plan}", flush=True)
+    plan = [item.partition(":")[::2] for item in args.plan.split(",")]
+    for phase, implementation in plan:
+        if phase not in ("train", "decode") or not implementation:
+            raise ValueError(f"--plan: expected PHASE:KERNEL items with "
+                             f"PHASE train or decode, got {args.plan!r}.")
+    for phase, implementation in plan:
         for variant in args.variants.split(","):
             started = time.perf_counter()
             try:
                 record = run_one(phase, variant, args, model_args,
-                                 args.implementation)
+                                 implementation)
             except Exception as error:  # keep measuring the others
                 traceback.print_exc()
                 record = dict(phase=phase, variant=variant,
-                              implementation=args.implementation,
+                              implementation=implementation,
                               dtype_policy=args.dtype_policy,
                               error=f"{type(error).__name__}: {error}"[:500])
             record["wall_s"] = time.perf_counter() - started

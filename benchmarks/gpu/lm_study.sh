@@ -13,9 +13,7 @@ mkdir -p "$out"
 python3 --version
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
 python3 benchmarks/lm_study_speed.py --out "$out/speed.jsonl" \
-  --phases train,decode --implementation auto
-python3 benchmarks/lm_study_speed.py --out "$out/speed.jsonl" \
-  --phases train --implementation chunked
+  --plan train:auto,decode:auto,train:chunked
 python3 benchmarks/lm_study_search.py --out "$out" \
   --results benchmarks/results/lm_study_cpu2_seed0.json \
   --weights benchmarks/results/lm_study_cpu2_seed0_nha.weights.h5 \
