@@ -257,12 +257,14 @@ def check_model_fit(jit_compile=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "core", "rest", "quick"),
+    parser.add_argument("--part", choices=("all", "core", "rest", "quick",
+                                           "kernels"),
                         default="all", help="core: the main cases, "
                         "streaming, dispatch, torch.compile, model.fit; "
                         "rest: the other dtypes and shapes; quick: bf16 "
                         "at real size, one query head per kv head (the "
-                        "benchmark's kernels: little compiling)")
+                        "benchmark's kernels: little compiling); kernels: "
+                        "quick, core and rest without the Keras checks")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}"
           f", keras {keras.__version__}", flush=True)
@@ -308,8 +310,10 @@ def main():
             "bf16 T=4096 W=512 M=64 d=128 H=Hkv=16", torch.bfloat16, 512,
             4096, heads=16, kv_heads=16),
     ]
-    checks = {"all": core + rest + quick[:1], "core": core, "rest": rest,
-              "quick": quick}[args.part]
+    # Every layout and semantic corner once, without the slow Keras checks.
+    kernels = quick + core[3:] + rest[3:6]
+    checks = {"all": core + rest + quick, "core": core, "rest": rest,
+              "quick": quick, "kernels": kernels}[args.part]
     for check in checks:
         try:
             check()

@@ -47,6 +47,9 @@ SEQUENCE_CASES.update({
     "W11-M8-uneven-tiles": dict(
         window_size=11, num_slots=8, heads=4, kv_heads=2,
         blocks="query_bwd=32,key_bwd=16,dkdv_query=16,dkdv_key=32"),
+    # Three slot chunks scanned two per step: the scans' carries.
+    "W11-M8-scan-steps": dict(window_size=11, num_slots=8,
+                              blocks="chunk=16,scan=64,scan_unroll=2"),
     "W7-M5-dims24x20-shared-window": dict(window_size=7, num_slots=5,
                                           key_dim=24, value_dim=20,
                                           separate_window=False,

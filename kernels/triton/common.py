@@ -43,6 +43,9 @@ class Blocks:
     # The window dk/dv kernel's query and key blocks (0: query_bwd, key_bwd).
     dkdv_query: int = 0
     dkdv_key: int = 0
+    # Chunk scans: state elements per program, chunks per scan step.
+    scan: int = 256
+    scan_unroll: int = 16
 
 
 # The interpreter walks every program in Python: small tiles keep it quick

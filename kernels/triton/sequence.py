@@ -30,9 +30,6 @@ from keras_nha.kernels.triton import common
 from keras_nha.kernels.triton import slots
 from keras_nha.kernels.triton import window
 
-_SCAN_BLOCK = 256
-_SCAN_UNROLL = 16
-
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -145,11 +142,12 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=first,
             PRECISION=prec, num_warps=cfg.blocks.warps)
     stacks = [(sk, s.K, 2)] if s.K == s.V else [(sk, s.K, 1), (sv, s.V, 1)]
+    scan = cfg.blocks.scan
     for out, width, count in stacks:
         slots.chunk_scan_kernel[(count * s.B * s.HKV,
-                                 triton.cdiv(width * s.M, _SCAN_BLOCK))](
+                                 triton.cdiv(width * s.M, scan))](
             out, decay, nt, s.HKV, 1, s.B * s.HKV, D=width, M=s.M,
-            BLOCK=_SCAN_BLOCK, UNROLL=_SCAN_UNROLL, REVERSE=False)
+            BLOCK=scan, UNROLL=cfg.blocks.scan_unroll, REVERSE=False)
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1)
 
 
@@ -261,9 +259,10 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             num_warps=blocks.warps)
     for adjoint, width, count in stacks:
         slots.chunk_scan_kernel[(count * s.B * s.H,
-                                 triton.cdiv(width * s.M, _SCAN_BLOCK))](
+                                 triton.cdiv(width * s.M, blocks.scan))](
             adjoint, state.decay, nt, s.H, s.group, s.B * s.H, D=width,
-            M=s.M, BLOCK=_SCAN_BLOCK, UNROLL=_SCAN_UNROLL, REVERSE=True)
+            M=s.M, BLOCK=blocks.scan, UNROLL=blocks.scan_unroll,
+            REVERSE=True)
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
     fed = s.T - cfg.capacity
     # With one query head per kv head the kernels write token gradients
