@@ -10,7 +10,10 @@ when it starts. Scenarios, all with the same weights and data:
   heads 4 ways);
 - `pallas`: one decoder block with `implementation="pallas"` (Pallas'
   interpreter on CPU) on the 2 x 4 mesh against the portable path;
-- `readme`: the code of README.md's "Training on several devices".
+- `readme`: the JAX code of README.md's "Training on several devices".
+
+On TensorFlow, README's `tf.distribute.MirroredStrategy` example runs in a
+fresh process too (`tf_mirrored_check.py`) against one device.
 """
 
 import json
@@ -24,12 +27,13 @@ import keras
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(
+jax_only = pytest.mark.skipif(
     keras.config.backend() != "jax",
     reason="keras.distribution is complete on JAX only")
 
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "distribution_check.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+HELPER = os.path.join(HERE, "distribution_check.py")
+README = os.path.join(HERE, os.pardir, os.pardir, "README.md")
 GROUPS = (("single", "data", "model"),
           ("data_and_model", "pallas", "readme"))
 DISTRIBUTED = ("data", "model", "data_and_model")
@@ -76,6 +80,7 @@ def _expected_weight_axes(path, rank, scenario):
     return [None] * rank
 
 
+@jax_only
 def test_get_layout_map_entries_and_argument_checks():
     from keras_nha.models import NHABackbone
 
@@ -98,6 +103,7 @@ def test_get_layout_map_entries_and_argument_checks():
         NHABackbone.get_layout_map(mesh, model_parallel_dim_name="heads")
 
 
+@jax_only
 @pytest.mark.parametrize("scenario", DISTRIBUTED)
 def test_weights_are_sharded_as_the_layout_map_says(results, scenario):
     weights = results[scenario]["weights"]
@@ -107,6 +113,7 @@ def test_weights_are_sharded_as_the_layout_map_says(results, scenario):
             path, len(axes), scenario), path
 
 
+@jax_only
 @pytest.mark.parametrize("scenario", DISTRIBUTED)
 def test_fit_losses_equal_single_device(results, scenario):
     single = results["single"]["losses"]
@@ -115,6 +122,7 @@ def test_fit_losses_equal_single_device(results, scenario):
     np.testing.assert_allclose(losses, single, rtol=2e-5)
 
 
+@jax_only
 @pytest.mark.parametrize("scenario", DISTRIBUTED)
 def test_greedy_generate_tokens_equal_single_device(results, scenario):
     tokens = np.array(results[scenario]["tokens"])
@@ -123,6 +131,7 @@ def test_greedy_generate_tokens_equal_single_device(results, scenario):
     np.testing.assert_array_equal(tokens, expected)
 
 
+@jax_only
 @pytest.mark.parametrize("scenario", DISTRIBUTED)
 def test_nha_operation_inputs_are_split_on_batch_and_heads(results,
                                                            scenario):
@@ -143,6 +152,7 @@ def test_nha_operation_inputs_are_split_on_batch_and_heads(results,
         assert _normalized(step[name], mesh) == [batch, heads, None], name
 
 
+@jax_only
 @pytest.mark.parametrize("scenario", DISTRIBUTED)
 def test_decode_cache_is_split_on_batch_and_kv_heads(results, scenario):
     mesh = MESHES[scenario]
@@ -175,6 +185,7 @@ def _gathered_values_per_token(collectives, tokens_per_device):
     return max(sizes, default=0) / tokens_per_device
 
 
+@jax_only
 @pytest.mark.parametrize("scenario", ("model", "data_and_model"))
 def test_no_activation_is_gathered(results, scenario):
     mesh = MESHES[scenario]
@@ -198,6 +209,7 @@ def test_no_activation_is_gathered(results, scenario):
         assert not set(ACTIVATION_MOVES) & set(collectives), collectives
 
 
+@jax_only
 def test_pallas_kernel_runs_per_shard_in_the_distributed_block(results):
     pallas = results["pallas"]
     assert pallas["output_error"] < 1e-5
@@ -212,6 +224,7 @@ def test_pallas_kernel_runs_per_shard_in_the_distributed_block(results):
     assert not set(ACTIVATION_MOVES) & set(collectives), collectives
 
 
+@jax_only
 def test_readme_example_runs(results):
     readme = results["readme"]
     if readme is None:
@@ -221,8 +234,26 @@ def test_readme_example_runs(results):
     assert readme["prompts_kept"] and readme["in_vocabulary"]
 
 
+@jax_only
 @pytest.mark.parametrize("scenario", ("model", "data_and_model"))
 def test_heads_that_do_not_split_evenly_raise(results, scenario):
     # 2 kv heads over the 4 devices of the "model" axis.
     error = results[scenario]["uneven_heads_error"]
     assert error and "`num_key_value_heads`" in error and "4 devices" in error
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow",
+                    reason="tf.distribute needs the TensorFlow backend")
+def test_tensorflow_mirrored_strategy_readme_example_equals_one_device():
+    if not os.path.exists(README):
+        pytest.skip("README.md is not beside the tests")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "tf_mirrored_check.py")],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert "RESULT " in result.stdout, result.stderr[-4000:]
+    run = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert run["replicas"] == 2
+    assert run["losses"][1] < run["losses"][0]
+    np.testing.assert_allclose(run["losses"], run["single_losses"],
+                               rtol=1e-5)
