@@ -11,7 +11,9 @@ under `keras.distribution`, one run per (implementation, mode):
 
 Each run compiles and warms up with `--warmup` steps, then runs `--steps`
 steps, waiting for each step's loss; the step time is the median interval
-between step ends (fit's start-up is not inside).
+between step ends (fit's start-up is not inside). "peak GiB" is the largest
+device memory in use so far in the process (JAX does not reset it between
+runs), so only the first run of an invocation shows its own peak.
 Prints one table row as soon as a run finishes (and appends it to `--json`),
 then the data-parallel scaling against `single`.
 
