@@ -49,9 +49,26 @@ def check_mqar_arguments(batch_size, sequence_length, num_pairs, vocab_size):
 
 
 def _distinct_samples(rng, rows, population, count):
-    """`[rows, count]` ints from `range(population)`, distinct within a row."""
-    scores = rng.random((rows, population), dtype=np.float32)
-    return np.argpartition(scores, count - 1, axis=1)[:, :count]
+    """`[rows, count]` ints from `range(population)`, distinct within a row,
+    each row a uniformly random ordered sample without replacement."""
+    if population < 8 * count:
+        scores = rng.random((rows, population), dtype=np.float32)
+        return np.argpartition(scores, count - 1, axis=1)[:, :count]
+    # Large populations: the first `count` distinct values of 2 * count
+    # uniform draws (O(count) per row instead of O(population)). Duplicates
+    # are rare; a row with too few distinct draws is drawn again.
+    draws = rng.integers(0, population, (rows, 2 * count))
+    order = np.argsort(draws, axis=1, kind="stable")
+    ranked = np.take_along_axis(draws, order, axis=1)
+    repeated = np.zeros(draws.shape, bool)
+    np.put_along_axis(repeated, order[:, 1:],
+                      ranked[:, 1:] == ranked[:, :-1], axis=1)
+    first = np.argsort(repeated, axis=1, kind="stable")[:, :count]
+    samples = np.take_along_axis(draws, first, axis=1)
+    short = np.flatnonzero(repeated.sum(axis=1) > count)
+    if short.size:
+        samples[short] = _distinct_samples(rng, short.size, population, count)
+    return samples
 
 
 def make_mqar_batch(rng, batch_size, sequence_length, num_pairs, vocab_size):

@@ -18,8 +18,6 @@ global layer keeps all `T` tokens.
 
 import re
 
-import keras
-
 _SETTING = re.compile(r"^(nha|gsa|swa|full|hybrid)((?:-[MW]\d+)*)$")
 _DEFAULT_SLOTS = 64
 _DEFAULT_WINDOW = 64
@@ -100,6 +98,8 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
         logits `[B, P, vocab_size]` at the given positions only (the MQAR
         loss needs nothing else, which keeps the vocabulary cheap).
     """
+    import keras
+
     from keras_nha.models import NHABackbone
 
     windows, slots = parse_setting(setting)

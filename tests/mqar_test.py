@@ -115,3 +115,17 @@ def test_settings_and_state_sizes():
     for bad in ("nha-W64-X3", "gsa-W64", "full-M4", "lstm", None):
         with pytest.raises(ValueError, match="`setting`"):
             mqar_model.parse_setting(bad)
+
+
+@pytest.mark.parametrize("population, count", [(16, 2), (4096, 64), (9, 9)])
+def test_distinct_samples_are_distinct_and_in_range(population, count):
+    # (16, 2) draws 4 from 16 per row: many rows repeat a value and take
+    # the redraw path; (9, 9) is a full permutation.
+    samples = mqar_data._distinct_samples(np.random.default_rng(0), 2000,
+                                          population, count)
+    assert samples.shape == (2000, count)
+    assert samples.min() >= 0 and samples.max() < population
+    assert all(len(set(row)) == count for row in samples)
+    if population <= 16:   # uniform: each value about equally often first
+        frequency = np.bincount(samples[:, 0], minlength=population) / 2000
+        assert np.all(np.abs(frequency * population - 1) < 0.35)

@@ -10,10 +10,17 @@ export KERAS_BACKEND=jax
 out=${JOB_OUT:-/tmp/mqar_out}
 mkdir -p "$out"
 deadline=${MQAR_DEADLINE:-255}
+# The MQAR_* variables exist for a quick CPU dry run of this script.
 steps=${MQAR_STEPS:-3000}
-common=(--seq-len 256 --pairs 16 32 64 --seeds 0 1 --steps "$steps"
-        --batch-size 64 --lr 3e-3 --warmup 200 --log-every 250
-        --eval-every 500 --implementation chunked)
+seq_len=${MQAR_SEQ_LEN:-256}
+vocab=${MQAR_VOCAB:-8192}
+probe_steps=${MQAR_PROBE_STEPS:-300}
+# shellcheck disable=SC2206
+pairs=(${MQAR_PAIRS:-16 32 64})
+common=(--seq-len "$seq_len" --vocab "$vocab" --pairs "${pairs[@]}"
+        --seeds 0 1 --steps "$steps" --batch-size 64 --lr 3e-3
+        --warmup "$((steps / 15))" --log-every 250
+        --eval-every "$((steps / 6))" --implementation chunked)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
   --format=csv -l 5 > "$out/gpu_usage.csv" 2>/dev/null &
@@ -35,10 +42,16 @@ for i in "${!groups[@]}"; do
     --output "$out/mqar_runs_$i.jsonl" > "$out/train_$i.log" 2>&1 &
   pids+=($!)
 done
+# Learning-rate check: full attention at a third of the learning rate (kept
+# out of the main table).
+python3 benchmarks/mqar.py --settings full "${common[@]}" --lr 1e-3 \
+  --output "$out/mqar_lr_check.jsonl" > "$out/train_lr_check.log" 2>&1 &
+pids+=($!)
 # Pallas ("auto") against "chunked": short timing runs of the NHA setting.
 ( for impl in auto chunked; do
-    python3 benchmarks/mqar.py --settings nha-M64-W64 --seq-len 256 \
-      --pairs 64 --seeds 0 --steps 300 --log-every 100 \
+    python3 benchmarks/mqar.py --settings nha-M64-W64 --seq-len "$seq_len" \
+      --vocab "$vocab" --pairs "${pairs[-1]}" --seeds 0 \
+      --steps "$probe_steps" --log-every 100 \
       --implementation $impl --output "$out/mqar_probe_$impl.jsonl"
   done ) > "$out/probe.log" 2>&1 &
 pids+=($!)
