@@ -356,12 +356,20 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
         passes("pallas slots", slots_with(base))
         kernels("", base)
 
-        def cumsums(gate):
-            local = slots_lib._chunk_cumsum(gate, base.chunk)
+        def cumsums(gate):  # as jnp.cumsum does them (log-depth scans)
+            by_chunk = (BATCH, length // base.chunk, base.chunk, HEADS,
+                        SLOTS)
+            local = jnp.cumsum(gate.reshape(by_chunk), axis=2)
             reverse = jnp.flip(jnp.cumsum(jnp.flip(gate, 1), axis=1), 1)
-            return local + reverse
+            return local.reshape(gate.shape) + reverse
+
+        def chunked_cumsums(gate):  # as the slot pass does them
+            return (slots_lib._chunk_cumsum(gate, base.chunk)
+                    + slots_lib._reverse_cumsum(gate, base.chunk))
         _timed(rows, "xla cumsums", "fwd+bwd ones", length,
                bound(cumsums, gate), card, sync)
+        _timed(rows, "chunked cumsums", "fwd+bwd ones", length,
+               bound(chunked_cumsums, gate), card, sync)
         return
     slot_variants, window_variants = (
         (_VARIANTS, _WINDOW_VARIANTS) if kind == "variants"

@@ -485,11 +485,35 @@ def _values_adjoint(p_ref, do_ref, gc_ref, dsv_ref, lv_ref, dsv0_ref, *,
     dsv0_ref[...] = loop(0, chunks, body, dsv_ref[...])
 
 
+def _in_chunk_sums(x, chunk, reverse=False):
+    """Inclusive cumsum of `x [B, T, ...]` inside each chunk of `chunk` rows
+    (from the chunk's end with `reverse`), as one triangular matrix product:
+    XLA lowers a cumsum on GPU to a log-depth scan, one pass per level.
+    """
+    batch, length = x.shape[:2]
+    shaped = x.reshape((batch, length // chunk, chunk) + x.shape[2:])
+    rows = jnp.arange(chunk)
+    keep = (rows[None, :] >= rows[:, None]) if reverse else (
+        rows[:, None] >= rows[None, :])
+    sums = jnp.einsum("ij,bnj...->bni...", keep.astype(x.dtype), shaped,
+                      precision=lax.Precision.HIGHEST)
+    return sums.reshape(x.shape)
+
+
 def _chunk_cumsum(g, chunk):
     """In-chunk inclusive cumsum of `g [B, T, Hkv, M]` (T % chunk == 0)."""
-    batch, length = g.shape[:2]
-    shaped = g.reshape((batch, length // chunk, chunk) + g.shape[2:])
-    return jnp.cumsum(shaped, axis=2).reshape(g.shape)
+    return _in_chunk_sums(g, chunk)
+
+
+def _reverse_cumsum(x, chunk):
+    """sum_{tau >= t} x_tau over the time axis of `x [B, T, ...]`: in-chunk
+    sums plus the reverse cumsum of the (few) chunk totals."""
+    batch, length = x.shape[:2]
+    by_chunk = (batch, length // chunk, chunk) + x.shape[2:]
+    totals = x.reshape(by_chunk).sum(2)
+    later = jnp.flip(jnp.cumsum(jnp.flip(totals, 1), axis=1), 1) - totals
+    inside = _in_chunk_sums(x, chunk, reverse=True).reshape(by_chunk)
+    return (inside + later[:, :, None]).reshape(x.shape)
 
 
 def _tile(dim, config):
@@ -901,7 +925,7 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
     final = (jnp.einsum("bckm,bckm->bcm", dsk_end, sk_end)
              + jnp.einsum("bcmv,bcmv->bcm", dsv_end, sv_end))
     x = x.at[:, -1].add(final)
-    dg = jnp.flip(jnp.cumsum(jnp.flip(x, 1), axis=1), 1) - ds * jnp.exp(g)
+    dg = _reverse_cumsum(x, config.chunk) - ds * jnp.exp(g)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             dg.astype(g.dtype), dsk0, dsv0)
 
