@@ -282,11 +282,18 @@ def main(argv=None):
                         help="result files to tabulate/plot (no training)")
     parser.add_argument("--table", help="markdown table path (with --report)")
     parser.add_argument("--plot", help="PNG path (with --report)")
+    parser.add_argument("--curves", nargs="+",
+                        help="with --report: progress files, then the PNG "
+                             "path of accuracy-vs-step curves")
     args = parser.parse_args(argv)
     if args.report:
         from mqar_report import write_report
 
         write_report(args.report, args.table, args.plot)
+        if args.curves:
+            from mqar_report import plot_curves
+
+            plot_curves(args.curves[:-1] + args.report, args.curves[-1])
         return
     run_training(args)
 

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 
 import numpy as np
 
@@ -149,7 +150,8 @@ def write_report(paths, table_path=None, plot_path=None):
     """Prints the markdown table; optionally writes it and the figure."""
     rows = summarize(load_results(paths))
     if not rows:
-        raise SystemExit(f"no results in {paths}")
+        print(f"no finished runs in {paths}")
+        return
     table = markdown_table(rows)
     print(table)
     if table_path:
@@ -158,3 +160,54 @@ def write_report(paths, table_path=None, plot_path=None):
     if plot_path:
         plot(rows, plot_path)
         print(f"wrote {plot_path}")
+
+
+def plot_curves(paths, path):
+    """Test accuracy against training step (checkpoints and final runs), one
+    panel per pair count, one line per setting (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = collections.defaultdict(list)
+    for record in load_all_lines(p for p in paths if os.path.exists(p)):
+        points[(record["seq_len"], record["pairs"], record["setting"],
+                record["lr"], record["step"])].append(record["test_accuracy"])
+    panels = sorted({key[:2] for key in points})
+    if not panels:
+        print("no checkpoints to plot")
+        return
+    figure, axes = plt.subplots(1, len(panels), squeeze=False,
+                                figsize=(4.2 * len(panels), 3.8))
+    for axis, (seq_len, pairs) in zip(axes[0], panels):
+        lines = sorted({key[2:4] for key in points if key[:2] == (seq_len,
+                                                                    pairs)},
+                       key=lambda k: (_sort_key(k[0]), k[1]))
+        for setting, lr in lines:
+            curve = sorted((key[4], np.mean(value))
+                           for key, value in points.items()
+                           if key[:4] == (seq_len, pairs, setting, lr))
+            x, y = zip(*curve)
+            axis.plot(x, y, marker=".", label=f"{setting} lr={lr:g}",
+                      color=_COLORS.get(setting.split("-")[0], "gray"),
+                      alpha=1.0 if setting.endswith(("M64-W64", "-M64",
+                                                     "-W64", "full")) else 0.5)
+        axis.set_title(f"T={seq_len}, {pairs} pairs")
+        axis.set_xlabel("training step")
+        axis.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("test accuracy (answers)")
+    axes[0][-1].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+def load_all_lines(paths):
+    """Every JSON line of `paths`, duplicates included (for curves)."""
+    for path in paths:
+        with open(path) as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)

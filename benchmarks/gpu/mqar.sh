@@ -70,5 +70,6 @@ grep -h "RESULT\|step\|Error\|error" "$out"/train_*.log "$out/probe.log" | tail 
 cat "$out"/mqar_runs_*.jsonl > "$out/mqar_runs.jsonl" 2>/dev/null
 cat "$out"/mqar_runs_*.jsonl.progress > "$out/mqar_progress.jsonl" 2>/dev/null
 python3 benchmarks/mqar.py --report "$out/mqar_runs.jsonl" \
-  --table "$out/mqar_table.md" --plot "$out/mqar.png"
+  --table "$out/mqar_table.md" --plot "$out/mqar.png" \
+  --curves "$out/mqar_progress.jsonl" "$out/mqar_curves.png"
 echo "mqar job done at ${SECONDS}s"
