@@ -312,7 +312,38 @@ def pallas_block(weights_seed=3):
             expected_grads)))
     return {"output_error": error, "gradient_error": grad_error,
             "operation_inputs": spy.records,
-            "collectives": collectives(compiled.as_text())}
+            "collectives": collectives(compiled.as_text()),
+            "decode_step_collectives": pallas_decode_step_collectives(
+                block, distribution)}
+
+
+def pallas_decode_step_collectives(block, distribution):
+    """Collectives of one Pallas decode step with a sharded cache."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec
+
+    mesh = distribution.device_mesh.backend_mesh
+    rows = 4
+    with distribution.scope():
+        cache = block.get_initial_cache(rows)
+        layouts = NHABackbone.get_layout_map(distribution.device_mesh)
+        for name, value in cache.items():
+            layout = layouts[f"cache/{name}"]
+            if layout is not None and len(layout.axes) == value.ndim:
+                cache[name] = jax.device_put(value, NamedSharding(
+                    mesh, PartitionSpec(*layout.axes)))
+        x = jax.device_put(
+            np.random.default_rng(4).normal(size=(rows, 1, 16)).astype(
+                "float32"), NamedSharding(mesh, PartitionSpec("batch")))
+        trainable = [v.value for v in block.trainable_variables]
+
+        def step(trainable, x, cache):
+            (out, cache), _ = block.stateless_call(trainable, [], x,
+                                                   cache=cache)
+            return out, cache
+
+        hlo = jax.jit(step).lower(trainable, x, cache).compile().as_text()
+    return collectives(hlo)
 
 
 def readme_example():
