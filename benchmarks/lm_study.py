@@ -15,7 +15,10 @@ The variants without slots lack the gate projection; their feed-forward
 width grows to keep the parameter count equal. Prints progress, a table of
 validation loss, perplexity, bits per byte and training tokens/s, writes a
 JSON record, the training curves (`--plot`) and each model's weights (for
-`lm_study_search.py`).
+`lm_study_search.py`). Training rows are shuffled once with the seed
+(`--order corpus` keeps the example's file order, which drifts: the last
+steps see other files than the first). `lm_study_seeds.py` summarises
+several seeds.
 
     KERAS_BACKEND=tensorflow nice -n 5 python benchmarks/lm_study.py \
         --out benchmarks/results/lm_study_cpu2 \
@@ -71,6 +74,11 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--order", choices=("shuffled", "corpus"),
+                        default="shuffled",
+                        help="training rows shuffled once with --seed, or in "
+                             "corpus order (files alphabetically, as "
+                             "examples/train_causal_lm.py feeds them)")
     parser.add_argument("--out", default="lm_study_out",
                         help="folder for results.json, log lines and weights")
     parser.add_argument("--plot", default=None, help="training curves PNG")
@@ -208,6 +216,8 @@ def train_variant(variant, args, data):
           f"vs NHA), window {kwargs['window_size']}, {kwargs['num_slots']} "
           f"slots, intermediate {kwargs['intermediate_dim']}, backend "
           f"{keras.config.backend()}", flush=True)
+    if args.order == "shuffled":
+        train_rows = np.random.default_rng(args.seed).permutation(train_rows)
     x, y = as_inputs(train_rows)
     validation = as_inputs(valid_rows[:args.validation_rows])
     tokens_per_step = args.batch_size * args.sequence_length
@@ -301,8 +311,8 @@ def main(argv=None):
     data = load_data(args)
     title = (f"byte LM on Python stdlib, {args.num_layers} layers, d "
              f"{args.hidden_dim}, T {args.sequence_length}, batch "
-             f"{args.batch_size}, {args.steps} steps, seed {args.seed} "
-             f"({keras.config.backend()})")
+             f"{args.batch_size}, {args.steps} steps, {args.order} rows, "
+             f"seed {args.seed} ({keras.config.backend()})")
     records, path = [], os.path.join(args.out, "results.json")
     for variant in variants:
         records.append(train_variant(variant, args, data))

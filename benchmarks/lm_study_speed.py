@@ -49,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--decode-context", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=100)
+    parser.add_argument("--decode-repeats", type=int, default=3,
+                        help="timed runs of --decode-steps; the fastest "
+                             "counts")
     parser.add_argument("--out", required=True, help="JSON lines output")
     parser.add_argument("--table", action="store_true",
                         help="only print the tables of the records in --out")
@@ -122,7 +125,8 @@ def run_one(phase, variant, args, model_args, implementation):
                       tokens_per_s=tokens / step_s, timed_steps=args.steps)
     else:
         ms, compile_s = lm_study_decode.decode_ms_per_token(
-            lm, args.decode_context, args.decode_steps)
+            lm, args.decode_context, args.decode_steps,
+            repeats=args.decode_repeats)
         total, per_layer = lm_study_decode.cache_bytes(lm,
                                                        args.decode_context)
         record.update(compile_s=compile_s, ms_per_token=ms,
