@@ -83,7 +83,11 @@ def state_floats(name, sequence_length, num_kv_heads, head_dim):
 
 def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
                      intermediate_dim=256, implementation="auto"):
-    """The two-layer NHABackbone of a setting with an answer-position head.
+    """The two-layer NHABackbone of a setting, read out at the answers.
+
+    The output projection is the token embedding (tied, as in Zoology): a
+    value the model attends to maps straight back to its own logit, which
+    matters with 4096 values that each appear in few answers.
 
     Args:
         setting: a setting name (module docstring).
@@ -107,7 +111,7 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
         vocabulary_size=vocab_size, num_layers=len(windows),
         num_query_heads=num_heads, hidden_dim=hidden_dim,
         intermediate_dim=intermediate_dim, window_size=windows,
-        num_slots=slots, tie_word_embeddings=False,
+        num_slots=slots, tie_word_embeddings=True,
         implementation=implementation)
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
     positions = keras.Input((None,), dtype="int32", name="positions")
