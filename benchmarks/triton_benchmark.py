@@ -200,7 +200,8 @@ def fla_rows(length):
 # Kernel name fragments -> the part of NHA they belong to (breakdown groups).
 _PARTS = (
     ("prep_kernel", "slot pass (fwd)"), ("chunk_scan", "slot pass (fwd)"),
-    ("slot_forward", "slot pass (fwd)"), ("slot_logits", "slot pass (fwd)"),
+    ("slot_forward", "slot pass (fwd)"),
+    ("slot_readout", "slot readout (fwd output, bwd dq)"),
     ("window_forward", "window pass (fwd)"),
     ("row_dot", "window bwd"), ("window_dq", "window bwd"),
     ("window_dkdv", "window bwd"),
@@ -347,7 +348,7 @@ def compile_report(only=""):
         options, signature, constants, attrs = fn._pack_args(
             backend, kwargs, bound, specialization, options)
         shown = {k: v for k, v in kwargs.items()
-                 if k in ("num_warps", "num_stages")}
+                 if k in ("num_warps", "num_stages", "maxnreg")}
         key = (fn.fn.__name__, str(signature), str(constants), str(attrs),
                str(shown))
         launches[key] = (fn, ASTSource(fn, signature, constants, attrs),

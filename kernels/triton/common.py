@@ -43,6 +43,11 @@ class Blocks:
     # The window dk/dv kernel's query and key blocks (0: query_bwd, key_bwd).
     dkdv_query: int = 0
     dkdv_key: int = 0
+    # 1: the slot output and the slot part of dq in their own kernel
+    # (`slot_readout_kernel`: two lighter programs instead of one).
+    split: int = 0
+    # Register cap of the slot kernels (0: none).
+    slot_regs: int = 0
     # Chunk scans: state elements per program, chunks per scan step.
     scan: int = 256
     scan_unroll: int = 16

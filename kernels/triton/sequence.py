@@ -56,6 +56,15 @@ def _keep_states():
     return os.environ.get("KERAS_NHA_TRITON_KEEP_STATES", "1") != "0"
 
 
+def _slot_options(blocks, cap=0):
+    """Launch options of the slot kernels: a register cap (blocks.slot_regs,
+    else `cap`) lets two programs share an SM."""
+    cap = blocks.slot_regs or cap
+    if cap and not common.interpreting():
+        return dict(num_warps=blocks.warps, maxnreg=cap)
+    return dict(num_warps=blocks.warps)
+
+
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -140,7 +149,7 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             cfg.capacity, _delta(x_ring, x),
             _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
             DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=first,
-            PRECISION=prec, num_warps=cfg.blocks.warps)
+            PRECISION=prec, **_slot_options(cfg.blocks))
     stacks = [(sk, s.K, 2)] if s.K == s.V else [(sk, s.K, 1), (sv, s.V, 1)]
     scan = cfg.blocks.scan
     for out, width, count in stacks:
@@ -173,7 +182,11 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
             _delta(ring["values"], v), s.H, s.HKV, DK=s.K, DV=s.V, M=s.M,
             BK=common.pow2(s.K), BV=common.pow2(s.V),
             LT=_inner(max(s.K, s.V)), MP=common.pow2(s.M), BT=blocks.chunk,
-            FEEDS=cfg.feeds, PRECISION=prec, num_warps=blocks.warps)
+            FEEDS=cfg.feeds, READOUT=not blocks.split, PRECISION=prec,
+            **_slot_options(blocks))
+        if blocks.split:
+            _readout(s, cfg, None, logits, lse_slot, v, ring["values"],
+                     state, state.values, o_slot, 1.0, position)
     if cfg.capacity == 0:
         output, lse = o_slot.to(q.dtype), lse_slot
     else:
@@ -195,6 +208,24 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
     else:
         final_keys, final_values_t = slot_keys.clone(), slot_values_t.clone()
     return output, lse, final_keys, final_values_t, state, logits
+
+
+def _readout(s, cfg, coef, logits, lse, x, x_ring, state, states, out,
+             out_scale, position):
+    """`slot_readout_kernel` over every chunk and query head."""
+    width = x.shape[-1]
+    dummy = _dummy(out)
+    slots.slot_readout_kernel[(triton.cdiv(s.T, cfg.blocks.chunk),
+                               s.B * s.H)](
+        dummy if coef is None else coef, dummy if logits is None else logits,
+        dummy if lse is None else lse, x, state.gates, state.strengths,
+        position, states, out, s.T, cfg.capacity, out_scale, state.entries,
+        state.per_chunk, _delta(x_ring, x), s.H, s.HKV, D=width, M=s.M,
+        BD=common.pow2(width), LT=_inner(width), MP=common.pow2(s.M),
+        BT=cfg.blocks.chunk, FROM_LOGITS=logits is not None,
+        FEEDS=cfg.feeds, PRECISION=_precision(x.dtype),
+        # 128 registers at 8 warps: no spills on sm_90, two programs per SM.
+        **_slot_options(cfg.blocks, 128 if cfg.blocks.warps == 8 else 0))
 
 
 def _group_sum(x, s):
@@ -236,7 +267,10 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         _delta(ring["keys"], k), _delta(ring["values"], v), s.H, s.HKV,
         DK=s.K, DV=s.V, M=s.M, BK=common.pow2(s.K), BV=common.pow2(s.V),
         LT=_inner(max(s.K, s.V)), MP=mp, BT=blocks.chunk, FEEDS=cfg.feeds,
-        PRECISION=prec, num_warps=blocks.warps)
+        READOUT=not blocks.split, PRECISION=prec, **_slot_options(blocks))
+    if blocks.split:
+        _readout(s, cfg, dz, None, None, k, ring["keys"], state, state.keys,
+                 dq, cfg.scale, position)
     if not cfg.feeds:
         return dq, None, dv_window, None
 
@@ -256,7 +290,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         slots.adjoint_delta_kernel[(nt, s.B * s.H, triton.cdiv(width, dt))](
             y, coef, state.gates, adjoint, s.T, s.H, s.HKV, D=width, M=s.M,
             DT=dt, MP=mp, BT=blocks.chunk, PRECISION=prec,
-            num_warps=blocks.warps)
+            **_slot_options(blocks))
     for adjoint, width, count in stacks:
         slots.chunk_scan_kernel[(count * s.B * s.H,
                                  triton.cdiv(width * s.M, blocks.scan))](
@@ -286,7 +320,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             ds, s.T, cfg.capacity, y_scale, _delta(x_ring, x), s.H, s.HKV,
             D=width, M=s.M, BD=common.pow2(width), LT=_inner(width), MP=mp,
             BT=blocks.chunk, ADD_DS=index > 0, DIRECT=direct, ADD_DX=add,
-            PRECISION=prec, num_warps=blocks.warps)
+            PRECISION=prec, **_slot_options(blocks))
         dxs.append(dx)
     dx_k, dx_v = dxs
 
@@ -294,13 +328,13 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     totals = torch.empty(s.B, s.HKV, nt, s.M, **f32)
     slots.gate_total_kernel[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, totals, s.T, s.H, s.HKV, M=s.M, MP=mp,
-        BT=blocks.chunk, num_warps=blocks.warps)
+        BT=blocks.chunk, **_slot_options(blocks))
     after = torch.flip(torch.cumsum(torch.flip(totals, [2]), 2), [2]) - totals
     dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
     slots.gate_grad_kernel[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, after.contiguous(), mask, dg, s.T,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
-        HAS_PM=cfg.has_mask, num_warps=blocks.warps)
+        HAS_PM=cfg.has_mask, **_slot_options(blocks))
 
     if direct:
         return dq, dx_k, dx_v, dg

@@ -293,10 +293,12 @@ def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS, ZS,
                         DK: tl.constexpr, DV: tl.constexpr, M: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, LT: tl.constexpr,
                         MP: tl.constexpr, BT: tl.constexpr,
-                        FEEDS: tl.constexpr, PRECISION: tl.constexpr):
+                        FEEDS: tl.constexpr, READOUT: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """Slot-only softmax output (fp32), its base-2 log-sum-exp and the
     scaled slot logits (fp32, kept for the backward), for one chunk and
-    query head."""
+    query head. Without READOUT the output is left to
+    `slot_readout_kernel` (two lighter programs instead of one)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -332,18 +334,66 @@ def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS, ZS,
     zmax = tl.max(z, 1)
     e = tl.exp2((z - zmax[:, None]) * LOG2E)
     total = tl.sum(e, 1)
-    probs = e / total[:, None]
-    if FEEDS:
-        coef = probs * tl.exp(G)
-        w = _pair_weights(probs, G, s, gc, ss, c0, T, HKV, M, BT, MP,
-                          PRECISION)
-    else:
-        coef = probs
-        w = tl.zeros([BT, BT], tl.float32)
-    _store_readout(OS + (b * T * H + h) * DV, H * DV, 1.0, t_ok, coef, w,
-                   SV + state * DV * M, vn, v_delta, rows, C, pos, T, HKV,
-                   DV, M, BV, LT, MP, FEEDS, PRECISION)
     tl.store(LS + row, zmax * LOG2E + tl.log2(total), mask=t_ok)
+    if READOUT:
+        probs = e / total[:, None]
+        if FEEDS:
+            coef = probs * tl.exp(G)
+            w = _pair_weights(probs, G, s, gc, ss, c0, T, HKV, M, BT, MP,
+                              PRECISION)
+        else:
+            coef = probs
+            w = tl.zeros([BT, BT], tl.float32)
+        _store_readout(OS + (b * T * H + h) * DV, H * DV, 1.0, t_ok, coef,
+                       w, SV + state * DV * M, vn, v_delta, rows, C, pos, T,
+                       HKV, DV, M, BV, LT, MP, FEEDS, PRECISION)
+
+
+@triton.jit
+def slot_readout_kernel(CF, ZS, LS, XN, GC, SS, POS, S, OUT, T, C, out_scale,
+                        ns, per_chunk, RDX, H, HKV, D: tl.constexpr,
+                        M: tl.constexpr, BD: tl.constexpr, LT: tl.constexpr,
+                        MP: tl.constexpr, BT: tl.constexpr,
+                        FROM_LOGITS: tl.constexpr, FEEDS: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """out = out_scale (c exp(G) @ S^T + W(c) @ X) for one chunk and query
+    head: the slot output (c = the slot probabilities, from the scaled
+    logits ZS and log-sum-exp LS with FROM_LOGITS; S = Sv, X = v) or the
+    slot part of dq (c = dz from CF; S = Sk, X = k)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // (H // HKV)
+    pos = tl.load(POS)
+    c0 = n * BT
+    rows = c0 + tl.arange(0, BT)
+    cols = tl.arange(0, MP)
+    t_ok = rows < T
+    state = (b * HKV + hk) * ns + n * per_chunk
+    gc = GC + b * T * HKV * M + hk * M
+    ss = SS + b * T * HKV * M + hk * M
+    row = (b * T + rows) * H + h
+    ok = t_ok[:, None] & (cols < M)[None, :]
+    at = row[:, None] * M + cols[None, :]
+    if FROM_LOGITS:
+        z = tl.load(ZS + at, mask=ok, other=0.0)
+        lse = tl.load(LS + row, mask=t_ok, other=0.0)
+        c = tl.where(ok, tl.exp2(tl.where(ok, z * LOG2E - lse[:, None], 0.0)),
+                     0.0)
+    else:
+        c = tl.load(CF + at, mask=ok, other=0.0)
+    if FEEDS:
+        G, s = _gates(gc, ss, rows, cols, T, HKV, M)
+        coef = c * tl.exp(G)
+        w = _pair_weights(c, G, s, gc, ss, c0, T, HKV, M, BT, MP, PRECISION)
+    else:
+        coef = c
+        w = tl.zeros([BT, BT], tl.float32)
+    _store_readout(OUT + (b * T * H + h) * D, H * D, out_scale, t_ok, coef, w,
+                   S + state * D * M, XN + b * T * HKV * D + hk * D,
+                   ring_delta(RDX, b, C, T, HKV * D), rows, C, pos, T, HKV, D,
+                   M, BD, LT, MP, FEEDS, PRECISION)
 
 
 @triton.jit
@@ -352,10 +402,12 @@ def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA, ZS,
                    H, HKV, DK: tl.constexpr, DV: tl.constexpr,
                    M: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    LT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
-                   FEEDS: tl.constexpr, PRECISION: tl.constexpr):
+                   FEEDS: tl.constexpr, READOUT: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Backward, query side, one chunk and query head: slot probabilities p
     (from the forward's scaled logits ZS), logit gradients dz, the read part
-    of dG and the slot part of dq."""
+    of dG and (with READOUT; else `slot_readout_kernel`) the slot part of
+    dq."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -397,15 +449,17 @@ def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA, ZS,
     tl.store(DZ + at, dz, mask=ok)
     tl.store(P + at, p, mask=ok)
     tl.store(DGR + at, tl.where(ok, z * dz + p * dp, 0.0), mask=ok)
-    if FEEDS:
-        coef = dz * decay
-        w = _pair_weights(dz, G, s, gc, ss, c0, T, HKV, M, BT, MP, PRECISION)
-    else:
-        coef = dz
-        w = tl.zeros([BT, BT], tl.float32)
-    _store_readout(DQ + (b * T * H + h) * DK, H * DK, sm_scale, t_ok, coef,
-                   w, SK + state * DK * M, kn, k_delta, rows, C, pos, T, HKV,
-                   DK, M, BK, LT, MP, FEEDS, PRECISION)
+    if READOUT:
+        if FEEDS:
+            coef = dz * decay
+            w = _pair_weights(dz, G, s, gc, ss, c0, T, HKV, M, BT, MP,
+                              PRECISION)
+        else:
+            coef = dz
+            w = tl.zeros([BT, BT], tl.float32)
+        _store_readout(DQ + (b * T * H + h) * DK, H * DK, sm_scale, t_ok,
+                       coef, w, SK + state * DK * M, kn, k_delta, rows, C,
+                       pos, T, HKV, DK, M, BK, LT, MP, FEEDS, PRECISION)
 
 
 @triton.jit
