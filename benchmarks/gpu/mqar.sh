@@ -42,9 +42,10 @@ for i in "${!groups[@]}"; do
     --output "$out/mqar_runs_$i.jsonl" > "$out/train_$i.log" 2>&1 &
   pids+=($!)
 done
-# Learning-rate check: full attention at a third of the learning rate (kept
-# out of the main table).
-python3 benchmarks/mqar.py --settings full "${common[@]}" --lr 1e-3 \
+# Learning-rate check: full attention, the most pairs, seed 0, at a third
+# and at three times the main learning rate (kept out of the main table).
+python3 benchmarks/mqar.py --settings full "${common[@]}" --lr 1e-3 1e-2 \
+  --pairs "${pairs[-1]}" --seeds 0 \
   --output "$out/mqar_lr_check.jsonl" > "$out/train_lr_check.log" 2>&1 &
 pids+=($!)
 # Pallas ("auto") against "chunked": short timing runs of the NHA setting.
