@@ -67,7 +67,7 @@ for pid in "${pids[@]}"; do
   pkill -P "$pid" 2>/dev/null; kill "$pid" 2>/dev/null
 done
 kill "$monitor" 2>/dev/null
-grep -h "RESULT\|step\|Error\|error" "$out"/train_*.log "$out/probe.log" | tail -n 80
+grep -h "step \|Error" "$out"/train_*.log "$out/probe.log" | tail -n 60
 cat "$out"/mqar_runs_*.jsonl > "$out/mqar_runs.jsonl" 2>/dev/null
 cat "$out"/mqar_runs_*.jsonl.progress > "$out/mqar_progress.jsonl" 2>/dev/null
 python3 benchmarks/mqar.py --report "$out/mqar_runs.jsonl" \
