@@ -10,8 +10,8 @@ enters), s_i = 1 - exp(g_i) and start memory (Sk0, Sv0):
 The pass returns the slot-normalised `o` and `lse = logsumexp(z)`; the caller
 merges it with the window pass. With G the chunk-local inclusive cumsum of g,
 the write of token i reaches the reader at t >= i with weight
-exp(G_t - G_i) s_i per slot. Every exponent the kernels take is <= 0, so no
-gate magnitude can overflow:
+exp(G_t - G_i) s_i per slot. Every exponent the exact terms take is <= 0,
+so no gate magnitude can overflow:
 
 - chunk start memory, read at t through exp(G_t);
 - writes from earlier 16-row sub-blocks, factored around the last row r of
@@ -19,16 +19,29 @@ gate magnitude can overflow:
   matrix products on the tensor cores;
 - writes inside the reader's own sub-block, exact, one token at a time.
 
-Kernels: `_keys_states` / `_values_states` walk the chunks (one program per
-state column tile) and store the memory at every chunk start in float32;
-`_forward_kernel` (per 16 rows and query head) gives o and lse. Backward:
-`_dq_kernel` recomputes p and gives dz, dq and the readers' part of dL/dG;
-`_keys_adjoint` / `_values_adjoint` walk the chunks backwards storing
-dL/dS at every chunk end; `_dkv_kernel` gives dk, dv and dL/ds. The gate
-gradient then is a reverse cumsum (readers at t carry exp(G_t), writers at
-i carry exp(-G_i)):
+Two ways to carry the memory from chunk to chunk (`KernelConfig.walk`):
+"loop": `_keys_states` / `_values_states` walk the chunks (one program per
+state column tile), each step computing the chunk's writes; "scan": every
+chunk's writes at once as batched matrix products (XLA), then `_scan`, a
+walk that only scales and adds (its loads do not depend on the carry), and
+stores the memory at chunk starts in the input dtype. The reader programs
+(`_forward_kernel`, per `KernelConfig.rows` query rows and query head; a
+whole chunk loads the chunk's state once) give o and lse. With a whole
+chunk per program and `KernelConfig.factor`, a chunk whose cumsums stay
+above -60 takes factored products exp(G_t - G_i) = exp(G_t) * exp(-G_i)
+(a handful of [c, c] / [c, M] matrix products per chunk, `_Chunk`); other
+chunks take the exact sub-block terms above (`lax.cond` per chunk).
 
-    dL/dg_t = sum_{tau >= t} (dz*z + p*dp - ds*s)_tau - ds_t * exp(g_t).
+Backward: `_dq_kernel` recomputes p and gives dz, dq and the readers' part
+of dL/dG; `_keys_adjoint` / `_values_adjoint` (or the reverse `_scan`) walk
+the chunks backwards storing dL/dS at every chunk end; `_dkv_kernel` gives
+dk, dv and dL/ds. The gate gradient then is a reverse cumsum (readers at t
+carry exp(G_t), writers at i carry exp(-G_i)):
+
+    dL/dg_t = sum_{tau >= t} (dz*z + p*p_grad - ds*s)_tau - ds_t * exp(g_t)
+
+with p_grad = dL/dp. Cumsums over time are in-chunk triangular products
+plus a cumsum of the chunk totals (XLA's GPU cumsum is a log-depth scan).
 """
 
 import functools
