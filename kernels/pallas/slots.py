@@ -782,7 +782,7 @@ def _program_rows(config):
 def _factored(config, dtype):
     """Whether the slot programs may take the factored in-chunk products.
 
-    They need a whole chunk per program, and float16 cannot hold exp(60).
+    They need a whole chunk per program, and float16 cannot hold exp(40).
     """
     return (config.factor and _program_rows(config) == config.chunk
             and dtype != jnp.float16)
