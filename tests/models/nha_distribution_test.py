@@ -13,7 +13,9 @@ when it starts. Scenarios, all with the same weights and data:
 - `readme`: the JAX code of README.md's "Training on several devices".
 
 On TensorFlow, README's `tf.distribute.MirroredStrategy` example runs in a
-fresh process too (`tf_mirrored_check.py`) against one device.
+fresh process too (`tf_mirrored_check.py`) against one device; on torch,
+README's `DistributedDataParallel` script runs on 2 processes against 1
+(`torch_ddp_check.py`).
 """
 
 import json
@@ -265,4 +267,20 @@ def test_tensorflow_mirrored_strategy_readme_example_equals_one_device():
     assert run["replicas"] == 2
     assert run["losses"][1] < run["losses"][0]
     np.testing.assert_allclose(run["losses"], run["single_losses"],
+                               rtol=1e-5)
+
+
+@pytest.mark.skipif(keras.config.backend() != "torch",
+                    reason="DistributedDataParallel needs the torch backend")
+def test_torch_ddp_readme_example_equals_one_process():
+    if not os.path.exists(README):
+        pytest.skip("README.md is not beside the tests")
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "torch_ddp_check.py")],
+        env=dict(os.environ, KERAS_BACKEND="torch"), capture_output=True,
+        text=True, timeout=900)
+    assert "RESULT " in result.stdout, result.stderr[-4000:]
+    run = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert run["one_process"][1] < run["one_process"][0]
+    np.testing.assert_allclose(run["two_processes"], run["one_process"],
                                rtol=1e-5)
