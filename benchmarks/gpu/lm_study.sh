@@ -15,6 +15,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv || true
 python3 benchmarks/lm_study_speed.py --out "$out/speed.jsonl" \
   --plan train:auto,decode:auto,train:chunked
 python3 benchmarks/lm_study_search.py --out "$out" \
-  --results benchmarks/results/lm_study_cpu2_seed0.json \
-  --weights benchmarks/results/lm_study_cpu2_seed0_nha.weights.h5 \
+  --results benchmarks/results/lm_study_cpu2_corpus_order_seed0.json \
+  --weights benchmarks/results/lm_study_cpu2_corpus_order_seed0_nha.weights.h5 \
   --lengths 256 --decode-context 2048 --plot "$out/lm_window_search.png"
