@@ -94,6 +94,8 @@ def test_get_layout_map_entries_and_argument_checks():
         None, "heads", None)
     assert layout_map["transformer_layer_0/attention/output/kernel"].axes == (
         "heads", None, None)
+    assert layout_map["token_embedding/reverse_embeddings"].axes == (
+        None, "heads")
     assert layout_map["cache/slot_keys"].axes == ("data", "heads", None, None)
     assert layout_map["cache/values"].axes == ("data", None, "heads", None)
     assert layout_map["transformer_layer_0/attention_norm/scale"] is None
