@@ -16,10 +16,10 @@ reuse=()
   reuse=(--reuse benchmarks/results/triton_benchmark_h200_round1.json)
 # Switches and tile variants timed per part at T=16384, after SDPA (most
 # useful first; whatever time is left).
-tune="split=1;KERAS_NHA_TRITON_KEEP_STATES=0;warps=4"
+tune="split=1;split=1,slot_regs=128;KERAS_NHA_TRITON_KEEP_STATES=0;warps=4"
 tune="$tune;window_warps=4,query=64,key=32,query_bwd=64,key_bwd=32"
-tune="$tune,dkdv_query=32,dkdv_key=32;split=1,slot_regs=128"
-tune="$tune;dkdv_query=32,dkdv_key=128;split=1,warps=4"
+tune="$tune,dkdv_query=32,dkdv_key=32;dkdv_query=32,dkdv_key=128"
+tune="$tune;split=1,warps=4;slot_regs=128"
 python3 benchmarks/triton_benchmark.py --lengths 4096,16384,65536 \
   --peers sdpa,tune,flex,fla --tune "$tune" --breakdown 65536,4096 \
   --deadline $((200 - SECONDS)) "${reuse[@]}" \

@@ -315,12 +315,16 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             dx[:, max(fed, 0):].zero_()  # tokens that never left the window
         else:
             dx = torch.empty(s.B, s.T, s.H, width, **f32)
-        slots.slot_dx_kernel[(nt, s.B * s.H)](
-            y, coef, x, state.gates, state.strengths, position, adjoint, dx,
-            ds, s.T, cfg.capacity, y_scale, _delta(x_ring, x), s.H, s.HKV,
-            D=width, M=s.M, BD=common.pow2(width), LT=_inner(width), MP=mp,
-            BT=blocks.chunk, ADD_DS=index > 0, DIRECT=direct, ADD_DX=add,
-            PRECISION=prec, **_slot_options(blocks))
+        parts = ((True, False), (False, True)) if blocks.split else (
+            (True, True),)
+        for want_ds, want_dx in parts:
+            slots.slot_dx_kernel[(nt, s.B * s.H)](
+                y, coef, x, state.gates, state.strengths, position, adjoint,
+                dx, ds, s.T, cfg.capacity, y_scale, _delta(x_ring, x), s.H,
+                s.HKV, D=width, M=s.M, BD=common.pow2(width),
+                LT=_inner(width), MP=mp, BT=blocks.chunk, ADD_DS=index > 0,
+                DIRECT=direct, ADD_DX=add, WANT_DS=want_ds, WANT_DX=want_dx,
+                PRECISION=prec, **_slot_options(blocks))
         dxs.append(dx)
     dx_k, dx_v = dxs
 

@@ -467,11 +467,13 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
                    HKV, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr,
                    LT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
                    ADD_DS: tl.constexpr, DIRECT: tl.constexpr,
-                   ADD_DX: tl.constexpr, PRECISION: tl.constexpr):
+                   ADD_DX: tl.constexpr, WANT_DS: tl.constexpr,
+                   WANT_DX: tl.constexpr, PRECISION: tl.constexpr):
     """Backward, write side of one recurrence (keys: Y = q, c = dz, scaled;
     values: Y = do, c = p), one chunk and query head: the gradient of the
-    written rows x_i and of their strengths s_i (added to DS with ADD_DS:
-    both recurrences write with the same s).
+    written rows x_i (WANT_DX) and of their strengths s_i (WANT_DS; added
+    to DS with ADD_DS: both recurrences write with the same s). Two launches
+    with one of each are two lighter programs instead of one.
 
     DX rows are stream rows per query head, or with DIRECT (one query head
     per kv head) the new tokens the rows came from (row C + u is token u;
@@ -496,34 +498,44 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
     c_ptr = CF + b * T * H * M + h * M
     r_ptr = R + (bh.to(tl.int64) * NT + n) * D * M
 
-    # x R (through the adjoint R at the chunk's end) and x Y^T, tile by tile.
-    xr = tl.zeros([BT, MP], tl.float32)
-    ax = tl.zeros([BT, BT], tl.float32)
-    for d0 in tl.static_range(0, BD, LT):
-        d = d0 + tl.arange(0, LT)
-        x = stream_rows(xn, x_delta, rows, d, C, pos, T, HKV, D, True, True)
-        y = plain_rows(y_ptr, rows, d, T, H * D, D, True)
-        ra = tl.load(r_ptr + d[:, None] * M + cols[None, :],
-                     mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
-        xr += tl.dot(x.to(tl.float32), ra, input_precision=PRECISION)
-        ax += tl.dot(x.to(y.dtype), tl.trans(y), input_precision=PRECISION)
+    row = (b * T + rows) * H + h
     later = r[None, :] >= r[:, None]
-    ax = tl.where(later, ax, 0.0)
+    if WANT_DS:
+        # x R (through the adjoint R at the chunk's end) and x Y^T, tile by
+        # tile.
+        xr = tl.zeros([BT, MP], tl.float32)
+        ax = tl.zeros([BT, BT], tl.float32)
+        for d0 in tl.static_range(0, BD, LT):
+            d = d0 + tl.arange(0, LT)
+            x = stream_rows(xn, x_delta, rows, d, C, pos, T, HKV, D, True,
+                            True)
+            y = plain_rows(y_ptr, rows, d, T, H * D, D, True)
+            ra = tl.load(r_ptr + d[:, None] * M + cols[None, :],
+                         mask=(d < D)[:, None] & (cols < M)[None, :],
+                         other=0.0)
+            xr += tl.dot(x.to(tl.float32), ra, input_precision=PRECISION)
+            ax += tl.dot(x.to(y.dtype), tl.trans(y),
+                         input_precision=PRECISION)
+        ax = tl.where(later, ax, 0.0)
 
     G, s = _gates(gc, ss, rows, cols, T, HKV, M)
     # exp(G_end - G_i): what the chunk's remaining rows do to row i's write.
     gend = tl.min(tl.where(t_ok[:, None], G, 0.0), 0)
     to_end = tl.exp(gend[None, :] - G)
-    ds = xr * to_end
+    if WANT_DS:
+        ds = xr * to_end
     cs = plain_rows(c_ptr, rows, cols, T, H * M, M)
     if _safe(G):
         ce = cs * tl.exp(G)
         back = tl.exp(-G)
-        coef = tl.where(later, tl.dot(back * s, tl.trans(ce),
-                                      input_precision=PRECISION), 0.0)
-        ds += back * tl.dot(ax, ce, input_precision=PRECISION)
+        if WANT_DX:
+            coef = tl.where(later, tl.dot(back * s, tl.trans(ce),
+                                          input_precision=PRECISION), 0.0)
+        if WANT_DS:
+            ds += back * tl.dot(ax, ce, input_precision=PRECISION)
     else:
-        coef = tl.zeros([BT, BT], tl.float32)
+        if WANT_DX:
+            coef = tl.zeros([BT, BT], tl.float32)
         for delta in range(BT):
             ahead = rows + delta
             g_t, _s_t = _gates(gc, ss, ahead, cols, T, HKV, M)
@@ -531,17 +543,29 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
             ok = ((r + delta) < BT)[:, None]
             e = tl.where(ok, c_t * tl.exp(tl.minimum(g_t - G, 0.0)), 0.0)
             at_t = r[None, :] == r[:, None] + delta
-            coef += tl.where(at_t, tl.sum(e * s, 1)[:, None], 0.0)
-            ds += tl.sum(tl.where(at_t, ax, 0.0), 1)[:, None] * e
+            if WANT_DX:
+                coef += tl.where(at_t, tl.sum(e * s, 1)[:, None], 0.0)
+            if WANT_DS:
+                ds += tl.sum(tl.where(at_t, ax, 0.0), 1)[:, None] * e
 
-    row = (b * T + rows) * H + h
-    ds_at = DS + row[:, None] * M + cols[None, :]
-    ds_ok = t_ok[:, None] & (cols < M)[None, :]
-    ds = ds * y_scale
-    if ADD_DS:
-        ds += tl.load(ds_at, mask=ds_ok, other=0.0)
-    tl.store(ds_at, ds, mask=ds_ok)
-    weight = to_end * s
+    if WANT_DS:
+        ds_at = DS + row[:, None] * M + cols[None, :]
+        ds_ok = t_ok[:, None] & (cols < M)[None, :]
+        ds = ds * y_scale
+        if ADD_DS:
+            ds += tl.load(ds_at, mask=ds_ok, other=0.0)
+        tl.store(ds_at, ds, mask=ds_ok)
+    if WANT_DX:
+        _store_dx(DX, r_ptr, y_ptr, to_end * s, coef, row, rows, t_ok, C, T,
+                  H, y_scale, D, M, BD, LT, cols, DIRECT, ADD_DX, PRECISION)
+
+
+@triton.jit
+def _store_dx(DX, r_ptr, y_ptr, weight, coef, row, rows, t_ok, C, T, H,
+              y_scale, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr,
+              LT: tl.constexpr, cols, DIRECT: tl.constexpr,
+              ADD_DX: tl.constexpr, PRECISION: tl.constexpr):
+    """dx = y_scale (weight @ R^T + coef @ Y), column tile by column tile."""
     if DIRECT:
         out_row = row - C * H
         out_ok = t_ok & (rows >= C)
