@@ -145,7 +145,8 @@ def tables(path):
     train = ["| variant | kernel | policy | batch x T | compile s | ms/step | "
              "tokens/s |", "|---|---|---|---|---|---|---|"]
     decode = ["| variant | kernel | policy | context | compile s | ms/token | "
-              "cache KiB/seq |", "|---|---|---|---|---|---|---|"]
+              "cache KiB/seq | KV+slots KiB/seq |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         head = (f"| {r['variant']} | {r['implementation']} | "
                 f"{r['dtype_policy']} |")
@@ -159,7 +160,8 @@ def tables(path):
         else:
             decode.append(f"{head} {r['context']} | {r['compile_s']:.1f} | "
                           f"{r['ms_per_token']:.3f} | "
-                          f"{r['cache_bytes'] / 1024:.1f} |")
+                          f"{r['cache_bytes'] / 1024:.1f} | "
+                          f"{r['essential_cache_bytes'] / 1024:.1f} |")
     device = records[0].get("device", "?") if records else "?"
     return f"device: {device}\n\n" + "\n".join(train) + "\n\n" + "\n".join(
         decode)
