@@ -52,6 +52,8 @@ SEQUENCE_CASES.update({
                                        kv_heads=2, blocks="split=1"),
     "W111-M8-split-readout": dict(window_size=111, num_slots=8,
                                   blocks="split=1"),
+    "W5-M8-strong-gates-split": dict(window_size=5, num_slots=8,
+                                     gate_scale=6.0, blocks="split=1"),
     # Three slot chunks scanned two per step: the scans' carries.
     "W11-M8-scan-steps": dict(window_size=11, num_slots=8,
                               blocks="chunk=16,scan=64,scan_unroll=2"),
