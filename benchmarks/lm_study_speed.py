@@ -43,6 +43,9 @@ def parse_args(argv=None):
                         help="comma-separated PHASE:KERNEL items, in order; "
                              "PHASE is train or decode, KERNEL an NHA "
                              "implementation (auto, chunked, pallas, ...)")
+    parser.add_argument("--shapes", default=None,
+                        help="training shapes BATCHxLENGTH, comma-separated "
+                             "(default: --batch-size x --sequence-length)")
     parser.add_argument("--dtype-policy", default="float32",
                         help="e.g. mixed_bfloat16")
     parser.add_argument("--warmup", type=int, default=3)
@@ -67,8 +70,8 @@ def device_name():
         import jax
 
         device = jax.devices()[0]
-        return f"{device.platform}: {device.device_kind}"
-    return f"{backend} cpu"
+        return f"jax on {device.platform} ({device.device_kind})"
+    return f"{backend} on cpu"
 
 
 def build(variant, model_args, implementation):
@@ -152,7 +155,9 @@ def tables(path):
                 f"{r['dtype_policy']} |")
         if "error" in r:
             (train if r["phase"] == "train" else decode).append(
-                f"{head} failed: {r['error'][:80]} | | | |")
+                f"{head} {r.get('batch_size', '?')} x "
+                f"{r.get('sequence_length', '?')} | failed: "
+                f"{r['error'][:80]} | | |")
         elif r["phase"] == "train":
             train.append(f"{head} {r['batch_size']} x {r['sequence_length']}"
                          f" | {r['compile_s']:.1f} | {r['step_ms']:.2f} | "
@@ -165,6 +170,23 @@ def tables(path):
     device = records[0].get("device", "?") if records else "?"
     return f"device: {device}\n\n" + "\n".join(train) + "\n\n" + "\n".join(
         decode)
+
+
+def measure(phase, variant, args, model_args, implementation):
+    """Runs one measurement and appends its record (or its error)."""
+    started = time.perf_counter()
+    try:
+        record = run_one(phase, variant, args, model_args, implementation)
+    except Exception as error:  # keep measuring the others
+        traceback.print_exc()
+        record = dict(phase=phase, variant=variant,
+                      implementation=implementation,
+                      dtype_policy=args.dtype_policy,
+                      batch_size=model_args.batch_size,
+                      sequence_length=model_args.sequence_length,
+                      error=f"{type(error).__name__}: {error}"[:500])
+    record["wall_s"] = time.perf_counter() - started
+    write(args.out, record)
 
 
 def main(argv=None):
@@ -180,20 +202,16 @@ def main(argv=None):
         if phase not in ("train", "decode") or not implementation:
             raise ValueError(f"--plan: expected PHASE:KERNEL items with "
                              f"PHASE train or decode, got {args.plan!r}.")
+    shapes = [(model_args.batch_size, model_args.sequence_length)]
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x"))
+                  for shape in args.shapes.split(",")]
     for phase, implementation in plan:
-        for variant in args.variants.split(","):
-            started = time.perf_counter()
-            try:
-                record = run_one(phase, variant, args, model_args,
-                                 implementation)
-            except Exception as error:  # keep measuring the others
-                traceback.print_exc()
-                record = dict(phase=phase, variant=variant,
-                              implementation=implementation,
-                              dtype_policy=args.dtype_policy,
-                              error=f"{type(error).__name__}: {error}"[:500])
-            record["wall_s"] = time.perf_counter() - started
-            write(args.out, record)
+        for batch_size, length in shapes if phase == "train" else shapes[:1]:
+            for variant in args.variants.split(","):
+                measure(phase, variant, args, argparse.Namespace(**{
+                    **vars(model_args), "batch_size": batch_size,
+                    "sequence_length": length}), implementation)
 
 
 if __name__ == "__main__":
