@@ -11,7 +11,7 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-results=${OUT:-/tmp/out}/round
+results=/tmp/round  # outside $OUT: only the archive comes back
 mkdir -p "$results"
 {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
