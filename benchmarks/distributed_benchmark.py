@@ -1,6 +1,6 @@
 """Training throughput of an NHA causal LM on one device vs several (JAX).
 
-Trains `keras_nha.models.NHACausalLM` with `model.fit` on synthetic tokens
+Trains `keras_nha.models.NHACausalLM` (`train_on_batch`) on synthetic tokens
 under `keras.distribution`, one run per (implementation, mode):
 
 - `single`: no distribution, one device;
@@ -9,9 +9,9 @@ under `keras.distribution`, one run per (implementation, mode):
 - `model`: `keras.distribution.ModelParallel` on a `(1, --devices)` mesh with
   `NHABackbone.get_layout_map` (heads split over the devices, one batch).
 
-Each run compiles and warms up with `--warmup` steps, then runs `--steps`
-steps, waiting for each step's loss; the step time is the median interval
-between step ends (fit's start-up is not inside). "peak GiB" is the largest
+Each run compiles and warms up with `--warmup` steps, then times `--steps`
+steps of `model.train_on_batch` (each returns its loss to the host, so each
+timed call contains its whole step); the step time is their median. "peak GiB" is the largest
 device memory in use so far in the process (JAX does not reset it between
 runs), so only the first run of an invocation shows its own peak.
 Prints one table row as soon as a run finishes (and appends it to `--json`),
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-per-device", type=int, default=0,
                         help="override the size's batch per device")
     parser.add_argument("--sequence-length", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps (at least 2)")
     parser.add_argument("--dtype", default="mixed_bfloat16")
@@ -157,33 +157,29 @@ def run_one(size, implementation, mode, args):
           f"parameters in {time.perf_counter() - start:.1f} s; compiling",
           flush=True)
 
-    step_ends = []
-
-    class StepClock(keras.callbacks.Callback):
-        """Waits for each step's loss, then notes the time."""
-
-        def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])
-            step_ends.append(time.perf_counter())
-
-    def fit(steps):
-        x, y = data(steps)
-        kwargs = dict(batch_size=batch, epochs=1, verbose=0, shuffle=False,
-                      callbacks=[StepClock()])
+    def train_step(x, y):
+        # train_on_batch, not fit: keras-hub's fit() needs grain or
+        # TensorFlow to batch arrays, and the GPU machine has neither.
+        # It returns the loss as a host value, so each call waits for its
+        # step.
         if distribution is None:
-            return model.fit(x, y, **kwargs)
+            return model.train_on_batch(x, y)
         with distribution.scope():
-            return model.fit(x, y, **kwargs)
+            return model.train_on_batch(x, y)
 
+    batches = [data(1) for _ in range(args.warmup + args.steps)]
     start = time.perf_counter()
-    fit(args.warmup)
+    for x, y in batches[:args.warmup]:
+        train_step(x, y)
     warmup_s = time.perf_counter() - start
     print(f"  [{implementation}:{mode}] compile + {args.warmup} warmup steps "
           f"{warmup_s:.1f} s; timing {args.steps} steps", flush=True)
-    step_ends.clear()
-    history = fit(args.steps)
-    # Step times between consecutive step ends: no fit() start-up inside.
-    step_s = float(np.median(np.diff(step_ends)))
+    times = []
+    for x, y in batches[args.warmup:]:
+        start = time.perf_counter()
+        loss = train_step(x, y)
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
     tokens = batch * length
     row = dict(
         implementation=implementation, mode=mode, devices=count,
@@ -191,9 +187,9 @@ def run_one(size, implementation, mode, args):
         sequence_length=length, parameters=parameters,
         step_ms=round(1000 * step_s, 2),
         tokens_per_s=round(tokens / step_s, 1),
-        warmup_s=round(warmup_s, 1), loss=float(history.history["loss"][-1]),
+        warmup_s=round(warmup_s, 1), loss=float(np.asarray(loss).ravel()[0]),
         peak_gib=_peak_memory_gib(jax_devices), backend=jax.default_backend())
-    del model, history
+    del model
     keras.backend.clear_session()
     gc.collect()
     return row
@@ -243,7 +239,7 @@ def plot(rows, path):
                            bar.get_height()), ha="center", va="bottom")
     axis.set_ylabel("training throughput (k tokens/s)")
     card = rows[0]["device_kind"] if rows else ""
-    axis.set_title(f"NHACausalLM fit, {rows[0]['parameters'] / 1e6:.1f} M "
+    axis.set_title(f"NHACausalLM training, {rows[0]['parameters'] / 1e6:.1f} M "
                    f"params, T={rows[0]['sequence_length']}, {card}"
                    if rows else "no rows")
     figure.tight_layout()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU round job (both GPUs, 120 s including compiles): NHACausalLM training
+# GPU round job (both GPUs, 100 s including compiles): NHACausalLM training
 # throughput on 1 GPU vs 2 GPUs (DataParallel) and a ModelParallel (1 x 2) run.
 # The 1-GPU baseline runs with only GPU 0 visible (with two visible devices
 # the Pallas path already takes its multi-device route). Rows are appended
@@ -12,7 +12,7 @@ mkdir -p "$out"
 rows="$out/distributed_h200.jsonl"
 bench() {
   python3 benchmarks/distributed_benchmark.py --size h200 --devices 2 \
-    --warmup 3 --steps 10 --json "$rows" "$@"
+    --warmup 2 --steps 6 --json "$rows" "$@"
 }
 echo "== 1 GPU (only GPU 0 visible)"
 first_gpu=${CUDA_VISIBLE_DEVICES:-0}
