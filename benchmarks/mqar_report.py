@@ -107,7 +107,8 @@ def plot(rows, path):
     seq_len = max({r["seq_len"] for r in rows},
                   key=lambda t: sum(r["seq_len"] == t for r in rows))
     subset = [r for r in rows if r["seq_len"] == seq_len]
-    main = {"nha-M64-W64", "gsa-M64", "swa-W64", "full", "hybrid-M64"}
+    main = {"nha-M64-W64", "nha-M32-W32", "gsa-M64", "swa-W64", "full",
+            "hybrid-M64"}
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     for setting in sorted({r["setting"] for r in subset} & main,
                           key=_sort_key):
@@ -116,7 +117,8 @@ def plot(rows, path):
         x, mean, low, high = map(np.array, zip(*points))
         left.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
                       capsize=3, label=setting,
-                      color=_COLORS[setting.split("-")[0]])
+                      color=_COLORS[setting.split("-")[0]],
+                      linestyle="--" if setting == "nha-M32-W32" else "-")
     left.set_xscale("log", base=2)
     left.set_xlabel("key-value pairs")
     left.set_ylabel("test accuracy (answers)")
