@@ -176,6 +176,7 @@ def plot_curves(paths, path):
     for record in load_all_lines(p for p in paths if os.path.exists(p)):
         points[(record["seq_len"], record["pairs"], record["setting"],
                 record["lr"], record["step"])].append(record["test_accuracy"])
+    usual_lr = collections.Counter(key[3] for key in points).most_common(1)
     panels = sorted({key[:2] for key in points})
     if not panels:
         print("no checkpoints to plot")
@@ -192,6 +193,7 @@ def plot_curves(paths, path):
                            if key[:4] == (seq_len, pairs, setting, lr))
             x, y = zip(*curve)
             axis.plot(x, y, marker=".", label=f"{setting} lr={lr:g}",
+                      linestyle="-" if lr == usual_lr[0][0] else ":",
                       color=_COLORS.get(setting.split("-")[0], "gray"),
                       alpha=1.0 if setting.endswith(("M64-W64", "-M64",
                                                      "-W64", "full")) else 0.5)
