@@ -564,19 +564,13 @@ def _tune(args, result, late, save):
     """NHA fwd+bwd at --tune-length under each KERAS_NHA_TRITON_BLOCKS value
     of --tune, with the per-part breakdown (parts are independent, so the
     best value of each part can be combined)."""
-    fixed = os.environ.get("KERAS_NHA_TRITON_BLOCKS", "")
     for config in (c for c in args.tune.split(";") if c):
         if late(f"tune [{config}]"):
             continue
         began = time.time()
-        # Upper-case names are environment switches, the rest tile fields.
-        items = config.split(",")
-        switches = dict(i.split("=") for i in items if i[:1].isupper())
+        switches = _config_env(config)
         saved = {name: os.environ.get(name) for name in switches}
         os.environ.update(switches)
-        os.environ["KERAS_NHA_TRITON_BLOCKS"] = ",".join(
-            c for c in [fixed] + [i for i in items if not i[:1].isupper()]
-            if c)
         try:
             (fwd, both, _), = nha_rows(args.tune_length).values()
             parts = nha_breakdown(args.tune_length)["parts"]
@@ -584,7 +578,6 @@ def _tune(args, result, late, save):
             print(f"tune [{config}]: {error!r}"[:300], flush=True)
             continue
         finally:
-            os.environ["KERAS_NHA_TRITON_BLOCKS"] = fixed
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name)
@@ -597,6 +590,70 @@ def _tune(args, result, late, save):
               f"{both:.3f} ms; " + ", ".join(
                   f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
         save()
+
+
+def _config_env(config):
+    """Environment for one --tune value: upper-case names are environment
+    switches, the rest tile fields (appended to KERAS_NHA_TRITON_BLOCKS)."""
+    items = [i for i in config.split(",") if i]
+    env = dict(i.split("=") for i in items if i[:1].isupper())
+    tiles = [i for i in items if not i[:1].isupper()]
+    fixed = os.environ.get("KERAS_NHA_TRITON_BLOCKS", "")
+    env["KERAS_NHA_TRITON_BLOCKS"] = ",".join(c for c in [fixed] + tiles
+                                              if c)
+    return env
+
+
+def warm(args):
+    """Compiles (fills Triton's and Inductor's disk caches) without timing
+    anything that matters, so that a later measuring process starts warm:
+    NHA fwd+bwd under the defaults and every --tune value, the decode step,
+    and with "fla" in --peers fla's autotuned kernels at every length."""
+    import torch
+
+    from keras_nha.kernels import state as state_lib
+    from keras_nha.kernels.triton.sequence import triton_nha
+    from keras_nha.kernels.triton.step import triton_nha_step
+
+    start = time.time()
+    if "nha" in args.warm:
+        q, k, v, g = _inputs(1024)
+        state = state_lib.zero_state(B, H, D, D, M, W, "bfloat16")
+        for config in [""] + [c for c in args.tune.split(";") if c]:
+            saved = dict(os.environ)
+            os.environ.update(_config_env(config))
+            try:
+                out, _ = triton_nha(q, k, v, g, window_size=W,
+                                    scale=D ** -0.5, window_query=q,
+                                    window_key=k, padding_mask=None,
+                                    state=state)
+                torch.autograd.grad(out, (q, k, v, g), torch.ones_like(out))
+            except Exception as error:  # reported; the measuring run skips
+                print(f"warm [{config}]: {error!r}"[:300], flush=True)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            print(f"warm nha [{config or 'default'}] at "
+                  f"{time.time() - start:.0f}s", flush=True)
+        step_state = state_lib.zero_state(8, H, D, D, M, W, "bfloat16")
+        one = _inputs(8, grad=False)
+        token = [x[0].contiguous() for x in one]  # [8, H, d]: 8 rows
+        for inplace in (False, True):
+            triton_nha_step(*token, step_state, window_size=W,
+                            scale=D ** -0.5, window_query=token[0],
+                            window_key=token[1], padding_mask=None,
+                            inplace=inplace)
+        torch.cuda.synchronize()
+        print(f"warm decode at {time.time() - start:.0f}s", flush=True)
+    if "fla" in args.warm:
+        for length in sorted(int(t) for t in args.lengths.split(",")):
+            try:
+                fla_rows(length)
+            except Exception as error:
+                print(f"warm fla T={length}: {error!r}"[:300], flush=True)
+            torch.cuda.empty_cache()
+            print(f"warm fla T={length} at {time.time() - start:.0f}s",
+                  flush=True)
 
 
 def _peer_of(row_name):
@@ -631,11 +688,17 @@ def main():
     parser.add_argument("--compile-report", action="store_true",
                         help="compile for sm_90 on this machine (no GPU) "
                         "and print registers and spills per kernel")
+    parser.add_argument("--warm", default="",
+                        help="comma list of nha, fla: compile only (fill "
+                        "the disk caches for a later measuring run)")
     parser.add_argument("--kernels", default="",
                         help="with --compile-report: only these kernels")
     args = parser.parse_args()
     if args.compile_report:
         compile_report(args.kernels)
+        return
+    if args.warm:
+        warm(args)
         return
 
     tuning = {}

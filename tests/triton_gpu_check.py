@@ -265,6 +265,8 @@ def main():
                         "at real size, one query head per kv head (the "
                         "benchmark's kernels: little compiling); kernels: "
                         "quick, core and rest without the Keras checks")
+    parser.add_argument("--only", default="",
+                        help="comma list of indices into the part's checks")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}"
           f", keras {keras.__version__}", flush=True)
@@ -310,10 +312,22 @@ def main():
             "bf16 T=4096 W=512 M=64 d=128 H=Hkv=16", torch.bfloat16, 512,
             4096, heads=16, kv_heads=16),
     ]
-    # Every layout and semantic corner once, without the slow Keras checks.
-    kernels = quick + core[3:] + rest[3:6]
+    # Every layout and semantic corner once, without the slow Keras checks
+    # (the benchmark's layout first; --only splits them over processes).
+    kernels = [
+        core[3],
+        lambda: check_against_float64(
+            "bf16 T=8192 W=512 M=64 d=128 H=Hkv=2", torch.bfloat16, 512,
+            8192, heads=2, kv_heads=2),
+        core[4],
+        lambda: check_against_float64(
+            "fp32 T=2048 W=512 M=64 padded B=2 H=Hkv=2", torch.float32, 512,
+            2048, batch=2, heads=2, kv_heads=2, padding=True),
+    ] + core[5:] + rest[3:6]
     checks = {"all": core + rest + quick, "core": core, "rest": rest,
               "quick": quick, "kernels": kernels}[args.part]
+    if args.only:
+        checks = [checks[int(i)] for i in args.only.split(",")]
     for check in checks:
         try:
             check()

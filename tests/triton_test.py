@@ -47,13 +47,13 @@ SEQUENCE_CASES.update({
     "W11-M8-uneven-tiles": dict(
         window_size=11, num_slots=8, heads=4, kv_heads=2,
         blocks="query_bwd=32,key_bwd=16,dkdv_query=16,dkdv_key=32"),
-    # Slot outputs and dq from their own readout kernel.
-    "W5-M8-gqa2x4-split-readout": dict(window_size=5, num_slots=8, heads=4,
-                                       kv_heads=2, blocks="split=1"),
-    "W111-M8-split-readout": dict(window_size=111, num_slots=8,
-                                  blocks="split=1"),
-    "W5-M8-strong-gates-split": dict(window_size=5, num_slots=8,
-                                     gate_scale=6.0, blocks="split=1"),
+    # Slot outputs, dq, ds and dx fused into fewer kernels (split=0).
+    "W5-M8-gqa2x4-fused-slots": dict(window_size=5, num_slots=8, heads=4,
+                                     kv_heads=2, blocks="split=0"),
+    "W111-M8-fused-slots": dict(window_size=111, num_slots=8,
+                                blocks="split=0"),
+    "W5-M8-strong-gates-fused-slots": dict(window_size=5, num_slots=8,
+                                           gate_scale=6.0, blocks="split=0"),
     # Three slot chunks scanned two per step: the scans' carries.
     "W11-M8-scan-steps": dict(window_size=11, num_slots=8,
                               blocks="chunk=16,scan=64,scan_unroll=2"),
@@ -67,8 +67,8 @@ STREAM_CASES = {
     "W0-M8-strong-gates": dict(window_size=0, num_slots=8, gate_scale=6.0),
     "W16-M0-padding": dict(window_size=16, num_slots=0, padding=True),
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=45),
-    "W5-M8-split-readout": dict(window_size=5, num_slots=8, padding=True,
-                                blocks="split=1"),
+    "W5-M8-fused-slots": dict(window_size=5, num_slots=8, padding=True,
+                              blocks="split=0"),
 }
 STEP_CASES = {
     "W0-M8": dict(window_size=0, num_slots=8),

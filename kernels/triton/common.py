@@ -40,9 +40,11 @@ class Blocks:
     warps: int = 4
     window_warps: int = 4
     stages: int = 2
-    # The window dk/dv kernel's query and key blocks (0: query_bwd, key_bwd).
+    # The window dk/dv kernel's query and key blocks and warps (0: as
+    # query_bwd, key_bwd, window_warps).
     dkdv_query: int = 0
     dkdv_key: int = 0
+    dkdv_warps: int = 0
     # 1: the slot output and the slot part of dq in their own kernel
     # (`slot_readout_kernel`: two lighter programs instead of one).
     split: int = 0
@@ -56,17 +58,26 @@ class Blocks:
 # The interpreter walks every program in Python: small tiles keep it quick
 # and make the multi-block paths run at small test sizes.
 INTERPRETER_BLOCKS = Blocks(chunk=32, query=16, key=16, query_bwd=16,
-                            key_bwd=16, warps=1, window_warps=1, stages=1)
+                            key_bwd=16, warps=1, window_warps=1, stages=1,
+                            split=1)
 
 
 def default_blocks(key_dim, value_dim, num_slots):
     """Tile sizes for a call; KERAS_NHA_TRITON_BLOCKS="query=64,stages=3"
     overrides fields (for tuning runs)."""
     wide = max(key_dim, value_dim) > 128
-    blocks = INTERPRETER_BLOCKS if interpreting() else Blocks(
-        chunk=64, query=64 if wide else 128, key=32 if wide else 64,
-        query_bwd=32 if wide else 64, key_bwd=32 if wide else 64,
-        warps=8, window_warps=8 if not wide else 4, stages=2)
+    if interpreting():
+        blocks = INTERPRETER_BLOCKS
+    elif wide:
+        blocks = Blocks(chunk=64, query=64, key=32, query_bwd=32, key_bwd=32,
+                        warps=8, window_warps=4, stages=2, split=1)
+    else:
+        # Measured on an H200 at T=16384 (benchmarks/TRITON_NOTES.md): small
+        # window tiles on 4 warps and split slot kernels on 4 warps (two or
+        # more programs per SM) beat larger tiles on 8 warps by 20%.
+        blocks = Blocks(chunk=64, query=64, key=32, query_bwd=64,
+                        key_bwd=32, dkdv_query=32, dkdv_key=32, warps=4,
+                        window_warps=4, stages=2, split=1)
     override = os.environ.get("KERAS_NHA_TRITON_BLOCKS")
     if override:
         fields = dict(item.split("=") for item in override.split(","))

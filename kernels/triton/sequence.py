@@ -371,6 +371,7 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
         cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd, **common_args)
     dkdv_query = blocks.dkdv_query or blocks.query_bwd
     dkdv_key = blocks.dkdv_key or blocks.key_bwd
+    common_args["num_warps"] = blocks.dkdv_warps or blocks.window_warps
     window.window_dkdv_kernel[(triton.cdiv(s.T, dkdv_key), s.B * s.HKV)](
         qw, kw, v, mask, do, lse, delta, dkw, dv, s.T, cfg.visible,
         cfg.scale, BM=dkdv_query, BN=dkdv_key, **common_args)
