@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 
 import numpy as np
 
@@ -29,7 +30,8 @@ def load_results(paths):
 
 def _sort_key(setting):
     kind = setting.split("-")[0]
-    return (_ORDER.index(kind) if kind in _ORDER else len(_ORDER), setting)
+    numbers = tuple(-int(n) for n in re.findall(r"\d+", setting))
+    return (_ORDER.index(kind) if kind in _ORDER else len(_ORDER), numbers)
 
 
 def best_learning_rate(records):
