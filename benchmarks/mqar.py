@@ -291,9 +291,14 @@ def main(argv=None):
 
         write_report(args.report, args.table, args.plot)
         if args.curves:
+            from mqar_report import equal_step_table
             from mqar_report import plot_curves
 
             plot_curves(args.curves[:-1] + args.report, args.curves[-1])
+            table = equal_step_table(args.curves[:-1] + args.report)
+            if args.table:
+                with open(args.table, "a") as handle:
+                    handle.write("\n" + table + "\n")
         return
     run_training(args)
 

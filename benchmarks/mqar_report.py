@@ -217,3 +217,31 @@ def load_all_lines(paths):
             for line in handle:
                 if line.strip():
                     yield json.loads(line)
+
+
+def equal_step_table(paths):
+    """Accuracy of every setting at the last checkpoint that all settings of
+    a sequence length reached (a fair comparison when some runs were cut
+    short), as markdown."""
+    records = list(load_all_lines(p for p in paths if os.path.exists(p)))
+    lines = []
+    for seq_len in sorted({r["seq_len"] for r in records}):
+        subset = [r for r in records if r["seq_len"] == seq_len]
+        usual_lr = collections.Counter(r["lr"] for r in subset).most_common(
+            1)[0][0]
+        subset = [r for r in subset if r["lr"] == usual_lr]
+        reached = collections.defaultdict(set)
+        for r in subset:
+            reached[r["setting"]].add(r["step"])
+        common = set.intersection(*reached.values())
+        if not common:
+            continue
+        step = max(common)
+        at_step = [r for r in subset if r["step"] == step]
+        rows = summarize(at_step)
+        lines.append(f"At step {step} (the last checkpoint every setting "
+                     f"reached; lr {usual_lr:g}):\n")
+        lines.append(markdown_table(rows))
+    table = "\n".join(lines)
+    print(table)
+    return table
