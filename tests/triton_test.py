@@ -57,6 +57,12 @@ SEQUENCE_CASES.update({
     # Three slot chunks scanned two per step: the scans' carries.
     "W11-M8-scan-steps": dict(window_size=11, num_slots=8,
                               blocks="chunk=16,scan=64,scan_unroll=2"),
+    # The window reads the slots' own queries and keys: gradients summed in
+    # the kernels (one query head per kv head: written in place).
+    "W9-M8-mha-shared-window": dict(window_size=9, num_slots=8, kv_heads=2,
+                                    separate_window=False),
+    "W9-M8-shared-window-fused-slots": dict(
+        window_size=9, num_slots=8, separate_window=False, blocks="split=0"),
     "W7-M5-dims24x20-shared-window": dict(window_size=7, num_slots=5,
                                           key_dim=24, value_dim=20,
                                           separate_window=False,

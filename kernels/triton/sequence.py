@@ -211,7 +211,7 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
 
 
 def _readout(s, cfg, coef, logits, lse, x, x_ring, state, states, out,
-             out_scale, position):
+             out_scale, position, add=False):
     """`slot_readout_kernel` over every chunk and query head."""
     width = x.shape[-1]
     dummy = _dummy(out)
@@ -223,7 +223,7 @@ def _readout(s, cfg, coef, logits, lse, x, x_ring, state, states, out,
         state.per_chunk, _delta(x_ring, x), s.H, s.HKV, D=width, M=s.M,
         BD=common.pow2(width), LT=_inner(width), MP=common.pow2(s.M),
         BT=cfg.blocks.chunk, FROM_LOGITS=logits is not None,
-        FEEDS=cfg.feeds, PRECISION=_precision(x.dtype),
+        FEEDS=cfg.feeds, ADD=add, PRECISION=_precision(x.dtype),
         # 128 registers at 8 warps: no spills on sm_90, two programs per SM.
         **_slot_options(cfg.blocks, 128 if cfg.blocks.warps == 8 else 0))
 
@@ -243,10 +243,12 @@ def _chronological(ring, position):
 
 def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
                    slot_values_t, do, lse, delta, logits, state=None,
-                   dv_window=None):
+                   dv_window=None, dq_window=None, dk_window=None):
     """Slot parts of (dq, dk, dv, dg), the last three in new-token rows,
-    dv plus `dv_window` (fp32, updated in place); `logits`: the forward's
-    scaled slot logits; `state`: its `_Slots` (None: recompute them)."""
+    plus `dv_window` (fp32, updated in place) and, where given (the window
+    reads the slots' own queries or keys), `dq_window` and `dk_window`;
+    `logits`: the forward's scaled slot logits; `state`: its `_Slots` (None:
+    recompute them). Also returns whether dq and dk include the window's."""
     dev = q.device
     blocks = cfg.blocks
     prec = _precision(q.dtype)
@@ -269,10 +271,14 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         LT=_inner(max(s.K, s.V)), MP=mp, BT=blocks.chunk, FEEDS=cfg.feeds,
         READOUT=not blocks.split, PRECISION=prec, **_slot_options(blocks))
     if blocks.split:
+        if dq_window is not None:
+            dq = dq_window
         _readout(s, cfg, dz, None, None, k, ring["keys"], state, state.keys,
-                 dq, cfg.scale, position)
+                 dq, cfg.scale, position, add=dq_window is not None)
+    elif dq_window is not None:
+        dq = dq + dq_window
     if not cfg.feeds:
-        return dq, None, dv_window, None
+        return dq, None, dv_window, None, dq_window is not None, False
 
     # The key side (y = q, c = dz) and the value side (y = do, c = p).
     sides = ((q, dz, k, ring["keys"], s.K, cfg.scale),
@@ -306,9 +312,10 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     dxs = []
     for index, ((y, coef, x, x_ring, width, y_scale), adjoint) in enumerate(
             zip(sides, adjoints)):
-        add = direct and index == 1 and dv_window is not None
+        onto = (dk_window, dv_window)[index]
+        add = direct and onto is not None
         if add:
-            dx = dv_window
+            dx = onto
         elif direct:  # stored in the input's dtype: nothing to add
             dx = torch.empty(s.B, s.T, s.HKV, width, device=dev,
                              dtype=x.dtype)
@@ -340,8 +347,9 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
         HAS_PM=cfg.has_mask, **_slot_options(blocks))
 
+    merged = (dq_window is not None, dk_window is not None)
     if direct:
-        return dq, dx_k, dx_v, dg
+        return (dq, dx_k, dx_v, dg) + merged
     dk = torch.zeros(s.B, s.T, s.HKV, s.K, **f32)
     dv = torch.zeros(s.B, s.T, s.HKV, s.V, **f32)
     if fed > 0:
@@ -349,7 +357,9 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         dv[:, :fed] = _group_sum(dx_v, s)[:, cfg.capacity:]
     if dv_window is not None:
         dv += dv_window
-    return dq, dk, dv, dg
+    if dk_window is not None:
+        dk += dk_window
+    return (dq, dk, dv, dg) + merged
 
 
 def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
@@ -394,6 +404,9 @@ class NHAFunction(torch.autograd.Function):
                      slot_keys, slot_values_t))
         ctx.cfg = cfg
         ctx.slot_logits = logits
+        # The window reads the slots' own queries or keys (no rotary copy):
+        # one gradient each, summed in the kernels.
+        ctx.shared = (qw is q, kw is k)
         ctx.slot_state = slot_state if _keep_states() else None
         ctx.save_for_backward(q, k, v, g, qw, kw, mask, ring_keys,
                               ring_window_keys, ring_values, ring_gates,
@@ -424,17 +437,24 @@ class NHAFunction(torch.autograd.Function):
         if cfg.capacity:
             dqw, dkw, dv = _window_backward(s, cfg, qw, kw, v, mask, ring,
                                             position, do, lse, delta)
+        merged = (False, False)
         if s.M:
-            dq, dk, dv, dg = _slot_backward(
+            shared_q, shared_k = ctx.shared
+            dq, dk, dv, dg, *merged = _slot_backward(
                 s, cfg, q, k, v, g, mask, ring, position, slot_keys,
                 slot_values_t, do, lse, delta, ctx.slot_logits,
-                ctx.slot_state, dv)
+                ctx.slot_state, dv, dqw if shared_q else None,
+                dkw if shared_k else None)
             ctx.slot_state = None
         grads = []
-        for grad, x in ((dq, q), (dk, k), (dv, v), (dg, g), (dqw, qw),
-                        (dkw, kw)):
-            grads.append(torch.zeros_like(x) if grad is None
-                         else grad.to(x.dtype))
+        for grad, x, in_other in ((dq, q, False), (dk, k, False),
+                                  (dv, v, False), (dg, g, False),
+                                  (dqw, qw, merged[0]), (dkw, kw, merged[1])):
+            if in_other:  # already summed into the slots' gradient
+                grads.append(None)
+            else:
+                grads.append(torch.zeros_like(x) if grad is None
+                             else grad.to(x.dtype))
         return tuple(grads) + (None,) * 10
 
 

@@ -269,9 +269,10 @@ def _store_readout(out_ptr, OUT_ROW, scale, t_ok, coef, w, s_ptr, x_ptr,
                    x_delta, rows, C, pos, T, HKV, D: tl.constexpr,
                    M: tl.constexpr, BD: tl.constexpr, LT: tl.constexpr,
                    MP: tl.constexpr, FEEDS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, ADD: tl.constexpr = False):
     """out = scale (coef @ S^T + w @ X), column tile by column tile: S the
-    chunk-start state [D, M], X the stream rows (w ignored without feed)."""
+    chunk-start state [D, M], X the stream rows (w ignored without feed);
+    added to what `out` holds with ADD."""
     cols = tl.arange(0, MP)
     for d0 in tl.static_range(0, BD, LT):
         d = d0 + tl.arange(0, LT)
@@ -282,9 +283,12 @@ def _store_readout(out_ptr, OUT_ROW, scale, t_ok, coef, w, s_ptr, x_ptr,
             x = stream_rows(x_ptr, x_delta, rows, d, C, pos, T, HKV, D, True,
                             True)
             out += tl.dot(w.to(x.dtype), x, input_precision=PRECISION)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * OUT_ROW + d[None, :],
-                 (scale * out).to(out_ptr.dtype.element_ty),
-                 mask=t_ok[:, None] & (d < D)[None, :])
+        at = out_ptr + rows.to(tl.int64)[:, None] * OUT_ROW + d[None, :]
+        ok = t_ok[:, None] & (d < D)[None, :]
+        out = scale * out
+        if ADD:
+            out += tl.load(at, mask=ok, other=0.0).to(tl.float32)
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -355,11 +359,12 @@ def slot_readout_kernel(CF, ZS, LS, XN, GC, SS, POS, S, OUT, T, C, out_scale,
                         M: tl.constexpr, BD: tl.constexpr, LT: tl.constexpr,
                         MP: tl.constexpr, BT: tl.constexpr,
                         FROM_LOGITS: tl.constexpr, FEEDS: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        ADD: tl.constexpr, PRECISION: tl.constexpr):
     """out = out_scale (c exp(G) @ S^T + W(c) @ X) for one chunk and query
     head: the slot output (c = the slot probabilities, from the scaled
     logits ZS and log-sum-exp LS with FROM_LOGITS; S = Sv, X = v) or the
-    slot part of dq (c = dz from CF; S = Sk, X = k)."""
+    slot part of dq (c = dz from CF; S = Sk, X = k), added to what OUT
+    holds with ADD."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -393,7 +398,7 @@ def slot_readout_kernel(CF, ZS, LS, XN, GC, SS, POS, S, OUT, T, C, out_scale,
     _store_readout(OUT + (b * T * H + h) * D, H * D, out_scale, t_ok, coef, w,
                    S + state * D * M, XN + b * T * HKV * D + hk * D,
                    ring_delta(RDX, b, C, T, HKV * D), rows, C, pos, T, HKV, D,
-                   M, BD, LT, MP, FEEDS, PRECISION)
+                   M, BD, LT, MP, FEEDS, PRECISION, ADD)
 
 
 @triton.jit
