@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--decode-context", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=100)
+    parser.add_argument("--decode-batch", type=int, default=1,
+                        help="sequences decoded together")
     parser.add_argument("--decode-repeats", type=int, default=3,
                         help="timed runs of --decode-steps; the fastest "
                              "counts")
@@ -129,7 +131,7 @@ def run_one(phase, variant, args, model_args, implementation):
     else:
         ms, compile_s = lm_study_decode.decode_ms_per_token(
             lm, args.decode_context, args.decode_steps,
-            repeats=args.decode_repeats)
+            repeats=args.decode_repeats, batch_size=args.decode_batch)
         total, per_layer = lm_study_decode.cache_bytes(lm,
                                                        args.decode_context)
         record.update(compile_s=compile_s, ms_per_token=ms,
@@ -137,7 +139,7 @@ def run_one(phase, variant, args, model_args, implementation):
                       cache_bytes=total, cache_bytes_per_layer=per_layer,
                       essential_cache_bytes=lm_study_decode.
                       essential_cache_bytes(lm, args.decode_context),
-                      batch_size=1)
+                      batch_size=args.decode_batch)
     return record
 
 
@@ -147,9 +149,9 @@ def tables(path):
         records = [json.loads(line) for line in handle if line.strip()]
     train = ["| variant | kernel | policy | batch x T | compile s | ms/step | "
              "tokens/s |", "|---|---|---|---|---|---|---|"]
-    decode = ["| variant | kernel | policy | context | compile s | ms/token | "
-              "cache KiB/seq | KV+slots KiB/seq |",
-              "|---|---|---|---|---|---|---|---|"]
+    decode = ["| variant | kernel | policy | batch | context | compile s | "
+              "ms/step | tokens/s | cache KiB/seq | KV+slots KiB/seq |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         head = (f"| {r['variant']} | {r['implementation']} | "
                 f"{r['dtype_policy']} |")
@@ -163,8 +165,10 @@ def tables(path):
                          f" | {r['compile_s']:.1f} | {r['step_ms']:.2f} | "
                          f"{r['tokens_per_s']:,.0f} |")
         else:
-            decode.append(f"{head} {r['context']} | {r['compile_s']:.1f} | "
-                          f"{r['ms_per_token']:.3f} | "
+            decode.append(f"{head} {r['batch_size']} | {r['context']} | "
+                          f"{r['compile_s']:.1f} | {r['ms_per_token']:.3f} | "
+                          f"{1000 * r['batch_size'] / r['ms_per_token']:,.0f}"
+                          " | "
                           f"{r['cache_bytes'] / 1024:.1f} | "
                           f"{r['essential_cache_bytes'] / 1024:.1f} |")
     device = records[0].get("device", "?") if records else "?"
