@@ -255,11 +255,12 @@ def run(name, weights):
                 result["uneven_heads_error"] = None
             except ValueError as error:
                 result["uneven_heads_error"] = str(error)
-            # The hybrid block (slots and window); the train step above
-            # covers the global and the slots-only blocks too.
-            block = lm.backbone.transformer_layers[0]
-            result["block_collectives"] = block_hlo(block, distribution)
-            log(f"{name}: block HLO")
+            if name == "data_and_model":
+                # The hybrid block (slots and window); the train step above
+                # covers the global and the slots-only blocks too.
+                block = lm.backbone.transformer_layers[0]
+                result["block_collectives"] = block_hlo(block, distribution)
+                log(f"{name}: block HLO")
     return result
 
 
