@@ -89,12 +89,13 @@ def grads_of(fn, inputs, cotangent):
 
 def check_against_float64(name, dtype, window, length, batch=1, heads=4,
                           kv_heads=2, dim=128, slots=64, padding=False,
-                          gate_scale=0.25, seed=0):
+                          gate_scale=0.25, seed=0, separate_window=True):
     start = time.time()
     raw = random_inputs(seed, batch=batch, length=length, heads=heads,
                         kv_heads=kv_heads, key_dim=dim, value_dim=dim,
                         num_slots=slots, padding=padding,
-                        gate_scale=gate_scale)
+                        gate_scale=gate_scale,
+                        separate_window=separate_window)
     mask = raw.pop("padding_mask", None)
     inputs = to_device(raw, dtype)
     # The reference sees exactly the rounded inputs the kernels see.
@@ -317,8 +318,9 @@ def main():
     kernels = [
         core[3],
         lambda: check_against_float64(
-            "bf16 T=8192 W=512 M=64 d=128 H=Hkv=2", torch.bfloat16, 512,
-            8192, heads=2, kv_heads=2),
+            "bf16 T=8192 W=512 M=64 d=128 H=Hkv=2, window reads q and k",
+            torch.bfloat16, 512, 8192, heads=2, kv_heads=2,
+            separate_window=False),
         core[4],
         lambda: check_against_float64(
             "fp32 T=2048 W=512 M=64 padded B=2 H=Hkv=2", torch.float32, 512,
