@@ -66,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--sequence-length", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10,
-                        help="timed steps (at least 2)")
+                        help="timed steps (the median is reported)")
     parser.add_argument("--dtype", default="mixed_bfloat16")
     parser.add_argument("--json", help="append one JSON line per run here")
     parser.add_argument("--plot", help="write a PNG of tokens/s per run")
@@ -267,6 +267,9 @@ def main(argv=None):
         if keras.config.backend() != "jax":
             sys.exit("keras.distribution training needs KERAS_BACKEND=jax.")
         size = SIZES[args.size]
+        import jax
+
+        print(f"jax {jax.__version__}, keras {keras.__version__}")
         print(f"size {args.size}: {size}; warmup {args.warmup}, timed "
               f"{args.steps} steps; devices "
               f"{keras.distribution.list_devices()}", flush=True)
