@@ -65,7 +65,10 @@ def parse_args(argv=None):
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--num-kv-heads", type=int, default=2)
     parser.add_argument("--intermediate-dim", type=int, default=256)
-    parser.add_argument("--window-size", type=int, default=64)
+    parser.add_argument("--window-size", default="64",
+                        help="NHA window: an int, or per-layer windows "
+                             "separated by commas with g for a global layer "
+                             "(e.g. 64,g)")
     parser.add_argument("--num-slots", type=int, default=16)
     parser.add_argument("--swa-window", type=int, default=64)
     parser.add_argument("--sequence-length", type=int, default=256)
@@ -87,13 +90,26 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def nha_windows(text, num_layers):
+    """"64" -> 64; "64,g" -> [64, None] (g = global), one per layer."""
+    text = str(text)
+    if "," not in text:
+        return None if text == "g" else int(text)
+    windows = [None if w == "g" else int(w) for w in text.split(",")]
+    if len(windows) != num_layers:
+        raise ValueError(f"--window-size: {text!r} gives {len(windows)} "
+                         f"windows for {num_layers} layers.")
+    return windows
+
+
 def backbone_kwargs(variant, args, vocabulary_size, intermediate_dim=None):
     """NHABackbone arguments of one variant (window None = global)."""
     if variant not in VARIANTS:
         raise ValueError(f"`variant`: expected one of {VARIANTS}, got "
                          f"{variant!r}.")
     window, slots = {
-        "nha": (args.window_size, args.num_slots),
+        "nha": (nha_windows(args.window_size, args.num_layers),
+                args.num_slots),
         "transformer": (None, 0),
         "gsa": (0, args.num_slots),
         "swa": (args.swa_window, 0),
