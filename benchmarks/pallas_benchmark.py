@@ -386,30 +386,29 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 
 # Candidate tilings timed end to end by the "candidates" step.
 _CANDIDATES = (
-    ("fast", dict(walk="scan", rows=64, factor=True)),
+    ("window bk=128", dict(block_k=128)),
+    ("16-row slot programs, chunk walks",
+     dict(walk="loop", rows=16, factor=False)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
-    ("fast", dict(walk="scan", rows=64, factor=True), True),
-    ("scan rows=64", dict(walk="scan", rows=64), False),
-    ("factor rows=64", dict(rows=64, factor=True), False),
+    ("warps=4", dict(num_warps=4), False),
+    ("exact chunk programs", dict(factor=False), False),
+)
+_WINDOW_VARIANTS = (
+    ("bk=128", dict(block_k=128)),
+    ("bq=128", dict(block_q=128)),
+    ("warps=4", dict(num_warps=4)),
 )
 # Further slot- and window-pass tilings, timed by the "tuning" step.
 _TUNING = (
-    ("rows=64", dict(rows=64), False),
-    ("walk=scan", dict(walk="scan"), False),
-    ("fast warps=4", dict(walk="scan", rows=64, factor=True, num_warps=4),
-     False),
-    ("warps=4", dict(num_warps=4), False),
-)
-_WINDOW_VARIANTS = (
-    ("bq=128", dict(block_q=128)),
-    ("bk=128", dict(block_k=128)),
+    ("16-row programs", dict(walk="loop", rows=16, factor=False), False),
+    ("c=32", dict(chunk=32, rows=32), False),
 )
 _WINDOW_TUNING = (
-    ("warps=4", dict(num_warps=4)),
     ("bq=128 bk=128", dict(block_q=128, block_k=128)),
+    ("stages=3", dict(num_stages=3)),
 )
 
 

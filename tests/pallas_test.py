@@ -76,26 +76,25 @@ LENGTH = 37
 # that need padding inside the kernels, and gates strong enough that their
 # in-chunk cumsum falls far below -88 (exp would overflow if factored). The
 # strong-gate case runs the slot kernels' per-row path ("loop", used above
-# 64 slots) instead of the block tensor. `config` changes the kernel tiling
-# (`KernelConfig` fields): the slot memory carried by batched per-chunk
-# writes and a scale-and-add walk (`walk="scan"`), slot programs that read
-# a whole chunk (`rows=32`, the chunk at this length) and their factored
-# in-chunk products (`factor`; the strong-gate case takes their exact
-# fallback).
+# 64 slots) instead of the block tensor, and the exact in-chunk terms (the
+# default factored products are refused for such gates). `config` changes
+# the kernel tiling (`KernelConfig` fields) from the default (one slot
+# program per chunk, factored products, segmented scan): 16-row slot
+# programs with sequential chunk walks, and chunk programs without factored
+# products.
 CASES = {
     "gsa_w0": dict(window_size=0),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
-                                num_slots=5, kv_heads=1,
-                                config=dict(rows=32, factor=True)),
-    "w5_padding": dict(window_size=5, padding=True,
-                       config=dict(walk="scan")),
-    "w64_beyond_length": dict(window_size=64,
-                              config=dict(walk="scan", rows=32)),
-    "w7_fast_slots": dict(window_size=7, config=dict(walk="scan", rows=32,
-                                                     factor=True)),
-    "w_length_minus_1_strong_gates": dict(
-        window_size=LENGTH - 1, gate_scale=40.0,
-        config=dict(diag="loop", walk="scan", rows=32, factor=True)),
+                                num_slots=5, kv_heads=1),
+    "w5_padding_16_row_programs": dict(
+        window_size=5, padding=True,
+        config=dict(walk="loop", rows=16, factor=False)),
+    "w64_beyond_length": dict(window_size=64),
+    "w7_exact_chunk_programs": dict(window_size=7,
+                                    config=dict(factor=False)),
+    "w_length_minus_1_strong_gates": dict(window_size=LENGTH - 1,
+                                          gate_scale=40.0,
+                                          config=dict(diag="loop")),
     "w_length": dict(window_size=LENGTH),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
 }
@@ -191,6 +190,40 @@ def test_decode_with_padding_and_groups():
             implementation="pallas")
         outputs.append(ops.convert_to_numpy(out))
     assert relative_error(np.stack(outputs, 1), expected, mask) < TOLERANCE
+
+
+@pytest.mark.parametrize("decay_rows", [False, True])
+def test_segmented_scan_matches_a_sequential_walk(decay_rows, monkeypatch):
+    import jax.numpy as jnp
+
+    from keras_nha.kernels.pallas import slots
+    from keras_nha.kernels.pallas.sequence import default_config
+
+    rng = np.random.default_rng(3)
+    batch, heads, chunks, slots_count, width = 1, 2, 7, 16, 32
+    log_decay = -rng.uniform(size=(batch, heads, chunks, slots_count))
+    state = ((slots_count, width) if decay_rows else (width, slots_count))
+    local = rng.normal(size=(batch, heads, chunks) + state)
+    init = rng.normal(size=(batch, heads) + state)
+    config = default_config(256, width, True, slots_count)
+    for reverse in (False, True):
+        carry, expected = init.copy(), [None] * chunks
+        for n in (reversed(range(chunks)) if reverse else range(chunks)):
+            expected[n] = carry
+            decay = np.exp(log_decay[:, :, n])
+            decay = decay[..., :, None] if decay_rows else decay[..., None, :]
+            carry = carry * decay + local[:, :, n]
+        # 3 does not divide 7: the last segment is padded with no-op chunks.
+        for segment in (2, 3, 32):
+            monkeypatch.setattr(slots, "_SEGMENT", segment)
+            got, final = slots._scan(
+                *(jnp.asarray(x, jnp.float32) for x in (log_decay, local,
+                                                        init)),
+                config, decay_rows=decay_rows, dtype=jnp.float32,
+                reverse=reverse)
+            np.testing.assert_allclose(got, np.stack(expected, 2),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(final, carry, rtol=1e-5, atol=1e-5)
 
 
 def test_jit_and_bfloat16():

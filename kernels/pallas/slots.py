@@ -642,7 +642,7 @@ def _scan_kernel(decay_ref, local_ref, init_ref, out_ref, final_ref, *,
     final_ref[...] = final
 
 
-def _scan(decay, local, init, config, *, decay_rows, dtype, reverse=False):
+def _walk(decay, local, init, config, *, decay_rows, dtype, reverse=False):
     """The linear recurrence of `_scan_kernel` over `local [B, Hkv, N, X, Y]`.
 
     `decay [B, Hkv, N, M]` scales the rows (`decay_rows`, X = M) or the
@@ -682,6 +682,109 @@ def _scan(decay, local, init, config, *, decay_rows, dtype, reverse=False):
     )(decay, local, init)
 
 
+# Chunks per segment of `_scan`: each program walks this many steps.
+_SEGMENT = 32
+
+
+def _segment_kernel(log_decay_ref, local_ref, init_ref, *out_refs, length,
+                    decay_rows, reverse):
+    """`_scan_kernel` over one segment of chunks.
+
+    `out_refs` is `(total_ref,)` (only the carry after the segment) or
+    `(out_ref,)` (the carry before each chunk, in `out_ref`'s dtype).
+    """
+    out_ref = out_refs[0]
+    store = len(out_ref.shape) == len(local_ref.shape)
+
+    def body(r, x):
+        n = length - 1 - r if reverse else r
+        if store:
+            out_ref[n] = x.astype(out_ref.dtype)
+        decay = jnp.exp(log_decay_ref[n, :])
+        decay = decay[:, None] if decay_rows else decay[None, :]
+        return x * decay + local_ref[n]
+
+    x = loop(0, length, body, init_ref[...])
+    if not store:
+        out_ref[...] = x
+
+
+def _scan(log_decay, local, init, config, *, decay_rows, dtype,
+          reverse=False):
+    """The recurrence x <- x * exp(log_decay[n]) + local[n] over the chunks.
+
+    Args:
+        log_decay: `[B, Hkv, N, M]` float32, each chunk's gate total (<= 0).
+        local: `[B, Hkv, N, X, Y]` float32, each chunk's writes.
+        init: `[B, Hkv, X, Y]` float32 carry before the first step (before
+            the last chunk with `reverse`).
+        config: a `KernelConfig`.
+        decay_rows: the decay scales the rows (X = M), else the columns.
+        dtype: storage dtype of the carries.
+        reverse: walk from the last chunk to the first.
+
+    Returns:
+        `([B, Hkv, N, X, Y] in dtype, [B, Hkv, X, Y] float32)`: the carry
+        before each step, and after the last step.
+
+    A single walk over N chunks is bound by its N dependent steps (few
+    programs, one per state tile). So the chunks are cut into segments of
+    `_SEGMENT`: every segment walks from zero at once keeping only its
+    total; a walk over the (32x fewer) totals gives each segment's start;
+    every segment walks again from its start, storing the carries.
+    """
+    batch, kv_heads, chunks, rows, cols = local.shape
+    slots = log_decay.shape[-1]
+    length = min(_SEGMENT, chunks)
+    padded = -(-chunks // length) * length
+    segments = padded // length
+    if padded != chunks:  # no-op chunks: no decay, no writes
+        local = jnp.pad(local, [(0, 0), (0, 0), (0, padded - chunks), (0, 0),
+                                (0, 0)])
+        log_decay = jnp.pad(log_decay, [(0, 0), (0, 0),
+                                        (0, padded - chunks), (0, 0)])
+    if decay_rows:
+        tile = min(16, cols)
+        block = (rows, tile)
+        index = lambda b, c, j, g: (b, c, g, 0, j)
+        grid = (batch, kv_heads, cols // tile, segments)
+    else:
+        tile = min(16, rows)
+        block = (tile, cols)
+        index = lambda b, c, j, g: (b, c, g, j, 0)
+        grid = (batch, kv_heads, rows // tile, segments)
+    one = pl.BlockSpec((None, None, None) + block, index)
+
+    def segment_pass(init, out_spec, out_shape):
+        return pl.pallas_call(
+            functools.partial(_segment_kernel, length=length,
+                              decay_rows=decay_rows, reverse=reverse),
+            grid=grid,
+            in_specs=[pl.BlockSpec((None, None, length, slots),
+                                   lambda b, c, j, g: (b, c, g, 0)),
+                      pl.BlockSpec((None, None, length) + block, index),
+                      one],
+            out_specs=out_spec,
+            out_shape=out_shape,
+            compiler_params=compiler_params(2, config.sequential_stages + 1),
+            interpret=config.interpret,
+            name="nha_slot_segment_scan",
+        )(log_decay, local, init)
+
+    state = (batch, kv_heads, segments, rows, cols)
+    totals = segment_pass(jnp.zeros(state, _F32), one,
+                          jax.ShapeDtypeStruct(state, _F32))
+    decays = jnp.exp(log_decay.reshape(batch, kv_heads, segments, length,
+                                       slots).sum(3))
+    starts, final = _walk(decays, totals, init, config,
+                          decay_rows=decay_rows, dtype=_F32, reverse=reverse)
+    carries = segment_pass(
+        starts[:, :, :segments],
+        pl.BlockSpec((None, None, length) + block, index),
+        jax.ShapeDtypeStruct(local.shape, dtype))
+    return carries[:, :, :chunks], final
+
+
 def _by_chunk(x, chunk):
     """`[B, T, ...]` -> `[B, N, chunk, ...]`."""
     return x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
@@ -694,16 +797,17 @@ def _einsum(spec, a, b):
                       preferred_element_type=_F32)
 
 
-def _chunk_decay(gc, chunk):
-    """exp(G at each chunk's last row): `[B, Hkv, N, M]`."""
-    return jnp.transpose(jnp.exp(_by_chunk(gc, chunk)[:, :, -1]), (0, 2, 1, 3))
+def _chunk_log_decay(gc, chunk):
+    """G at each chunk's last row (the chunk's gate total): `[B, Hkv, N, M]`.
+    """
+    return jnp.transpose(_by_chunk(gc, chunk)[:, :, -1], (0, 2, 1, 3))
 
 
 def _states_scan(k, v, gc, s, sk0, sv0, config):
     """`_states` as batched per-chunk writes plus `_scan`.
 
     Returns the memory at every chunk start in the input dtype (`[B, Hkv,
-    N + 1, ...]`) and the memory after the last chunk in float32.
+    N, ...]`) and the memory after the last chunk in float32.
     """
     chunk = config.chunk
     end = _by_chunk(gc, chunk)[:, :, -1:]
@@ -712,7 +816,7 @@ def _states_scan(k, v, gc, s, sk0, sv0, config):
                       to_end.astype(k.dtype))
     local_v = _einsum("bnchm,bnchv->bhnmv", to_end.astype(v.dtype),
                       _by_chunk(v, chunk))
-    decay = _chunk_decay(gc, chunk)
+    decay = _chunk_log_decay(gc, chunk)
     sk, sk_end = _scan(decay, local_k, sk0, config, decay_rows=False,
                        dtype=k.dtype)
     sv, sv_end = _scan(decay, local_v, sv0, config, decay_rows=True,
@@ -723,9 +827,9 @@ def _states_scan(k, v, gc, s, sk0, sv0, config):
 def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     """`_adjoints` as batched per-chunk reads plus a reverse `_scan`.
 
-    Returns lk, lv with N + 1 chunk entries (entry n: the adjoint at chunk
-    n's end, entry N unused by the readers) in the query dtype and the
-    adjoints of the start memory in float32.
+    Returns lk, lv `[B, Hkv, N, ...]` (entry n: the adjoint at chunk n's
+    end) in the query dtype and the adjoints of the start memory in float32.
+
     """
     batch, length, heads, key_dim = q.shape
     kv_heads, chunk = gc.shape[2], config.chunk
@@ -738,7 +842,7 @@ def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     local_v = _einsum("bnchgm,bnchgv->bhnmv",
                       (grouped(p) * eg).astype(q.dtype),
                       grouped(dout).astype(q.dtype))
-    decay = _chunk_decay(gc, chunk)
+    decay = _chunk_log_decay(gc, chunk)
     lk, dsk0 = _scan(decay, local_k, dsk_end, config, decay_rows=False,
                      dtype=q.dtype, reverse=True)
     lv, dsv0 = _scan(decay, local_v, dsv_end, config, decay_rows=True,
