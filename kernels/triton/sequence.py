@@ -340,10 +340,13 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     slots.gate_total_kernel[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, totals, s.T, s.H, s.HKV, M=s.M, MP=mp,
         BT=blocks.chunk, **_slot_options(blocks))
-    after = torch.flip(torch.cumsum(torch.flip(totals, [2]), 2), [2]) - totals
+    # In place: each chunk's total becomes the sum over the chunks after it.
+    slots.chunk_scan_kernel[(s.B * s.HKV, 1)](
+        totals, totals, nt, s.HKV, 1, s.B * s.HKV, D=1, M=s.M, BLOCK=mp,
+        UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
     dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
     slots.gate_grad_kernel[(nt, s.B * s.HKV)](
-        dg_read, ds, state.strengths, after.contiguous(), mask, dg, s.T,
+        dg_read, ds, state.strengths, totals, mask, dg, s.T,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
         HAS_PM=cfg.has_mask, **_slot_options(blocks))
 

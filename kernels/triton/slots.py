@@ -179,13 +179,15 @@ def _chain(a_decay, a_value, b_decay, b_value):
 @triton.jit
 def chunk_scan_kernel(S, DEC, NT, HX, GROUP, BHX, D: tl.constexpr,
                       M: tl.constexpr, BLOCK: tl.constexpr,
-                      UNROLL: tl.constexpr, REVERSE: tl.constexpr):
+                      UNROLL: tl.constexpr, REVERSE: tl.constexpr,
+                      DECAYS: tl.constexpr = True):
     """Turns per-chunk contributions into states, in place, UNROLL chunks
     per step (one tile load, a log-depth scan, one tile store).
 
     S holds one or more stacks of BHX = B * HX state sequences (the key and
     the value recurrence side by side: one launch, twice the programs); all
-    stacks share the decays.
+    stacks share the decays. Without DECAYS every decay is 1 (plain sums:
+    the reverse one is the gates' sum over later chunks).
 
     Forward (S has NT + 1 entries, entry 0 the initial state): entry n + 1
     becomes the state after chunk n: S_{n+1} = S_n * dec_n + entry_{n+1}.
@@ -211,8 +213,11 @@ def chunk_scan_kernel(S, DEC, NT, HX, GROUP, BHX, D: tl.constexpr,
             live = (n < NT)[:, None] & ok[None, :]
             at = n.to(tl.int64)[:, None] * step + e[None, :]
             x = tl.load(base + at, mask=live, other=0.0)
-            d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
-                        other=1.0)
+            if DECAYS:
+                d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
+                            other=1.0)
+            else:
+                d = tl.full([UNROLL, BLOCK], 1.0, tl.float32)
             p, y = tl.associative_scan((d, x), 0, _chain, reverse=True)
             v = carry[None, :] * p + y
             # R_n = V_{n+1}: row k's V goes one row up; the carry (V after
@@ -231,8 +236,11 @@ def chunk_scan_kernel(S, DEC, NT, HX, GROUP, BHX, D: tl.constexpr,
             live = (n < NT)[:, None] & ok[None, :]
             at = (n + 1).to(tl.int64)[:, None] * step + e[None, :]
             x = tl.load(base + at, mask=live, other=0.0)
-            d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
-                        other=1.0)
+            if DECAYS:
+                d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
+                            other=1.0)
+            else:
+                d = tl.full([UNROLL, BLOCK], 1.0, tl.float32)
             p, y = tl.associative_scan((d, x), 0, _chain)
             v = carry[None, :] * p + y
             tl.store(base + at, v, mask=live)
