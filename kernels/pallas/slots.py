@@ -236,7 +236,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
     def exact():
         sk = sk_ref[...]
         sv = sv_ref[...]
-        for b in range(blocks):  # the chunk's state is loaded once for all
+
+        def sub_block(b, carry):  # the chunk's state is loaded once for all
             mine = pl.ds(b * sub, sub)
             start = _block_start(program, b, blocks, sub, chunk)
             block = _SubBlock(gc_ref, s_ref, start, sub, chunk)
@@ -246,6 +247,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
             o_ref[mine, :] = (_mm(p * block.from_start, sv, dtype)
                               + _spread(p, v_ref, gc_ref, s_ref, block, sub,
                                         dtype, diag))
+            return carry
+
+        loop(0, blocks, sub_block, 0)
 
     def fast():
         f = _Chunk(gc_ref, s_ref)
@@ -284,7 +288,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
     def exact():
         sk = sk_ref[...]
         sv = sv_ref[...]
-        for b in range(blocks):
+
+        def sub_block(b, carry):
             mine = pl.ds(b * sub, sub)
             start = _block_start(program, b, blocks, sub, chunk)
             block = _SubBlock(gc_ref, s_ref, start, sub, chunk)
@@ -296,6 +301,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
                   + _spread(dz, k_ref, gc_ref, s_ref, block, sub, dtype,
                             diag))
             dq_ref[mine, :] = dq * scale
+            return carry
+
+        loop(0, blocks, sub_block, 0)
 
     def fast():
         f = _Chunk(gc_ref, s_ref)
@@ -323,7 +331,8 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
     def exact():
         lk = lk_ref[...]
         lv = lv_ref[...]
-        for b in range(blocks):  # the chunk's adjoints are loaded once
+
+        def sub_block(b, carry):  # the chunk's adjoints are loaded once
             mine = pl.ds(b * sub, sub)
             start = _block_start(program, b, blocks, sub, chunk)
             dk, dv, ds = _dkv_block(
@@ -334,6 +343,9 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
             dk_ref[mine, :] = dk
             dv_ref[mine, :] = dv
             ds_ref[mine, :] = ds
+            return carry
+
+        loop(0, blocks, sub_block, 0)
 
     def fast():
         # The program holds the whole chunk: gcb_ref is gc_ref's block.
