@@ -387,8 +387,6 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 # Candidate tilings timed end to end by the "candidates" step.
 _CANDIDATES = (
     ("window bk=128", dict(block_k=128)),
-    ("16-row slot programs, chunk walks",
-     dict(walk="loop", rows=16, factor=False)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
