@@ -314,7 +314,13 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             zip(sides, adjoints)):
         onto = (dk_window, dv_window)[index]
         add = direct and onto is not None
-        if add:
+        if add and index == 1:
+            # The window's fp32 dv plus ours, stored in the input's dtype;
+            # tokens that never left the window keep the window's alone.
+            dx = torch.empty(s.B, s.T, s.HKV, width, device=dev,
+                             dtype=x.dtype)
+            dx[:, max(fed, 0):] = onto[:, max(fed, 0):]
+        elif add:
             dx = onto
         elif direct:  # stored in the input's dtype: nothing to add
             dx = torch.empty(s.B, s.T, s.HKV, width, device=dev,
@@ -327,11 +333,12 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         for want_ds, want_dx in parts:
             slots.slot_dx_kernel[(nt, s.B * s.H)](
                 y, coef, x, state.gates, state.strengths, position, adjoint,
-                dx, ds, s.T, cfg.capacity, y_scale, _delta(x_ring, x), s.H,
-                s.HKV, D=width, M=s.M, BD=common.pow2(width),
-                LT=_inner(width), MP=mp, BT=blocks.chunk, ADD_DS=index > 0,
-                DIRECT=direct, ADD_DX=add, WANT_DS=want_ds, WANT_DX=want_dx,
-                PRECISION=prec, **_slot_options(blocks))
+                dx, onto if add else dx, ds, s.T, cfg.capacity, y_scale,
+                _delta(x_ring, x), s.H, s.HKV, D=width, M=s.M,
+                BD=common.pow2(width), LT=_inner(width), MP=mp,
+                BT=blocks.chunk, ADD_DS=index > 0, DIRECT=direct, ADD_DX=add,
+                WANT_DS=want_ds, WANT_DX=want_dx, PRECISION=prec,
+                **_slot_options(blocks))
         dxs.append(dx)
     dx_k, dx_v = dxs
 
@@ -344,7 +351,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     slots.chunk_scan_kernel[(s.B * s.HKV, 1)](
         totals, totals, nt, s.HKV, 1, s.B * s.HKV, D=1, M=s.M, BLOCK=mp,
         UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
-    dg = torch.zeros(s.B, s.T, s.HKV, s.M, **f32)
+    dg = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
+    dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots
     slots.gate_grad_kernel[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, totals, mask, dg, s.T,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,

@@ -476,7 +476,8 @@ def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA, ZS,
 
 
 @triton.jit
-def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
+def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DXA, DS, T, C, y_scale,
+                   RDX, H,
                    HKV, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr,
                    LT: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
                    ADD_DS: tl.constexpr, DIRECT: tl.constexpr,
@@ -490,7 +491,8 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
 
     DX rows are stream rows per query head, or with DIRECT (one query head
     per kv head) the new tokens the rows came from (row C + u is token u;
-    ring rows get nothing), added to what DX holds with ADD_DX."""
+    ring rows get nothing), added to what DXA holds with ADD_DX (DXA may be
+    DX itself)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     NT = tl.num_programs(0)
@@ -569,12 +571,13 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DS, T, C, y_scale, RDX, H,
             ds += tl.load(ds_at, mask=ds_ok, other=0.0)
         tl.store(ds_at, ds, mask=ds_ok)
     if WANT_DX:
-        _store_dx(DX, r_ptr, y_ptr, to_end * s, coef, row, rows, t_ok, C, T,
-                  H, y_scale, D, M, BD, LT, cols, DIRECT, ADD_DX, PRECISION)
+        _store_dx(DX, DXA, r_ptr, y_ptr, to_end * s, coef, row, rows, t_ok, C,
+                  T, H, y_scale, D, M, BD, LT, cols, DIRECT, ADD_DX,
+                  PRECISION)
 
 
 @triton.jit
-def _store_dx(DX, r_ptr, y_ptr, weight, coef, row, rows, t_ok, C, T, H,
+def _store_dx(DX, DXA, r_ptr, y_ptr, weight, coef, row, rows, t_ok, C, T, H,
               y_scale, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr,
               LT: tl.constexpr, cols, DIRECT: tl.constexpr,
               ADD_DX: tl.constexpr, PRECISION: tl.constexpr):
@@ -592,12 +595,12 @@ def _store_dx(DX, r_ptr, y_ptr, weight, coef, row, rows, t_ok, C, T, H,
         dx = tl.dot(weight, tl.trans(ra), input_precision=PRECISION)
         y = plain_rows(y_ptr, rows, d, T, H * D, D, True)
         dx += tl.dot(coef.to(y.dtype), y, input_precision=PRECISION)
-        dx_at = DX + out_row[:, None] * D + d[None, :]
+        dx_at = out_row[:, None] * D + d[None, :]
         dx_ok = out_ok[:, None] & (d < D)[None, :]
         dx = dx * y_scale
         if ADD_DX:
-            dx += tl.load(dx_at, mask=dx_ok, other=0.0).to(tl.float32)
-        tl.store(dx_at, dx.to(DX.dtype.element_ty), mask=dx_ok)
+            dx += tl.load(DXA + dx_at, mask=dx_ok, other=0.0).to(tl.float32)
+        tl.store(DX + dx_at, dx.to(DX.dtype.element_ty), mask=dx_ok)
 
 
 @triton.jit
