@@ -608,7 +608,7 @@ def warm(args):
     """Compiles (fills Triton's and Inductor's disk caches) without timing
     anything that matters, so that a later measuring process starts warm:
     NHA fwd+bwd under the defaults and every --tune value, the decode step,
-    and with "fla" in --peers fla's autotuned kernels at every length."""
+    and with "fla" in --warm fla's autotuned kernels at every length."""
     import torch
 
     from keras_nha.kernels import state as state_lib
