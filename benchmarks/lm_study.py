@@ -230,8 +230,8 @@ def train_variant(variant, args, data):
     backbone = NHABackbone(**kwargs)
     lm = NHACausalLM(backbone, preprocessor=None)
     compile_lm(lm, args.steps, args.learning_rate)
-    print(f"[{variant}] {params:,} parameters ({100 * (params / reference - 1):+.2f}% "
-          f"vs NHA), window {kwargs['window_size']}, {kwargs['num_slots']} "
+    change = 100 * (params / reference - 1)
+    print(f"[{variant}] {params:,} parameters ({change:+.2f}% vs NHA), window {kwargs['window_size']}, {kwargs['num_slots']} "
           f"slots, intermediate {kwargs['intermediate_dim']}, backend "
           f"{keras.config.backend()}", flush=True)
     if args.order == "shuffled":
