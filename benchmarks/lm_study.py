@@ -231,7 +231,8 @@ def train_variant(variant, args, data):
     lm = NHACausalLM(backbone, preprocessor=None)
     compile_lm(lm, args.steps, args.learning_rate)
     change = 100 * (params / reference - 1)
-    print(f"[{variant}] {params:,} parameters ({change:+.2f}% vs NHA), window {kwargs['window_size']}, {kwargs['num_slots']} "
+    print(f"[{variant}] {params:,} parameters ({change:+.2f}% vs NHA), "
+          f"window {kwargs['window_size']}, {kwargs['num_slots']} "
           f"slots, intermediate {kwargs['intermediate_dim']}, backend "
           f"{keras.config.backend()}", flush=True)
     if args.order == "shuffled":
