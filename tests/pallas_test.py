@@ -217,8 +217,8 @@ def test_segmented_scan_matches_a_sequential_walk(decay_rows, monkeypatch):
         for segment in (2, 3, 32):
             monkeypatch.setattr(slots, "_SEGMENT", segment)
             got, final = slots._scan(
-                *(jnp.asarray(x, jnp.float32) for x in (log_decay, local,
-                                                        init)),
+                *(jnp.asarray(x, jnp.float32) for x in (
+                    log_decay, np.swapaxes(local, 1, 2), init)),
                 config, decay_rows=decay_rows, dtype=jnp.float32,
                 reverse=reverse)
             np.testing.assert_allclose(got, np.stack(expected, 2),

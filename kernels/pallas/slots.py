@@ -727,7 +727,8 @@ def _scan(log_decay, local, init, config, *, decay_rows, dtype,
 
     Args:
         log_decay: `[B, Hkv, N, M]` float32, each chunk's gate total (<= 0).
-        local: `[B, Hkv, N, X, Y]` float32, each chunk's writes.
+        local: `[B, N, Hkv, X, Y]` float32, each chunk's writes (the
+            layout batched products give without a transpose).
         init: `[B, Hkv, X, Y]` float32 carry before the first step (before
             the last chunk with `reverse`).
         config: a `KernelConfig`.
@@ -745,13 +746,13 @@ def _scan(log_decay, local, init, config, *, decay_rows, dtype,
     total; a walk over the (32x fewer) totals gives each segment's start;
     every segment walks again from its start, storing the carries.
     """
-    batch, kv_heads, chunks, rows, cols = local.shape
+    batch, chunks, kv_heads, rows, cols = local.shape
     slots = log_decay.shape[-1]
     length = min(_SEGMENT, chunks)
     padded = -(-chunks // length) * length
     segments = padded // length
     if padded != chunks:  # no-op chunks: no decay, no writes
-        local = jnp.pad(local, [(0, 0), (0, 0), (0, padded - chunks), (0, 0),
+        local = jnp.pad(local, [(0, 0), (0, padded - chunks), (0, 0), (0, 0),
                                 (0, 0)])
         log_decay = jnp.pad(log_decay, [(0, 0), (0, 0),
                                         (0, padded - chunks), (0, 0)])
@@ -759,11 +760,13 @@ def _scan(log_decay, local, init, config, *, decay_rows, dtype,
         tile = min(16, cols)
         block = (rows, tile)
         index = lambda b, c, j, g: (b, c, g, 0, j)
+        by_time = lambda b, c, j, g: (b, g, c, 0, j)
         grid = (batch, kv_heads, cols // tile, segments)
     else:
         tile = min(16, rows)
         block = (tile, cols)
         index = lambda b, c, j, g: (b, c, g, j, 0)
+        by_time = lambda b, c, j, g: (b, g, c, j, 0)
         grid = (batch, kv_heads, rows // tile, segments)
     one = pl.BlockSpec((None, None, None) + block, index)
 
@@ -774,7 +777,7 @@ def _scan(log_decay, local, init, config, *, decay_rows, dtype,
             grid=grid,
             in_specs=[pl.BlockSpec((None, None, length, slots),
                                    lambda b, c, j, g: (b, c, g, 0)),
-                      pl.BlockSpec((None, None, length) + block, index),
+                      pl.BlockSpec((None, length, None) + block, by_time),
                       one],
             out_specs=out_spec,
             out_shape=out_shape,
@@ -793,7 +796,7 @@ def _scan(log_decay, local, init, config, *, decay_rows, dtype,
     carries = segment_pass(
         starts[:, :, :segments],
         pl.BlockSpec((None, None, length) + block, index),
-        jax.ShapeDtypeStruct(local.shape, dtype))
+        jax.ShapeDtypeStruct((batch, kv_heads, padded, rows, cols), dtype))
     return carries[:, :, :chunks], final
 
 
@@ -824,9 +827,9 @@ def _states_scan(k, v, gc, s, sk0, sv0, config):
     chunk = config.chunk
     end = _by_chunk(gc, chunk)[:, :, -1:]
     to_end = _by_chunk(s, chunk) * jnp.exp(end - _by_chunk(gc, chunk))
-    local_k = _einsum("bnchk,bnchm->bhnkm", _by_chunk(k, chunk),
+    local_k = _einsum("bnchk,bnchm->bnhkm", _by_chunk(k, chunk),
                       to_end.astype(k.dtype))
-    local_v = _einsum("bnchm,bnchv->bhnmv", to_end.astype(v.dtype),
+    local_v = _einsum("bnchm,bnchv->bnhmv", to_end.astype(v.dtype),
                       _by_chunk(v, chunk))
     decay = _chunk_log_decay(gc, chunk)
     sk, sk_end = _scan(decay, local_k, sk0, config, decay_rows=False,
@@ -849,9 +852,9 @@ def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     grouped = lambda x: _by_chunk(x.reshape(
         (batch, length, kv_heads, groups, x.shape[-1])), chunk)
     eg = _by_chunk(jnp.exp(gc), chunk)[:, :, :, :, None, :]
-    local_k = scale * _einsum("bnchgk,bnchgm->bhnkm", grouped(q),
+    local_k = scale * _einsum("bnchgk,bnchgm->bnhkm", grouped(q),
                               (grouped(dz) * eg).astype(q.dtype))
-    local_v = _einsum("bnchgm,bnchgv->bhnmv",
+    local_v = _einsum("bnchgm,bnchgv->bnhmv",
                       (grouped(p) * eg).astype(q.dtype),
                       grouped(dout).astype(q.dtype))
     decay = _chunk_log_decay(gc, chunk)
