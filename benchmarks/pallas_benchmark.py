@@ -481,19 +481,65 @@ def table(rows):
     return "\n".join(lines)
 
 
+def triton_rows(path):
+    """Rows of the Triton engineer's benchmark JSON ("NHA Triton" entry:
+    T -> [fwd ms, fwd+bwd ms, fwd FLOPs]) in this script's row format."""
+    with open(path) as f:
+        result = json.load(f)
+    rows = []
+    for name, by_length in result.get("rows", {}).items():
+        if not name.startswith("NHA Triton"):
+            continue
+        for length, (fwd, both, _) in by_length.items():
+            for mode, ms in (("fwd", fwd), ("fwd+bwd", both)):
+                rows.append(dict(impl="triton (torch)", mode=mode,
+                                 T=int(length), ms=ms,
+                                 flops=nha_flops(int(length),
+                                                 mode == "fwd+bwd"),
+                                 card=result.get("device"), error=None))
+    return rows
+
+
+def ratios(rows):
+    """Per T and mode: Pallas ms, cuDNN / Pallas, Pallas / Triton."""
+    ms = {(r["impl"], r["mode"], r["T"]): r["ms"] for r in rows
+          if r["ms"] is not None}
+    lines = [f"{'T':>6} {'mode':<8} {'pallas':>8} {'cudnn':>8} {'triton':>8}"
+             f" {'cudnn/pallas':>12} {'pallas/triton':>13}"]
+    for length in sorted({r["T"] for r in rows if r["impl"] == "pallas"}):
+        for mode in ("fwd", "fwd+bwd"):
+            mine = ms.get(("pallas", mode, length))
+            cudnn = ms.get(("cudnn causal", mode, length))
+            triton = ms.get(("triton (torch)", mode, length))
+            fmt = lambda x: "-" if x is None else f"{x:.3f}"
+            over = lambda a, b: "-" if None in (a, b) else f"{a / b:.2f}x"
+            lines.append(f"{length:>6} {mode:<8} {fmt(mine):>8} "
+                         f"{fmt(cudnn):>8} {fmt(triton):>8} "
+                         f"{over(cudnn, mine):>12} {over(mine, triton):>13}")
+    return "\n".join(lines)
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Whole-attention rows only (not the breakdown's pieces), one colour
+    # per implementation in both panels.
+    impls = sorted({r["impl"] for r in rows
+                    if r["impl"].startswith(("pallas", "triton", "cudnn"))
+                    and r["mode"] in ("fwd", "fwd+bwd")})
+    colours = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()[
+        "color"] * 3))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, mode in zip(axes, ("fwd", "fwd+bwd")):
-        for impl in sorted({r["impl"] for r in rows if r["mode"] == mode}):
+        for impl in impls:
             points = sorted((r["T"], r["ms"]) for r in rows
                             if r["impl"] == impl and r["mode"] == mode
                             and r["ms"] is not None)
             if points:
-                axis.plot(*zip(*points), marker="o", label=impl)
+                axis.plot(*zip(*points), marker="o", label=impl,
+                          color=colours[impl])
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length T")
@@ -518,6 +564,9 @@ def main():
                         help="JAX steps in order, e.g. main:65536 "
                         "breakdown:65536 variants:65536 decode")
     parser.add_argument("--jsonl", help="append each row here as measured")
+    parser.add_argument("--triton-json",
+                        help="with --from-jsonl: add the NHA Triton rows of "
+                        "benchmarks/triton_benchmark.py's JSON")
     parser.add_argument("--from-jsonl",
                         help="only print/plot the rows of this file")
     parser.add_argument("--json")
@@ -528,7 +577,11 @@ def main():
     if args.from_jsonl:
         with open(args.from_jsonl) as f:
             rows = [json.loads(line) for line in f if line.strip()]
+        if args.triton_json:
+            rows += triton_rows(args.triton_json)
         print(table(rows))
+        print()
+        print(ratios(rows))
         if args.plot:
             plot(rows, args.plot)
         return
