@@ -15,8 +15,9 @@ Usage:
     # JAX rows only, in a chosen order, each appended to a file as measured
     # (what benchmarks/gpu/pallas.sh runs):
     python benchmarks/pallas_benchmark.py --part jax --steps main:65536 \
-        breakdown:65536 variants:65536 candidates:65536 decode --jsonl rows.jsonl
-    python benchmarks/pallas_benchmark.py --from-jsonl rows.jsonl --plot p.png
+        breakdown:65536 variants:65536 decode --jsonl rows.jsonl
+    python benchmarks/pallas_benchmark.py --from-jsonl rows.jsonl \
+        [--triton-json triton_benchmark.json] --plot p.png
 
 TFLOP/s are against counted FLOPs (one multiply-add = 2 FLOPs), forward:
 NHA 4*W*d (window logits + readout) + 8*M*d (slot logits + readout)

@@ -100,7 +100,8 @@ def check_case(seed, batch, length, heads, kv_heads, dim, slots, window,
     ok = worst < tolerance
     print(f"{'ok  ' if ok else 'FAIL'} B={batch} T={length} H={heads} "
           f"Hkv={kv_heads} d={dim} M={slots} W={window} pad={padding} "
-          f"{dtype} gates x{gate_scale:g}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+          f"{dtype} gates x{gate_scale:g}: "
+          + " ".join(f"{k}={v:.1e}" for k, v in errors.items())
           + f" ({seconds:.1f}s incl. compile)", flush=True)
     return ok
 
