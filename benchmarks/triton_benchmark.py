@@ -162,6 +162,8 @@ def flex_rows(length):
 
 
 def fla_rows(length):
+    if os.environ.get("FLA_FIRST_CONFIG") == "1":
+        _first_config_only()
     from fla.ops.attn import parallel_attn
     from fla.ops.gsa import chunk_gsa
 
@@ -182,6 +184,7 @@ def fla_rows(length):
         return gsa() + window()
 
     rows = {}
+    tag = " [untuned]" if os.environ.get("FLA_FIRST_CONFIG") == "1" else ""
     for name, fn, inputs, flops in (
             ("fla chunk_gsa (M=64)", gsa, (q, k, v, strength, gate),
              slot_flops(length)),
@@ -193,7 +196,7 @@ def fla_rows(length):
         import torch
         with torch.no_grad():
             fwd = _bench(fn)
-        rows[name] = (fwd, _bench(_fwd_bwd(fn, inputs)), flops * B * H)
+        rows[name + tag] = (fwd, _bench(_fwd_bwd(fn, inputs)), flops * B * H)
     return rows
 
 
@@ -216,6 +219,24 @@ def part_of(kernel_name):
         if fragment in kernel_name:
             return part
     return "torch glue (copies, casts, adds)"
+
+
+def _first_config_only():
+    """fla autotunes every kernel on its first call (compiling every config:
+    over 110 s at T=4096 on the GPU host). With FLA_FIRST_CONFIG=1 every
+    Triton autotuner keeps only its first config: no tuning, so these rows
+    are an upper bound on fla's time, labelled as such."""
+    from triton.runtime import autotuner
+
+    if getattr(autotuner.Autotuner, "first_only", False):
+        return
+    original = autotuner.Autotuner.__init__
+
+    def first_only(self, fn, arg_names, configs, *args, **kwargs):
+        original(self, fn, arg_names, list(configs)[:1], *args, **kwargs)
+
+    autotuner.Autotuner.__init__ = first_only
+    autotuner.Autotuner.first_only = True
 
 
 def nha_breakdown(length):
