@@ -227,7 +227,8 @@ def plot(rows, path):
     labels = [f"{r['implementation']}\n{r['mode']} x{r['devices']}"
               for r in rows]
     values = [r["tokens_per_s"] / 1e3 for r in rows]
-    figure, axis = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 4))
+    width = max(6.5, 1.6 + 1.3 * len(rows))
+    figure, axis = plt.subplots(figsize=(width, 4))
     bars = axis.bar(labels, values, color=[
         {"single": "tab:gray", "data": "tab:blue", "model": "tab:orange"}
         .get(r["mode"], "tab:green") for r in rows])
@@ -241,7 +242,7 @@ def plot(rows, path):
     card = rows[0]["device_kind"] if rows else ""
     axis.set_title(f"NHACausalLM training, {rows[0]['parameters'] / 1e6:.1f} M "
                    f"params, T={rows[0]['sequence_length']}, {card}"
-                   if rows else "no rows")
+                   if rows else "no rows", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"wrote {path}")
