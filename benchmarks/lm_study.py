@@ -87,6 +87,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="lm_study_out",
                         help="folder for results.json, log lines and weights")
     parser.add_argument("--plot", default=None, help="training curves PNG")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="do not save the trained weights")
     parser.add_argument("--from-json", default=None,
                         help="only redraw the plot and table from this JSON")
     return parser.parse_args(argv)
@@ -266,7 +268,8 @@ def train_variant(variant, args, data):
           f"bits/byte; {record['tokens_per_s']:,.0f} tokens/s; first step "
           f"(compile) {clock.first_step_s:.1f} s; wall {wall:.0f} s",
           flush=True)
-    lm.save_weights(os.path.join(args.out, f"{variant}.weights.h5"))
+    if not args.no_weights:
+        lm.save_weights(os.path.join(args.out, f"{variant}.weights.h5"))
     return record
 
 
