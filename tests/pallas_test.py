@@ -89,7 +89,7 @@ CASES = {
     "w5_padding_16_row_programs": dict(
         window_size=5, padding=True,
         config=dict(walk="loop", rows=16, factor=False)),
-    "w64_beyond_length": dict(window_size=64),
+    "w64_beyond_length_no_groups": dict(window_size=64, kv_heads=4),
     "w7_exact_chunk_programs": dict(window_size=7,
                                     config=dict(factor=False)),
     "w_length_minus_1_strong_gates": dict(window_size=LENGTH - 1,

@@ -44,6 +44,7 @@ with p_grad = dL/dp. Cumsums over time are in-chunk triangular products
 plus a cumsum of the chunk totals (XLA's GPU cumsum is a log-depth scan).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -1005,6 +1006,11 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
     """Writer backward: dk, dv and dL/ds per fed token."""
     batch, length, kv_heads, key_dim = k.shape
     heads, value_dim, slots = q.shape[2], v.shape[-1], gc.shape[-1]
+    if heads > kv_heads:
+        # With GQA the chunk-wide program (query heads unrolled) asked for
+        # more shared memory than an H200 has (GPU check, d=128, 2 query
+        # heads per kv head): 16-row programs with the exact terms.
+        config = dataclasses.replace(config, rows=config.sub, factor=False)
     groups, chunk, rows = (heads // kv_heads, config.chunk,
                            _program_rows(config))
     per = chunk // rows
