@@ -23,17 +23,23 @@ from keras_nha.kernels.pallas.slots import slot_attention
 from keras_nha.kernels.pallas.window import window_attention
 
 
-def default_config(length, head_dim, interpret, slots=64):
-    """Tiles for `length` tokens, a (padded) head dim and slot count."""
+def default_config(length, head_dim, interpret, slots=64, itemsize=2):
+    """Tiles for `length` tokens, a (padded) head dim, slot count and the
+    inputs' bytes per element."""
     block = 64 if length > 32 else 16
     if head_dim > 128:  # keeps the window tiles within shared memory
         block = min(block, 32)
     chunk = 64 if length >= 256 else 32
+    # One slot program per chunk, factored products and a segmented scan are
+    # 2x faster than 16-row programs and sequential chunk walks at T=65536 on
+    # an H200, but with d > 128, M > 64 or float32 inputs their tiles exceeded
+    # the H200's shared memory (GPU checks, rounds 3-4): those keep the 16-row
+    # design, which passed there. (Interpret mode has no such limit; CI tests
+    # both designs.)
+    wide = not interpret and (head_dim > 128 or slots > 64 or itemsize > 2)
     return KernelConfig(block_q=block, block_k=block, chunk=chunk, sub=16,
-                        # One slot program per chunk, factored products and
-                        # a segmented scan: 2x faster than 16-row programs
-                        # and sequential chunk walks at T=65536 on an H200.
-                        rows=chunk, factor=True, walk="scan", tile=32,
+                        rows=16 if wide else chunk, factor=not wide,
+                        walk="loop" if wide else "scan", tile=32,
                         num_warps=4 if head_dim <= 64 else 8, num_stages=2,
                         # A [16, 16, 128] float32 tensor is too many registers.
                         diag="tensor" if slots <= 64 else "loop",
@@ -113,7 +119,8 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
         config = default_config(length, max(padded_size(key_dim),
                                             padded_size(value_dim)),
                                 jax.default_backend() != "gpu",
-                                padded_size(num_slots))
+                                padded_size(num_slots),
+                                jnp.dtype(query.dtype).itemsize)
     start = state["position"]
     real = (jnp.ones((batch, length), f32) if padding_mask is None
             else jnp.asarray(padding_mask).astype(f32))
