@@ -162,8 +162,7 @@ def flex_rows(length):
 
 
 def fla_rows(length):
-    if os.environ.get("FLA_FIRST_CONFIG") == "1":
-        _first_config_only()
+    tag = _prepare_fla_tuning()
     from fla.ops.attn import parallel_attn
     from fla.ops.gsa import chunk_gsa
 
@@ -184,7 +183,6 @@ def fla_rows(length):
         return gsa() + window()
 
     rows = {}
-    tag = " [untuned]" if os.environ.get("FLA_FIRST_CONFIG") == "1" else ""
     for name, fn, inputs, flops in (
             ("fla chunk_gsa (M=64)", gsa, (q, k, v, strength, gate),
              slot_flops(length)),
@@ -221,6 +219,72 @@ def part_of(kernel_name):
     return "torch glue (copies, casts, adds)"
 
 
+def _prepare_fla_tuning():
+    """Sets up fla's autotuning from the environment; returns the row tag.
+
+    FLA_FIRST_CONFIG=1: one config per kernel, no tuning ("[untuned]", an
+    upper bound). Otherwise fla autotunes ("[autotuned]"), and
+    FLA_TUNED_CONFIGS (a comma list of JSON files written by
+    FLA_RECORD_CONFIGS in an earlier process or round on the same card and
+    software) supplies the best config of every kernel it already tuned, so
+    that only the missing ones are tuned here. fla's tuning keys hold head
+    counts, dims and chunk sizes, not T: a config tuned at T=4096 is the one
+    fla itself would pick at 65536.
+    """
+    if os.environ.get("FLA_FIRST_CONFIG") == "1":
+        _first_config_only()
+        return " [untuned]"
+    _record_and_replay_configs(
+        os.environ.get("FLA_RECORD_CONFIGS", ""),
+        [p for p in os.environ.get("FLA_TUNED_CONFIGS", "").split(",") if p])
+    return " [autotuned]"
+
+
+def _tuning_key(tuner, args, kwargs):
+    """The key Triton's Autotuner.run files a tuned config under."""
+    named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in tuner.arg_names}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def _record_and_replay_configs(record_path, replay_paths):
+    """Patches Triton's Autotuner: configs found in `replay_paths` are used
+    without tuning; every config tuned here is written to `record_path`
+    (rewritten after each one, so a killed process keeps what it tuned)."""
+    from triton import Config
+    from triton.runtime import autotuner
+
+    if getattr(autotuner.Autotuner, "nha_patched", False):
+        return
+    known = {}
+    for path in replay_paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                known.update(json.load(f))
+    recorded = {}
+    original = autotuner.Autotuner.run
+
+    def run(self, *args, **kwargs):
+        name = self.base_fn.__name__
+        key = _tuning_key(self, args, kwargs)
+        entry = f"{name} {json.dumps(key, default=str)}"
+        if len(self.configs) > 1 and key not in self.cache and entry in known:
+            self.cache[key] = Config(**known[entry])
+        result = original(self, *args, **kwargs)
+        if record_path and key in self.cache and entry not in recorded:
+            config = {k: v for k, v in self.cache[key].__dict__.items()
+                      if k != "pre_hook"}
+            recorded[entry] = config
+            with open(record_path, "w") as f:
+                json.dump({**known, **recorded}, f, indent=1, default=str)
+        return result
+
+    autotuner.Autotuner.run = run
+    autotuner.Autotuner.nha_patched = True
+
+
 def _first_config_only():
     """fla autotunes every kernel on its first call (compiling every config:
     over 110 s at T=4096 on the GPU host). With FLA_FIRST_CONFIG=1 every
@@ -239,8 +303,8 @@ def _first_config_only():
     autotuner.Autotuner.first_only = True
 
 
-def nha_breakdown(length):
-    """CUDA time per kernel of one NHA forward+backward, and per part."""
+def _nha_training_step(length):
+    """One NHA forward+backward at the table's shapes, run once (compiled)."""
     import torch
 
     from keras_nha.kernels import state as state_lib
@@ -257,6 +321,14 @@ def nha_breakdown(length):
 
     step()
     torch.cuda.synchronize()
+    return step
+
+
+def nha_breakdown(length):
+    """CUDA time per kernel of one NHA forward+backward, and per part."""
+    import torch
+
+    step = _nha_training_step(length)
     with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
@@ -271,8 +343,39 @@ def nha_breakdown(length):
     for name, ms in totals.items():
         parts[part_of(name)] = parts.get(part_of(name), 0.0) + ms
     kernels = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:20])
-    return {"kernels": kernels,
+    # CPU time to enqueue one step (nothing in it waits for the GPU): when
+    # it exceeds the kernels' time, the wall time is the CPU's.
+    began = time.perf_counter()
+    for _ in range(5):
+        step()
+    host_ms = (time.perf_counter() - began) / 5 * 1000
+    torch.cuda.synchronize()
+    return {"kernels": kernels, "host_ms": host_ms,
             "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
+
+
+def host_profile(length, steps=20, top=30):
+    """Where the CPU time of one NHA forward+backward goes (cProfile over
+    `steps` steps, GPU work left to run behind): Triton's launcher, torch
+    ops, autograd. Returns the table as text."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    step = _nha_training_step(length)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    return f"host profile, T={length}, {steps} fwd+bwd steps:\n" + "\n".join(
+        line for line in text.getvalue().splitlines() if line.strip())
 
 
 def decode_rows(batch=8, contexts=(4096, 65536)):
@@ -450,11 +553,15 @@ def _table(result):
         lines.append("decode, B=8, one token (ms):")
         for name, ms in result["decode"].items():
             lines.append(f"  {name:54s} {ms:8.4f}")
+    if result.get("host_profile"):
+        lines.append(result["host_profile"])
     for length, found in sorted(result.get("breakdowns", {}).items(),
                                 key=lambda kv: int(kv[0])):
         total = sum(found["parts"].values())
+        host = found.get("host_ms")
+        host = f", {host:.3f} ms of CPU time to launch" if host else ""
         lines.append(f"NHA fwd+bwd CUDA time at T={length}: {total:.3f} ms "
-                     "of kernels; per part (ms):")
+                     f"of kernels{host}; per part (ms):")
         for name, ms in found["parts"].items():
             lines.append(f"  {name:40s} {ms:8.3f} {100 * ms / total:5.1f}%")
         lines.append("  per kernel (ms):")
@@ -553,6 +660,10 @@ def _measure(args, tuning):
         result["breakdowns"][str(length)] = found = nha_breakdown(length)
         print(f"[breakdown T={length}] {found['parts']}", flush=True)
         save()
+    if args.host_profile and not late("host profile"):
+        result["host_profile"] = host_profile(args.host_profile)
+        print(result["host_profile"], flush=True)
+        save()
     if not args.no_decode and not late("decode"):
         result["decode"] = decode_rows()
         print(f"[decode] {result['decode']}", flush=True)
@@ -629,7 +740,9 @@ def warm(args):
     """Compiles (fills Triton's and Inductor's disk caches) without timing
     anything that matters, so that a later measuring process starts warm:
     NHA fwd+bwd under the defaults and every --tune value, the decode step,
-    and with "fla" in --warm fla's autotuned kernels at every length."""
+    and with "flex" or "fla" in --warm that peer at every length (fla
+    autotunes there unless FLA_FIRST_CONFIG=1; FLA_RECORD_CONFIGS keeps the
+    result)."""
     import torch
 
     from keras_nha.kernels import state as state_lib
@@ -666,14 +779,16 @@ def warm(args):
                             inplace=inplace)
         torch.cuda.synchronize()
         print(f"warm decode at {time.time() - start:.0f}s", flush=True)
-    if "fla" in args.warm:
+    for peer, rows_fn in (("flex", flex_rows), ("fla", fla_rows)):
+        if peer not in args.warm:
+            continue
         for length in sorted(int(t) for t in args.lengths.split(",")):
             try:
-                fla_rows(length)
+                rows_fn(length)
             except Exception as error:
-                print(f"warm fla T={length}: {error!r}"[:300], flush=True)
+                print(f"warm {peer} T={length}: {error!r}"[:300], flush=True)
             torch.cuda.empty_cache()
-            print(f"warm fla T={length} at {time.time() - start:.0f}s",
+            print(f"warm {peer} T={length} at {time.time() - start:.0f}s",
                   flush=True)
 
 
@@ -694,6 +809,9 @@ def main():
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--breakdown", default="65536,4096",
                         help="comma list of T for the per-kernel profile")
+    parser.add_argument("--host-profile", type=int, default=0,
+                        help="T of a cProfile of the CPU side of NHA "
+                        "fwd+bwd (0: none)")
     parser.add_argument("--deadline", type=float, default=0,
                         help="seconds after which no new row is started")
     parser.add_argument("--reuse", help="a JSON of an earlier run on the "
@@ -710,8 +828,8 @@ def main():
                         help="compile for sm_90 on this machine (no GPU) "
                         "and print registers and spills per kernel")
     parser.add_argument("--warm", default="",
-                        help="comma list of nha, fla: compile only (fill "
-                        "the disk caches for a later measuring run)")
+                        help="comma list of nha, flex, fla: compile only "
+                        "(fill the disk caches for a later measuring run)")
     parser.add_argument("--kernels", default="",
                         help="with --compile-report: only these kernels")
     args = parser.parse_args()

@@ -194,6 +194,26 @@ def check_auto_dispatch():
                                                   else 1.0}, 0.5, 0)
 
 
+class CountingTritonCalls:
+    """Counts the calls that reach the Triton autograd op (so a check can
+    tell that "auto" picked the kernels, also under torch.compile)."""
+
+    def __enter__(self):
+        self.count = 0
+        self.original = sequence.NHAFunction.apply
+
+        def counting(*args):
+            self.count += 1
+            return self.original(*args)
+
+        sequence.NHAFunction.apply = counting
+        return self
+
+    def __exit__(self, *exc):
+        sequence.NHAFunction.apply = self.original
+        return False
+
+
 def check_torch_compile():
     start = time.time()
     raw = random_inputs(5, batch=2, length=1000, heads=4, kv_heads=2,
@@ -208,8 +228,10 @@ def check_torch_compile():
 
     eager, eager_grads = grads_of(loss_fn, inputs, cotangent)
     compiled = torch.compile(loss_fn)
-    got, got_grads = grads_of(compiled, inputs, cotangent)
-    errors = {"out": norm_error(got, eager)}
+    with CountingTritonCalls() as calls:
+        got, got_grads = grads_of(compiled, inputs, cotangent)
+    errors = {"out": norm_error(got, eager),
+              "no_triton_call": 0.0 if calls.count else 1.0}
     errors.update({f"d_{n}": norm_error(got_grads[n], eager_grads[n])
                    for n in eager_grads})
     record("torch.compile == eager (auto -> triton)", errors, 1e-3,
@@ -218,16 +240,8 @@ def check_torch_compile():
 
 def check_model_fit(jit_compile=False):
     start = time.time()
-    calls = {"n": 0}
-    original = sequence.NHAFunction.apply
-
-    def counting(*args):
-        calls["n"] += 1
-        return original(*args)
-
-    sequence.NHAFunction.apply = counting
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    with CountingTritonCalls() as calls:
         keras.utils.set_random_seed(0)
         tokens = keras.Input((512,), dtype="int32")
         x = keras.layers.Embedding(512, 256)(tokens)
@@ -245,13 +259,11 @@ def check_model_fit(jit_compile=False):
         history = model.fit(data[:, :-1], data[:, 1:], batch_size=8,
                             epochs=6, verbose=0)
         losses = history.history["loss"]
-    finally:
-        sequence.NHAFunction.apply = original
-        keras.mixed_precision.set_global_policy("float32")
+    keras.mixed_precision.set_global_policy("float32")
     finite = all(np.isfinite(losses))
     print(f"  losses {[round(v, 3) for v in losses]}, triton calls "
-          f"{calls['n']}")
-    bad = 0.0 if (finite and losses[-1] < losses[0] and calls["n"] > 0) \
+          f"{calls.count}")
+    bad = 0.0 if (finite and losses[-1] < losses[0] and calls.count > 0) \
         else 1.0
     record(f"model.fit mixed_bfloat16 (jit_compile={jit_compile})",
            {"bad": bad}, 0.5, time.time() - start)
@@ -260,13 +272,15 @@ def check_model_fit(jit_compile=False):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "core", "rest", "quick",
-                                           "kernels"),
+                                           "kernels", "issue"),
                         default="all", help="core: the main cases, "
                         "streaming, dispatch, torch.compile, model.fit; "
                         "rest: the other dtypes and shapes; quick: bf16 "
                         "at real size, one query head per kv head (the "
                         "benchmark's kernels: little compiling); kernels: "
-                        "quick, core and rest without the Keras checks")
+                        "quick, core and rest without the Keras checks; "
+                        "issue: dispatch, fp32 padded, fp16 M=0, "
+                        "torch.compile, model.fit")
     parser.add_argument("--only", default="",
                         help="comma list of indices into the part's checks")
     args = parser.parse_args()
@@ -327,8 +341,12 @@ def main():
             "fp32 T=2048 W=512 M=64 padded B=2 H=Hkv=2", torch.float32, 512,
             2048, batch=2, heads=2, kv_heads=2, padding=True),
     ] + core[5:] + rest[3:6]
+    # What the issue asks for that earlier rounds never completed on a GPU
+    # (each index fits a separate process: they compile different kernels).
+    issue = [core[0], kernels[3], core[7], rest[5], core[1], core[2],
+             rest[6]]
     checks = {"all": core + rest + quick, "core": core, "rest": rest,
-              "quick": quick, "kernels": kernels}[args.part]
+              "quick": quick, "kernels": kernels, "issue": issue}[args.part]
     if args.only:
         checks = [checks[int(i)] for i in args.only.split(",")]
     for check in checks:
