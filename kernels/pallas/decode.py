@@ -24,6 +24,16 @@ from keras_nha.kernels.pallas.common import loop
 from keras_nha.kernels.pallas.common import pad_axis
 from keras_nha.kernels.pallas.common import padded_size
 from keras_nha.kernels.pallas.common import round_up
+from keras_nha.kernels.pallas.sharding import per_shard_readout
+
+# (batch axis, kv-head axis, rank) and Shardy factors of the readout's
+# operands: queries, window queries, slot keys, slot values, ring keys, ring
+# values, ring mask; then of its output.
+_READOUT_ARGS = ((0, 1, 4), (0, 1, 4), (0, 1, 4), (0, 1, 4), (0, 2, 4),
+                 (0, 2, 4), (0, None, 2))
+_READOUT_FACTORS = ("b c g k", "b c g k", "b c k m", "b c m v", "b r c k",
+                    "b r c v", "b r")
+_READOUT_OUT, _READOUT_OUT_FACTORS = (0, 1, 4), "b c g v"
 
 
 def _readout_kernel(q_ref, qw_ref, sk_ref, sv_ref, k_ref, v_ref, mask_ref,
@@ -60,6 +70,35 @@ def _readout_kernel(q_ref, qw_ref, sk_ref, sv_ref, k_ref, v_ref, mask_ref,
 
         acc, top, total = loop(0, blocks, body, (acc, top, total))
     o_ref[...] = acc / total[:, None]
+
+
+def _readout(queries, window_queries, slot_keys, slot_values, ring_keys,
+             ring_values, ring_mask, *, scale, num_slots, block, blocks,
+             interpret):
+    """The readout kernel over a grid of (batch row, kv head)."""
+    batch, kv_heads, group_pad, key_pad = queries.shape
+    slot_pad, value_pad = slot_values.shape[2:]
+    ring_pad = ring_keys.shape[1]
+    per_head = lambda *dims: pl.BlockSpec(
+        (None, None) + dims, lambda b, c: (b, c) + (0,) * len(dims))
+    ring = lambda dim: pl.BlockSpec((None, ring_pad, None, dim),
+                                    lambda b, c: (b, 0, c, 0))
+    return pl.pallas_call(
+        functools.partial(_readout_kernel, scale=scale, num_slots=num_slots,
+                          block=block, blocks=blocks),
+        grid=(batch, kv_heads),
+        in_specs=[per_head(group_pad, key_pad), per_head(group_pad, key_pad),
+                  per_head(key_pad, slot_pad), per_head(slot_pad, value_pad),
+                  ring(key_pad), ring(value_pad),
+                  pl.BlockSpec((None, ring_pad), lambda b, c: (b, 0))],
+        out_specs=per_head(group_pad, value_pad),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch, kv_heads, group_pad, value_pad), jnp.float32),
+        compiler_params=compiler_params(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="nha_decode_readout",
+    )(queries, window_queries, slot_keys, slot_values, ring_keys,
+      ring_values, ring_mask)
 
 
 def _write_into_slots(slot_keys, slot_values, key, value, log_gate):
@@ -168,26 +207,13 @@ def pallas_step(query, key, value, log_forget_gate, state, *, window_size,
                                 value.dtype)
         ring_mask = jnp.zeros((batch, block), jnp.float32)
 
-    per_head = lambda *dims: pl.BlockSpec(
-        (None, None) + dims, lambda b, c: (b, c) + (0,) * len(dims))
-    ring = lambda dim: pl.BlockSpec((None, ring_pad, None, dim),
-                                    lambda b, c: (b, 0, c, 0))
-    out = pl.pallas_call(
-        functools.partial(_readout_kernel, scale=scale, num_slots=num_slots,
-                          block=block,
+    # Per shard: each device reads its own rows' and kv heads' cache.
+    readout = per_shard_readout(
+        functools.partial(_readout, scale=scale, num_slots=num_slots,
+                          block=block, interpret=interpret,
                           blocks=ring_pad // block if capacity else 0),
-        grid=(batch, kv_heads),
-        in_specs=[per_head(group_pad, key_pad), per_head(group_pad, key_pad),
-                  per_head(key_pad, slot_pad), per_head(slot_pad, value_pad),
-                  ring(key_pad), ring(value_pad),
-                  pl.BlockSpec((None, ring_pad), lambda b, c: (b, 0))],
-        out_specs=per_head(group_pad, value_pad),
-        out_shape=jax.ShapeDtypeStruct(
-            (batch, kv_heads, group_pad, value_pad), jnp.float32),
-        compiler_params=compiler_params(num_warps=4, num_stages=2),
-        interpret=interpret,
-        name="nha_decode_readout",
-    )(queries(query), queries(window_query), slot_keys, slot_values,
-      ring_keys, ring_values, ring_mask)
+        _READOUT_ARGS, _READOUT_FACTORS, _READOUT_OUT, _READOUT_OUT_FACTORS)
+    out = readout(queries(query), queries(window_query), slot_keys,
+                  slot_values, ring_keys, ring_values, ring_mask)
     out = out[:, :, :groups, :value_dim].reshape(batch, heads, value_dim)
     return out.astype(query.dtype), new_state

@@ -31,7 +31,7 @@ _OUTS = ((0, 2, 5), (0, 1, 4), (0, 1, 4))
 _ARG_FACTORS = ("b t c g k", "b t c g k", "b l c k", "b l c k", "b l c v",
                 "b l c m", "b l", "b c k m", "b c m v")
 _OUT_FACTORS = ("b t c g v", "b c k m", "b c m v")
-_REPLICATED = ("t", "l", "g", "k", "v", "m")
+_SPLIT = ("b", "c")  # batch and kv heads; every other factor is replicated
 
 
 def _flat(core, static):
@@ -46,16 +46,16 @@ def _flat(core, static):
     return run
 
 
-def _axes(mesh, query):
-    """Mesh axes of the query's batch and head dims (None: replicated)."""
-    spec = tuple(query.sharding.spec) + (None,) * 5
-    batch, heads = spec[0], spec[2]
+def _axes(mesh, operand, batch_axis, head_axis):
+    """Mesh axes of `operand`'s batch and head dims (None: replicated)."""
+    spec = tuple(operand.sharding.spec) + (None,) * operand.ndim
+    batch, heads = spec[batch_axis], spec[head_axis]
     size = lambda axis: (1 if axis is None else mesh.shape[axis]
                          if isinstance(axis, str)
                          else math.prod(mesh.shape[a] for a in axis))
-    if batch is not None and query.shape[0] % size(batch):
+    if batch is not None and operand.shape[batch_axis] % size(batch):
         batch = None
-    if heads is not None and query.shape[2] % size(heads):
+    if heads is not None and operand.shape[head_axis] % size(heads):
         heads = None
     return batch, heads
 
@@ -72,26 +72,58 @@ def _shardings(mesh, layout, batch, heads):
 
 
 def _partitioned(fn, arg_layout, out_layout, rule, num_args):
+    """`fn` under `custom_partitioning`: batch and head dims keep the first
+    operand's sharding, every other dim is replicated."""
     wrapped = custom_partitioning(fn)
+    lead_axes = lambda mesh, shapes: _axes(mesh, shapes[0],
+                                           *arg_layout[0][:2])
 
     def infer(mesh, arg_shapes, result_shape):
         del result_shape
-        return _shardings(mesh, out_layout, *_axes(mesh, arg_shapes[0]))
+        return _shardings(mesh, out_layout, *lead_axes(mesh, arg_shapes))
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
-        axes = _axes(mesh, arg_shapes[0])
+        axes = lead_axes(mesh, arg_shapes)
         return (mesh, fn, _shardings(mesh, out_layout, *axes),
                 _shardings(mesh, arg_layout[:num_args], *axes))
 
     # Shardy wants these in the order the factors first appear in the rule.
-    order = list(dict.fromkeys(rule.replace(",", " ").split()))
-    replicated = tuple(sorted(_REPLICATED, key=order.index))
+    order = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ")
+                               .split()))
+    replicated = tuple(f for f in order if f not in _SPLIT)
     wrapped.def_partition(
         partition=partition, infer_sharding_from_operands=infer,
         propagate_user_sharding=lambda mesh, user_shape: user_shape.sharding,
         sharding_rule=rule, need_replication_factors=replicated)
     return wrapped
+
+
+def _rule(arg_factors, out_factors):
+    return ", ".join(arg_factors) + " -> " + ", ".join(out_factors)
+
+
+def per_shard_readout(readout, arg_layout, arg_factors, out_layout,
+                      out_factors):
+    """A forward-only kernel call, run once per shard of batch and kv heads.
+
+    Args:
+        readout: a function of arrays returning one array.
+        arg_layout: `(batch axis, kv-head axis, rank)` of each operand; the
+            first operand's sharding decides the split.
+        arg_factors: Shardy factor names per operand ("b" batch, "c" kv
+            heads; every other factor is replicated).
+        out_layout, out_factors: the same for the result.
+
+    Returns:
+        `readout`, partitioned when JAX sees more than one device.
+    """
+    if jax.device_count() == 1:
+        return readout
+    partitioned = _partitioned(
+        lambda *operands: (readout(*operands),), arg_layout, (out_layout,),
+        _rule(arg_factors, (out_factors,)), len(arg_layout))
+    return lambda *operands: partitioned(*operands)[0]
 
 
 def per_shard(core, **static):
@@ -108,8 +140,7 @@ def per_shard(core, **static):
     run = _flat(core, static)
     forward = _partitioned(
         run, _ARGS, _OUTS,
-        ", ".join(_ARG_FACTORS) + " -> " + ", ".join(_OUT_FACTORS),
-        len(_ARGS))
+        _rule(_ARG_FACTORS, _OUT_FACTORS), len(_ARGS))
 
     def backward_fn(*operands):
         primals, cotangents = operands[:len(_ARGS)], operands[len(_ARGS):]
@@ -117,8 +148,8 @@ def per_shard(core, **static):
 
     backward = _partitioned(
         backward_fn, _ARGS + _OUTS, _ARGS,
-        ", ".join(_ARG_FACTORS + _OUT_FACTORS) + " -> "
-        + ", ".join(_ARG_FACTORS), len(_ARGS) + len(_OUTS))
+        _rule(_ARG_FACTORS + _OUT_FACTORS, _ARG_FACTORS),
+        len(_ARGS) + len(_OUTS))
 
     @jax.custom_vjp
     def sharded(*operands):

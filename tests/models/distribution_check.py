@@ -314,17 +314,36 @@ def pallas_block(weights_seed=3):
     return {"output_error": error, "gradient_error": grad_error,
             "operation_inputs": spy.records,
             "collectives": collectives(compiled.as_text()),
-            "decode_step_collectives": pallas_decode_step_collectives(
-                block, distribution)}
+            **pallas_decode(block, single, distribution)}
 
 
-def pallas_decode_step_collectives(block, distribution):
-    """Collectives of one Pallas decode step with a sharded cache."""
+def pallas_decode(block, single, distribution, steps=5):
+    """A few Pallas decode steps with a sharded cache against the portable
+    step on one device: the largest relative output error and the
+    collectives of one compiled step."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec
 
     mesh = distribution.device_mesh.backend_mesh
     rows = 4
+    tokens = np.random.default_rng(4).normal(
+        size=(steps, rows, 1, 16)).astype("float32")
+
+    def step_fn(layer):
+        trainable = [v.value for v in layer.trainable_variables]
+
+        def step(trainable, x, cache):
+            (out, cache), _ = layer.stateless_call(trainable, [], x,
+                                                   cache=cache)
+            return out, cache
+
+        return jax.jit(step), trainable
+
+    step, trainable = step_fn(single)
+    cache, expected = single.get_initial_cache(rows), []
+    for x in tokens:
+        out, cache = step(trainable, x, cache)
+        expected.append(np.asarray(out))
     with distribution.scope():
         cache = block.get_initial_cache(rows)
         layouts = NHABackbone.get_layout_map(distribution.device_mesh)
@@ -333,18 +352,18 @@ def pallas_decode_step_collectives(block, distribution):
             if layout is not None and len(layout.axes) == value.ndim:
                 cache[name] = jax.device_put(value, NamedSharding(
                     mesh, PartitionSpec(*layout.axes)))
-        x = jax.device_put(
-            np.random.default_rng(4).normal(size=(rows, 1, 16)).astype(
-                "float32"), NamedSharding(mesh, PartitionSpec("batch")))
-        trainable = [v.value for v in block.trainable_variables]
-
-        def step(trainable, x, cache):
-            (out, cache), _ = block.stateless_call(trainable, [], x,
-                                                   cache=cache)
-            return out, cache
-
-        hlo = jax.jit(step).lower(trainable, x, cache).compile().as_text()
-    return collectives(hlo)
+        batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        step, trainable = step_fn(block)
+        hlo = step.lower(trainable, jax.device_put(tokens[0], batch_sharding),
+                         cache).compile().as_text()
+        error = 0.0
+        for x, want in zip(tokens, expected):
+            out, cache = step(trainable, jax.device_put(x, batch_sharding),
+                              cache)
+            error = max(error, float(np.abs(np.asarray(out) - want).max()
+                                     / np.abs(want).max()))
+    return {"decode_step_collectives": collectives(hlo),
+            "decode_error": error}
 
 
 def readme_example():
