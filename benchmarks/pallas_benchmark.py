@@ -91,7 +91,8 @@ def run_jax(lengths, steps=None):
     """JAX rows: `steps` in order; by default the main rows for `lengths`,
     the breakdown at the largest, then decode.
 
-    Steps: "main:T" (NHA and cuDNN, fwd and fwd+bwd), "candidates:T" (NHA
+    Steps: "main:T" (NHA and cuDNN, fwd and fwd+bwd), "nha:T" (NHA
+    only), "candidates:T" (NHA
     under each of `_CANDIDATES`), "breakdown:T" (passes and kernels alone),
     "variants:T" / "tuning:T" (passes alone under `_VARIANTS` and
     `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`), "decode".
@@ -128,10 +129,11 @@ def run_jax(lengths, steps=None):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                             implementation="cudnn")
 
-    def main_rows(length, candidates=False):
+    def main_rows(length, candidates=False, with_cudnn=True):
         q, k, v, gate, ct = inputs(length, length)
         impls = (("pallas", nha, nha_flops),
-                 ("cudnn causal", cudnn, causal_flops))
+                 ("cudnn causal", cudnn, causal_flops))[:2 if with_cudnn
+                                                         else 1]
         if candidates:
             for name, changes in _CANDIDATES:
                 with _tiling(changes):
@@ -156,8 +158,8 @@ def run_jax(lengths, steps=None):
 
     for step in steps:
         kind, _, length = step.partition(":")
-        if kind in ("main", "candidates"):
-            main_rows(int(length), kind == "candidates")
+        if kind in ("main", "candidates", "nha"):
+            main_rows(int(length), kind == "candidates", kind == "main")
         elif kind in ("breakdown", "variants", "tuning"):
             _breakdown(rows, int(length), card, sync, kind)
         elif kind == "decode":
@@ -387,22 +389,23 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 
 # Candidate tilings timed end to end by the "candidates" step.
 _CANDIDATES = (
-    ("window bk=128", dict(block_k=128)),
+    ("float32 writes, 8 warps (round 2 default)",
+     dict(narrow_writes=False, num_warps=8)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
-    ("warps=4", dict(num_warps=4), False),
-    ("exact chunk programs", dict(factor=False), False),
+    ("float32 writes", dict(narrow_writes=False), True),
+    ("warps=8", dict(num_warps=8), False),
 )
 _WINDOW_VARIANTS = (
-    ("bk=128", dict(block_k=128)),
+    ("warps=8", dict(num_warps=8)),
     ("bq=128", dict(block_q=128)),
-    ("warps=4", dict(num_warps=4)),
+    ("bk=32", dict(block_k=32)),
 )
 # Further slot- and window-pass tilings, timed by the "tuning" step.
 _TUNING = (
-    ("16-row programs", dict(walk="loop", rows=16, factor=False), False),
+    ("exact chunk programs", dict(factor=False), False),
     ("c=32", dict(chunk=32, rows=32), False),
 )
 _WINDOW_TUNING = (

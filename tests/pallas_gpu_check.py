@@ -1,64 +1,86 @@
 """GPU check of the Pallas kernels (not collected by pytest; run by hand).
 
-bf16 at real sizes against float64 autodiff of the portable chunked path on
-the same GPU, outputs and every gradient; then a few `model.fit` steps of a
-small NHALayer model under KERAS_BACKEND=jax with implementation="pallas".
+Every case compares outputs and every gradient with float64 autodiff of the
+portable chunked path on the same GPU, fed exactly the rounded inputs the
+kernels see (the error a bf16 kernel can be held to; the Triton check does
+the same). The strong-gates case also reports what rounding the inputs
+alone changes, and the chunked path run in the same low precision.
+Then streaming (prefill in pieces, decode steps) and a few `model.fit`
+steps of a small NHALayer model with implementation="auto", which must pick
+the Pallas kernels on a GPU.
 
 Usage: KERAS_BACKEND=jax python tests/pallas_gpu_check.py [--quick]
 """
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+# --triton-case: the strong-gates case under the Triton kernel (torch), so
+# both kernels' errors on the same inputs sit side by side.
+_TRITON = "--triton-case" in sys.argv
+os.environ["KERAS_BACKEND"] = "torch" if _TRITON else os.environ.get(
+    "KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nha_testing import INPUT_NAMES  # noqa: E402
+from nha_testing import random_inputs  # noqa: E402
+from nha_testing import value_and_grads  # noqa: E402
+
 import keras_nha  # noqa: E402
 
-NAMES = ("query", "key", "value", "log_forget_gate", "window_query",
-         "window_key")
+if not _TRITON:
+    import jax  # noqa: E402
+    import jax.numpy as jnp  # noqa: E402
+
+# random_inputs' gate scale: 0.25 as in the Triton check; 0.43 puts a
+# chunk's lowest in-chunk gate cumsum (M=64, 64-token chunks) below -40 in
+# about one chunk of five, mixing chunks where the slot kernels take
+# factored products with chunks where they take the exact terms.
+GATES = 0.25
+STRONG_GATES = 0.43
+STRONG_CASE = (10, 1, 1000, 4, 2, 128, 64, 200, False)
 
 
-def _inputs(seed, batch, length, heads, kv_heads, dim, slots, padding):
-    rng = np.random.default_rng(seed)
-    shape = (batch, length)
-    x = {
-        "query": rng.normal(size=shape + (heads, dim)),
-        "key": rng.normal(size=shape + (kv_heads, dim)),
-        "value": rng.normal(size=shape + (kv_heads, dim)),
-        # log_sigmoid(f) / 8, as NHALayer makes them.
-        "log_forget_gate": -np.logaddexp(0.0, -rng.normal(
-            size=shape + (kv_heads, slots)) * 3) / 8,
-        "window_query": rng.normal(size=shape + (heads, dim)),
-        "window_key": rng.normal(size=shape + (kv_heads, dim)),
-    }
-    mask = None
-    if padding:
-        mask = (rng.random(shape) > 0.1).astype(np.float64)
-        mask[:, 0] = 1
-    return x, mask
-
-
-def _grads(implementation, arrays, mask, window, cotangent):
-    def loss(d):
-        out = keras_nha.ops.native_hybrid_attention(
-            d["query"], d["key"], d["value"], d["log_forget_gate"], window,
-            window_query=d["window_query"], window_key=d["window_key"],
+def _attention(implementation, window, mask):
+    def fn(query, key, value, log_forget_gate, window_query, window_key):
+        return keras_nha.ops.native_hybrid_attention(
+            query, key, value, log_forget_gate, window,
+            window_query=window_query, window_key=window_key,
             padding_mask=mask, implementation=implementation)
-        return jnp.sum(out.astype(cotangent.dtype) * cotangent), out
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(arrays)
-    return out, grads
+    return fn
+
+
+def _grads(implementation, x, dtype, mask, window, cotangent):
+    """Output and every input's gradient for float64 arrays `x` cast to
+    `dtype` (gates stay float32 below float64, as NHALayer feeds them)."""
+    wide = dtype == "float64"
+    arrays = {n: keras.ops.convert_to_tensor(
+        v, "float32" if n == "log_forget_gate" and not wide else dtype)
+        for n, v in x.items()}
+    if mask is not None:
+        mask = keras.ops.convert_to_tensor(mask, dtype if wide
+                                           else "float32")
+    return value_and_grads(_attention(implementation, window, mask), arrays,
+                           INPUT_NAMES, cotangent)
+
+
+def _rounded(x, dtype):
+    """`x` rounded to `dtype` (gates to float32), back in float64."""
+    return {n: np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(
+        keras.ops.convert_to_tensor(v, "float32" if n == "log_forget_gate"
+                                    else dtype), "float32")), np.float64)
+            for n, v in x.items()}
 
 
 def _error(got, want, rows=None):
+    """Relative Frobenius error (masked rows ignored)."""
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     if rows is not None:
@@ -69,70 +91,102 @@ def _error(got, want, rows=None):
                                                   1e-30))
 
 
+def _errors(result, reference, rows):
+    (out, grads), (ref_out, ref_grads) = result, reference
+    errors = {"output": _error(out, ref_out, rows)}
+    errors.update({n: _error(grads[n], ref_grads[n]) for n in INPUT_NAMES})
+    return errors
+
+
+def _line(errors):
+    return " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+
+
 def check_case(seed, batch, length, heads, kv_heads, dim, slots, window,
-               padding, dtype="bfloat16", tolerance=2e-2, gate_scale=1.0):
-    x, mask = _inputs(seed, batch, length, heads, kv_heads, dim, slots,
-                      padding)
-    # Stronger gates (x2.5: a chunk's lowest in-chunk cumsum is near -40,
-    # below it in about 1 of 5 chunks) mix chunks where the slot kernels
-    # take factored products with chunks where they take the exact terms.
-    x["log_forget_gate"] = x["log_forget_gate"] * gate_scale
+               padding, dtype="bfloat16", tolerance=2e-2, gate_scale=GATES,
+               diagnose=False, implementation="pallas"):
+    x = random_inputs(seed, batch=batch, length=length, heads=heads,
+                      kv_heads=kv_heads, key_dim=dim, value_dim=dim,
+                      num_slots=slots, padding=padding,
+                      gate_scale=gate_scale)
+    mask = x.pop("padding_mask", None)
     rng = np.random.default_rng(seed + 1)
     cotangent = rng.normal(size=(batch, length, heads, dim))
     rows = None if mask is None else mask[..., None, None]
     if rows is not None:
         cotangent = cotangent * rows
-    cast = lambda d: {n: jnp.asarray(v, "float32" if n == "log_forget_gate"
-                                     else d) for n, v in x.items()}
-    pmask = None if mask is None else jnp.asarray(mask, jnp.float32)
+    # value_and_grads rounds the cotangent to the output dtype: the
+    # references get the same one.
+    cotangent = _rounded({"cotangent": cotangent}, dtype)["cotangent"]
     start = time.perf_counter()
-    out, grads = _grads("pallas", cast(dtype), pmask, window,
-                        jnp.asarray(cotangent, jnp.float32))
-    jax.block_until_ready(grads)
+    result = _grads(implementation, x, dtype, mask, window, cotangent)
     seconds = time.perf_counter() - start
-    ref_out, ref_grads = _grads(
-        "chunked", {n: jnp.asarray(v, jnp.float64) for n, v in x.items()},
-        None if mask is None else jnp.asarray(mask, jnp.float64), window,
-        jnp.asarray(cotangent, jnp.float64))
-    errors = {"output": _error(out, ref_out, rows)}
-    errors.update({n: _error(grads[n], ref_grads[n]) for n in NAMES})
-    worst = max(errors.values())
-    ok = worst < tolerance
-    print(f"{'ok  ' if ok else 'FAIL'} B={batch} T={length} H={heads} "
-          f"Hkv={kv_heads} d={dim} M={slots} W={window} pad={padding} "
-          f"{dtype} gates x{gate_scale:g}: "
-          + " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+    rounded = _rounded(x, dtype)
+    reference = _grads("chunked", rounded, "float64", mask, window,
+                       cotangent)
+    errors = _errors(result, reference, rows)
+    ok = max(errors.values()) < tolerance
+    print(f"{'ok  ' if ok else 'FAIL'} {implementation} B={batch} "
+          f"T={length} H={heads} Hkv={kv_heads} d={dim} M={slots} W={window}"
+          f" pad={padding} {dtype} gates x{gate_scale:g}: " + _line(errors)
           + f" ({seconds:.1f}s incl. compile)", flush=True)
+    if diagnose:
+        # How much rounding the inputs alone changes, and what the portable
+        # chunked path makes of the same rounded inputs.
+        exact = _grads("chunked", x, "float64", mask, window, cotangent)
+        print(f"     input rounding alone (float64 on rounded vs float64 "
+              f"inputs): {_line(_errors(reference, exact, rows))}",
+              flush=True)
+        chunked = _grads("chunked", x, dtype, mask, window, cotangent)
+        print(f"     chunked path in {dtype} vs float64 on rounded inputs: "
+              f"{_line(_errors(chunked, reference, rows))}", flush=True)
     return ok
+
+
+def _triton_strong_case():
+    """The strong-gates case under the Triton kernel, in a torch process
+    (reported for comparison; it never fails the check)."""
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--triton-case"],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, KERAS_BACKEND="torch"))
+    lines = [line for line in result.stdout.splitlines()
+             if "triton" in line]
+    print("     " + (lines[-1] if lines else
+                     f"Triton run failed: {result.stderr[-600:]}"),
+          flush=True)
+    return True
 
 
 def check_streaming(dtype="bfloat16"):
     """Prefill in two pieces then decode; compare with one call (chunked)."""
     batch, length, heads, kv, dim, slots, window = 2, 1100, 8, 4, 128, 64, 256
-    x, _ = _inputs(7, batch, length, heads, kv, dim, slots, False)
-    cast = {n: jnp.asarray(v, "float32" if n == "log_forget_gate" else dtype)
-            for n, v in x.items()}
+    x = random_inputs(7, batch=batch, length=length, heads=heads,
+                      kv_heads=kv, key_dim=dim, value_dim=dim,
+                      num_slots=slots, gate_scale=GATES)
+    low = {n: jnp.asarray(v, "float32" if n == "log_forget_gate" else dtype)
+           for n, v in x.items()}
+    wide = {n: jnp.asarray(v, jnp.float64) for n, v in low.items()}
     want = keras_nha.ops.native_hybrid_attention(
-        *[jnp.asarray(x[n], jnp.float64) for n in NAMES[:4]], window,
-        window_query=jnp.asarray(x["window_query"], jnp.float64),
-        window_key=jnp.asarray(x["window_key"], jnp.float64),
+        *[wide[n] for n in INPUT_NAMES[:4]], window,
+        window_query=wide["window_query"], window_key=wide["window_key"],
         implementation="chunked")
     state = keras_nha.ops.initial_state(batch, kv, dim, dim, slots, window,
                                         dtype=dtype)
     pieces, cuts = [], [0, 700, 1090]
     for a, b in zip(cuts, cuts[1:]):
         out, state = keras_nha.ops.native_hybrid_attention(
-            *[cast[n][:, a:b] for n in NAMES[:4]], window,
-            window_query=cast["window_query"][:, a:b],
-            window_key=cast["window_key"][:, a:b], initial_state=state,
+            *[low[n][:, a:b] for n in INPUT_NAMES[:4]], window,
+            window_query=low["window_query"][:, a:b],
+            window_key=low["window_key"][:, a:b], initial_state=state,
             return_state=True, implementation="pallas")
         pieces.append(out)
     step = jax.jit(lambda *a, **k: keras_nha.ops.native_hybrid_attention_step(
         *a, **k, implementation="pallas"), static_argnums=(5,))
     for t in range(cuts[-1], length):
-        out, state = step(*[cast[n][:, t] for n in NAMES[:4]], state, window,
-                          window_query=cast["window_query"][:, t],
-                          window_key=cast["window_key"][:, t])
+        out, state = step(*[low[n][:, t] for n in INPUT_NAMES[:4]], state,
+                          window, window_query=low["window_query"][:, t],
+                          window_key=low["window_key"][:, t])
         pieces.append(out[:, None])
     error = _error(jnp.concatenate(pieces, axis=1), want)
     ok = error < 2e-2
@@ -142,11 +196,23 @@ def check_streaming(dtype="bfloat16"):
     return ok
 
 
+def _auto_picks_pallas():
+    from keras_nha import backends
+    from keras_nha.kernels.pallas.sequence import pallas_nha
+
+    x = {n: jnp.asarray(v, jnp.float32) for n, v in random_inputs(
+        0, length=64).items()}
+    call = dict(x, window_size=8, scale=0.25, padding_mask=None,
+                state=keras_nha.ops.initial_state(2, 2, 16, 16, 8, 8))
+    return backends.select("auto", call).__wrapped__ is pallas_nha
+
+
 def check_fit(steps=5):
+    picks = _auto_picks_pallas()
     inputs = keras.Input((256, 128))
     hidden = keras_nha.NHALayer(num_heads=4, head_dim=64, num_kv_heads=2,
                                 num_slots=32, window_size=64,
-                                implementation="pallas")(inputs)
+                                implementation="auto")(inputs)
     outputs = keras.layers.Dense(8)(hidden[:, -1])
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="adam",
@@ -157,43 +223,60 @@ def check_fit(steps=5):
     y = rng.integers(0, 8, size=(16,))
     history = model.fit(x, y, batch_size=4, epochs=steps, verbose=0)
     losses = history.history["loss"]
-    ok = all(np.isfinite(losses)) and losses[-1] < losses[0]
-    print(f"{'ok  ' if ok else 'FAIL'} model.fit {steps} epochs: loss "
+    ok = picks and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    print(f"{'ok  ' if ok else 'FAIL'} model.fit {steps} epochs, "
+          f"implementation='auto' (picks pallas: {picks}): loss "
           + " ".join(f"{v:.4f}" for v in losses), flush=True)
     return ok
+
+
+def _guarded(check, *args, **kwargs):
+    """One check; an exception fails it without stopping the others."""
+    try:
+        return check(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 (report, go on)
+        print(f"FAIL {check.__name__}{args}: {type(exc).__name__}: "
+              f"{str(exc)[:400]}", flush=True)
+        return False
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="three bf16 cases only")
+                        help="the first four checks only")
+    parser.add_argument("--triton-case", action="store_true",
+                        help="only the strong-gates case, Triton kernel "
+                        "(KERAS_BACKEND=torch, used by the main run)")
     args = parser.parse_args()
+    if args.triton_case:
+        check_case(*STRONG_CASE, gate_scale=STRONG_GATES,
+                   implementation="triton")
+        return 0
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
           flush=True)
-    cases = [
+    # Least verified first (the float32 tiling, fit, streaming, gate
+    # precision), then bf16 at real sizes.
+    checks = [
+        (check_case, (9, 1, 1000, 4, 2, 128, 64, 200, False),
+         dict(dtype="float32", tolerance=2e-3)),
+        (check_fit, (), {}),
+        (check_streaming, (), {}),
+        (check_case, STRONG_CASE,
+         dict(gate_scale=STRONG_GATES, diagnose=True)),
+        (_triton_strong_case, (), {}),
         # seed, B, T, H, Hkv, d, M, W, padding
-        (1, 2, 2048, 8, 4, 128, 64, 512, False),
-        (2, 1, 1999, 4, 4, 64, 32, 0, False),
-        (3, 2, 1500, 8, 2, 128, 64, 100, True),
-        (4, 1, 1024, 4, 4, 256, 128, 3000, False),
-        (5, 1, 777, 4, 1, 96, 17, 64, False),
-        (6, 1, 2048, 4, 2, 128, 0, 333, False),
+        (check_case, (1, 2, 2048, 8, 4, 128, 64, 512, False), {}),
+        (check_case, (3, 2, 1500, 8, 2, 128, 64, 100, True), {}),
+        (check_case, (2, 1, 1999, 4, 4, 64, 32, 0, False), {}),
+        (check_case, (4, 1, 1024, 4, 4, 256, 128, 3000, False), {}),
+        (check_case, (5, 1, 777, 4, 1, 96, 17, 64, False), {}),
+        (check_case, (6, 1, 2048, 4, 2, 128, 0, 333, False), {}),
+        (check_case, (8, 1, 1000, 4, 2, 128, 64, 200, False),
+         dict(dtype="float16")),
     ]
     if args.quick:
-        cases = [cases[0], cases[2]]
-    results = [check_case(*cases[0])]
-    results.append(check_case(10, 1, 1000, 4, 2, 128, 64, 200, False,
-                              gate_scale=2.5))
-    results += [check_case(*case) for case in cases[1:]]
-    if args.quick:
-        print(f"{sum(results)}/{len(results)} GPU checks passed", flush=True)
-        return 0 if all(results) else 1
-    results.append(check_case(8, 1, 1000, 4, 2, 128, 64, 200, False,
-                              dtype="float16"))
-    results.append(check_case(9, 1, 1000, 4, 2, 128, 64, 200, False,
-                              dtype="float32", tolerance=2e-3))
-    results.append(check_streaming())
-    results.append(check_fit())
+        checks = checks[:4]
+    results = [_guarded(check, *a, **k) for check, a, k in checks]
     print(f"{sum(results)}/{len(results)} GPU checks passed", flush=True)
     return 0 if all(results) else 1
 

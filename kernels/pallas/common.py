@@ -89,6 +89,9 @@ class KernelConfig:
             (one kernel computes each chunk's writes inside the sequential
             walk) or "scan" (every chunk's writes at once as batched
             matrix products, then a walk that only scales and adds).
+        narrow_writes: with `walk="scan"`, store each chunk's batched
+            writes in the input dtype instead of float32 (the scan reads
+            them twice; the carry stays float32).
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -104,6 +107,7 @@ class KernelConfig:
     diag: str = "tensor"
     walk: str = "loop"
     factor: bool = False
+    narrow_writes: bool = False
     interpret: bool = False
 
 

@@ -40,7 +40,13 @@ def default_config(length, head_dim, interpret, slots=64, itemsize=2):
     return KernelConfig(block_q=block, block_k=block, chunk=chunk, sub=16,
                         rows=16 if wide else chunk, factor=not wide,
                         walk="loop" if wide else "scan", tile=32,
-                        num_warps=4 if head_dim <= 64 else 8, num_stages=2,
+                        narrow_writes=not wide,
+                        # 4 warps: window pass 2.04 / 9.00 -> 1.52 / 5.01 ms
+                        # fwd / fwd+bwd, slot pass 4.64 / 13.51 -> 4.38 /
+                        # 12.12 at T=65536 on an H200 (round 2); the 16-row
+                        # design keeps the warps it passed the GPU check with.
+                        num_warps=4 if head_dim <= 64 or not wide else 8,
+                        num_stages=2,
                         # A [16, 16, 128] float32 tensor is too many registers.
                         diag="tensor" if slots <= 64 else "loop",
                         interpret=interpret)

@@ -728,7 +728,7 @@ def _scan(log_decay, local, init, config, *, decay_rows, dtype,
 
     Args:
         log_decay: `[B, Hkv, N, M]` float32, each chunk's gate total (<= 0).
-        local: `[B, N, Hkv, X, Y]` float32, each chunk's writes (the
+        local: `[B, N, Hkv, X, Y]`, each chunk's writes (the
             layout batched products give without a transpose).
         init: `[B, Hkv, X, Y]` float32 carry before the first step (before
             the last chunk with `reverse`).
@@ -806,11 +806,17 @@ def _by_chunk(x, chunk):
     return x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
 
 
-def _einsum(spec, a, b):
+def _einsum(spec, a, b, dtype=_F32):
+    """Batched product accumulated in float32, returned in `dtype`."""
     precision = (lax.Precision.HIGHEST if a.dtype == _F32 and b.dtype == _F32
                  else None)
     return jnp.einsum(spec, a, b, precision=precision,
-                      preferred_element_type=_F32)
+                      preferred_element_type=_F32).astype(dtype)
+
+
+def _writes_dtype(x, config):
+    """Storage dtype of the chunk writes `_scan` walks over."""
+    return x.dtype if config.narrow_writes else _F32
 
 
 def _chunk_log_decay(gc, chunk):
@@ -829,9 +835,9 @@ def _states_scan(k, v, gc, s, sk0, sv0, config):
     end = _by_chunk(gc, chunk)[:, :, -1:]
     to_end = _by_chunk(s, chunk) * jnp.exp(end - _by_chunk(gc, chunk))
     local_k = _einsum("bnchk,bnchm->bnhkm", _by_chunk(k, chunk),
-                      to_end.astype(k.dtype))
+                      to_end.astype(k.dtype), _writes_dtype(k, config))
     local_v = _einsum("bnchm,bnchv->bnhmv", to_end.astype(v.dtype),
-                      _by_chunk(v, chunk))
+                      _by_chunk(v, chunk), _writes_dtype(v, config))
     decay = _chunk_log_decay(gc, chunk)
     sk, sk_end = _scan(decay, local_k, sk0, config, decay_rows=False,
                        dtype=k.dtype)
@@ -853,11 +859,12 @@ def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     grouped = lambda x: _by_chunk(x.reshape(
         (batch, length, kv_heads, groups, x.shape[-1])), chunk)
     eg = _by_chunk(jnp.exp(gc), chunk)[:, :, :, :, None, :]
-    local_k = scale * _einsum("bnchgk,bnchgm->bnhkm", grouped(q),
-                              (grouped(dz) * eg).astype(q.dtype))
+    local_k = _einsum("bnchgk,bnchgm->bnhkm", grouped(q),
+                      (grouped(dz) * (eg * scale)).astype(q.dtype),
+                      _writes_dtype(q, config))
     local_v = _einsum("bnchgm,bnchgv->bnhmv",
                       (grouped(p) * eg).astype(q.dtype),
-                      grouped(dout).astype(q.dtype))
+                      grouped(dout).astype(q.dtype), _writes_dtype(q, config))
     decay = _chunk_log_decay(gc, chunk)
     lk, dsk0 = _scan(decay, local_k, dsk_end, config, decay_rows=False,
                      dtype=q.dtype, reverse=True)
