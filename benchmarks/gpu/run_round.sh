@@ -8,6 +8,7 @@
 #
 #   bash benchmarks/gpu/run_round.sh            # on a 2-GPU machine
 #   ONE_GPU=1 bash benchmarks/gpu/run_round.sh  # everything on GPU 0
+#   SKIP="lm_study mqar" bash benchmarks/gpu/run_round.sh  # leave jobs out
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -25,6 +26,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$results/gpus.txt"
 run_job() {  # name gpus seconds
   local name=$1 gpus=$2 limit=$3
   [ -f "benchmarks/gpu/$name.sh" ] || return 0
+  case " ${SKIP:-} " in *" $name "*) return 0 ;; esac
   mkdir -p "$results/$name"
   local start=$SECONDS
   CUDA_VISIBLE_DEVICES=$gpus JOB_OUT=$results/$name \
