@@ -37,22 +37,28 @@ from mqar_model import state_floats  # noqa: E402
 _TRAIN_STREAM, _TEST_STREAM = 0, 1
 
 
-def _padded_batches(runs, args, stream):
-    """Stacked batches of every run; pairs padded to the largest count."""
-    most = max(pairs for pairs, _, _ in runs)
-    streams = [mqar_batches(seed, args.batch_size, args.seq_len, pairs,
-                            args.vocab, stream) for pairs, seed, _ in runs]
+def _stacked_batches(runs, args, stream, pairs_of, pad_to=0):
+    """Batches of every run stacked on a leading axis; answers padded to the
+    most pairs of any run (weight 0 on the padding).
+
+    Args:
+        runs: list of `(train_pairs, seed, lr)`.
+        args: the parsed command line.
+        stream: the data stream (train or test).
+        pairs_of: maps a run to the pair count(s) of its batches.
+        pad_to: pad the answers to at least this many (one shape for all).
+    """
+    streams = [mqar_batches(seed, args.batch_size, args.seq_len,
+                            pairs_of(run), args.vocab, stream,
+                            args.placement)
+               for run in runs for seed in [run[1]]]
     while True:
-        tokens, positions, answers, weights = [], [], [], []
-        for generator in streams:
-            batch = next(generator)
-            pad = most - batch["positions"].shape[1]
-            tokens.append(batch["tokens"])
-            positions.append(np.pad(batch["positions"], ((0, 0), (0, pad))))
-            answers.append(np.pad(batch["answers"], ((0, 0), (0, pad))))
-            weights.append(np.pad(np.ones_like(batch["answers"], np.float32),
-                                  ((0, 0), (0, pad))))
-        yield tuple(np.stack(x) for x in (tokens, positions, answers, weights))
+        batches = [next(generator) for generator in streams]
+        most = max([pad_to] + [b["answers"].shape[1] for b in batches])
+        pad = lambda a: np.pad(a, ((0, 0), (0, most - a.shape[1])))
+        yield (np.stack([b["tokens"] for b in batches]),) + tuple(
+            np.stack([pad(b[name]) for b in batches])
+            for name in ("positions", "answers", "weights"))
 
 
 def _prefetch(generator, depth=8):
@@ -76,7 +82,10 @@ def train_setting(setting, runs, args, emit):
 
     Args:
         setting: a setting name (`mqar_model.py`).
-        runs: list of `(num_pairs, seed, peak_learning_rate)`.
+        runs: list of `(train_pairs, seed, peak_learning_rate)`, where
+            `train_pairs` is a pair count or a tuple of them (a mixture).
+            Each run is tested at every pair count of `args.pairs` it
+            trained on.
         args: the parsed command line.
         emit: called as `emit(record, final)` with one dict per run: at
             every `--eval-every` steps (final=False) and at the end.
@@ -97,7 +106,7 @@ def train_setting(setting, runs, args, emit):
         keras.utils.set_random_seed(seed)
         return build_mqar_model(setting, args.vocab, args.hidden,
                                 args.heads, 2 * args.hidden,
-                                args.implementation)
+                                args.implementation, args.short_conv)
 
     model = build(runs[0][1])
     optimizer.build(model.trainable_variables)
@@ -156,49 +165,67 @@ def train_setting(setting, runs, args, emit):
 
     evaluate = jax.jit(jax.vmap(test_step))
 
+    if isinstance(runs[0][0], tuple):   # a mixture: test every count
+        test_plan = [(pairs, lambda run, pairs=pairs: pairs)
+                     for pairs in runs[0][0]]
+    else:                               # each run at its own count
+        test_plan = [(None, lambda run: run[0])]
+
     def test(count):
-        """Mean (loss, accuracy) per run on the fixed test stream."""
-        tests = _padded_batches(runs, args, _TEST_STREAM)
-        totals = np.zeros((2, len(runs)))
-        for _ in range(count):
-            loss, accuracy = evaluate(trainable, non_trainable, *next(tests))
-            totals += np.stack([np.asarray(loss), np.asarray(accuracy)])
-        return totals / count
+        """`{pairs or None: [2, runs] mean (loss, accuracy)}`, test stream."""
+        results = {}
+        for pairs, pairs_of in test_plan:
+            tests = _stacked_batches(runs, args, _TEST_STREAM, pairs_of,
+                                     pad_to=max(args.pairs))
+            totals = np.zeros((2, len(runs)))
+            for _ in range(count):
+                loss, accuracy = evaluate(trainable, non_trainable,
+                                          *next(tests))
+                totals += np.stack([np.asarray(loss), np.asarray(accuracy)])
+            results[pairs] = totals / count
+        return results
 
     head_dim = args.hidden // args.heads
     windows, slots = parse_setting(setting)
     params = model.count_params()
     floats = state_floats(setting, args.seq_len, args.heads, head_dim)
 
-    def records(totals, step_count):
-        for i, (pairs, seed, lr) in enumerate(runs):
-            yield dict(
-                setting=setting, kind=setting.split("-")[0], pairs=pairs,
-                seed=seed, lr=lr, step=step_count, seq_len=args.seq_len,
-                vocab=args.vocab,
-                windows=[w if w is not None else "global" for w in windows],
-                slots=slots, state_floats=floats,
-                test_accuracy=float(totals[1, i]),
-                test_loss=float(totals[0, i]),
-                final_train_loss=float(last_loss[i]),
-                final_train_accuracy=float(last_accuracy[i]),
-                steps=args.steps, batch_size=args.batch_size,
-                warmup=args.warmup, weight_decay=args.weight_decay,
-                clipnorm=args.clipnorm, hidden=args.hidden, heads=args.heads,
-                params=params, implementation=args.implementation,
-                runs_vmapped=len(runs), compile_s=round(compile_seconds, 2),
-                train_s=round(time.time() - train_started, 2),
-                wall_s=round(time.time() - started, 2),
-                device=str(jax.devices()[0].device_kind),
-                backend=jax.default_backend())
+    def records(results, step_count):
+        for tested, totals in results.items():
+            for i, (train_pairs, seed, lr) in enumerate(runs):
+                pairs = train_pairs if tested is None else tested
+                yield dict(
+                    setting=setting, kind=setting.split("-")[0], pairs=pairs,
+                    train_pairs=list(_as_tuple(train_pairs)),
+                    placement=args.placement, short_conv=args.short_conv,
+                    seed=seed, lr=lr, step=step_count, seq_len=args.seq_len,
+                    vocab=args.vocab,
+                    windows=[w if w is not None else "global" for w in windows],
+                    slots=slots, state_floats=floats,
+                    test_accuracy=float(totals[1, i]),
+                    test_loss=float(totals[0, i]),
+                    final_train_loss=float(last_loss[i]),
+                    final_train_accuracy=float(last_accuracy[i]),
+                    steps=args.steps, batch_size=args.batch_size,
+                    warmup=args.warmup, weight_decay=args.weight_decay,
+                    clipnorm=args.clipnorm, hidden=args.hidden, heads=args.heads,
+                    params=params, implementation=args.implementation,
+                    runs_vmapped=len(runs), compile_s=round(compile_seconds, 2),
+                    train_s=round(time.time() - train_started, 2),
+                    wall_s=round(time.time() - started, 2),
+                    device=str(jax.devices()[0].device_kind),
+                    backend=jax.default_backend())
 
-    batches = _prefetch(_padded_batches(runs, args, _TRAIN_STREAM))
+    batches = _prefetch(_stacked_batches(
+        runs, args, _TRAIN_STREAM,
+        lambda run: list(run[0]) if isinstance(run[0], tuple) else run[0]))
     label = f"{setting} T={args.seq_len} runs={runs}"
     print(f"[{label}] start: {params} params, state {floats} floats",
           flush=True)
     compile_seconds = None
     last_loss = last_accuracy = np.full(len(runs), np.nan)
     train_started = time.time()
+    done = 0
     for index in range(args.steps):
         batch = next(batches)
         trainable, non_trainable, optimizer_state, loss, accuracy = step(
@@ -215,15 +242,24 @@ def train_setting(setting, runs, args, emit):
                   f"loss {np.round(last_loss, 3).tolist()} "
                   f"acc {np.round(last_accuracy, 3).tolist()} "
                   f"({rate:.1f} steps/s)", flush=True)
+            if args.time_limit and time.time() - started > args.time_limit:
+                print(f"[{label}] time limit: stopped at step {done}",
+                      flush=True)
+                break
         if args.eval_every and done % args.eval_every == 0 and (
                 done < args.steps):
-            for record in records(test(max(1, args.eval_batches // 4)),
-                                  done):
-                emit(record, final=False)
+            for line in records(test(max(1, args.eval_batches // 4)), done):
+                emit(line, final=False)
     jax.block_until_ready(trainable)
-    for record in records(test(args.eval_batches), args.steps):
-        record["test_sequences"] = args.eval_batches * args.batch_size
-        emit(record, final=True)
+    rate = (done - 1) / max(time.time() - train_started, 1e-9)
+    for line in records(test(args.eval_batches), done):
+        line["test_sequences"] = args.eval_batches * args.batch_size
+        line["steps_per_s"] = round(rate, 2)
+        emit(line, final=True)
+
+
+def _as_tuple(train_pairs):
+    return train_pairs if isinstance(train_pairs, tuple) else (train_pairs,)
 
 
 def run_training(args):
@@ -236,7 +272,9 @@ def run_training(args):
         check_mqar_arguments(args.batch_size, args.seq_len, pairs, args.vocab)
     for setting in args.settings:
         parse_setting(setting)
-    runs = [(pairs, seed, lr) for pairs in args.pairs for seed in args.seeds
+    # A mixture trains one model per (seed, lr) on all pair counts at once.
+    train_pairs = [tuple(args.pairs)] if args.mixture else args.pairs
+    runs = [(pairs, seed, lr) for pairs in train_pairs for seed in args.seeds
             for lr in args.lr]
 
     def emit(record, final):
@@ -276,6 +314,18 @@ def main(argv=None):
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="test every N steps (JSON to OUTPUT.progress)")
+    parser.add_argument("--mixture", action="store_true",
+                        help="train each (seed, lr) once on a mixture of all "
+                             "--pairs (rows split evenly), test at each")
+    parser.add_argument("--placement", default="uniform",
+                        choices=["uniform", "power"],
+                        help="where the queries sit (mqar_data.py)")
+    parser.add_argument("--short-conv", type=int, default=0,
+                        help="causal depthwise convolution of this kernel "
+                             "size on the embeddings (0: none)")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="seconds after start: stop training at the next "
+                             "log line past it, then test (0: no limit)")
     parser.add_argument("--implementation", default="chunked")
     parser.add_argument("--output", help="JSON lines file (appended)")
     parser.add_argument("--report", nargs="+",

@@ -11,9 +11,12 @@ positions only. Keys come from `[1, vocab/2)` and values from
 Pure numpy: the same generator serves every Keras backend.
 """
 
+import collections
+
 import numpy as np
 
 FILLER_TOKEN = 0
+PLACEMENTS = ("uniform", "power")
 
 
 def check_mqar_arguments(batch_size, sequence_length, num_pairs, vocab_size):
@@ -71,7 +74,27 @@ def _distinct_samples(rng, rows, population, count):
     return samples
 
 
-def make_mqar_batch(rng, batch_size, sequence_length, num_pairs, vocab_size):
+def _query_cells(rng, batch_size, cell_count, num_pairs, placement):
+    """`[B, P]` increasing distinct cells of the query region."""
+    if placement == "uniform":
+        cells = _distinct_samples(rng, batch_size, cell_count, num_pairs)
+    else:
+        # Weighted sampling without replacement: the top P of
+        # log(weight) + Gumbel noise (weight 1 / (c + 1)).
+        noise = rng.gumbel(size=(batch_size, cell_count))
+        scores = noise - np.log1p(np.arange(cell_count))
+        cells = np.argpartition(-scores, num_pairs - 1, axis=1)[:, :num_pairs]
+    return np.sort(cells, axis=1)
+
+
+def _check_placement(placement):
+    if placement not in PLACEMENTS:
+        raise ValueError(f"`placement`: expected one of {PLACEMENTS}, got "
+                         f"{placement!r}.")
+
+
+def make_mqar_batch(rng, batch_size, sequence_length, num_pairs, vocab_size,
+                    placement="uniform"):
     """One MQAR batch.
 
     Args:
@@ -82,6 +105,8 @@ def make_mqar_batch(rng, batch_size, sequence_length, num_pairs, vocab_size):
         num_pairs: key-value pairs `P` per sequence; every key is queried.
         vocab_size: token ids; keys are `[1, vocab/2)`, values
             `[vocab/2, vocab)`, 0 is the filler.
+        placement: "uniform" (every cell of the query region equally likely)
+            or "power" (cell `c` after the pairs with weight `1 / (c + 1)`).
 
     Returns:
         A dict of int32 arrays: `tokens` `[B, T]`, `positions` `[B, P]` (where
@@ -95,15 +120,16 @@ def make_mqar_batch(rng, batch_size, sequence_length, num_pairs, vocab_size):
     ((2, 64), (2, 8))
     """
     check_mqar_arguments(batch_size, sequence_length, num_pairs, vocab_size)
+    _check_placement(placement)
     half = vocab_size // 2
     keys = 1 + _distinct_samples(rng, batch_size, half - 1, num_pairs)
     values = half + _distinct_samples(rng, batch_size, half, num_pairs)
 
     # The query region holds (T - 2P) // 2 two-token cells; P of them, chosen
     # uniformly, carry "key value", in a random order of the keys.
-    cells = np.sort(_distinct_samples(
-        rng, batch_size, (sequence_length - 2 * num_pairs) // 2, num_pairs),
-        axis=1)
+    cells = _query_cells(rng, batch_size,
+                         (sequence_length - 2 * num_pairs) // 2, num_pairs,
+                         placement)
     order = np.argsort(rng.random((batch_size, num_pairs)), axis=1)
     asked_keys = np.take_along_axis(keys, order, axis=1)
     asked_values = np.take_along_axis(values, order, axis=1)
@@ -119,26 +145,92 @@ def make_mqar_batch(rng, batch_size, sequence_length, num_pairs, vocab_size):
                 answers=asked_values.astype(np.int32))
 
 
+def make_mqar_mixture_batch(rng, batch_size, sequence_length, pair_counts,
+                            vocab_size, placement="uniform"):
+    """One MQAR batch whose rows split evenly over several pair counts.
+
+    Args:
+        rng: a `numpy.random.Generator`.
+        batch_size: sequences `B` (rows `i * B // n` onwards hold the `i`-th
+            of the `n` pair counts).
+        sequence_length: tokens per sequence `T` (>= 4 * max(pair_counts)).
+        pair_counts: a list of pair counts.
+        vocab_size, placement: as in `make_mqar_batch`.
+
+    Returns:
+        A dict of int32 arrays `tokens` `[B, T]`, `positions` and `answers`
+        `[B, max(pair_counts)]` (zero past a row's own count) and float32
+        `weights` of the same shape (1 on a row's real answers, else 0).
+
+    Example:
+
+    >>> batch = make_mqar_mixture_batch(np.random.default_rng(0), 4, 64,
+    ...                                 [4, 8], 512)
+    >>> batch["weights"].sum(axis=1).tolist()
+    [4.0, 4.0, 8.0, 8.0]
+    """
+    pair_counts = _pair_list(pair_counts)
+    if batch_size < len(pair_counts):
+        raise ValueError(f"`batch_size`: expected at least one row per pair "
+                         f"count ({len(pair_counts)}), got {batch_size}.")
+    most = max(pair_counts)
+    edges = [i * batch_size // len(pair_counts)
+             for i in range(len(pair_counts) + 1)]
+    parts = collections.defaultdict(list)
+    for count, low, high in zip(pair_counts, edges, edges[1:]):
+        batch = make_mqar_batch(rng, high - low, sequence_length, count,
+                                vocab_size, placement)
+        pad = ((0, 0), (0, most - count))
+        parts["tokens"].append(batch["tokens"])
+        parts["positions"].append(np.pad(batch["positions"], pad))
+        parts["answers"].append(np.pad(batch["answers"], pad))
+        parts["weights"].append(np.pad(
+            np.ones(batch["answers"].shape, np.float32), pad))
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def _pair_list(pair_counts):
+    """`pair_counts` as a non-empty list of ints (ValueError otherwise)."""
+    if isinstance(pair_counts, (int, np.integer)) and not isinstance(
+            pair_counts, bool):
+        return [int(pair_counts)]
+    if not isinstance(pair_counts, (list, tuple)) or not pair_counts:
+        raise ValueError(f"`num_pairs`: expected an int or a non-empty list "
+                         f"of ints, got {pair_counts!r}.")
+    return [int(p) if isinstance(p, (int, np.integer)) and not isinstance(
+        p, bool) else p for p in pair_counts]
+
+
 def mqar_batches(seed, batch_size, sequence_length, num_pairs, vocab_size,
-                 stream=0):
+                 stream=0, placement="uniform"):
     """An endless, deterministic stream of MQAR batches.
 
     Args:
         seed: int; the same seed (and arguments) gives the same batches.
-        batch_size, sequence_length, num_pairs, vocab_size: as in
+        batch_size, sequence_length, vocab_size, placement: as in
             `make_mqar_batch`.
+        num_pairs: an int (batches of `make_mqar_batch`, plus all-one
+            `weights`), or a list of pair counts (mixture batches of
+            `make_mqar_mixture_batch`).
         stream: int; separate streams of one seed (e.g. 0 train, 1 test)
             never share a random state.
 
     Returns:
-        A generator of `make_mqar_batch` dicts.
+        A generator of batch dicts with `tokens`, `positions`, `answers` and
+        `weights`.
     """
-    check_mqar_arguments(batch_size, sequence_length, num_pairs, vocab_size)
+    pair_counts = _pair_list(num_pairs)
+    for count in pair_counts:
+        check_mqar_arguments(batch_size, sequence_length, count, vocab_size)
+    _check_placement(placement)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or (
             seed < 0):
         raise ValueError(f"`seed`: expected an int >= 0, got {seed!r}.")
-    rng = np.random.default_rng(
-        [seed, stream, sequence_length, num_pairs, vocab_size])
+    # The uniform single-count stream keeps the seeding of rounds 1-3.
+    key = [seed, stream, sequence_length, *pair_counts, vocab_size]
+    if placement != "uniform":
+        key.append(PLACEMENTS.index(placement))
+    rng = np.random.default_rng(key)
     while True:
-        yield make_mqar_batch(rng, batch_size, sequence_length, num_pairs,
-                              vocab_size)
+        yield make_mqar_mixture_batch(rng, batch_size, sequence_length,
+                                      pair_counts, vocab_size, placement)

@@ -82,7 +82,8 @@ def state_floats(name, sequence_length, num_kv_heads, head_dim):
 
 
 def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
-                     intermediate_dim=256, implementation="auto"):
+                     intermediate_dim=256, implementation="auto",
+                     short_conv=0):
     """The two-layer NHABackbone of a setting, read out at the answers.
 
     The output projection is the token embedding (tied, as in Zoology): a
@@ -96,6 +97,12 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
         num_heads: query and key/value heads per layer.
         intermediate_dim: feed-forward width.
         implementation: NHA kernel choice, see `keras_nha.ops`.
+        short_conv: kernel size of a causal depthwise convolution added to
+            the token embeddings before the first layer (0: none). Zoology
+            and Based give every MQAR model one: it hands each value token
+            its key, which a model otherwise has to learn to fetch with a
+            previous-token attention head first (and a GSA layer, without
+            positions, hardly can).
 
     Returns:
         A `keras.Model` mapping `{"token_ids" [B, T], "positions" [B, P]}` to
@@ -113,10 +120,25 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
         intermediate_dim=intermediate_dim, window_size=windows,
         num_slots=slots, tie_word_embeddings=True,
         implementation=implementation)
+    if isinstance(short_conv, bool) or not isinstance(short_conv, int) or (
+            short_conv < 0):
+        raise ValueError(f"`short_conv`: expected an int >= 0, got "
+                         f"{short_conv!r}.")
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
     positions = keras.Input((None,), dtype="int32", name="positions")
-    hidden = backbone({"token_ids": token_ids,
-                       "padding_mask": keras.ops.ones_like(token_ids)})
+    padding_mask = keras.ops.ones_like(token_ids)
+    if short_conv:
+        # The backbone's own layers, with the convolution in between.
+        hidden = backbone.token_embedding(token_ids)
+        hidden = hidden + keras.layers.Conv1D(
+            hidden_dim, short_conv, padding="causal", groups=hidden_dim,
+            name="short_conv")(hidden)
+        for block in backbone.transformer_layers:
+            hidden = block(hidden, padding_mask=padding_mask)
+        hidden = backbone.layer_norm(hidden)
+    else:
+        hidden = backbone({"token_ids": token_ids,
+                           "padding_mask": padding_mask})
     picked = keras.ops.take_along_axis(hidden, positions[:, :, None], axis=1)
     logits = backbone.token_embedding(picked, reverse=True)
     return keras.Model({"token_ids": token_ids, "positions": positions},

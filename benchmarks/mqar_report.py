@@ -66,7 +66,8 @@ def summarize(records):
             pairs=pairs, state_floats=runs[0]["state_floats"],
             mean=float(accuracy.mean()), low=float(accuracy.min()),
             high=float(accuracy.max()), seeds=sorted(r["seed"] for r in runs),
-            steps=runs[0]["steps"], train_s=float(np.mean(
+            steps=min(r.get("step", r["steps"]) for r in runs),
+            train_s=float(np.mean(
                 [r["train_s"] for r in runs]))))
     rows.sort(key=lambda r: (r["seq_len"], _sort_key(r["setting"]),
                              r["pairs"]))
@@ -82,13 +83,14 @@ def markdown_table(rows):
         settings = sorted({r["setting"] for r in subset}, key=_sort_key)
         lines.append(f"T = {seq_len}: test accuracy on the answers, mean over "
                      f"seeds (min..max)\n")
-        lines.append("| setting | state (floats) | " + " | ".join(
+        lines.append("| setting | state (floats) | steps | " + " | ".join(
             f"{p} pairs" for p in pair_counts) + " |")
-        lines.append("|---|---|" + "---|" * len(pair_counts))
+        lines.append("|---|---|---|" + "---|" * len(pair_counts))
         for setting in settings:
             cells = {r["pairs"]: r for r in subset if r["setting"] == setting}
             state = next(iter(cells.values()))["state_floats"]
-            row = [setting, f"{state:,}"]
+            steps = min(r["steps"] for r in cells.values())
+            row = [setting, f"{state:,}", str(steps)]
             for pairs in pair_counts:
                 r = cells.get(pairs)
                 row.append("-" if r is None else (

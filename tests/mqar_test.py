@@ -22,9 +22,10 @@ mqar_model = _load("mqar_model")
 
 
 def _batch(seed=0, batch_size=16, sequence_length=100, num_pairs=12,
-           vocab_size=64):
+           vocab_size=64, placement="uniform"):
     return mqar_data.make_mqar_batch(np.random.default_rng(seed), batch_size,
-                                     sequence_length, num_pairs, vocab_size)
+                                     sequence_length, num_pairs, vocab_size,
+                                     placement)
 
 
 def test_shapes_and_dtypes():
@@ -35,9 +36,8 @@ def test_shapes_and_dtypes():
     assert all(a.dtype == np.int32 for a in batch.values())
 
 
-def test_answers_are_the_values_paired_with_the_queried_keys():
-    num_pairs, vocab_size = 12, 64
-    batch = _batch(num_pairs=num_pairs, vocab_size=vocab_size)
+def _check_rows(batch, num_pairs, vocab_size):
+    """Every row of `batch` is a valid MQAR sequence with `num_pairs`."""
     half = vocab_size // 2
     for tokens, positions, answers in zip(batch["tokens"], batch["positions"],
                                           batch["answers"]):
@@ -59,6 +59,76 @@ def test_answers_are_the_values_paired_with_the_queried_keys():
         asked[:2 * num_pairs] = True
         asked[positions] = asked[positions + 1] = True
         assert np.all(tokens[~asked] == mqar_data.FILLER_TOKEN)
+
+
+@pytest.mark.parametrize("placement", mqar_data.PLACEMENTS)
+def test_answers_are_the_values_paired_with_the_queried_keys(placement):
+    batch = _batch(num_pairs=12, vocab_size=64, placement=placement)
+    _check_rows(batch, 12, 64)
+
+
+def test_power_placement_asks_soon_after_the_pairs():
+    uniform = _batch(batch_size=256, sequence_length=512, num_pairs=8)
+    power = _batch(batch_size=256, sequence_length=512, num_pairs=8,
+                   placement="power")
+    # Uniform cells average about half the query region (248 cells); with
+    # weight 1 / (c + 1) most queries sit in its first tenth.
+    cell = lambda b: (b["positions"] - 16) // 2
+    assert 100 < cell(uniform).mean() < 150
+    assert np.median(cell(power)) < 25
+    assert (cell(power) > 124).any()   # the tail is still reached
+
+
+def test_mixture_batch_rows_have_their_own_pair_counts():
+    batch = mqar_data.make_mqar_mixture_batch(
+        np.random.default_rng(0), 10, 64, [4, 8, 16], 128, "power")
+    assert batch["tokens"].shape == (10, 64)
+    assert batch["answers"].shape == batch["weights"].shape == (10, 16)
+    counts = batch["weights"].sum(axis=1).astype(int).tolist()
+    assert counts == [4] * 3 + [8] * 3 + [16] * 4   # rows i * 10 // 3
+    for low, high, pairs in ((0, 3, 4), (3, 6, 8), (6, 10, 16)):
+        rows = {name: value[low:high, :pairs] if name != "tokens" else
+                value[low:high] for name, value in batch.items()}
+        _check_rows(rows, pairs, 128)
+        assert np.all(batch["answers"][low:high, pairs:] == 0)
+    stream = mqar_data.mqar_batches(5, 10, 64, [4, 8, 16], 128)
+    again = mqar_data.mqar_batches(5, 10, 64, [4, 8, 16], 128)
+    np.testing.assert_array_equal(next(stream)["tokens"],
+                                  next(again)["tokens"])
+    single = next(mqar_data.mqar_batches(5, 4, 64, 8, 128))
+    assert np.all(single["weights"] == 1)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: next(mqar_data.mqar_batches(0, 4, 64, 8, 128,
+                                         placement="log")), "placement"),
+    (lambda: next(mqar_data.mqar_batches(0, 2, 64, [4, 8, 12], 128)),
+     "batch_size"),
+    (lambda: next(mqar_data.mqar_batches(0, 4, 64, [], 128)), "num_pairs"),
+    (lambda: next(mqar_data.mqar_batches(0, 4, 64, [4, 20], 128)),
+     "sequence_length"),
+])
+def test_bad_mixture_or_placement_raises(call, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        call()
+
+
+def test_short_convolution_keeps_the_model_causal():
+    model = mqar_model.build_mqar_model("nha-M4-W4", 32, hidden_dim=16,
+                                        num_heads=2, intermediate_dim=32,
+                                        short_conv=3)
+    tokens = np.random.default_rng(0).integers(1, 32, (2, 16)).astype("int32")
+    changed = tokens.copy()
+    changed[:, 9:] = (changed[:, 9:] + 7) % 31 + 1
+    positions = np.array([[2, 5, 8], [0, 7, 8]], "int32")
+    read = lambda t: np.asarray(model({"token_ids": t,
+                                       "positions": positions}))
+    before, after = read(tokens), read(changed)
+    np.testing.assert_allclose(before, after, rtol=1e-5, atol=1e-6)
+    kernel = model.get_layer("short_conv").kernel
+    assert tuple(kernel.shape) == (3, 1, 16)   # depthwise, 3 taps
+    with pytest.raises(ValueError, match="`short_conv`"):
+        mqar_model.build_mqar_model("full", 32, short_conv=-1)
 
 
 def test_queries_spread_over_the_sequence():
