@@ -11,18 +11,34 @@ from keras_nha.models.nha_backbone import NHABackbone
 from keras_nha.models.nha_causal_lm_preprocessor import NHACausalLMPreprocessor
 from keras_nha.models.nha_presets import explain_preset_errors
 
-_RING = ("keys", "window_keys", "values", "log_forget_gates", "mask")
+def _unread_entries(attention, capacity):
+    """State entries that `attention`'s NHA writes but never reads back.
+
+    A ring shorter than the window (a global layer: the whole sequence
+    fits) never evicts a token, so the slot memory stays zero and the
+    slot-path `keys` and `log_forget_gates` are never read; without slots
+    nothing reads `keys` either. `_unpack` refills them with zeros.
+    """
+    unread = set()
+    if capacity < attention.window_size:
+        unread.update(("slot_keys", "slot_values", "keys", "log_forget_gates"))
+    if not attention.num_slots:
+        unread.add("keys")
+    return unread
 
 
-def _pack(state, batch_size):
-    """Generation cache entry: batch-major leaves only.
+def _pack(state, attention, batch_size):
+    """Generation cache entry: the batch-major leaves that are read.
 
     Samplers tile and gather every leaf along axis 0, which fails on
     zero-size tensors (no slots, or no window) and on the scalar position:
-    the former are left out, the latter repeated per row.
+    the former are left out, the latter repeated per row. Entries that
+    `attention` never reads (`_unread_entries`) are left out too.
     """
+    unread = _unread_entries(attention, state["mask"].shape[1])
     packed = {n: t for n, t in state.items()
-              if n != "position" and 0 not in tuple(t.shape)}
+              if n != "position" and n not in unread
+              and 0 not in tuple(t.shape)}
     packed["position"] = ops.cast(state["position"], "int32") + ops.zeros(
         (batch_size,), "int32")
     return packed
@@ -180,14 +196,17 @@ class NHACausalLM(CausalLM):
             `keras_nha.ops.initial_state`), except that `position` is
             repeated per row (`[batch_size]`, all equal) and zero-size
             entries are left out, so that samplers can tile and gather every
-            entry along the batch axis. Under a `keras.distribution` the
+            entry along the batch axis; so are entries a layer never reads
+            (the slot-path keys of a layer without slots; the slot memory
+            and slot-path ring of a layer whose ring holds the whole
+            sequence). Under a `keras.distribution` the
             entries are sharded like the activations that fill them (batch
             rows, and kv heads under `NHABackbone.get_layout_map`).
         """
         return tuple(
-            _distribute_cache(_pack(block.get_initial_cache(batch_size,
-                                                            max_length),
-                                    batch_size))
+            _distribute_cache(_pack(
+                block.get_initial_cache(batch_size, max_length),
+                block.attention, batch_size))
             for block in self.backbone.transformer_layers)
 
     def call_with_cache(self, token_ids, cache, cache_update_index=None,
@@ -215,7 +234,8 @@ class NHACausalLM(CausalLM):
         for block, packed in zip(self.backbone.transformer_layers, cache):
             state = _unpack(packed, block.attention, batch_size)
             x, state = block(x, padding_mask=padding_mask, cache=state)
-            new_cache.append(_distribute_cache(_pack(state, batch_size)))
+            new_cache.append(_distribute_cache(_pack(state, block.attention,
+                                                     batch_size)))
         hidden_states = self.backbone.layer_norm(x)
         logits = self.backbone.token_embedding(hidden_states, reverse=True)
         return logits, hidden_states, tuple(new_cache)

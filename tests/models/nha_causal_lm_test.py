@@ -77,6 +77,36 @@ def test_generate_matches_full_forward_greedy_with_padding(
         assert out["padding_mask"].all()
 
 
+def _bytes(entry):
+    return sum(int(np.prod(t.shape)) * np.dtype(
+        keras.backend.standardize_dtype(t.dtype)).itemsize
+        for t in entry.values())
+
+
+def test_cache_keeps_only_what_decoding_reads(rng, make_backbone, make_padded,
+                                              no_x64):
+    # A global layer with slots, a sliding window without slots, GSA.
+    lm = NHACausalLM(make_backbone(window_size=[None, 3, 0],
+                                   num_slots=[4, 0, 3], weight_scale=5.0))
+    batch, total, kv_heads, head_dim = 3, 20, 2, 4
+    # float32 window keys, values and mask per ring token; int32 positions.
+    ring_token = 4 * (2 * kv_heads * head_dim + 1)
+    expected = [batch * (total * ring_token + 4),
+                batch * (3 * ring_token + 4),
+                batch * (4 * 2 * kv_heads * head_dim * 3 + 4)]
+    cache = lm.get_initial_cache(batch, max_length=total)
+    assert [_bytes(entry) for entry in cache] == expected
+    assert set(cache[0]) == {"window_keys", "values", "mask", "position"}
+    # The entries left out are refilled with zeros: tokens are unchanged.
+    lengths = [5, 11, 8]
+    ids, mask = make_padded(rng, lengths, total)
+    reference = _reference_greedy(lm, ids, lengths, total)
+    lm.compile(sampler="greedy")
+    out = lm.generate({"token_ids": ids, "padding_mask": mask},
+                      stop_token_ids=None)
+    np.testing.assert_array_equal(out["token_ids"], reference)
+
+
 @pytest.mark.parametrize("sampler", [
     "top_p", keras_hub.samplers.BeamSampler(num_beams=2),
     keras_hub.samplers.ContrastiveSampler(k=2, alpha=0.6)])
