@@ -113,7 +113,10 @@ def plot(rows, path):
     subset = [r for r in rows if r["seq_len"] == seq_len]
     main = {"nha-M64-W64", "nha-M32-W32", "gsa-M64", "swa-W64", "full",
             "hybrid-M64"}
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    state_pairs = sorted({r["pairs"] for r in subset})[-3:]
+    figure, axes = plt.subplots(1, 1 + len(state_pairs),
+                                figsize=(5 + 4 * len(state_pairs), 4.4))
+    left = axes[0]
     for setting in sorted({r["setting"] for r in subset} & main,
                           key=_sort_key):
         points = sorted((r["pairs"], r["mean"], r["low"], r["high"])
@@ -122,33 +125,34 @@ def plot(rows, path):
         left.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
                       capsize=3, label=setting,
                       color=_COLORS[setting.split("-")[0]],
-                      linestyle="--" if setting == "nha-M32-W32" else "-")
+                      linestyle="--" if setting == "nha-M64-W64" else "-")
     left.set_xscale("log", base=2)
     left.set_xlabel("key-value pairs")
     left.set_ylabel("test accuracy (answers)")
-    left.set_ylim(-0.02, 1.02)
     left.set_title(f"MQAR, T={seq_len}: accuracy vs pairs")
     left.legend(fontsize=8)
 
-    largest = max(r["pairs"] for r in subset)
-    for kind in _ORDER:
-        points = sorted((r["state_floats"], r["mean"], r["low"], r["high"])
-                        for r in subset
-                        if r["kind"] == kind and r["pairs"] == largest)
-        if not points:
-            continue
-        x, mean, low, high = map(np.array, zip(*points))
-        right.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
-                       capsize=3, label=kind, color=_COLORS[kind],
-                       linestyle="-" if len(x) > 1 else "none")
-    right.set_xscale("log", base=2)
-    right.set_xlabel("recurrent state of the model (floats per sequence)")
-    right.set_ylabel("test accuracy (answers)")
-    right.set_ylim(-0.02, 1.02)
-    right.set_title(f"accuracy vs state size ({largest} pairs)")
-    right.legend(fontsize=8)
+    for right, pairs in zip(axes[1:], state_pairs):
+        for kind in _ORDER:
+            points = sorted((r["state_floats"], r["mean"], r["low"],
+                             r["high"]) for r in subset
+                            if r["kind"] == kind and r["pairs"] == pairs)
+            if not points:
+                continue
+            x, mean, low, high = map(np.array, zip(*points))
+            right.errorbar(x, mean, yerr=[mean - low, high - mean],
+                           marker="o", capsize=3, label=kind,
+                           color=_COLORS[kind],
+                           linestyle="-" if len(x) > 1 else "none")
+        right.set_xscale("log", base=2)
+        right.set_xlabel("recurrent state (floats per sequence)")
+        right.set_title(f"accuracy vs state, {pairs} pairs")
+        right.legend(fontsize=8)
+    for axis in axes:
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

@@ -45,6 +45,15 @@ queue=(${MQAR_SETTINGS:-nha-M32-W32 gsa-M64 swa-W64 full hybrid-M64
        nha-M16-W16 gsa-M32 swa-W32 nha-M64-W64 gsa-M128 swa-W128
        nha-M8-W8 gsa-M16 swa-W16})
 workers=${MQAR_WORKERS:-5}
+# Throughput probe beside the queue: NHA with the Pallas kernels ("auto")
+# against the chunked run of the same setting in the queue, both sharing the
+# card (steps_per_s in their JSON lines).
+if [ "${MQAR_PROBE:-1}" = 1 ]; then
+  python3 benchmarks/mqar.py --settings nha-M32-W32 "${common[@]}" \
+    --steps 300 --eval-every 0 --implementation auto \
+    --time-limit "$((deadline / 2))" --output "$out/probe_pallas.jsonl" \
+    > "$out/probe_pallas.log" 2>&1 &
+fi
 running=()
 next=0
 while [ $SECONDS -lt "$((deadline + 30))" ]; do
