@@ -67,6 +67,12 @@ SEQUENCE_CASES.update({
                                           key_dim=24, value_dim=20,
                                           separate_window=False,
                                           scale=0.3),
+    # Chunk states and adjoints stored in bfloat16 (forced for fp32
+    # inputs): bf16 rounding, so a looser bound that still catches a wrong
+    # path (errors of O(1) or more).
+    "W5-M8-gqa2x4-bf16-states": dict(window_size=5, num_slots=8, heads=4,
+                                     kv_heads=2, blocks="low_states=2",
+                                     tolerance=1e-2),
 })
 STREAM_CASES = {
     "W5-M8": dict(window_size=5, num_slots=8),
@@ -75,6 +81,10 @@ STREAM_CASES = {
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=45),
     "W5-M8-fused-slots": dict(window_size=5, num_slots=8, padding=True,
                               blocks="split=0"),
+    "W5-M8-dims24x20-bf16-states": dict(window_size=5, num_slots=8,
+                                        key_dim=24, value_dim=20,
+                                        blocks="low_states=2",
+                                        tolerance=1e-2),
 }
 STEP_CASES = {
     "W0-M8": dict(window_size=0, num_slots=8),
@@ -278,6 +288,7 @@ def _worker():
                 result = {"errors": run(dict(case), seed)}
             except Exception as error:  # reported to the parent test
                 result = {"failure": f"{type(error).__name__}: {error}"}
+            result["tolerance"] = case.get("tolerance", TOLERANCE)
             print(json.dumps({"case": f"{group}/{name}", **result}),
                   flush=True)
 
@@ -307,8 +318,8 @@ def _check(report, case):
     assert "failure" not in entry, entry.get("failure")
     errors = entry["errors"]
     assert errors, "no quantity was compared"
-    bad = {k: v for k, v in errors.items() if not v < TOLERANCE}
-    assert not bad, f"errors above {TOLERANCE}: {bad}"
+    bad = {k: v for k, v in errors.items() if not v < entry["tolerance"]}
+    assert not bad, f"errors above {entry['tolerance']}: {bad}"
 
 
 @pytest.mark.parametrize("case", sorted(SEQUENCE_CASES))

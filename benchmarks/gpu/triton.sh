@@ -13,7 +13,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv \
   > "$out/gpu.txt" 2>&1
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
-tune="chunk=128;chunk=128,warps=8;stages=3"
+tune="low_states=1;low_states=1,chunk=128,warps=8;chunk=128,warps=8"
 # fla configs tuned in an earlier round on this card (same software).
 tuned=benchmarks/results/triton_fla_configs_h200.json
 cp "$tuned" "$out/fla_configs.json" 2>/dev/null
@@ -23,20 +23,30 @@ for only in 0,1 2 3 4 5 6; do
   timeout 95 python3 tests/triton_gpu_check.py --part issue --only $only \
     > "$out/check_$only.log" 2>&1 &
 done
+# bf16 chunk states (the new Blocks.low_states) at real size.
+KERAS_NHA_TRITON_BLOCKS=low_states=1 timeout 95 python3 \
+  tests/triton_gpu_check.py --part kernels --only 1,0 \
+  > "$out/check_low_states.log" 2>&1 &
 timeout 95 python3 benchmarks/triton_benchmark.py --warm nha,flex \
-  --tune "$tune" > "$out/warm_nha.log" 2>&1 &
+  > "$out/warm_nha.log" 2>&1 &
+IFS=';' read -ra configs <<< "$tune"
+for i in "${!configs[@]}"; do
+  timeout 95 python3 benchmarks/triton_benchmark.py --warm nha \
+    --tune "${configs[$i]}" > "$out/warm_tune_$i.log" 2>&1 &
+done
 FLA_RECORD_CONFIGS="$out/fla_configs.json" timeout 95 \
   python3 benchmarks/triton_benchmark.py --warm fla --lengths 4096 \
   > "$out/warm_fla.log" 2>&1 &
 wait
 cat "$out"/check_*.log > "$out/triton_gpu_check.log"
 grep -h "PASS\|FAIL\|Error\|losses" "$out"/check_*.log
-tail -n 4 "$out/warm_nha.log" "$out/warm_fla.log"
+tail -n 3 "$out"/warm_*.log
 echo "phase 1 done at ${SECONDS}s"
 
 python3 benchmarks/triton_benchmark.py \
   --lengths 4096,16384,65536 --peers sdpa,flex,tune,fla --no-decode \
   --breakdown 65536,4096 --host-profile 4096 --tune "$tune" \
+  --tune-length 65536 \
   --deadline $((200 - SECONDS)) \
   --json "$out/triton_benchmark.json" --plot "$out/triton_benchmark.png"
 echo "job done at ${SECONDS}s"

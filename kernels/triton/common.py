@@ -53,6 +53,11 @@ class Blocks:
     # Chunk scans: state elements per program, chunks per scan step.
     scan: int = 256
     scan_unroll: int = 16
+    # 1: with bfloat16 inputs the chunk-start states and the adjoints are
+    # stored in bfloat16 (half the traffic; read on bf16 tensor cores). The
+    # scans still carry fp32 and the returned state is fp32. 2: also with
+    # float32 inputs (tests only: exercises the path on the interpreter).
+    low_states: int = 0
 
 
 # The interpreter walks every program in Python: small tiles keep it quick

@@ -45,6 +45,13 @@ class _Config:
         smaller than W (the caller promised the sequence fits)."""
         return min(self.window_size, self.capacity)
 
+    def state_dtype(self, dtype):
+        """Storage dtype of the chunk-start states and adjoints."""
+        low = self.blocks.low_states
+        if low == 2 or (low and dtype == torch.bfloat16):
+            return torch.bfloat16
+        return torch.float32
+
     @property
     def feeds(self):
         """Tokens leave the window into the slots only when the ring holds
@@ -107,13 +114,15 @@ class _Shapes:
 
 
 class _Slots:
-    """Chunk-start slot states and the stream's gate tiles."""
+    """Chunk-start slot states, the stream's gate tiles and the final slot
+    states (fp32)."""
 
     def __init__(self, keys, values, decay, gates, strengths, entries,
-                 per_chunk):
+                 per_chunk, final_keys, final_values_t):
         self.keys, self.values, self.decay = keys, values, decay
         self.gates, self.strengths = gates, strengths
         self.entries, self.per_chunk = entries, per_chunk
+        self.final_keys, self.final_values_t = final_keys, final_values_t
 
 
 def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
@@ -123,18 +132,21 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
         dummy = _dummy(gate)
         return _Slots(slot_keys[:, :, None].contiguous(),
                       slot_values_t[:, :, None].contiguous(), None, dummy,
-                      dummy, 1, 0)
+                      dummy, 1, 0, slot_keys.clone(), slot_values_t.clone())
     bt = cfg.blocks.chunk
     nt = triton.cdiv(s.T, bt)
     f32 = dict(device=key.device, dtype=torch.float32)
+    low = dict(device=key.device, dtype=cfg.state_dtype(key.dtype))
     if s.K == s.V:  # one buffer: both recurrences scan in one launch
-        both = torch.empty(2, s.B, s.HKV, nt + 1, s.K, s.M, **f32)
+        both = torch.empty(2, s.B, s.HKV, nt + 1, s.K, s.M, **low)
         sk, sv = both[0], both[1]
     else:
-        sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, **f32)
-        sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, **f32)
+        sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, **low)
+        sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, **low)
     sk[:, :, 0] = slot_keys
     sv[:, :, 0] = slot_values_t
+    # Low-precision states: the scans start from and end in fp32 copies.
+    ends = low["dtype"] != torch.float32
     decay = torch.empty(s.B, s.HKV, nt, s.M, **f32)
     gates = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     strengths = torch.empty_like(gates)
@@ -150,14 +162,27 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
             DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=first,
             PRECISION=prec, **_slot_options(cfg.blocks))
-    stacks = [(sk, s.K, 2)] if s.K == s.V else [(sk, s.K, 1), (sv, s.V, 1)]
+    if s.K == s.V:
+        stacks = [(sk, s.K, 2, (slot_keys, slot_values_t))]
+    else:
+        stacks = [(sk, s.K, 1, (slot_keys,)), (sv, s.V, 1, (slot_values_t,))]
+    finals = []
     scan = cfg.blocks.scan
-    for out, width, count in stacks:
+    for out, width, count, starts in stacks:
+        init = final = decay  # unused without ends
+        if ends:
+            init = torch.stack(starts) if count == 2 else starts[0]
+            final = torch.empty_like(init)
+            finals += list(final) if count == 2 else [final]
         slots.chunk_scan_kernel[(count * s.B * s.HKV,
                                  triton.cdiv(width * s.M, scan))](
-            out, decay, nt, s.HKV, 1, s.B * s.HKV, D=width, M=s.M,
-            BLOCK=scan, UNROLL=cfg.blocks.scan_unroll, REVERSE=False)
-    return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1)
+            out, decay, init, final, nt, s.HKV, 1, s.B * s.HKV, D=width,
+            M=s.M, BLOCK=scan, UNROLL=cfg.blocks.scan_unroll, REVERSE=False,
+            ENDS=ends)
+    final_keys, final_values_t = finals if ends else (sk[:, :, -1],
+                                                      sv[:, :, -1])
+    return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1, final_keys,
+                  final_values_t)
 
 
 def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
@@ -202,9 +227,8 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
             BM=blocks.query, BN=blocks.key, HAS_PM=cfg.has_mask,
             HAS_SLOTS=bool(s.M), PRECISION=prec,
             num_warps=blocks.window_warps, num_stages=blocks.stages)
-    if s.M and cfg.feeds:
-        final_keys = state.keys[:, :, -1]
-        final_values_t = state.values[:, :, -1]
+    if s.M:
+        final_keys, final_values_t = state.final_keys, state.final_values_t
     else:
         final_keys, final_values_t = slot_keys.clone(), slot_values_t.clone()
     return output, lse, final_keys, final_values_t, state, logits
@@ -283,12 +307,13 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     # The key side (y = q, c = dz) and the value side (y = do, c = p).
     sides = ((q, dz, k, ring["keys"], s.K, cfg.scale),
              (do, probs, v, ring["values"], s.V, 1.0))
+    low = dict(device=dev, dtype=cfg.state_dtype(q.dtype))
     if s.K == s.V:  # one buffer: both adjoints scan in one launch
-        both = torch.empty(2, s.B, s.H, nt, s.K, s.M, **f32)
+        both = torch.empty(2, s.B, s.H, nt, s.K, s.M, **low)
         adjoints = (both[0], both[1])
         stacks = [(both, s.K, 2)]
     else:
-        adjoints = tuple(torch.empty(s.B, s.H, nt, width, s.M, **f32)
+        adjoints = tuple(torch.empty(s.B, s.H, nt, width, s.M, **low)
                          for width in (s.K, s.V))
         stacks = [(adjoints[0], s.K, 1), (adjoints[1], s.V, 1)]
     for (y, coef, _, _, width, _), adjoint in zip(sides, adjoints):
@@ -300,7 +325,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     for adjoint, width, count in stacks:
         slots.chunk_scan_kernel[(count * s.B * s.H,
                                  triton.cdiv(width * s.M, blocks.scan))](
-            adjoint, state.decay, nt, s.H, s.group, s.B * s.H, D=width,
+            adjoint, state.decay, state.decay, state.decay, nt, s.H, s.group,
+            s.B * s.H, D=width,
             M=s.M, BLOCK=blocks.scan, UNROLL=blocks.scan_unroll,
             REVERSE=True)
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
@@ -349,7 +375,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         BT=blocks.chunk, **_slot_options(blocks))
     # In place: each chunk's total becomes the sum over the chunks after it.
     slots.chunk_scan_kernel[(s.B * s.HKV, 1)](
-        totals, totals, nt, s.HKV, 1, s.B * s.HKV, D=1, M=s.M, BLOCK=mp,
+        totals, totals, totals, totals, nt, s.HKV, 1, s.B * s.HKV, D=1,
+        M=s.M, BLOCK=mp,
         UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
     dg = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots

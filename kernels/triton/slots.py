@@ -33,15 +33,30 @@ recurrences. The adjoint states run the same recurrences backwards.
 import triton
 import triton.language as tl
 
+from keras_nha.kernels.triton.common import interpreting
 from keras_nha.kernels.triton.common import plain_rows
 from keras_nha.kernels.triton.common import ring_delta
 from keras_nha.kernels.triton.common import stream_gates
 from keras_nha.kernels.triton.common import stream_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)
+INTERPRETED = tl.constexpr(interpreting())
 # exp(60) ~ 1e26: products of such factors with O(1) terms stay far from the
 # float32 limit (~3e38) and keep full relative precision.
 SAFE_LOG = tl.constexpr(60.0)
+
+
+@triton.jit
+def _state_dot(a, st, PRECISION: tl.constexpr):
+    """a @ st for a tile `st` of a chunk state or adjoint: fp32 ones in
+    `PRECISION`, bfloat16 ones on bf16 tensor cores (fp32 accumulation)."""
+    if st.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), st, input_precision=PRECISION)
+    elif INTERPRETED:  # its bf16 dot is wrong; bf16 products are exact fp32
+        return tl.dot(a.to(st.dtype).to(tl.float32), st.to(tl.float32),
+                      input_precision="ieee")
+    else:
+        return tl.dot(a.to(st.dtype), st)
 
 
 @triton.jit
@@ -132,7 +147,8 @@ def prep_kernel(XN, GN, PM, POS, GC, SS, S, DEC, T, C, RDX, RDG, HKV,
                     HKV, D, True)
     delta = tl.dot(tl.trans(x), w, input_precision=PRECISION)
     out = S + (bhk.to(tl.int64) * (NT + 1) + n + 1) * D * M
-    tl.store(out + d[:, None] * M + cols[None, :], delta,
+    tl.store(out + d[:, None] * M + cols[None, :],
+             delta.to(S.dtype.element_ty),
              mask=(d < D)[:, None] & (cols < M)[None, :])
     if WRITE_GATES:
         if tile == 0:
@@ -166,7 +182,8 @@ def adjoint_delta_kernel(Y, CF, GC, R, T, H, HKV, D: tl.constexpr,
     y = plain_rows(Y + b * T * H * D + h * D, rows, d, T, H * D, D)
     delta = tl.dot(tl.trans(y), c * tl.exp(G), input_precision=PRECISION)
     out = R + (bh.to(tl.int64) * NT + n) * D * M
-    tl.store(out + d[:, None] * M + cols[None, :], delta,
+    tl.store(out + d[:, None] * M + cols[None, :],
+             delta.to(R.dtype.element_ty),
              mask=(d < D)[:, None] & (cols < M)[None, :])
 
 
@@ -177,10 +194,10 @@ def _chain(a_decay, a_value, b_decay, b_value):
 
 
 @triton.jit
-def chunk_scan_kernel(S, DEC, NT, HX, GROUP, BHX, D: tl.constexpr,
-                      M: tl.constexpr, BLOCK: tl.constexpr,
+def chunk_scan_kernel(S, DEC, INIT, FINAL, NT, HX, GROUP, BHX,
+                      D: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr,
                       UNROLL: tl.constexpr, REVERSE: tl.constexpr,
-                      DECAYS: tl.constexpr = True):
+                      DECAYS: tl.constexpr = True, ENDS: tl.constexpr = False):
     """Turns per-chunk contributions into states, in place, UNROLL chunks
     per step (one tile load, a log-depth scan, one tile store).
 
@@ -194,6 +211,10 @@ def chunk_scan_kernel(S, DEC, NT, HX, GROUP, BHX, D: tl.constexpr,
     Reverse (NT entries): entry n becomes the adjoint arriving at the end of
     chunk n from the chunks after it: R_n = V_{n+1}, V_n = V_{n+1} dec_n +
     entry_n, V_NT = 0.
+
+    S may be stored in bfloat16; the carry is fp32. With ENDS (forward) the
+    carry starts from INIT and ends in FINAL (fp32, one [D, M] per
+    sequence) rather than entry 0 and the last entry of S.
     """
     bh = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -212,39 +233,48 @@ def chunk_scan_kernel(S, DEC, NT, HX, GROUP, BHX, D: tl.constexpr,
             n = (tiles - 1 - i) * UNROLL + u
             live = (n < NT)[:, None] & ok[None, :]
             at = n.to(tl.int64)[:, None] * step + e[None, :]
-            x = tl.load(base + at, mask=live, other=0.0)
-            if DECAYS:
-                d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
-                            other=1.0)
-            else:
-                d = tl.full([UNROLL, BLOCK], 1.0, tl.float32)
+            x = tl.load(base + at, mask=live, other=0.0).to(tl.float32)
+            d = _scan_decays(dec, n, m, live, UNROLL, BLOCK, M, DECAYS)
             p, y = tl.associative_scan((d, x), 0, _chain, reverse=True)
             v = carry[None, :] * p + y
             # R_n = V_{n+1}: row k's V goes one row up; the carry (V after
             # this tile) to the tile's last row.
-            tl.store(base + at - step, v,
+            tl.store(base + at - step, v.to(S.dtype.element_ty),
                      mask=((n <= NT) & (u >= 1))[:, None] & ok[None, :])
             last = (tiles - i) * UNROLL - 1
-            tl.store(base + last.to(tl.int64) * step + e, carry,
-                     mask=ok & (last < NT))
+            tl.store(base + last.to(tl.int64) * step + e,
+                     carry.to(S.dtype.element_ty), mask=ok & (last < NT))
             carry = tl.sum(tl.where((u == 0)[:, None], v, 0.0), 0)
     else:
         base = S + bh.to(tl.int64) * (NT + 1) * step
-        carry = tl.load(base + e, mask=ok, other=0.0)
+        if ENDS:
+            carry = tl.load(INIT + bh.to(tl.int64) * step + e, mask=ok,
+                            other=0.0)
+        else:
+            carry = tl.load(base + e, mask=ok, other=0.0).to(tl.float32)
         for n0 in range(0, NT, UNROLL):
             n = n0 + u
             live = (n < NT)[:, None] & ok[None, :]
             at = (n + 1).to(tl.int64)[:, None] * step + e[None, :]
-            x = tl.load(base + at, mask=live, other=0.0)
-            if DECAYS:
-                d = tl.load(dec + n[:, None] * M + m[None, :], mask=live,
-                            other=1.0)
-            else:
-                d = tl.full([UNROLL, BLOCK], 1.0, tl.float32)
+            x = tl.load(base + at, mask=live, other=0.0).to(tl.float32)
+            d = _scan_decays(dec, n, m, live, UNROLL, BLOCK, M, DECAYS)
             p, y = tl.associative_scan((d, x), 0, _chain)
             v = carry[None, :] * p + y
-            tl.store(base + at, v, mask=live)
+            tl.store(base + at, v.to(S.dtype.element_ty), mask=live)
             carry = tl.sum(tl.where((u == UNROLL - 1)[:, None], v, 0.0), 0)
+        if ENDS:
+            tl.store(FINAL + bh.to(tl.int64) * step + e, carry, mask=ok)
+
+
+@triton.jit
+def _scan_decays(dec, n, m, live, UNROLL: tl.constexpr, BLOCK: tl.constexpr,
+                 M: tl.constexpr, DECAYS: tl.constexpr):
+    """Per-chunk decays [UNROLL, BLOCK] of a scan tile (1 without DECAYS)."""
+    if DECAYS:
+        return tl.load(dec + n[:, None] * M + m[None, :], mask=live,
+                       other=1.0)
+    else:
+        return tl.full([UNROLL, BLOCK], 1.0, tl.float32)
 
 
 @triton.jit
@@ -263,7 +293,7 @@ def _scan_rows(y_ptr, Y_ROW, x_ptr, x_delta, s_ptr, rows, C, pos, T, HKV,
         y = plain_rows(y_ptr, rows, d, T, Y_ROW, D, True)
         st = tl.load(s_ptr + d[:, None] * M + cols[None, :],
                      mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
-        ys += tl.dot(y.to(tl.float32), st, input_precision=PRECISION)
+        ys += _state_dot(y, st, PRECISION)
         if FEEDS:
             x = stream_rows(x_ptr, x_delta, rows, d, C, pos, T, HKV, D, True,
                             True)
@@ -286,7 +316,7 @@ def _store_readout(out_ptr, OUT_ROW, scale, t_ok, coef, w, s_ptr, x_ptr,
         d = d0 + tl.arange(0, LT)
         st = tl.load(s_ptr + d[:, None] * M + cols[None, :],
                      mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
-        out = tl.dot(coef, tl.trans(st), input_precision=PRECISION)
+        out = _state_dot(coef, tl.trans(st), PRECISION)
         if FEEDS:
             x = stream_rows(x_ptr, x_delta, rows, d, C, pos, T, HKV, D, True,
                             True)
@@ -297,6 +327,35 @@ def _store_readout(out_ptr, OUT_ROW, scale, t_ok, coef, w, s_ptr, x_ptr,
         if ADD:
             out += tl.load(at, mask=ok, other=0.0).to(tl.float32)
         tl.store(at, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _chunk_program(GC, SS, POS, T, H, HKV, M: tl.constexpr, BT: tl.constexpr,
+                   MP: tl.constexpr):
+    """Where a program of a grid (chunks, batch * query heads) works: batch,
+    query head, kv head, ring position, first row, in-chunk row index,
+    stream rows, slot columns, which rows are real, and the starts of its
+    (batch, kv head) gate and strength tiles."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // (H // HKV)
+    c0 = tl.program_id(0) * BT
+    r = tl.arange(0, BT)
+    start = b * T * HKV * M + hk * M
+    return (b, h, hk, tl.load(POS), c0, r, c0 + r, tl.arange(0, MP),
+            c0 + r < T, GC + start, SS + start)
+
+
+@triton.jit
+def _kv_stream(KN, VN, RDK, RDV, b, hk, C, T, HKV, DK: tl.constexpr,
+               DV: tl.constexpr):
+    """(batch, kv head) starts of the new keys and values and their rings'
+    offsets (`ring_delta`)."""
+    return (KN + b * T * HKV * DK + hk * DK,
+            ring_delta(RDK, b, C, T, HKV * DK),
+            VN + b * T * HKV * DV + hk * DV,
+            ring_delta(RDV, b, C, T, HKV * DV))
 
 
 @triton.jit
@@ -311,24 +370,11 @@ def slot_forward_kernel(Q, KN, VN, GC, SS, POS, SK, SV, OS, LS, ZS,
     scaled slot logits (fp32, kept for the backward), for one chunk and
     query head. Without READOUT the output is left to
     `slot_readout_kernel` (two lighter programs instead of one)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = h // (H // HKV)
-    pos = tl.load(POS)
-    c0 = n * BT
-    r = tl.arange(0, BT)
-    rows = c0 + r
-    cols = tl.arange(0, MP)
-    t_ok = rows < T
-    state = (b * HKV + hk) * ns + n * per_chunk
-    gc = GC + b * T * HKV * M + hk * M
-    ss = SS + b * T * HKV * M + hk * M
-    k_delta = ring_delta(RDK, b, C, T, HKV * DK)
-    v_delta = ring_delta(RDV, b, C, T, HKV * DV)
-    kn = KN + b * T * HKV * DK + hk * DK
-    vn = VN + b * T * HKV * DV + hk * DV
+    b, h, hk, pos, c0, r, rows, cols, t_ok, gc, ss = _chunk_program(
+        GC, SS, POS, T, H, HKV, M, BT, MP)
+    state = (b * HKV + hk) * ns + tl.program_id(0) * per_chunk
+    kn, k_delta, vn, v_delta = _kv_stream(KN, VN, RDK, RDV, b, hk, C, T, HKV,
+                                          DK, DV)
 
     z, a = _scan_rows(Q + b * T * H * DK + h * DK, H * DK, kn, k_delta,
                       SK + state * DK * M, rows, C, pos, T, HKV, DK, M, BK,
@@ -373,19 +419,9 @@ def slot_readout_kernel(CF, ZS, LS, XN, GC, SS, POS, S, OUT, T, C, out_scale,
     logits ZS and log-sum-exp LS with FROM_LOGITS; S = Sv, X = v) or the
     slot part of dq (c = dz from CF; S = Sk, X = k), added to what OUT
     holds with ADD."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = h // (H // HKV)
-    pos = tl.load(POS)
-    c0 = n * BT
-    rows = c0 + tl.arange(0, BT)
-    cols = tl.arange(0, MP)
-    t_ok = rows < T
-    state = (b * HKV + hk) * ns + n * per_chunk
-    gc = GC + b * T * HKV * M + hk * M
-    ss = SS + b * T * HKV * M + hk * M
+    b, h, hk, pos, c0, _r, rows, cols, t_ok, gc, ss = _chunk_program(
+        GC, SS, POS, T, H, HKV, M, BT, MP)
+    state = (b * HKV + hk) * ns + tl.program_id(0) * per_chunk
     row = (b * T + rows) * H + h
     ok = t_ok[:, None] & (cols < M)[None, :]
     at = row[:, None] * M + cols[None, :]
@@ -421,24 +457,11 @@ def slot_dq_kernel(Q, DO, KN, VN, GC, SS, POS, SK, SV, L, DELTA, ZS,
     (from the forward's scaled logits ZS), logit gradients dz, the read part
     of dG and (with READOUT; else `slot_readout_kernel`) the slot part of
     dq."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = h // (H // HKV)
-    pos = tl.load(POS)
-    c0 = n * BT
-    r = tl.arange(0, BT)
-    rows = c0 + r
-    cols = tl.arange(0, MP)
-    t_ok = rows < T
-    state = (b * HKV + hk) * ns + n * per_chunk
-    gc = GC + b * T * HKV * M + hk * M
-    ss = SS + b * T * HKV * M + hk * M
-    k_delta = ring_delta(RDK, b, C, T, HKV * DK)
-    v_delta = ring_delta(RDV, b, C, T, HKV * DV)
-    kn = KN + b * T * HKV * DK + hk * DK
-    vn = VN + b * T * HKV * DV + hk * DV
+    b, h, hk, pos, c0, r, rows, cols, t_ok, gc, ss = _chunk_program(
+        GC, SS, POS, T, H, HKV, M, BT, MP)
+    state = (b * HKV + hk) * ns + tl.program_id(0) * per_chunk
+    kn, k_delta, vn, v_delta = _kv_stream(KN, VN, RDK, RDV, b, hk, C, T, HKV,
+                                          DK, DV)
 
     row = (b * T + rows) * H + h
     ok = t_ok[:, None] & (cols < M)[None, :]
@@ -493,25 +516,14 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DXA, DS, T, C, y_scale,
     per kv head) the new tokens the rows came from (row C + u is token u;
     ring rows get nothing), added to what DXA holds with ADD_DX (DXA may be
     DX itself)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1)
-    NT = tl.num_programs(0)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = h // (H // HKV)
-    pos = tl.load(POS)
-    c0 = n * BT
-    r = tl.arange(0, BT)
-    rows = c0 + r
-    cols = tl.arange(0, MP)
-    t_ok = rows < T
-    gc = GC + b * T * HKV * M + hk * M
-    ss = SS + b * T * HKV * M + hk * M
+    b, h, hk, pos, c0, r, rows, cols, t_ok, gc, ss = _chunk_program(
+        GC, SS, POS, T, H, HKV, M, BT, MP)
     xn = XN + b * T * HKV * D + hk * D
     x_delta = ring_delta(RDX, b, C, T, HKV * D)
     y_ptr = Y + b * T * H * D + h * D
     c_ptr = CF + b * T * H * M + h * M
-    r_ptr = R + (bh.to(tl.int64) * NT + n) * D * M
+    r_ptr = R + (tl.program_id(1).to(tl.int64) * tl.num_programs(0)
+                 + tl.program_id(0)) * D * M
 
     row = (b * T + rows) * H + h
     later = r[None, :] >= r[:, None]
@@ -528,7 +540,7 @@ def slot_dx_kernel(Y, CF, XN, GC, SS, POS, R, DX, DXA, DS, T, C, y_scale,
             ra = tl.load(r_ptr + d[:, None] * M + cols[None, :],
                          mask=(d < D)[:, None] & (cols < M)[None, :],
                          other=0.0)
-            xr += tl.dot(x.to(tl.float32), ra, input_precision=PRECISION)
+            xr += _state_dot(x, ra, PRECISION)
             ax += tl.dot(x.to(y.dtype), tl.trans(y),
                          input_precision=PRECISION)
         ax = tl.where(later, ax, 0.0)
@@ -592,7 +604,7 @@ def _store_dx(DX, DXA, r_ptr, y_ptr, weight, coef, row, rows, t_ok, C, T, H,
         d = d0 + tl.arange(0, LT)
         ra = tl.load(r_ptr + d[:, None] * M + cols[None, :],
                      mask=(d < D)[:, None] & (cols < M)[None, :], other=0.0)
-        dx = tl.dot(weight, tl.trans(ra), input_precision=PRECISION)
+        dx = _state_dot(weight, tl.trans(ra), PRECISION)
         y = plain_rows(y_ptr, rows, d, T, H * D, D, True)
         dx += tl.dot(coef.to(y.dtype), y, input_precision=PRECISION)
         dx_at = out_row[:, None] * D + d[None, :]
@@ -604,43 +616,16 @@ def _store_dx(DX, DXA, r_ptr, y_ptr, weight, coef, row, rows, t_ok, C, T, H,
 
 
 @triton.jit
-def gate_total_kernel(DGR, DS, SS, TOT, T, H, HKV, M: tl.constexpr,
-                      MP: tl.constexpr, BT: tl.constexpr):
-    """Per chunk and kv head: sum over its rows and query heads of
-    dG = z dz + p dp - s ds."""
-    n = tl.program_id(0)
+def _gate_sums(DGR, DS, SS, T, H, HKV, M: tl.constexpr, MP: tl.constexpr,
+               BT: tl.constexpr):
+    """For a program of a grid (chunks, batch * kv heads): its chunk's
+    stream rows, slot columns, batch, kv head, strengths s, and over the
+    group's query heads the sums of dG = z dz + p dp - s ds and of ds."""
     bhk = tl.program_id(1)
-    NT = tl.num_programs(0)
     b = (bhk // HKV).to(tl.int64)
     hk = bhk % HKV
     G = H // HKV
-    rows = n * BT + tl.arange(0, BT)
-    cols = tl.arange(0, MP)
-    s = plain_rows(SS + b * T * HKV * M + hk * M, rows, cols, T, HKV * M, M)
-    total = tl.zeros([BT, MP], tl.float32)
-    for g in range(G):
-        h = hk * G + g
-        total += (plain_rows(DGR + b * T * H * M + h * M, rows, cols, T,
-                             H * M, M)
-                  - s * plain_rows(DS + b * T * H * M + h * M, rows, cols, T,
-                                   H * M, M))
-    tl.store(TOT + (bhk.to(tl.int64) * NT + n) * M + cols, tl.sum(total, 0),
-             mask=cols < M)
-
-
-@triton.jit
-def gate_grad_kernel(DGR, DS, SS, AFTER, PM, DG, T, C, H, HKV,
-                     M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
-                     HAS_PM: tl.constexpr):
-    """dg of the stream rows: sum_{t' >= t} dG_t' - alpha_t ds_t, written to
-    the new token each row came from (row C + u is token u), masked."""
-    n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    NT = tl.num_programs(0)
-    b = (bhk // HKV).to(tl.int64)
-    hk = bhk % HKV
-    G = H // HKV
-    rows = n * BT + tl.arange(0, BT)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, MP)
     s = plain_rows(SS + b * T * HKV * M + hk * M, rows, cols, T, HKV * M, M)
     total = tl.zeros([BT, MP], tl.float32)
@@ -651,8 +636,30 @@ def gate_grad_kernel(DGR, DS, SS, AFTER, PM, DG, T, C, H, HKV,
         total += plain_rows(DGR + b * T * H * M + h * M, rows, cols, T,
                             H * M, M) - s * ds_h
         ds += ds_h
-    after = tl.load(AFTER + (bhk.to(tl.int64) * NT + n) * M + cols,
-                    mask=cols < M, other=0.0)
+    return rows, cols, b, hk, s, total, ds
+
+
+@triton.jit
+def gate_total_kernel(DGR, DS, SS, TOT, T, H, HKV, M: tl.constexpr,
+                      MP: tl.constexpr, BT: tl.constexpr):
+    """Per chunk and kv head: sum over its rows and query heads of
+    dG = z dz + p dp - s ds."""
+    _rows, cols, _b, _hk, _s, total, _ds = _gate_sums(DGR, DS, SS, T, H, HKV,
+                                                      M, MP, BT)
+    at = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(TOT + at * M + cols, tl.sum(total, 0), mask=cols < M)
+
+
+@triton.jit
+def gate_grad_kernel(DGR, DS, SS, AFTER, PM, DG, T, C, H, HKV,
+                     M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
+                     HAS_PM: tl.constexpr):
+    """dg of the stream rows: sum_{t' >= t} dG_t' - alpha_t ds_t, written to
+    the new token each row came from (row C + u is token u), masked."""
+    rows, cols, b, hk, s, total, ds = _gate_sums(DGR, DS, SS, T, H, HKV, M,
+                                                 MP, BT)
+    at = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    after = tl.load(AFTER + at * M + cols, mask=cols < M, other=0.0)
     dg = tl.cumsum(total, 0, reverse=True) + after[None, :] - (1.0 - s) * ds
     u = rows - C
     ok = ((u >= 0) & (rows < T))[:, None] & (cols < M)[None, :]

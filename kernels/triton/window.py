@@ -52,27 +52,73 @@ def _forward_block(q, k, v, seen, m_i, l_i, acc, qk_scale,
 
 
 @triton.jit
+def _new_block(k_base, v_base, pm, u0, t, T, W, HKV, DK: tl.constexpr,
+               DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BN: tl.constexpr, HAS_PM: tl.constexpr, MASKED: tl.constexpr):
+    """Keys and values of new tokens u0 .. u0 + BN and which of them the
+    queries `t` see (only meaningful with MASKED)."""
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    u = u0 + tl.arange(0, BN)
+    u_ok = u < T
+    k = tl.load(k_base + u[:, None] * (HKV * DK) + dk[None, :],
+                mask=u_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(v_base + u[:, None] * (HKV * DV) + dv[None, :],
+                mask=u_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    seen = u_ok[None, :]
+    if MASKED:
+        seen = seen & (u[None, :] <= t[:, None]) & (
+            u[None, :] > t[:, None] - W)
+        if HAS_PM:
+            real = tl.load(pm + u, mask=u_ok, other=0.0)
+            seen = seen & (real > 0)[None, :]
+    return k, v, seen
+
+
+@triton.jit
+def _ring_block(KR, VR, RM, b, hk, pos, j0, r_hi, t, C, W, HKV,
+                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, BN: tl.constexpr):
+    """Keys and values of ring history rows j0 .. j0 + BN (oldest first) and
+    which of them the queries `t` see (written, real, inside the window)."""
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    j = j0 + tl.arange(0, BN)
+    j_ok = j < r_hi
+    slot = (pos + j) % C
+    at = (b * C + slot) * HKV + hk
+    k = tl.load(KR + at[:, None] * DK + dk[None, :],
+                mask=j_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(VR + at[:, None] * DV + dv[None, :],
+                mask=j_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    real = tl.load(RM + b * C + slot, mask=j_ok, other=0.0)
+    seen = (j_ok & (real > 0))[None, :] & (j[None, :] > C + t[:, None] - W)
+    return k, v, seen
+
+
+@triton.jit
+def _query_rows(POS, T, H, HKV, BM: tl.constexpr):
+    """Batch, kv head, ring position, first query, query rows, which are
+    real and their (b, t, h) row index, for a program of a grid (query
+    blocks, batch * heads)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    t0 = tl.program_id(0) * BM
+    t = t0 + tl.arange(0, BM)
+    return (b, h // (H // HKV), tl.load(POS), t0, t, t < T,
+            (b * T + t) * H + h)
+
+
+@triton.jit
 def _forward_new(q, k_base, v_base, pm, t, m_i, l_i, acc, lo, hi, T, W,
                  qk_scale, HKV, DK: tl.constexpr,
                  DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  BN: tl.constexpr, HAS_PM: tl.constexpr, MASKED: tl.constexpr,
                  PRECISION: tl.constexpr):
-    dk = tl.arange(0, BK)
-    dv = tl.arange(0, BV)
     for u0 in range(lo, hi, BN):
-        u = u0 + tl.arange(0, BN)
-        u_ok = u < T
-        k = tl.load(k_base + u[:, None] * (HKV * DK) + dk[None, :],
-                    mask=u_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        v = tl.load(v_base + u[:, None] * (HKV * DV) + dv[None, :],
-                    mask=u_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        seen = u_ok[None, :]
-        if MASKED:
-            seen = seen & (u[None, :] <= t[:, None]) & (
-                u[None, :] > t[:, None] - W)
-            if HAS_PM:
-                real = tl.load(pm + u, mask=u_ok, other=0.0)
-                seen = seen & (real > 0)[None, :]
+        k, v, seen = _new_block(k_base, v_base, pm, u0, t, T, W, HKV, DK, DV,
+                                BK, BV, BN, HAS_PM, MASKED)
         m_i, l_i, acc = _forward_block(q, k.to(q.dtype), v, seen, m_i, l_i,
                                        acc, qk_scale, MASKED, PRECISION)
     return m_i, l_i, acc
@@ -87,6 +133,20 @@ def _ring_rows(pos, t0, C, W, BM: tl.constexpr):
 
 
 @triton.jit
+def _new_rows(K, V, PM, b, hk, t0, T, W, HKV, DK: tl.constexpr,
+              DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              HAS_PM: tl.constexpr):
+    """New tokens the queries t0 .. t0 + BM see, u in (t - W, t]: cut
+    points lo <= a <= z <= hi ([a, z) needs no mask) and the (batch, kv
+    head) starts of keys, values and the padding mask."""
+    lo = tl.maximum(t0 - W + 1, 0)
+    hi = tl.minimum(t0 + BM, T)
+    a, z = _split(lo, hi, t0 + BM - W, t0 + 1, BN, HAS_PM)
+    return (lo, a, z, hi, K + b * T * HKV * DK + hk * DK,
+            V + b * T * HKV * DV + hk * DV, PM + b * T)
+
+
+@triton.jit
 def window_forward_kernel(
         Q, K, V, KR, VR, PM, RM, POS, OS, LS, O, L,
         T, C, W, sm_scale,
@@ -94,19 +154,9 @@ def window_forward_kernel(
         DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_PM: tl.constexpr,
         HAS_SLOTS: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = h // (H // HKV)
-    pos = tl.load(POS)
-
-    t0 = pid * BM
-    t = t0 + tl.arange(0, BM)
+    b, hk, pos, t0, t, t_ok, row = _query_rows(POS, T, H, HKV, BM)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    t_ok = t < T
-    row = (b * T + t) * H + h
     q = tl.load(Q + row[:, None] * DK + dk[None, :],
                 mask=t_ok[:, None] & (dk < DK)[None, :], other=0.0)
     if HAS_SLOTS:
@@ -123,26 +173,14 @@ def window_forward_kernel(
     # Ring entries (streaming from a state): never-written ones are skipped.
     r_lo, r_hi = _ring_rows(pos, t0, C, W, BM)
     for j0 in range(r_lo, r_hi, BN):
-        j = j0 + tl.arange(0, BN)
-        j_ok = j < r_hi
-        slot = (pos + j) % C
-        at = (b * C + slot) * HKV + hk
-        k = tl.load(KR + at[:, None] * DK + dk[None, :],
-                    mask=j_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        v = tl.load(VR + at[:, None] * DV + dv[None, :],
-                    mask=j_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        real = tl.load(RM + b * C + slot, mask=j_ok, other=0.0)
-        seen = (j_ok & (real > 0))[None, :] & (j[None, :] > C + t[:, None] - W)
+        k, v, seen = _ring_block(KR, VR, RM, b, hk, pos, j0, r_hi, t, C, W,
+                                 HKV, DK, DV, BK, BV, BN)
         m_i, l_i, acc = _forward_block(q, k.to(q.dtype), v, seen, m_i, l_i,
                                        acc, qk_scale, True, PRECISION)
 
     # New tokens: u in (t - W, t].
-    lo = tl.maximum(t0 - W + 1, 0)
-    hi = tl.minimum(t0 + BM, T)
-    a, z = _split(lo, hi, t0 + BM - W, t0 + 1, BN, HAS_PM)
-    k_base = K + b * T * HKV * DK + hk * DK
-    v_base = V + b * T * HKV * DV + hk * DV
-    pm = PM + b * T
+    lo, a, z, hi, k_base, v_base, pm = _new_rows(K, V, PM, b, hk, t0, T, W,
+                                                 HKV, DK, DV, BM, BN, HAS_PM)
     m_i, l_i, acc = _forward_new(q, k_base, v_base, pm, t, m_i, l_i, acc, lo,
                                  a, T, W, qk_scale, HKV, DK, DV, BK, BV, BN,
                                  HAS_PM, True, PRECISION)
@@ -181,24 +219,12 @@ def _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, lo, hi, T, W,
             BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
             HAS_PM: tl.constexpr, MASKED: tl.constexpr,
             PRECISION: tl.constexpr):
-    dk = tl.arange(0, BK)
-    dv = tl.arange(0, BV)
     for u0 in range(lo, hi, BN):
-        u = u0 + tl.arange(0, BN)
-        u_ok = u < T
-        k = tl.load(k_base + u[:, None] * (HKV * DK) + dk[None, :],
-                    mask=u_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        v = tl.load(v_base + u[:, None] * (HKV * DV) + dv[None, :],
-                    mask=u_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        seen = u_ok[None, :] & t_ok[:, None]
-        if MASKED:
-            seen = seen & (u[None, :] <= t[:, None]) & (
-                u[None, :] > t[:, None] - W)
-            if HAS_PM:
-                real = tl.load(pm + u, mask=u_ok, other=0.0)
-                seen = seen & (real > 0)[None, :]
-        dq = _dq_block(q, do, k.to(q.dtype), v.to(do.dtype), seen, lse,
-                       delta, dq, qk_scale, MASKED, PRECISION)
+        k, v, seen = _new_block(k_base, v_base, pm, u0, t, T, W, HKV, DK, DV,
+                                BK, BV, BN, HAS_PM, MASKED)
+        dq = _dq_block(q, do, k.to(q.dtype), v.to(do.dtype),
+                       seen & t_ok[:, None], lse, delta, dq, qk_scale, MASKED,
+                       PRECISION)
     return dq
 
 
@@ -210,19 +236,9 @@ def window_dq_kernel(
         DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_PM: tl.constexpr,
         PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = h // (H // HKV)
-    pos = tl.load(POS)
-
-    t0 = pid * BM
-    t = t0 + tl.arange(0, BM)
+    b, hk, pos, t0, t, t_ok, row = _query_rows(POS, T, H, HKV, BM)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    t_ok = t < T
-    row = (b * T + t) * H + h
     q = tl.load(Q + row[:, None] * DK + dk[None, :],
                 mask=t_ok[:, None] & (dk < DK)[None, :], other=0.0)
     do = tl.load(DO + row[:, None] * DV + dv[None, :],
@@ -234,26 +250,14 @@ def window_dq_kernel(
 
     r_lo, r_hi = _ring_rows(pos, t0, C, W, BM)
     for j0 in range(r_lo, r_hi, BN):
-        j = j0 + tl.arange(0, BN)
-        j_ok = j < r_hi
-        slot = (pos + j) % C
-        at = (b * C + slot) * HKV + hk
-        k = tl.load(KR + at[:, None] * DK + dk[None, :],
-                    mask=j_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        v = tl.load(VR + at[:, None] * DV + dv[None, :],
-                    mask=j_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        real = tl.load(RM + b * C + slot, mask=j_ok, other=0.0)
-        seen = ((j_ok & (real > 0))[None, :] & t_ok[:, None]
-                & (j[None, :] > C + t[:, None] - W))
-        dq = _dq_block(q, do, k.to(q.dtype), v.to(do.dtype), seen, lse, delta,
-                       dq, qk_scale, True, PRECISION)
+        k, v, seen = _ring_block(KR, VR, RM, b, hk, pos, j0, r_hi, t, C, W,
+                                 HKV, DK, DV, BK, BV, BN)
+        dq = _dq_block(q, do, k.to(q.dtype), v.to(do.dtype),
+                       seen & t_ok[:, None], lse, delta, dq, qk_scale, True,
+                       PRECISION)
 
-    lo = tl.maximum(t0 - W + 1, 0)
-    hi = tl.minimum(t0 + BM, T)
-    a, z = _split(lo, hi, t0 + BM - W, t0 + 1, BN, HAS_PM)
-    k_base = K + b * T * HKV * DK + hk * DK
-    v_base = V + b * T * HKV * DV + hk * DV
-    pm = PM + b * T
+    lo, a, z, hi, k_base, v_base, pm = _new_rows(K, V, PM, b, hk, t0, T, W,
+                                                 HKV, DK, DV, BM, BN, HAS_PM)
     dq = _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, lo, a, T,
                  W, qk_scale, HKV, DK, DV, BK, BV, BN, HAS_PM, True,
                  PRECISION)
