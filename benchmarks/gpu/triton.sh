@@ -13,7 +13,10 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv \
   > "$out/gpu.txt" 2>&1
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
+# Variants measured at T=65536 with their per-part breakdown (phase 2).
 tune="low_states=1;low_states=1,chunk=128,warps=8;chunk=128,warps=8"
+tune+=";low_states=1,scan_unroll=32;stages=3"
+tune+=";dkdv_query=64,dkdv_key=128,dkdv_warps=8"
 # fla configs tuned in an earlier round on this card (same software).
 tuned=benchmarks/results/triton_fla_configs_h200.json
 cp "$tuned" "$out/fla_configs.json" 2>/dev/null
@@ -23,10 +26,12 @@ for only in 0,1 2 3 4 5 6; do
   timeout 95 python3 tests/triton_gpu_check.py --part issue --only $only \
     > "$out/check_$only.log" 2>&1 &
 done
-# bf16 chunk states (the new Blocks.low_states) at real size.
-KERAS_NHA_TRITON_BLOCKS=low_states=1 timeout 95 python3 \
-  tests/triton_gpu_check.py --part kernels --only 1,0 \
-  > "$out/check_low_states.log" 2>&1 &
+# bf16 chunk states (the new Blocks.low_states) at real size, streaming.
+for only in 1,0 2; do
+  KERAS_NHA_TRITON_BLOCKS=low_states=1 timeout 95 python3 \
+    tests/triton_gpu_check.py --part kernels --only $only \
+    > "$out/check_low_states_$only.log" 2>&1 &
+done
 timeout 95 python3 benchmarks/triton_benchmark.py --warm nha,flex \
   > "$out/warm_nha.log" 2>&1 &
 IFS=';' read -ra configs <<< "$tune"

@@ -87,8 +87,16 @@ def _inner(width):
     return min(common.pow2(width), 64)
 
 
+_DUMMIES = {}
+
+
 def _dummy(like):
-    return torch.zeros(1, dtype=like.dtype, device=like.device)
+    """A one-element tensor for pointer arguments the kernels never read
+    (cached per device and dtype: no allocation or launch per call)."""
+    key = (like.device, like.dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, dtype=like.dtype, device=like.device)
+    return _DUMMIES[key]
 
 
 def _ring_or_dummy(ring, like):
