@@ -109,9 +109,34 @@ def nha_rows(length):
 
     with torch.no_grad():
         fwd = _bench(forward)
-    both = _bench(_fwd_bwd(forward, (q, k, v, g)))
+    step = _fwd_bwd(forward, (q, k, v, g))
+    both = _bench(step)
     flops = (window_flops(length, W) + slot_flops(length)) * B * H
-    return {"NHA Triton (M=64, W=512)": (fwd, both, flops)}
+    rows = {"NHA Triton (M=64, W=512)": (fwd, both, flops)}
+    if os.environ.get("NHA_BENCH_GRAPHS") == "1":
+        # Replaying a captured step takes the CPU's launch time out: what
+        # the kernels cost when the caller graphs its training step.
+        rows["NHA Triton, CUDA graph (M=64, W=512)"] = (
+            _bench(_graphed(forward, grad=False)), _bench(_graphed(step)),
+            flops)
+    return rows
+
+
+def _graphed(fn, grad=True):
+    """`fn` captured in a CUDA graph (after warm-up on a side stream, as
+    torch.cuda.graph requires); returns the graph's replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.set_grad_enabled(grad):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.set_grad_enabled(grad):
+        fn()
+    return graph.replay
 
 
 def sdpa_rows(length):

@@ -48,7 +48,7 @@ grep -h "PASS\|FAIL\|Error\|losses" "$out"/check_*.log
 tail -n 3 "$out"/warm_*.log
 echo "phase 1 done at ${SECONDS}s"
 
-python3 benchmarks/triton_benchmark.py \
+NHA_BENCH_GRAPHS=1 python3 benchmarks/triton_benchmark.py \
   --lengths 4096,16384,65536 --peers sdpa,flex,tune,fla --no-decode \
   --breakdown 65536,4096 --host-profile 4096 --tune "$tune" \
   --tune-length 65536 \
