@@ -45,6 +45,8 @@ class Blocks:
     dkdv_query: int = 0
     dkdv_key: int = 0
     dkdv_warps: int = 0
+    # Warps of the window dq kernel (0: window_warps).
+    dq_warps: int = 0
     # 1: the slot output and the slot part of dq in their own kernel
     # (`slot_readout_kernel`: two lighter programs instead of one).
     split: int = 0

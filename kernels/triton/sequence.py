@@ -420,7 +420,8 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
     common_args = dict(H=s.H, HKV=s.HKV, DK=s.K, DV=s.V,
                        BK=common.pow2(s.K), BV=common.pow2(s.V),
                        HAS_PM=cfg.has_mask, PRECISION=prec,
-                       num_warps=blocks.window_warps, num_stages=blocks.stages)
+                       num_warps=blocks.dq_warps or blocks.window_warps,
+                       num_stages=blocks.stages)
     window.window_dq_kernel[(triton.cdiv(s.T, blocks.query_bwd), s.B * s.H)](
         qw, kw, v, ring["window_keys"], ring["values"], mask, ring["mask"],
         position, do, lse, delta, dqw, s.T, cfg.capacity, cfg.visible,
