@@ -294,7 +294,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 
     def window_with(config):
         def window(q, k, v, mask):
-            return window_attention(q, k, v, mask, scale, WINDOW, config)[0]
+            return window_attention(q, k, v, mask, None, scale, WINDOW,
+                                    config)[0]
         return window, (mask,)
     window = window_with(base)
 
@@ -359,20 +360,12 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
         passes("pallas slots", slots_with(base))
         kernels("", base)
 
-        def cumsums(gate):  # as jnp.cumsum does them (log-depth scans)
-            by_chunk = (BATCH, length // base.chunk, base.chunk, HEADS,
-                        SLOTS)
-            local = jnp.cumsum(gate.reshape(by_chunk), axis=2)
-            reverse = jnp.flip(jnp.cumsum(jnp.flip(gate, 1), axis=1), 1)
-            return local.reshape(gate.shape) + reverse
-
-        def chunked_cumsums(gate):  # as the slot pass does them
+        def gate_sums(gate):  # in-chunk cumsums, forward and reverse
             return (slots_lib._chunk_cumsum(gate, base.chunk)
-                    + slots_lib._reverse_cumsum(gate, base.chunk))
-        _timed(rows, "xla cumsums", "fwd+bwd ones", length,
-               bound(cumsums, gate), card, sync)
-        _timed(rows, "chunked cumsums", "fwd+bwd ones", length,
-               bound(chunked_cumsums, gate), card, sync)
+                    + slots_lib._in_chunk_sums(gate, base.chunk,
+                                               reverse=True))
+        _timed(rows, "in-chunk sums", "fwd+bwd ones", length,
+               bound(gate_sums, gate), card, sync)
         return
     slot_variants, window_variants = (
         (_VARIANTS, _WINDOW_VARIANTS) if kind == "variants"
@@ -395,21 +388,23 @@ _CANDIDATES = (
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
-    ("float32 writes", dict(narrow_writes=False), True),
-    ("warps=8", dict(num_warps=8), False),
+    ("float32 writes", dict(narrow_writes=False), False),
 )
 _WINDOW_VARIANTS = (
+    ("dq 128x32 dkv 32x128", dict(dq_blocks=(128, 32),
+                                  dkv_blocks=(32, 128))),
+    ("dkv 64x128", dict(dkv_blocks=(64, 128))),
+    ("dq 128x64", dict(dq_blocks=(128, 64))),
     ("warps=8", dict(num_warps=8)),
-    ("bq=128", dict(block_q=128)),
-    ("bk=32", dict(block_k=32)),
 )
 # Further slot- and window-pass tilings, timed by the "tuning" step.
 _TUNING = (
-    ("exact chunk programs", dict(factor=False), False),
+    ("warps=8", dict(num_warps=8), False),
     ("c=32", dict(chunk=32, rows=32), False),
 )
 _WINDOW_TUNING = (
-    ("bq=128 bk=128", dict(block_q=128, block_k=128)),
+    ("dkv 32x128", dict(dkv_blocks=(32, 128))),
+    ("dq 128x32", dict(dq_blocks=(128, 32))),
     ("stages=3", dict(num_stages=3)),
 )
 

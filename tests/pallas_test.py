@@ -81,7 +81,7 @@ LENGTH = 37
 # the kernel tiling (`KernelConfig` fields) from the default (one slot
 # program per chunk, factored products, segmented scan): 16-row slot
 # programs with sequential chunk walks, and chunk programs without factored
-# products.
+# products (with window backward tiles other than the forward's).
 CASES = {
     "gsa_w0": dict(window_size=0),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
@@ -90,8 +90,9 @@ CASES = {
         window_size=5, padding=True,
         config=dict(walk="loop", rows=16, factor=False)),
     "w64_beyond_length_no_groups": dict(window_size=64, kv_heads=4),
-    "w7_exact_chunk_programs": dict(window_size=7,
-                                    config=dict(factor=False)),
+    "w7_exact_chunk_programs_backward_blocks": dict(
+        window_size=7, config=dict(factor=False, dq_blocks=(32, 16),
+                                   dkv_blocks=(16, 32))),
     "w_length_minus_1_strong_gates": dict(window_size=LENGTH - 1,
                                           gate_scale=40.0,
                                           config=dict(diag="loop")),
@@ -135,6 +136,19 @@ def _run(inputs, window_size, implementation, state=None, start=0, stop=None,
         implementation=implementation)
 
 
+def _decode_step(inputs, t, state, window_size, mask=None):
+    """One Pallas decode step on token t of `inputs` (float32)."""
+    token = {n: ops.convert_to_tensor(inputs[n][:, t], "float32")
+             for n in INPUT_NAMES}
+    return keras_nha.ops.native_hybrid_attention_step(
+        token["query"], token["key"], token["value"],
+        token["log_forget_gate"], state, window_size,
+        window_query=token["window_query"], window_key=token["window_key"],
+        padding_mask=None if mask is None else ops.convert_to_tensor(
+            mask[:, t], "float32"),
+        implementation="pallas")
+
+
 @pytest.mark.parametrize("window_size", [0, 6])
 def test_streaming_and_decode_match_one_call(window_size):
     length, prefix, steps = 30, 17, 4
@@ -149,13 +163,7 @@ def test_streaming_and_decode_match_one_call(window_size):
                          length - steps)
     got = [ops.convert_to_numpy(first), ops.convert_to_numpy(second)]
     for t in range(length - steps, length):
-        token = {n: ops.convert_to_tensor(inputs[n][:, t], "float32")
-                 for n in INPUT_NAMES}
-        out, state = keras_nha.ops.native_hybrid_attention_step(
-            token["query"], token["key"], token["value"],
-            token["log_forget_gate"], state, window_size,
-            window_query=token["window_query"],
-            window_key=token["window_key"], implementation="pallas")
+        out, state = _decode_step(inputs, t, state, window_size)
         got.append(ops.convert_to_numpy(out)[:, None])
     assert relative_error(np.concatenate(got, axis=1), expected) < TOLERANCE
 
@@ -179,15 +187,7 @@ def test_decode_with_padding_and_groups():
     state = keras_nha.ops.initial_state(2, 1, 16, 16, 6, window_size)
     outputs = []
     for t in range(length):
-        token = {n: ops.convert_to_tensor(inputs[n][:, t], "float32")
-                 for n in INPUT_NAMES}
-        out, state = keras_nha.ops.native_hybrid_attention_step(
-            token["query"], token["key"], token["value"],
-            token["log_forget_gate"], state, window_size,
-            window_query=token["window_query"],
-            window_key=token["window_key"],
-            padding_mask=ops.convert_to_tensor(mask[:, t], "float32"),
-            implementation="pallas")
+        out, state = _decode_step(inputs, t, state, window_size, mask)
         outputs.append(ops.convert_to_numpy(out))
     assert relative_error(np.stack(outputs, 1), expected, mask) < TOLERANCE
 

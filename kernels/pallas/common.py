@@ -69,6 +69,10 @@ class KernelConfig:
     Attributes:
         block_q: query rows per window program.
         block_k: history rows per window loop step.
+        dq_blocks: `(query rows, history rows)` of the window dq kernel;
+            None: `(block_q, block_k)`.
+        dkv_blocks: the same for the window dk/dv kernel (query rows per
+            loop step, history rows per program).
         chunk: tokens per slot chunk (slot states are stored at chunk starts).
         sub: rows of one slot sub-block (a divisor of `chunk`, at least
             16): the unit of the exact in-block terms.
@@ -97,6 +101,8 @@ class KernelConfig:
 
     block_q: int = 64
     block_k: int = 64
+    dq_blocks: tuple = None
+    dkv_blocks: tuple = None
     chunk: int = 64
     sub: int = 16
     rows: int = 16
@@ -109,6 +115,13 @@ class KernelConfig:
     factor: bool = False
     narrow_writes: bool = False
     interpret: bool = False
+
+
+def window_blocks(config):
+    """Every `(query rows, history rows)` tiling the window kernels use."""
+    forward = (config.block_q, config.block_k)
+    return (forward, config.dq_blocks or forward,
+            config.dkv_blocks or forward)
 
 
 def idiv(a, b):

@@ -4,10 +4,10 @@ Token shift, as in `kernels/chunked.py`: the history stream is the state's
 ring (oldest first) followed by the new tokens. History row t is the token
 that enters the slots at step t, and query t's window is history rows
 t+1 .. t+C. So NHA splits into two Pallas passes, each differentiable on its
-own (`slots.slot_attention`, `window.window_attention`), whose outputs are
-merged through their log-sum-exps: softmax over [slots | window] is exactly
-that merge, in the forward and (by the chain rule through the merge) in the
-backward.
+own (`slots.slot_attention`, `window.window_attention`): the slot pass's
+normalised output and log-sum-exp seed the window pass's online softmax,
+which is exactly the softmax over [slots | window], in the forward and (by
+the chain rule through the seed) in the backward.
 """
 
 import jax
@@ -19,6 +19,7 @@ from keras_nha.kernels.pallas.common import KernelConfig
 from keras_nha.kernels.pallas.common import pad_axis
 from keras_nha.kernels.pallas.common import padded_size
 from keras_nha.kernels.pallas.common import round_up
+from keras_nha.kernels.pallas.common import window_blocks
 from keras_nha.kernels.pallas.slots import slot_attention
 from keras_nha.kernels.pallas.window import window_attention
 
@@ -57,10 +58,11 @@ def _core(query, window_query, history, slot_keys, slot_values, *,
     """NHA over padded history streams; per shard under `sharding`.
 
     `length` is the real T (queries are padded past it).
-    Returns `(out [B, Tp, H, Vp] f32, slot_keys, slot_values)`.
+    Returns `(out [B, Tp, H, Vp], slot_keys, slot_values)`; `out` is in the
+    query dtype when there is a window, else float32.
     """
     padded = query.shape[1]
-    parts = []
+    prior = None
     if num_slots:
         if capacity == window_size:
             fed = [history[n][:, :padded] for n in ("keys", "values",
@@ -76,19 +78,12 @@ def _core(query, window_query, history, slot_keys, slot_values, *,
                    for n in ("keys", "values", "log_forget_gates")]
         out, lse, slot_keys, slot_values = slot_attention(
             query, *fed, slot_keys, slot_values, scale, num_slots, config)
-        parts.append((out, lse))
+        prior = (out, lse)
     if capacity:
-        parts.append(window_attention(
+        # The slot part seeds the window's online softmax: one joint output.
+        out, _ = window_attention(
             window_query, history["window_keys"], history["values"],
-            history["mask"], scale, capacity, config))
-    if len(parts) == 1:
-        out = parts[0][0]
-    else:
-        (out_s, lse_s), (out_w, lse_w) = parts
-        lse = jnp.logaddexp(lse_s, lse_w)
-        weight = lambda part: jnp.transpose(jnp.exp(part - lse),
-                                            (0, 2, 1))[..., None]
-        out = out_s * weight(lse_s) + out_w * weight(lse_w)
+            history["mask"], prior, scale, capacity, config)
     return out, slot_keys, slot_values
 
 
@@ -142,10 +137,12 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
 
     key_pad, value_pad = padded_size(key_dim), padded_size(value_dim)
     slot_pad = padded_size(num_slots) if num_slots else 0
-    step = max(config.block_q, config.chunk)
+    # Block sizes are powers of two: the largest is a multiple of the rest.
+    blocks = window_blocks(config)
+    step = max(config.chunk, *(rows for rows, _ in blocks))
     padded_length = round_up(length, step)
     padded_history = round_up(max(capacity + length, padded_length),
-                              config.block_k)
+                              max(cols for _, cols in blocks))
     widths = {"keys": key_pad, "window_keys": key_pad, "values": value_pad,
               "log_forget_gates": slot_pad}
     streams = {}

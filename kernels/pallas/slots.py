@@ -40,8 +40,9 @@ carry exp(G_t), writers at i carry exp(-G_i)):
 
     dL/dg_t = sum_{tau >= t} (dz*z + p*p_grad - ds*s)_tau - ds_t * exp(g_t)
 
-with p_grad = dL/dp. Cumsums over time are in-chunk triangular products
-plus a cumsum of the chunk totals (XLA's GPU cumsum is a log-depth scan).
+with p_grad = dL/dp. The sum inside a chunk is a triangular matrix product
+(XLA's GPU cumsum is a log-depth scan); the sum over later chunks is
+<adjoint, memory> at the chunk's end (`_after_chunks`).
 """
 
 import dataclasses
@@ -301,7 +302,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
             dq = (_mm(dz * block.from_start, sk, dtype, trans_b=True)
                   + _spread(dz, k_ref, gc_ref, s_ref, block, sub, dtype,
                             diag))
-            dq_ref[mine, :] = dq * scale
+            dq_ref[mine, :] = (dq * scale).astype(dq_ref.dtype)
             return carry
 
         loop(0, blocks, sub_block, 0)
@@ -317,7 +318,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
         reach = finish(pl.ds(0, q.shape[0]), z, dp) * f.from_start
         dq = (_mm(reach, sk, dtype, trans_b=True)
               + _mm(f.pairs(reach, f.writers, dtype), k, dtype))
-        dq_ref[...] = dq * scale
+        dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
     _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
             fast, exact)
@@ -341,8 +342,8 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
                 s_ref[mine, :], start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
                 do_ref, scale=scale, chunk=chunk, sub=sub, groups=groups,
                 diag=diag)
-            dk_ref[mine, :] = dk
-            dv_ref[mine, :] = dv
+            dk_ref[mine, :] = dk.astype(dk_ref.dtype)
+            dv_ref[mine, :] = dv.astype(dv_ref.dtype)
             ds_ref[mine, :] = ds
             return carry
 
@@ -374,8 +375,8 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
                              q.astype(dtype))
             dv = dv + dot_ta(f.pairs(by_value, f.writers, dtype).astype(
                 dtype), do.astype(dtype))
-        dk_ref[...] = dk
-        dv_ref[...] = dv
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
         ds_ref[...] = ds + inside * jnp.exp(-gc)
 
     _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
@@ -530,17 +531,6 @@ def _in_chunk_sums(x, chunk, reverse=False):
 def _chunk_cumsum(g, chunk):
     """In-chunk inclusive cumsum of `g [B, T, Hkv, M]` (T % chunk == 0)."""
     return _in_chunk_sums(g, chunk)
-
-
-def _reverse_cumsum(x, chunk):
-    """sum_{tau >= t} x_tau over the time axis of `x [B, T, ...]`: in-chunk
-    sums plus the reverse cumsum of the (few) chunk totals."""
-    batch, length = x.shape[:2]
-    by_chunk = (batch, length // chunk, chunk) + x.shape[2:]
-    totals = x.reshape(by_chunk).sum(2)
-    later = jnp.flip(jnp.cumsum(jnp.flip(totals, 1), axis=1), 1) - totals
-    inside = _in_chunk_sums(x, chunk, reverse=True).reshape(by_chunk)
-    return (inside + later[:, :, None]).reshape(x.shape)
 
 
 def _tile(dim, config):
@@ -915,16 +905,21 @@ def _factored(config, dtype):
             and dtype != jnp.float16)
 
 
+def _reader_kernel(kernel, q, scale, num_slots, config):
+    """A reader-side kernel (forward or dq) bound to its static options."""
+    return functools.partial(kernel, scale=scale, num_slots=num_slots,
+                             chunk=config.chunk, sub=config.sub,
+                             diag=config.diag,
+                             factored=_factored(config, q.dtype))
+
+
 def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
     """Reader forward: slot-normalised output and lse per query row."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
     groups, rows = heads // kv_heads, _program_rows(config)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, scale=scale, num_slots=num_slots,
-                          chunk=config.chunk, sub=config.sub,
-                          diag=config.diag,
-                          factored=_factored(config, q.dtype)),
+        _reader_kernel(_forward_kernel, q, scale, num_slots, config),
         grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
         out_specs=[_rows(rows, value_dim),
@@ -988,21 +983,19 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
     groups, rows = heads // kv_heads, _program_rows(config)
-    per_query = lambda dim: jax.ShapeDtypeStruct(
-        (batch, length, heads, dim), _F32)
+    per_query = lambda dim, dtype=_F32: jax.ShapeDtypeStruct(
+        (batch, length, heads, dim), dtype)
     by_rows = pl.BlockSpec((None, None, rows), lambda j, b, h: (b, h, j))
     return pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, num_slots=num_slots,
-                          chunk=config.chunk, sub=config.sub,
-                          diag=config.diag,
-                          factored=_factored(config, q.dtype)),
+        _reader_kernel(_dq_kernel, q, scale, num_slots, config),
         grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
         + [_rows(rows, value_dim), by_rows, by_rows],
         out_specs=[_rows(rows, key_dim), _rows(rows, slots),
                    _rows(rows, slots), _rows(rows, slots)],
-        out_shape=[per_query(key_dim), per_query(slots), per_query(slots),
-                   per_query(slots)],
+        # dq in the input dtype (the caller casts it there at once).
+        out_shape=[per_query(key_dim, q.dtype), per_query(slots),
+                   per_query(slots), per_query(slots)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
         name="nha_slot_dq",
@@ -1025,8 +1018,8 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
         (None, chunk, groups, dim), lambda j, b, c: (b, j // per, c, 0))
     adjoint = lambda shape: pl.BlockSpec(
         (None, None, None) + shape, lambda j, b, c: (b, c, j // per, 0, 0))
-    per_kv = lambda dim: jax.ShapeDtypeStruct(
-        (batch, length, kv_heads, dim), _F32)
+    per_kv = lambda dim, dtype=_F32: jax.ShapeDtypeStruct(
+        (batch, length, kv_heads, dim), dtype)
     return pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
                           sub=config.sub, groups=groups, diag=config.diag,
@@ -1040,7 +1033,8 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
                   group_chunk(slots), group_chunk(value_dim)],
         out_specs=[_rows(rows, key_dim), _rows(rows, value_dim),
                    _rows(rows, slots)],
-        out_shape=[per_kv(key_dim), per_kv(value_dim), per_kv(slots)],
+        out_shape=[per_kv(key_dim, k.dtype), per_kv(value_dim, v.dtype),
+                   per_kv(slots)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
         name="nha_slot_dkv",
@@ -1064,16 +1058,32 @@ def _slot_bwd(scale, num_slots, config, residuals, cotangents):
                                   scale, config)
     dk, dv, ds = _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config)
 
-    # dL/dG per step: readers (summed over the group) minus writers, plus
-    # the returned memory, which reads G at the last step.
+    # dL/dG per step: readers (summed over the group) minus writers.
     x = x.reshape(batch, length, kv_heads, groups, slots).sum(axis=3)
     x = x - ds * s
-    final = (jnp.einsum("bckm,bckm->bcm", dsk_end, sk_end)
-             + jnp.einsum("bcmv,bcmv->bcm", dsv_end, sv_end))
-    x = x.at[:, -1].add(final)
-    dg = _reverse_cumsum(x, config.chunk) - ds * jnp.exp(g)
+    dg = (_by_chunk(_in_chunk_sums(x, config.chunk, reverse=True),
+                    config.chunk)
+          + _after_chunks(sk, sv, sk_end, sv_end, lk, lv)[:, :, None])
+    dg = dg.reshape(x.shape) - ds * jnp.exp(g)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             dg.astype(g.dtype), dsk0, dsv0)
+
+
+def _after_chunks(sk, sv, sk_end, sv_end, lk, lv):
+    """sum over tau after chunk n's end of dL/dG_tau, `[B, N, Hkv, M]`.
+
+    Shifting G by the same amount at every step after a chunk's end scales
+    only the memory carried across that end, so the sum is <adjoint,
+    memory> there, per slot: exact, and local. (Summing dL/dG over the
+    rest of the sequence instead adds terms that mostly cancel, so their
+    rounding errors, at the input dtype's level, grow along T while the
+    true value does not.)
+    """
+    chunks = lk.shape[2]
+    at_ends = lambda states, end: jnp.concatenate(
+        [states[:, :, 1:chunks], end[:, :, None].astype(states.dtype)], 2)
+    return (_einsum("bcnkm,bcnkm->bncm", lk, at_ends(sk, sk_end))
+            + _einsum("bcnmv,bcnmv->bncm", lv, at_ends(sv, sv_end)))
 
 
 slot_attention.defvjp(_slot_fwd, _slot_bwd)
