@@ -20,7 +20,8 @@ tune+=";dkdv_query=64,dkdv_key=128,dkdv_warps=8"
 tune+=";query_bwd=128,key_bwd=64,dq_warps=8"
 # fla configs tuned in an earlier round on this card (same software).
 tuned=benchmarks/results/triton_fla_configs_h200.json
-cp "$tuned" "$out/fla_configs.json" 2>/dev/null
+cp "$tuned" "$out/fla_configs.json" 2>/dev/null ||
+  echo "{}" > "$out/fla_configs.json"
 export FLA_TUNED_CONFIGS="$out/fla_configs.json"
 
 for only in 0,1 2 3 4 5 6; do
@@ -49,6 +50,8 @@ grep -h "PASS\|FAIL\|Error\|losses" "$out"/check_*.log
 tail -n 3 "$out"/warm_*.log
 echo "phase 1 done at ${SECONDS}s"
 
+# fla kernels phase 1 did not finish tuning are tuned here, and kept too.
+export FLA_RECORD_CONFIGS="$out/fla_configs_all.json"
 NHA_BENCH_GRAPHS=1 python3 benchmarks/triton_benchmark.py \
   --lengths 4096,16384,65536 --peers sdpa,flex,tune,fla --no-decode \
   --breakdown 65536,4096 --host-profile 4096 --tune "$tune" \
