@@ -20,7 +20,7 @@ if [ "$check_s" -gt 0 ]; then
   echo "gpu check rc=$?"
   tail -30 "$out/pallas_gpu_check.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 nha:16384 nha:4096 breakdown:65536 variants:65536 candidates:65536 tuning:65536 decode}
+steps=${PALLAS_STEPS:-main:65536 nha:16384 nha:4096 breakdown:65536 variants:65536 breakdown:16384 candidates:65536 tuning:65536 decode}
 # shellcheck disable=SC2086  # the steps are words
 timeout -k 5 "${PALLAS_BENCH_S:-125}" python3 benchmarks/pallas_benchmark.py \
   --part jax --steps $steps --jsonl "$out/rows.jsonl" > /dev/null
