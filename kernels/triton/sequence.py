@@ -408,8 +408,9 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     return (dq, dk, dv, dg) + merged
 
 
-def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
-                     delta):
+def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
+                     lse, delta):
+    """Window dq, dk, dv (dv in fp32); writes `delta` (rowsum(dO * O))."""
     dev = qw.device
     blocks = cfg.blocks
     prec = _precision(qw.dtype)
@@ -424,8 +425,9 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, lse,
                        num_stages=blocks.stages)
     window.window_dq_kernel[(triton.cdiv(s.T, blocks.query_bwd), s.B * s.H)](
         qw, kw, v, ring["window_keys"], ring["values"], mask, ring["mask"],
-        position, do, lse, delta, dqw, s.T, cfg.capacity, cfg.visible,
-        cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd, **common_args)
+        position, do, output, lse, delta, dqw, s.T, cfg.capacity,
+        cfg.visible, cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd,
+        **common_args)
     dkdv_query = blocks.dkdv_query or blocks.query_bwd
     dkdv_key = blocks.dkdv_key or blocks.key_bwd
     common_args["num_warps"] = blocks.dkdv_warps or blocks.window_warps
@@ -477,13 +479,14 @@ class NHAFunction(torch.autograd.Function):
         do = d_output.to(q.dtype).contiguous()
         delta = torch.empty(s.B, s.T, s.H, device=q.device,
                             dtype=torch.float32)
-        rows = s.B * s.T * s.H
-        window.row_dot_kernel[(triton.cdiv(rows, 16),)](
-            do, output, delta, rows, D=s.V, BD=common.pow2(s.V), BR=16)
         dq = dk = dv = dg = dqw = dkw = None
-        if cfg.capacity:
+        if cfg.capacity:  # its dq kernel writes delta
             dqw, dkw, dv = _window_backward(s, cfg, qw, kw, v, mask, ring,
-                                            position, do, lse, delta)
+                                            position, do, output, lse, delta)
+        else:
+            rows = s.B * s.T * s.H
+            window.row_dot_kernel[(triton.cdiv(rows, 16),)](
+                do, output, delta, rows, D=s.V, BD=common.pow2(s.V), BR=16)
         merged = (False, False)
         if s.M:
             shared_q, shared_k = ctx.shared

@@ -230,12 +230,14 @@ def _dq_new(q, do, k_base, v_base, pm, t, t_ok, lse, delta, dq, lo, hi, T, W,
 
 @triton.jit
 def window_dq_kernel(
-        Q, K, V, KR, VR, PM, RM, POS, DO, L, DELTA, DQ,
+        Q, K, V, KR, VR, PM, RM, POS, DO, O, L, DELTA, DQ,
         T, C, W, sm_scale,
         H, HKV, DK: tl.constexpr,
         DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_PM: tl.constexpr,
         PRECISION: tl.constexpr):
+    """dq of the window part; also writes delta = rowsum(dO * O) (merged
+    output O) of its rows for the kernels that run after it."""
     b, hk, pos, t0, t, t_ok, row = _query_rows(POS, T, H, HKV, BM)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
@@ -243,8 +245,11 @@ def window_dq_kernel(
                 mask=t_ok[:, None] & (dk < DK)[None, :], other=0.0)
     do = tl.load(DO + row[:, None] * DV + dv[None, :],
                  mask=t_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    o = tl.load(O + row[:, None] * DV + dv[None, :],
+                mask=t_ok[:, None] & (dv < DV)[None, :], other=0.0)
     lse = tl.load(L + row, mask=t_ok, other=0.0)
-    delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + row, delta, mask=t_ok)
     dq = tl.zeros([BM, BK], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
 
