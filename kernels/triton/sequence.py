@@ -122,25 +122,28 @@ class _Shapes:
 
 
 class _Slots:
-    """Chunk-start slot states, the stream's gate tiles and the final slot
-    states (fp32)."""
+    """Chunk-start slot states (values transposed, [V, M]), the stream's
+    gate tiles and the final slot states (fp32, the state's layouts)."""
 
     def __init__(self, keys, values, decay, gates, strengths, entries,
-                 per_chunk, final_keys, final_values_t):
+                 per_chunk, final_keys, final_values):
         self.keys, self.values, self.decay = keys, values, decay
         self.gates, self.strengths = gates, strengths
         self.entries, self.per_chunk = entries, per_chunk
-        self.final_keys, self.final_values_t = final_keys, final_values_t
+        self.final_keys, self.final_values = final_keys, final_values
 
 
 def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
-                 slot_values_t):
-    """Without a feed every chunk starts from the input state."""
+                 slot_values):
+    """Chunk-start states from the input state (`slot_keys` [K, M] and
+    `slot_values` [M, V] per sequence, fp32); without a feed every chunk
+    starts from the input state."""
     if not cfg.feeds:
         dummy = _dummy(gate)
         return _Slots(slot_keys[:, :, None].contiguous(),
-                      slot_values_t[:, :, None].contiguous(), None, dummy,
-                      dummy, 1, 0, slot_keys.clone(), slot_values_t.clone())
+                      slot_values.transpose(-1, -2)[:, :, None].contiguous(),
+                      None, dummy, dummy, 1, 0, slot_keys.clone(),
+                      slot_values.clone())
     bt = cfg.blocks.chunk
     nt = triton.cdiv(s.T, bt)
     f32 = dict(device=key.device, dtype=torch.float32)
@@ -151,10 +154,6 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
     else:
         sk = torch.empty(s.B, s.HKV, nt + 1, s.K, s.M, **low)
         sv = torch.empty(s.B, s.HKV, nt + 1, s.V, s.M, **low)
-    sk[:, :, 0] = slot_keys
-    sv[:, :, 0] = slot_values_t
-    # Low-precision states: the scans start from and end in fp32 copies.
-    ends = low["dtype"] != torch.float32
     decay = torch.empty(s.B, s.HKV, nt, s.M, **f32)
     gates = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     strengths = torch.empty_like(gates)
@@ -170,38 +169,31 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
             DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=first,
             PRECISION=prec, **_slot_options(cfg.blocks))
-    if s.K == s.V:
-        stacks = [(sk, s.K, 2, (slot_keys, slot_values_t))]
-    else:
-        stacks = [(sk, s.K, 1, (slot_keys,)), (sv, s.V, 1, (slot_values_t,))]
-    finals = []
-    scan = cfg.blocks.scan
-    for out, width, count, starts in stacks:
-        init = final = decay  # unused without ends
-        if ends:
-            init = torch.stack(starts) if count == 2 else starts[0]
-            final = torch.empty_like(init)
-            finals += list(final) if count == 2 else [final]
+    # The scan also writes entry 0 and the final states (fp32).
+    final_keys = torch.empty_like(slot_keys)
+    final_values = torch.empty_like(slot_values)
+    stacks = [(sk, s.K, 2, 0)] if s.K == s.V else [(sk, s.K, 1, 0),
+                                                   (sv, s.V, 1, 1)]
+    for out, width, count, first in stacks:
         slots.chunk_scan_kernel[(count * s.B * s.HKV,
-                                 triton.cdiv(width * s.M, scan))](
-            out, decay, init, final, nt, s.HKV, 1, s.B * s.HKV, D=width,
-            M=s.M, BLOCK=scan, UNROLL=cfg.blocks.scan_unroll, REVERSE=False,
-            ENDS=ends)
-    final_keys, final_values_t = finals if ends else (sk[:, :, -1],
-                                                      sv[:, :, -1])
+                                 triton.cdiv(width * s.M, cfg.blocks.scan))](
+            out, decay, slot_keys, slot_values, final_keys, final_values, nt,
+            s.HKV, 1, s.B * s.HKV, first, D=width, M=s.M,
+            BLOCK=cfg.blocks.scan, UNROLL=cfg.blocks.scan_unroll,
+            REVERSE=False)
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1, final_keys,
-                  final_values_t)
+                  final_values)
 
 
 def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
-             slot_values_t):
+             slot_values):
     dev = q.device
     blocks = cfg.blocks
     prec = _precision(q.dtype)
     o_slot = lse_slot = state = logits = None
     if s.M:
         state = _slot_states(s, cfg, k, v, g, ring, mask, position,
-                             slot_keys, slot_values_t)
+                             slot_keys, slot_values)
         o_slot = torch.empty(s.B, s.T, s.H, s.V, device=dev,
                              dtype=torch.float32)
         lse_slot = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
@@ -236,10 +228,10 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
             HAS_SLOTS=bool(s.M), PRECISION=prec,
             num_warps=blocks.window_warps, num_stages=blocks.stages)
     if s.M:
-        final_keys, final_values_t = state.final_keys, state.final_values_t
+        final_keys, final_values = state.final_keys, state.final_values
     else:
-        final_keys, final_values_t = slot_keys.clone(), slot_values_t.clone()
-    return output, lse, final_keys, final_values_t, state, logits
+        final_keys, final_values = slot_keys.clone(), slot_values.clone()
+    return output, lse, final_keys, final_values, state, logits
 
 
 def _readout(s, cfg, coef, logits, lse, x, x_ring, state, states, out,
@@ -274,7 +266,7 @@ def _chronological(ring, position):
 
 
 def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
-                   slot_values_t, do, lse, delta, logits, state=None,
+                   slot_values, do, lse, delta, logits, state=None,
                    dv_window=None, dq_window=None, dk_window=None):
     """Slot parts of (dq, dk, dv, dg), the last three in new-token rows,
     plus `dv_window` (fp32, updated in place) and, where given (the window
@@ -287,7 +279,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     f32 = dict(device=dev, dtype=torch.float32)
     if state is None:
         state = _slot_states(s, cfg, k, v, g, ring, mask, position,
-                             slot_keys, slot_values_t)
+                             slot_keys, slot_values)
     nt = triton.cdiv(s.T, blocks.chunk)
     mp = common.pow2(s.M)
     dq = torch.empty(s.B, s.T, s.H, s.K, device=dev, dtype=q.dtype)
@@ -333,10 +325,9 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     for adjoint, width, count in stacks:
         slots.chunk_scan_kernel[(count * s.B * s.H,
                                  triton.cdiv(width * s.M, blocks.scan))](
-            adjoint, state.decay, state.decay, state.decay, nt, s.H, s.group,
-            s.B * s.H, D=width,
-            M=s.M, BLOCK=blocks.scan, UNROLL=blocks.scan_unroll,
-            REVERSE=True)
+            adjoint, state.decay, *(state.decay,) * 4, nt, s.H, s.group,
+            s.B * s.H, 0, D=width, M=s.M, BLOCK=blocks.scan,
+            UNROLL=blocks.scan_unroll, REVERSE=True)
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
     fed = s.T - cfg.capacity
     # With one query head per kv head the kernels write token gradients
@@ -383,9 +374,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         BT=blocks.chunk, **_slot_options(blocks))
     # In place: each chunk's total becomes the sum over the chunks after it.
     slots.chunk_scan_kernel[(s.B * s.HKV, 1)](
-        totals, totals, totals, totals, nt, s.HKV, 1, s.B * s.HKV, D=1,
-        M=s.M, BLOCK=mp,
-        UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
+        totals, *(totals,) * 5, nt, s.HKV, 1, s.B * s.HKV, 0, D=1, M=s.M,
+        BLOCK=mp, UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
     dg = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots
     slots.gate_grad_kernel[(nt, s.B * s.HKV)](
@@ -443,14 +433,14 @@ class NHAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, qw, kw, mask, ring_keys, ring_window_keys,
                 ring_values, ring_gates, ring_mask, position, slot_keys,
-                slot_values_t, cfg):
+                slot_values, cfg):
         s = _Shapes(q, k, v, g)
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
-        output, lse, final_keys, final_values_t, slot_state, logits = (
+        output, lse, final_keys, final_values, slot_state, logits = (
             _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position,
-                     slot_keys, slot_values_t))
+                     slot_keys, slot_values))
         ctx.cfg = cfg
         ctx.slot_logits = logits
         # The window reads the slots' own queries or keys (no rotary copy):
@@ -459,17 +449,17 @@ class NHAFunction(torch.autograd.Function):
         ctx.slot_state = slot_state if _keep_states() else None
         ctx.save_for_backward(q, k, v, g, qw, kw, mask, ring_keys,
                               ring_window_keys, ring_values, ring_gates,
-                              ring_mask, position, slot_keys, slot_values_t,
+                              ring_mask, position, slot_keys, slot_values,
                               output, lse)
         final_keys = final_keys.contiguous()
-        final_values_t = final_values_t.contiguous()
-        ctx.mark_non_differentiable(final_keys, final_values_t)
-        return output, final_keys, final_values_t
+        final_values = final_values.contiguous()
+        ctx.mark_non_differentiable(final_keys, final_values)
+        return output, final_keys, final_values
 
     @staticmethod
     def backward(ctx, d_output, _d_keys, _d_values):
         (q, k, v, g, qw, kw, mask, ring_keys, ring_window_keys, ring_values,
-         ring_gates, ring_mask, position, slot_keys, slot_values_t, output,
+         ring_gates, ring_mask, position, slot_keys, slot_values, output,
          lse) = ctx.saved_tensors
         cfg = ctx.cfg
         s = _Shapes(q, k, v, g)
@@ -492,7 +482,7 @@ class NHAFunction(torch.autograd.Function):
             shared_q, shared_k = ctx.shared
             dq, dk, dv, dg, *merged = _slot_backward(
                 s, cfg, q, k, v, g, mask, ring, position, slot_keys,
-                slot_values_t, do, lse, delta, ctx.slot_logits,
+                slot_values, do, lse, delta, ctx.slot_logits,
                 ctx.slot_state, dv, dqw if shared_q else None,
                 dkw if shared_k else None)
             ctx.slot_state = None
@@ -580,20 +570,19 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
         ring[name] = _ring_or_dummy(
             prep(state[name], torch.float32).detach(), g)
     slot_keys = prep(state["slot_keys"], torch.float32).detach()
-    slot_values_t = state["slot_values"].detach().to(
-        torch.float32).transpose(-1, -2).contiguous()
+    slot_values = prep(state["slot_values"], torch.float32).detach()
 
-    output, final_keys, final_values_t = NHAFunction.apply(
+    output, final_keys, final_values = NHAFunction.apply(
         q, k, v, g, qw, kw, mask, ring["keys"], ring["window_keys"],
         ring["values"], ring["log_forget_gates"], ring["mask"], position,
-        slot_keys, slot_values_t, cfg)
+        slot_keys, slot_values, cfg)
 
     start = state["position"]
     end = start + s.T
     acc = state["slot_keys"].dtype
     new_state = {
         "slot_keys": final_keys.to(acc),
-        "slot_values": final_values_t.transpose(-1, -2).to(acc),
+        "slot_values": final_values.to(acc),
         "position": end,
     }
     tail = {name: x[:, s.T - keep:] for name, x in (

@@ -194,10 +194,10 @@ def _chain(a_decay, a_value, b_decay, b_value):
 
 
 @triton.jit
-def chunk_scan_kernel(S, DEC, INIT, FINAL, NT, HX, GROUP, BHX,
-                      D: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr,
-                      UNROLL: tl.constexpr, REVERSE: tl.constexpr,
-                      DECAYS: tl.constexpr = True, ENDS: tl.constexpr = False):
+def chunk_scan_kernel(S, DEC, INIT_K, INIT_V, FINAL_K, FINAL_V, NT, HX,
+                      GROUP, BHX, FIRST, D: tl.constexpr, M: tl.constexpr,
+                      BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                      REVERSE: tl.constexpr, DECAYS: tl.constexpr = True):
     """Turns per-chunk contributions into states, in place, UNROLL chunks
     per step (one tile load, a log-depth scan, one tile store).
 
@@ -212,9 +212,12 @@ def chunk_scan_kernel(S, DEC, INIT, FINAL, NT, HX, GROUP, BHX,
     chunk n from the chunks after it: R_n = V_{n+1}, V_n = V_{n+1} dec_n +
     entry_n, V_NT = 0.
 
-    S may be stored in bfloat16; the carry is fp32. With ENDS (forward) the
-    carry starts from INIT and ends in FINAL (fp32, one [D, M] per
-    sequence) rather than entry 0 and the last entry of S.
+    Forward, the carry starts from the fp32 input state (INIT_K [D, M] per
+    sequence for the key recurrence, INIT_V [M, D] for the value one: the
+    state's own layouts), which the kernel also writes to entry 0, and ends
+    in FINAL_K / FINAL_V (same layouts). Stack s of the launch is recurrence
+    FIRST + s (0 keys, 1 values). S may be stored in bfloat16; the carry is
+    fp32.
     """
     bh = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -247,11 +250,15 @@ def chunk_scan_kernel(S, DEC, INIT, FINAL, NT, HX, GROUP, BHX,
             carry = tl.sum(tl.where((u == 0)[:, None], v, 0.0), 0)
     else:
         base = S + bh.to(tl.int64) * (NT + 1) * step
-        if ENDS:
-            carry = tl.load(INIT + bh.to(tl.int64) * step + e, mask=ok,
-                            other=0.0)
-        else:
-            carry = tl.load(base + e, mask=ok, other=0.0).to(tl.float32)
+        keys = FIRST + bh // BHX == 0
+        values = FIRST + bh // BHX != 0
+        seq = (bh % BHX).to(tl.int64) * step
+        at_k = seq + e
+        at_v = seq + m * D + e // M
+        carry = tl.where(
+            keys, tl.load(INIT_K + at_k, mask=ok & keys, other=0.0),
+            tl.load(INIT_V + at_v, mask=ok & values, other=0.0))
+        tl.store(base + e, carry.to(S.dtype.element_ty), mask=ok)
         for n0 in range(0, NT, UNROLL):
             n = n0 + u
             live = (n < NT)[:, None] & ok[None, :]
@@ -262,8 +269,8 @@ def chunk_scan_kernel(S, DEC, INIT, FINAL, NT, HX, GROUP, BHX,
             v = carry[None, :] * p + y
             tl.store(base + at, v.to(S.dtype.element_ty), mask=live)
             carry = tl.sum(tl.where((u == UNROLL - 1)[:, None], v, 0.0), 0)
-        if ENDS:
-            tl.store(FINAL + bh.to(tl.int64) * step + e, carry, mask=ok)
+        tl.store(FINAL_K + at_k, carry, mask=ok & keys)
+        tl.store(FINAL_V + at_v, carry, mask=ok & values)
 
 
 @triton.jit
