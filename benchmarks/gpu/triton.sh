@@ -28,6 +28,10 @@ for only in 0,1 2 3 4 5 6; do
   timeout 95 python3 tests/triton_gpu_check.py --part issue --only $only \
     > "$out/check_$only.log" 2>&1 &
 done
+# Streaming (prefill in two calls, decode steps): the scan now writes the
+# final states itself.
+timeout 95 python3 tests/triton_gpu_check.py --part kernels --only 2 \
+  > "$out/check_stream.log" 2>&1 &
 # bf16 chunk states (the new Blocks.low_states) at real size, streaming.
 for only in 1,0 2; do
   KERAS_NHA_TRITON_BLOCKS=low_states=1 timeout 95 python3 \
