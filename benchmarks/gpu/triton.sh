@@ -13,11 +13,13 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv \
   > "$out/gpu.txt" 2>&1
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
-# Variants measured at T=65536 with their per-part breakdown (phase 2).
-tune="low_states=1;low_states=1,chunk=128,warps=8;chunk=128,warps=8"
-tune+=";low_states=1,scan_unroll=32;stages=3"
-tune+=";dkdv_query=64,dkdv_key=128,dkdv_warps=8"
-tune+=";query_bwd=128,key_bwd=64,dq_warps=8"
+# Variants measured at T=65536 with their per-part breakdown (phase 2),
+# compiled in phase 1 by three processes (groups).
+groups=("low_states=1;low_states=1,chunk=128,warps=8"
+        "chunk=128,warps=8;low_states=1,scan_unroll=32"
+        "stages=3;dkdv_query=64,dkdv_key=128,dkdv_warps=8"
+        "query_bwd=128,key_bwd=64,dq_warps=8")
+tune=$(IFS=';'; echo "${groups[*]}")
 # fla configs tuned in an earlier round on this card (same software).
 tuned=benchmarks/results/triton_fla_configs_h200.json
 cp "$tuned" "$out/fla_configs.json" 2>/dev/null ||
@@ -40,10 +42,9 @@ for only in 1,0 2; do
 done
 timeout 95 python3 benchmarks/triton_benchmark.py --warm nha,flex \
   > "$out/warm_nha.log" 2>&1 &
-IFS=';' read -ra configs <<< "$tune"
-for i in "${!configs[@]}"; do
+for i in "${!groups[@]}"; do
   timeout 95 python3 benchmarks/triton_benchmark.py --warm nha \
-    --tune "${configs[$i]}" > "$out/warm_tune_$i.log" 2>&1 &
+    --tune "${groups[$i]}" > "$out/warm_tune_$i.log" 2>&1 &
 done
 FLA_RECORD_CONFIGS="$out/fla_configs.json" timeout 95 \
   python3 benchmarks/triton_benchmark.py --warm fla --lengths 4096 \
