@@ -18,7 +18,7 @@ echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
 groups=("low_states=1;low_states=1,chunk=128,warps=8"
         "chunk=128,warps=8;low_states=1,scan_unroll=32"
         "stages=3;dkdv_query=64,dkdv_key=128,dkdv_warps=8"
-        "query_bwd=128,key_bwd=64,dq_warps=8")
+        "query_bwd=128,key_bwd=64,dq_warps=8;query=128,key=64,window_warps=8")
 tune=$(IFS=';'; echo "${groups[*]}")
 # fla configs tuned in an earlier round on this card (same software).
 tuned=benchmarks/results/triton_fla_configs_h200.json
