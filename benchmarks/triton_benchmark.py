@@ -92,7 +92,9 @@ def _fwd_bwd(forward, inputs):
     return step
 
 
-def nha_rows(length):
+def nha_rows(length, graphs=None):
+    """NHA fwd and fwd+bwd; with `graphs` (default: NHA_BENCH_GRAPHS=1) also
+    replayed from CUDA graphs."""
     import torch
 
     from keras_nha.kernels import state as state_lib
@@ -113,7 +115,9 @@ def nha_rows(length):
     both = _bench(step)
     flops = (window_flops(length, W) + slot_flops(length)) * B * H
     rows = {"NHA Triton (M=64, W=512)": (fwd, both, flops)}
-    if os.environ.get("NHA_BENCH_GRAPHS") == "1":
+    if graphs is None:
+        graphs = os.environ.get("NHA_BENCH_GRAPHS") == "1"
+    if graphs:
         # Replaying a captured step takes the CPU's launch time out: what
         # the kernels cost when the caller graphs its training step.
         rows["NHA Triton, CUDA graph (M=64, W=512)"] = (
@@ -729,7 +733,8 @@ def _tune(args, result, late, save):
         saved = {name: os.environ.get(name) for name in switches}
         os.environ.update(switches)
         try:
-            (fwd, both, _), = nha_rows(args.tune_length).values()
+            (fwd, both, _), = nha_rows(args.tune_length,
+                                       graphs=False).values()
             parts = nha_breakdown(args.tune_length)["parts"]
         except Exception as error:  # a config that does not compile
             print(f"tune [{config}]: {error!r}"[:300], flush=True)
