@@ -120,9 +120,12 @@ def nha_rows(length, graphs=None):
     if graphs:
         # Replaying a captured step takes the CPU's launch time out: what
         # the kernels cost when the caller graphs its training step.
-        rows["NHA Triton, CUDA graph (M=64, W=512)"] = (
-            _bench(_graphed(forward, grad=False)), _bench(_graphed(step)),
-            flops)
+        try:
+            rows["NHA Triton, CUDA graph (M=64, W=512)"] = (
+                _bench(_graphed(forward, grad=False)), _bench(_graphed(step)),
+                flops)
+        except Exception as error:  # the eager rows still count
+            print(f"CUDA graph capture failed: {error!r}"[:300], flush=True)
     return rows
 
 
