@@ -624,6 +624,33 @@ def _plot(result, path):
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    if result.get("tuning"):
+        _plot_tuning(result, path.replace(".png", "_tuning.png"), plt)
+
+
+def _plot_tuning(result, path, plt):
+    """Stacked per-part CUDA time of NHA fwd+bwd under each tuning value
+    (the default first, from the breakdown at the same T when present)."""
+    variants = dict(result["tuning"])
+    length = str(result.get("tune_length", ""))
+    if length in result.get("breakdowns", {}):
+        variants = {"default": {"parts": result["breakdowns"][length][
+            "parts"]}, **variants}
+    parts = sorted({p for v in variants.values() for p in v.get("parts", {})})
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(variants) + 1.5))
+    names = list(variants)
+    left = [0.0] * len(names)
+    for part in parts:
+        widths = [variants[n].get("parts", {}).get(part, 0.0) for n in names]
+        ax.barh(names, widths, left=left, label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("CUDA ms per NHA fwd+bwd (profiler)")
+    ax.set_title(f"tile variants at T={length or '?'}, {result['device']}")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _measure(args, tuning):
@@ -639,7 +666,8 @@ def _measure(args, tuning):
               "torch": torch.__version__, "triton": triton.__version__,
               "ceilings": _ceilings(), "rows": {}, "skipped": {},
               "blocks": os.environ.get("KERAS_NHA_TRITON_BLOCKS", ""),
-              "tuning": tuning, "breakdowns": {}}
+              "tuning": tuning, "breakdowns": {},
+              "tune_length": args.tune_length}
     print(f"{result['device']}: {result['ceilings']}", flush=True)
     reused = {}
     if args.reuse:
