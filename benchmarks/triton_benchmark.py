@@ -95,8 +95,6 @@ def _fwd_bwd(forward, inputs):
 def nha_rows(length, graphs=None):
     """NHA fwd and fwd+bwd; with `graphs` (default: NHA_BENCH_GRAPHS=1) also
     replayed from CUDA graphs."""
-    import torch
-
     from keras_nha.kernels import state as state_lib
     from keras_nha.kernels.triton.sequence import triton_nha
 
@@ -109,10 +107,7 @@ def nha_rows(length, graphs=None):
                             state=state)
         return out
 
-    with torch.no_grad():
-        fwd = _bench(forward)
-    step = _fwd_bwd(forward, (q, k, v, g))
-    both = _bench(step)
+    fwd, both = _fwd_and_both(forward, (q, k, v, g))
     flops = (window_flops(length, W) + slot_flops(length)) * B * H
     rows = {"NHA Triton (M=64, W=512)": (fwd, both, flops)}
     if graphs is None:
@@ -121,6 +116,7 @@ def nha_rows(length, graphs=None):
         # Replaying a captured step takes the CPU's launch time out: what
         # the kernels cost when the caller graphs its training step.
         try:
+            step = _fwd_bwd(forward, (q, k, v, g))
             rows["NHA Triton, CUDA graph (M=64, W=512)"] = (
                 _bench(_graphed(forward, grad=False)), _bench(_graphed(step)),
                 flops)
@@ -146,24 +142,35 @@ def _graphed(fn, grad=True):
     return graph.replay
 
 
+def _fwd_and_both(forward, inputs):
+    """Median ms of `forward` without grad and of forward+backward."""
+    import torch
+
+    with torch.no_grad():
+        fwd = _bench(forward)
+    return fwd, _bench(_fwd_bwd(forward, inputs))
+
+
+def _heads_first(length):
+    """q, k, v as [B, H, T, D] leaves (torch attention's layout)."""
+    q, k, v, _ = _inputs(length)
+    return [x.detach().transpose(1, 2).contiguous().requires_grad_(True)
+            for x in (q, k, v)]
+
+
 def sdpa_rows(length):
     import torch
     from torch.nn.attention import SDPBackend
     from torch.nn.attention import sdpa_kernel
 
-    q, k, v, _ = _inputs(length)
-    q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_(True)
-               for x in (q, k, v))
+    q, k, v = _heads_first(length)
 
     def forward():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True)
 
-    with torch.no_grad():
-        fwd = _bench(forward)
-    both = _bench(_fwd_bwd(forward, (q, k, v)))
-    return {"SDPA causal (flash)": (fwd, both,
+    return {"SDPA causal (flash)": (*_fwd_and_both(forward, (q, k, v)),
                                     window_flops(length, length) * B * H)}
 
 
@@ -172,9 +179,7 @@ def flex_rows(length):
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention
 
-    q, k, v, _ = _inputs(length)
-    q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_(True)
-               for x in (q, k, v))
+    q, k, v = _heads_first(length)
 
     def sliding(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx < W)
@@ -186,10 +191,7 @@ def flex_rows(length):
     def forward():
         return flex(q, k, v, block_mask=mask)
 
-    with torch.no_grad():
-        fwd = _bench(forward)
-    both = _bench(_fwd_bwd(forward, (q, k, v)))
-    return {"Flex sliding W=512": (fwd, both,
+    return {"Flex sliding W=512": (*_fwd_and_both(forward, (q, k, v)),
                                    window_flops(length, W) * B * H)}
 
 
@@ -223,10 +225,7 @@ def fla_rows(length):
             ("fla composition (gsa + window)", both_parts,
              (q, k, v, strength, gate),
              slot_flops(length) + window_flops(length, W))):
-        import torch
-        with torch.no_grad():
-            fwd = _bench(fn)
-        rows[name + tag] = (fwd, _bench(_fwd_bwd(fn, inputs)), flops * B * H)
+        rows[name + tag] = (*_fwd_and_both(fn, inputs), flops * B * H)
     return rows
 
 
