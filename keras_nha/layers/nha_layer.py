@@ -4,13 +4,17 @@ import keras
 from keras import ops
 
 from keras_nha import ops as nha_ops
+from keras_nha.layers.arguments import check_int
+from keras_nha.layers.arguments import copy_initializer
+from keras_nha.layers.arguments import default_initializer
+from keras_nha.layers.cache_layer import CacheLayer
 from keras_nha.layers.rotary import apply_rotary
 
 _HALF = ("bfloat16", "float16")
 
 
 @keras.saving.register_keras_serializable(package="keras_nha")
-class NHALayer(keras.layers.Layer):
+class NHALayer(CacheLayer):
     """Native Hybrid Attention: gated slot memory + sliding window, one softmax.
 
     `q = x Wq`, `k = x Wk`, `v = act(x Wv)`, `g = log_sigmoid(x Wf) / tau`;
@@ -54,19 +58,12 @@ class NHALayer(keras.layers.Layer):
                  rope_scaling_factor=1.0, scale=None, norm_epsilon=1e-6,
                  kernel_initializer=None, implementation="auto", **kwargs):
         super().__init__(**kwargs)
-        # Keras would autocast every float argument, the cache too: under
-        # mixed precision that rounds the float32 slot memory to bfloat16.
-        # `__call__` converts `inputs` (and only `inputs`) itself.
-        self._convert_input_args = False
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value, low in (("num_heads", num_heads, 1),
                                  ("num_kv_heads", num_kv_heads, 1),
                                  ("num_slots", num_slots, 0),
                                  ("window_size", window_size, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or (
-                    value < low):
-                raise ValueError(f"`{name}`: expected a Python int >= {low}, "
-                                 f"got {value!r}.")
+            check_int(name, value, low)
         if num_heads % num_kv_heads:
             raise ValueError(f"`num_heads`: expected a multiple of num_kv_heads"
                              f"={num_kv_heads}, got {num_heads}.")
@@ -91,17 +88,13 @@ class NHALayer(keras.layers.Layer):
         self.rope_scaling_factor = rope_scaling_factor
         self.scale = scale
         self.norm_epsilon = norm_epsilon
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.RandomNormal(stddev=0.02))
+        self.kernel_initializer = default_initializer(kernel_initializer)
         self.implementation = implementation
 
     def _dense(self, name, equation, output_shape, bias_axes=None, dtype=None):
         return keras.layers.EinsumDense(
             equation, output_shape, bias_axes=bias_axes,
-            # A fresh copy per projection. (Not through serialize(): that
-            # imports TensorFlow whenever it is installed.)
-            kernel_initializer=self.kernel_initializer.__class__.from_config(
-                self.kernel_initializer.get_config()),
+            kernel_initializer=copy_initializer(self.kernel_initializer),
             dtype=dtype or self.dtype_policy, name=name)
 
     def build(self, input_shape):
@@ -183,11 +176,6 @@ class NHALayer(keras.layers.Layer):
             batch_size, self.num_kv_heads, self._head_dim, self._head_dim,
             self.num_slots, self.window_size, max_length=max_length,
             dtype=self.compute_dtype)
-
-    def __call__(self, inputs, *args, **kwargs):
-        inputs = self.dtype_policy.convert_input(inputs, self.autocast,
-                                                 self.input_dtype)
-        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, padding_mask=None, cache=None):
         """Runs the layer.

@@ -20,6 +20,7 @@ from keras_hub.models import LlamaBackbone
 from keras_hub.models import MistralBackbone
 from keras_hub.models import QwenBackbone
 
+from keras_nha.layers.arguments import check_int
 from keras_nha.layers.rotary import apply_rotary
 from keras_nha.models.nha_backbone import NHABackbone
 from keras_nha.models.nha_causal_lm import NHACausalLM
@@ -223,10 +224,7 @@ def hybridize(backbone, window_size=512, num_slots=64, global_layers=(),
     if any(not 0 <= i < num_layers for i in global_layers):
         raise ValueError(f"`global_layers`: expected indices in [0, "
                          f"{num_layers}), got {global_layers}.")
-    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or (
-            num_slots < 0):
-        raise ValueError(f"`num_slots`: expected a Python int >= 0, got "
-                         f"{num_slots!r}.")
+    check_int("num_slots", num_slots, 0)
     if isinstance(source, GemmaBackbone):
         config, blocks, final_norm = _gemma(source)
     else:

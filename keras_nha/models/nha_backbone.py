@@ -4,8 +4,10 @@ import keras
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
+from keras_nha.layers.arguments import check_int
+from keras_nha.models.nha_decoder_block import SHARED_BLOCK_ARGUMENTS
 from keras_nha.models.nha_decoder_block import NHADecoderBlock
-from keras_nha.models.nha_presets import explain_preset_errors
+from keras_nha.models.nha_presets import ExplainedPresetLoading
 
 # A window this long is never reached: the layer is full causal attention.
 GLOBAL_WINDOW = 1 << 30
@@ -55,7 +57,7 @@ def _check_splits(sizes):
 
 
 @keras.saving.register_keras_serializable(package="keras_nha")
-class NHABackbone(Backbone):
+class NHABackbone(ExplainedPresetLoading, Backbone):
     """A decoder-only language model backbone built from NHA blocks.
 
     Token embedding (optionally scaled), then `num_layers` pre-norm blocks
@@ -134,10 +136,7 @@ class NHABackbone(Backbone):
                             ("num_query_heads", num_query_heads),
                             ("hidden_dim", hidden_dim),
                             ("intermediate_dim", intermediate_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or (
-                    value < 1):
-                raise ValueError(f"`{name}`: expected a Python int >= 1, got "
-                                 f"{value!r}.")
+            check_int(name, value, 1)
         kv_heads = num_key_value_heads or num_query_heads
         windows = _per_layer(window_size, num_layers, "window_size", True)
         slots = _per_layer(num_slots, num_layers, "num_slots", False)
@@ -150,6 +149,9 @@ class NHABackbone(Backbone):
             ("num_key_value_heads", kv_heads, attention + "key/kernel", 1),
             ("intermediate_dim", intermediate_dim,
              "transformer_layer_0/feedforward_gate_dense/kernel", 1)))
+        # The arguments every block takes unchanged, by their names here.
+        arguments = locals()
+        shared = {name: arguments[name] for name in SHARED_BLOCK_ARGUMENTS}
 
         # === Layers ===
         self.token_embedding = ReversibleEmbedding(
@@ -165,18 +167,8 @@ class NHABackbone(Backbone):
                 num_key_value_heads=kv_heads,
                 intermediate_dim=intermediate_dim,
                 window_size=GLOBAL_WINDOW if window is None else window,
-                num_slots=slot_count, head_dim=head_dim,
-                gate_logit_normalizer=gate_logit_normalizer,
-                feature_map=feature_map, value_activation=value_activation,
-                attention_output_activation=attention_output_activation,
-                use_attention_output_norm=use_attention_output_norm,
-                use_qkv_bias=use_qkv_bias, attention_scale=attention_scale,
-                rope_max_wavelength=rope_max_wavelength,
-                rope_scaling_factor=rope_scaling_factor,
-                feedforward_activation=feedforward_activation,
-                layer_norm_epsilon=layer_norm_epsilon, dropout=dropout,
-                implementation=implementation, dtype=dtype,
-                name=f"transformer_layer_{i}"))
+                num_slots=slot_count, dtype=dtype,
+                name=f"transformer_layer_{i}", **shared))
         self.layer_norm = keras.layers.RMSNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype,
             name="sequence_output_layernorm")
@@ -202,42 +194,12 @@ class NHABackbone(Backbone):
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
         self.num_key_value_heads = kv_heads
-        self.head_dim = head_dim
         self.window_size = window_size
         self.num_slots = num_slots
-        self.gate_logit_normalizer = gate_logit_normalizer
-        self.feature_map = feature_map
-        self.value_activation = value_activation
-        self.attention_output_activation = attention_output_activation
-        self.use_attention_output_norm = use_attention_output_norm
-        self.use_qkv_bias = use_qkv_bias
-        self.attention_scale = attention_scale
-        self.rope_max_wavelength = rope_max_wavelength
-        self.rope_scaling_factor = rope_scaling_factor
-        self.feedforward_activation = feedforward_activation
         self.embedding_scale = embedding_scale
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.dropout = dropout
         self.tie_word_embeddings = tie_word_embeddings
-        self.implementation = implementation
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Loads a keras-hub preset (directory, handle or bundled name).
-
-        Args:
-            preset: a preset path, a keras-hub handle, or a bundled short
-                name such as "nha_tiny_python_bytes".
-            load_weights: load the saved weights (else random init).
-            **kwargs: forwarded to keras-hub (e.g. `dtype`).
-
-        Returns:
-            The loaded model. A corrupt or mismatched preset raises a
-            ValueError naming the preset.
-        """
-        with explain_preset_errors(preset):
-            return super().from_preset(preset, load_weights=load_weights,
-                                       **kwargs)
+        for name, value in shared.items():
+            setattr(self, name, value)
 
     @staticmethod
     def get_layout_map(device_mesh, model_parallel_dim_name="model",
@@ -338,25 +300,13 @@ class NHABackbone(Backbone):
             num_query_heads=self.num_query_heads, hidden_dim=self.hidden_dim,
             intermediate_dim=self.intermediate_dim,
             num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
             window_size=(list(self.window_size)
                          if isinstance(self.window_size, (list, tuple))
                          else self.window_size),
             num_slots=(list(self.num_slots)
                        if isinstance(self.num_slots, (list, tuple))
                        else self.num_slots),
-            gate_logit_normalizer=self.gate_logit_normalizer,
-            feature_map=self.feature_map,
-            value_activation=self.value_activation,
-            attention_output_activation=self.attention_output_activation,
-            use_attention_output_norm=self.use_attention_output_norm,
-            use_qkv_bias=self.use_qkv_bias,
-            attention_scale=self.attention_scale,
-            rope_max_wavelength=self.rope_max_wavelength,
-            rope_scaling_factor=self.rope_scaling_factor,
-            feedforward_activation=self.feedforward_activation,
             embedding_scale=self.embedding_scale,
-            layer_norm_epsilon=self.layer_norm_epsilon, dropout=self.dropout,
             tie_word_embeddings=self.tie_word_embeddings,
-            implementation=self.implementation)
+            **{name: getattr(self, name) for name in SHARED_BLOCK_ARGUMENTS})
         return config

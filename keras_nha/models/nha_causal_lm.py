@@ -9,7 +9,7 @@ from keras_hub.models import CausalLM
 from keras_nha.kernels.state import state_dtype
 from keras_nha.models.nha_backbone import NHABackbone
 from keras_nha.models.nha_causal_lm_preprocessor import NHACausalLMPreprocessor
-from keras_nha.models.nha_presets import explain_preset_errors
+from keras_nha.models.nha_presets import ExplainedPresetLoading
 
 def _unread_entries(attention, capacity):
     """State entries that `attention`'s NHA writes but never reads back.
@@ -114,7 +114,7 @@ def _stop_locations(token_ids, stop_token_ids, prompt_mask):
 
 
 @keras.saving.register_keras_serializable(package="keras_nha")
-class NHACausalLM(CausalLM):
+class NHACausalLM(ExplainedPresetLoading, CausalLM):
     """An end-to-end NHA language model for training and generation.
 
     `fit()` trains next-token prediction on text (with a preprocessor) or on
@@ -164,24 +164,6 @@ class NHACausalLM(CausalLM):
         hidden_states = backbone(inputs)
         outputs = backbone.token_embedding(hidden_states, reverse=True)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Loads a keras-hub preset (directory, handle or bundled name).
-
-        Args:
-            preset: a preset path, a keras-hub handle, or a bundled short
-                name such as "nha_tiny_python_bytes".
-            load_weights: load the saved weights (else random init).
-            **kwargs: forwarded to keras-hub (e.g. `dtype`).
-
-        Returns:
-            The loaded model. A corrupt or mismatched preset raises a
-            ValueError naming the preset.
-        """
-        with explain_preset_errors(preset):
-            return super().from_preset(preset, load_weights=load_weights,
-                                       **kwargs)
 
     def get_initial_cache(self, batch_size, max_length=None):
         """An empty generation cache.

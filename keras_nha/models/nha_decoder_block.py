@@ -3,7 +3,19 @@
 import keras
 from keras import ops
 
+from keras_nha.layers.arguments import copy_initializer
+from keras_nha.layers.arguments import default_initializer
+from keras_nha.layers.cache_layer import CacheLayer
 from keras_nha.layers.nha_layer import NHALayer
+
+# Arguments that `NHABackbone` gives every block unchanged (and keeps in its
+# own config under the same names).
+SHARED_BLOCK_ARGUMENTS = (
+    "head_dim", "gate_logit_normalizer", "feature_map", "value_activation",
+    "attention_output_activation", "use_attention_output_norm",
+    "use_qkv_bias", "attention_scale", "rope_max_wavelength",
+    "rope_scaling_factor", "feedforward_activation", "layer_norm_epsilon",
+    "dropout", "implementation")
 
 _ACTIVATIONS = {
     "silu": ops.silu,
@@ -13,7 +25,7 @@ _ACTIVATIONS = {
 
 
 @keras.saving.register_keras_serializable(package="keras_nha")
-class NHADecoderBlock(keras.layers.Layer):
+class NHADecoderBlock(CacheLayer):
     """A decoder block of `NHABackbone`.
 
     `x + attention(norm(x))`, then `x + down(act(gate(norm(x))) * up(norm(x)))`.
@@ -64,8 +76,6 @@ class NHADecoderBlock(keras.layers.Layer):
                  layer_norm_epsilon=1e-6, dropout=0.0,
                  kernel_initializer=None, implementation="auto", **kwargs):
         super().__init__(**kwargs)
-        # No autocasting of the (float32) cache; `__call__` converts `inputs`.
-        self._convert_input_args = False
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
         self.intermediate_dim = intermediate_dim
@@ -84,8 +94,7 @@ class NHADecoderBlock(keras.layers.Layer):
         self.feedforward_activation = feedforward_activation
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.RandomNormal(stddev=0.02))
+        self.kernel_initializer = default_initializer(kernel_initializer)
         self.implementation = implementation
         if feedforward_activation not in _ACTIVATIONS:
             raise ValueError(
@@ -105,7 +114,8 @@ class NHADecoderBlock(keras.layers.Layer):
             rope_max_wavelength=rope_max_wavelength,
             rope_scaling_factor=rope_scaling_factor, scale=attention_scale,
             norm_epsilon=layer_norm_epsilon,
-            kernel_initializer=self._initializer(), implementation=implementation,
+            kernel_initializer=copy_initializer(self.kernel_initializer),
+            implementation=implementation,
             dtype=self.dtype_policy, name="attention")
         self.feedforward_norm = self._norm("feedforward_norm")
         self.feedforward_gate_dense = self._dense(intermediate_dim,
@@ -116,17 +126,14 @@ class NHADecoderBlock(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(dropout,
                                                   dtype=self.dtype_policy)
 
-    def _initializer(self):
-        return keras.initializers.get(
-            keras.initializers.serialize(self.kernel_initializer))
-
     def _norm(self, name):
         return keras.layers.RMSNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name=name)
 
     def _dense(self, units, name):
         return keras.layers.Dense(units, use_bias=False,
-                                  kernel_initializer=self._initializer(),
+                                  kernel_initializer=copy_initializer(
+                                      self.kernel_initializer),
                                   dtype=self.dtype_policy, name=name)
 
     def build(self, input_shape):
@@ -145,11 +152,6 @@ class NHADecoderBlock(keras.layers.Layer):
     def get_initial_cache(self, batch_size, max_length=None):
         """The empty NHA state of this block's attention layer."""
         return self.attention.get_initial_cache(batch_size, max_length)
-
-    def __call__(self, inputs, *args, **kwargs):
-        inputs = self.dtype_policy.convert_input(inputs, self.autocast,
-                                                 self.input_dtype)
-        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, padding_mask=None, cache=None, training=None):
         """Runs the block.
@@ -187,19 +189,7 @@ class NHADecoderBlock(keras.layers.Layer):
             num_key_value_heads=self.num_key_value_heads,
             intermediate_dim=self.intermediate_dim,
             window_size=self.window_size, num_slots=self.num_slots,
-            head_dim=self.head_dim,
-            gate_logit_normalizer=self.gate_logit_normalizer,
-            feature_map=self.feature_map,
-            value_activation=self.value_activation,
-            attention_output_activation=self.attention_output_activation,
-            use_attention_output_norm=self.use_attention_output_norm,
-            use_qkv_bias=self.use_qkv_bias,
-            attention_scale=self.attention_scale,
-            rope_max_wavelength=self.rope_max_wavelength,
-            rope_scaling_factor=self.rope_scaling_factor,
-            feedforward_activation=self.feedforward_activation,
-            layer_norm_epsilon=self.layer_norm_epsilon, dropout=self.dropout,
             kernel_initializer=keras.initializers.serialize(
                 self.kernel_initializer),
-            implementation=self.implementation)
+            **{name: getattr(self, name) for name in SHARED_BLOCK_ARGUMENTS})
         return config

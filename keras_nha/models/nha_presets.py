@@ -90,3 +90,33 @@ def explain_preset_errors(preset):
             f"{error}. The preset may be incomplete or corrupt (re-save or "
             "re-download it), or its config.json may not match its weights "
             "(e.g. an edited num_layers or hidden_dim).") from error
+
+
+class ExplainedPresetLoading:
+    """Mixin: `from_preset` failures become a ValueError naming the preset.
+
+    Put it before the keras-hub base class: `class M(ExplainedPresetLoading,
+    keras_hub.models.Backbone)`.
+
+    Example:
+
+    >>> NHACausalLM.from_preset("nha_tiny_python_bytes")
+    """
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads a keras-hub preset (directory, handle or bundled name).
+
+        Args:
+            preset: a preset path, a keras-hub handle, or a bundled short
+                name such as "nha_tiny_python_bytes".
+            load_weights: load the saved weights (else random init).
+            **kwargs: forwarded to keras-hub (e.g. `dtype`).
+
+        Returns:
+            The loaded model. A corrupt or mismatched preset raises a
+            ValueError naming the preset.
+        """
+        with explain_preset_errors(preset):
+            return super().from_preset(preset, load_weights=load_weights,
+                                       **kwargs)

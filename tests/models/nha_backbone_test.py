@@ -10,6 +10,7 @@ from keras import ops
 from keras_nha.models import NHABackbone
 from keras_nha.models import NHADecoderBlock
 from keras_nha.models.nha_backbone import GLOBAL_WINDOW
+from keras_nha.models.nha_decoder_block import SHARED_BLOCK_ARGUMENTS
 
 
 def _inputs(rng, batch=2, length=11):
@@ -87,6 +88,28 @@ def test_config_round_trip_and_variable_lengths(rng, make_backbone):
                                    atol=1e-6)
     out = backbone.predict(_inputs(rng), verbose=0)
     assert out.shape == (2, 11, 16)
+
+
+def test_backbone_passes_its_block_arguments_to_every_block(make_backbone):
+    shared = dict(head_dim=6, gate_logit_normalizer=4.0, feature_map="swish",
+                  value_activation=None, attention_output_activation=None,
+                  use_attention_output_norm=False, use_qkv_bias=True,
+                  attention_scale=0.3, rope_max_wavelength=500,
+                  rope_scaling_factor=2.0, feedforward_activation="gelu",
+                  layer_norm_epsilon=1e-5, dropout=0.1,
+                  implementation="chunked")
+    assert set(shared) == set(SHARED_BLOCK_ARGUMENTS)
+    backbone = make_backbone(**shared)
+    config = backbone.get_config()
+    assert {n: config[n] for n in shared} == shared
+    for block in backbone.transformer_layers:
+        block_config = block.get_config()
+        assert {n: block_config[n] for n in shared} == shared
+        assert NHADecoderBlock.from_config(block_config).get_config() == (
+            block_config)
+    attention = backbone.transformer_layers[0].attention
+    assert (attention.head_dim, attention.scale, attention.use_bias,
+            attention.feature_map) == (6, 0.3, True, "swish")
 
 
 @pytest.mark.parametrize("kwargs, message", [
