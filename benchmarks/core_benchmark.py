@@ -9,33 +9,43 @@ several runs after a warm-up. JAX runs jitted, TensorFlow inside
     python benchmarks/core_benchmark.py --backends jax tensorflow torch \\
         --plot benchmarks/results/core_cpu.png
 
-Prints one table; `--json` writes the rows.
+Prints one table; `--json` writes the rows, `--from-json` reports saved ones.
 """
 
-import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
+import common
 import numpy as np
 
 SHAPE = dict(batch=1, heads=4, key_dim=64, num_slots=32, window_size=256)
 
 
-def _inputs(length):
+def random_inputs(length, window_path=False):
+    """Float32 NHA inputs of the benchmark shape, seeded by `length`.
+
+    Args:
+        length: sequence length T.
+        window_path: add separate `window_query` and `window_key`.
+
+    Returns:
+        A dict of NumPy arrays `[1, T, H, ...]`.
+    """
     rng = np.random.default_rng(length)
     b, h, d, m = (SHAPE[k] for k in ("batch", "heads", "key_dim",
                                      "num_slots"))
-    return {
-        "query": rng.normal(size=(b, length, h, d)).astype("float32"),
-        "key": rng.normal(size=(b, length, h, d)).astype("float32"),
-        "value": rng.normal(size=(b, length, h, d)).astype("float32"),
-        "log_forget_gate": (-np.logaddexp(0, -rng.normal(
-            size=(b, length, h, m))) / 8).astype("float32"),
+    normal = lambda *s: rng.normal(size=s).astype("float32")
+    inputs = {
+        "query": normal(b, length, h, d), "key": normal(b, length, h, d),
+        "value": normal(b, length, h, d),
+        "log_forget_gate": (-np.logaddexp(0, -normal(b, length, h, m))
+                            / 8).astype("float32"),
     }
+    if window_path:
+        inputs["window_query"] = normal(b, length, h, d)
+        inputs["window_key"] = normal(b, length, h, d)
+    return inputs
 
 
 def _compiled(fn, names, compile=True):
@@ -72,25 +82,6 @@ def _compiled(fn, names, compile=True):
     return fn, torch_both
 
 
-def _sync(result):
-    import keras
-    for leaf in keras.tree.flatten(result):
-        keras.ops.convert_to_numpy(leaf)
-
-
-def _median_ms(fn, args, repeats, budget_s=20.0):
-    _sync(fn(*args))  # warm-up (and compilation)
-    times = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _sync(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() > deadline:
-            break
-    return statistics.median(times)
-
-
 def run_backend(lengths, repeats, reference_limit):
     import keras
     from keras import ops
@@ -100,7 +91,7 @@ def run_backend(lengths, repeats, reference_limit):
     rows = []
     for length in lengths:
         tensors = {n: ops.convert_to_tensor(x)
-                   for n, x in _inputs(length).items()}
+                   for n, x in random_inputs(length).items()}
         names = list(tensors)
         variants = {
             "reference": lambda q, k, v, g: native_hybrid_attention(
@@ -120,8 +111,10 @@ def run_backend(lengths, repeats, reference_limit):
                   file=sys.stderr, flush=True)
             rows.append(dict(
                 backend=keras.config.backend(), length=length, path=name,
-                forward_ms=_median_ms(forward, args, repeats),
-                train_ms=_median_ms(both, args, repeats)))
+                forward_ms=common.time_calls(forward, args, repeats,
+                                             budget_s=20).wall_ms,
+                train_ms=common.time_calls(both, args, repeats,
+                                           budget_s=20).wall_ms))
             print(f"  fwd {rows[-1]['forward_ms']:.1f} ms, fwd+bwd "
                   f"{rows[-1]['train_ms']:.1f} ms", file=sys.stderr,
                   flush=True)
@@ -138,9 +131,7 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     backends = sorted({r["backend"] for r in rows})
     figure, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends),
                                                            4), squeeze=False)
@@ -154,13 +145,11 @@ def plot(rows, path):
         axis.set_xlabel("sequence length T")
         axis.set_ylabel("ms")
         axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    common.save_figure(figure, path)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[512, 2048, 8192])
     parser.add_argument("--repeats", type=int, default=5)
@@ -169,20 +158,20 @@ def main():
     parser.add_argument("--backends", nargs="+",
                         help="run each backend in its own process")
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--plot", help="write a PNG here")
+    common.add_report_arguments(parser)
     args = parser.parse_args()
-    if args.backends:
+    if args.from_json:
+        rows = common.read_json(args.from_json)
+    elif args.backends:
         rows = []
         for backend in args.backends:
             command = [sys.executable, __file__, "--json", "/dev/stdout",
                        "--repeats", str(args.repeats), "--reference-limit",
                        str(args.reference_limit), "--lengths",
                        *map(str, args.lengths)]
-            result = subprocess.run(command, check=True, text=True,
-                                    stdout=subprocess.PIPE,
-                                    env=dict(os.environ,
-                                             KERAS_BACKEND=backend))
-            rows += json.loads(result.stdout.strip().splitlines()[-1])
+            rows += common.run_json_child(
+                command, dict(os.environ, KERAS_BACKEND=backend),
+                check=True)[1]
     else:
         rows = run_backend(args.lengths, args.repeats, args.reference_limit)
         if args.json:

@@ -31,32 +31,16 @@ import json
 import os
 import re
 import resource
-import statistics
-import subprocess
 import sys
-import time
 
+import common
 import numpy as np
+from core_benchmark import SHAPE
+from core_benchmark import random_inputs
 
-SHAPE = dict(batch=1, heads=4, key_dim=64, num_slots=32, window_size=256)
 PATHS = ("xla", "chunked", "chunked+xla", "mha")
 # Peak memory grows like T for the NHA paths and like T^2 for attention.
 GROWTH = {"xla": 1, "chunked": 1, "chunked+xla": 1, "mha": 2}
-
-
-def _inputs(length):
-    rng = np.random.default_rng(length)
-    b, h, d, m = (SHAPE[k] for k in ("batch", "heads", "key_dim",
-                                     "num_slots"))
-    normal = lambda *s: rng.normal(size=s).astype("float32")
-    return {
-        "query": normal(b, length, h, d), "key": normal(b, length, h, d),
-        "value": normal(b, length, h, d),
-        "log_forget_gate": (-np.logaddexp(0, -normal(b, length, h, m))
-                            / 8).astype("float32"),
-        "window_query": normal(b, length, h, d),
-        "window_key": normal(b, length, h, d),
-    }
 
 
 def _rss_mb():
@@ -140,25 +124,6 @@ def _mha_functions(length):
     return forward, both, [x]
 
 
-def _time(fn, args, repeats):
-    start = time.perf_counter()
-    _sync(fn(*args))
-    compile_s = time.perf_counter() - start
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        _sync(fn(*args))
-        wall.append((time.perf_counter() - start) * 1e3)
-        cpu.append((time.process_time() - cpu_start) * 1e3)
-    return compile_s, statistics.median(wall), statistics.median(cpu)
-
-
-def _sync(result):
-    import tensorflow as tf
-    for leaf in tf.nest.flatten(result):
-        leaf.numpy()
-
-
 def run_one(path, length, repeats):
     """Measures one (path, T) in this process; returns a result dict."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -169,16 +134,19 @@ def run_one(path, length, repeats):
         forward, both, args = _mha_functions(length)
         jitted = None
     else:
-        args = [tf.constant(x) for x in _inputs(length).values()]
+        args = [tf.constant(x) for x in random_inputs(
+            length, window_path=True).values()]
         forward, both, jitted = _nha_functions(path, args)
     baseline = _rss_mb()
     row = dict(path=path, length=length)
     # Forward+backward first: the peak RSS below is its peak.
-    row["train_compile_s"], row["train_ms"], row["train_cpu_ms"] = _time(
-        both, args, repeats)
+    train = common.time_calls(both, args, repeats)
+    row.update(train_compile_s=train.first_s, train_ms=train.wall_ms,
+               train_cpu_ms=train.cpu_ms)
     row["peak_mb"] = _peak_rss_mb() - baseline
-    _, row["forward_ms"], row["forward_cpu_ms"] = _time(forward, args,
-                                                         repeats)
+    forward_timing = common.time_calls(forward, args, repeats)
+    row.update(forward_ms=forward_timing.wall_ms,
+               forward_cpu_ms=forward_timing.cpu_ms)
     if jitted is not None:
         row["largest_elements"], row["largest_shape"] = _largest_hlo_tensor(
             jitted, args)
@@ -221,14 +189,10 @@ def run_all(paths, lengths, repeats, memory_fraction, chunked_xla_max):
             print(f"T={length} {path} ...", file=sys.stderr, flush=True)
             command = [sys.executable, __file__, "--one", path, str(length),
                        "--repeats", str(repeats)]
-            result = subprocess.run(command, text=True, stdout=subprocess.PIPE,
-                                    env=dict(os.environ,
-                                             KERAS_BACKEND="tensorflow"))
-            if result.returncode:
-                rows.append(dict(path=path, length=length,
-                                 skipped=f"failed (exit {result.returncode})"))
-            else:
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            status, row = common.run_json_child(
+                command, dict(os.environ, KERAS_BACKEND="tensorflow"))
+            rows.append(row or dict(path=path, length=length,
+                                    skipped=f"failed (exit {status})"))
     return rows
 
 
@@ -300,10 +264,9 @@ def _extrapolated_mha_ms(rows, length):
 
 
 def plot(rows, path, machine):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = common.pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in PATHS:
         done = sorted((r["length"], r["train_ms"], r["peak_mb"]) for r in rows
@@ -332,13 +295,11 @@ def plot(rows, path, machine):
         axis.set_xlabel("sequence length T")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    common.save_figure(figure, path)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[2048, 8192, 32768])
     parser.add_argument("--paths", nargs="+", default=list(PATHS),
@@ -352,9 +313,9 @@ def main():
     parser.add_argument("--machine", default=f"cpu{os.cpu_count()}",
                         help="machine name for titles")
     parser.add_argument("--out", help="write PREFIX.txt and PREFIX.json")
-    parser.add_argument("--plot", help="write a PNG here")
-    parser.add_argument("--from-json", help="report and plot saved rows "
-                        "(a PREFIX.json of --out) instead of running")
+    common.add_report_arguments(
+        parser, from_json_help="report and plot saved rows (a PREFIX.json "
+                               "of --out) instead of running")
     parser.add_argument("--one", nargs=2, metavar=("PATH", "T"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -363,8 +324,7 @@ def main():
         print(json.dumps(row))
         return
     if args.from_json:
-        with open(args.from_json) as f:
-            rows = json.load(f)
+        rows = common.read_json(args.from_json)
     else:
         rows = run_all(args.paths, args.lengths, args.repeats,
                        args.memory_fraction, args.chunked_xla_max)
@@ -373,8 +333,7 @@ def main():
     if args.out and not args.from_json:
         with open(args.out + ".txt", "w") as f:
             f.write(text + "\n")
-        with open(args.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+        common.write_json(args.out + ".json", rows)
     if args.plot:
         plot(rows, args.plot, args.machine)
 
