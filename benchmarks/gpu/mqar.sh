@@ -23,7 +23,7 @@ pairs=(${MQAR_PAIRS:-8 16 32 64})
 # shellcheck disable=SC2206
 seeds=(${MQAR_SEEDS:-0 1})
 # shellcheck disable=SC2206
-lrs=(${MQAR_LRS:-1e-2 3e-2})
+lrs=(${MQAR_LRS:-3e-3 1e-2 3e-2})
 common=(--seq-len "$seq_len" --vocab "$vocab" --hidden "$hidden"
         --pairs "${pairs[@]}" --mixture --placement power --short-conv 3
         --seeds "${seeds[@]}" --lr "${lrs[@]}" --weight-decay 0.1
