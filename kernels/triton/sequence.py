@@ -159,16 +159,22 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
     strengths = torch.empty_like(gates)
     mp = common.pow2(s.M)
     prec = _precision(key.dtype)
-    for x, x_ring, out, width, first in (
-            (key, ring["keys"], sk, s.K, True),
-            (value, ring["values"], sv, s.V, False)):
+    # Equal widths: both recurrences in one launch, sharing the gate work.
+    keys = (key, ring["keys"], sk, s.K)
+    values = (value, ring["values"], sv, s.V)
+    launches = [(keys, values)] if s.K == s.V else [(keys, None),
+                                                    (values, None)]
+    for index, (side, other) in enumerate(launches):
+        x, x_ring, out, width = side
+        x2, x2_ring, out2, _ = other or side
         dt = _tile(width, s.M)
         slots.prep_kernel[(nt, s.B * s.HKV, triton.cdiv(width, dt))](
-            x, gate, mask, position, gates, strengths, out, decay, s.T,
-            cfg.capacity, _delta(x_ring, x),
+            x, x2, gate, mask, position, gates, strengths, out, out2, decay,
+            s.T, cfg.capacity, _delta(x_ring, x), _delta(x2_ring, x2),
             _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
-            DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=first,
-            PRECISION=prec, **_slot_options(cfg.blocks))
+            DT=dt, MP=mp, BT=bt, HAS_PM=cfg.has_mask, WRITE_GATES=index == 0,
+            BOTH=other is not None, PRECISION=prec,
+            **_slot_options(cfg.blocks))
     # The scan also writes entry 0 and the final states (fp32).
     final_keys = torch.empty_like(slot_keys)
     final_values = torch.empty_like(slot_values)

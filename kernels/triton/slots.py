@@ -118,13 +118,32 @@ def _pair_weights(Cf, G, s, GC, SS, c0, T, HKV, M: tl.constexpr,
 
 
 @triton.jit
-def prep_kernel(XN, GN, PM, POS, GC, SS, S, DEC, T, C, RDX, RDG, HKV,
-                D: tl.constexpr, M: tl.constexpr, DT: tl.constexpr,
+def _chunk_contribution(XN, RDX, S, w, b, hk, n, NT, rows, d, cols, C, pos, T,
+                        HKV, D: tl.constexpr, M: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Stores what chunk n adds to the state sequence (b, hk) of S, column
+    tile d: sum_i x_i (x) w_i."""
+    x = stream_rows(XN + b * T * HKV * D + hk * D,
+                    ring_delta(RDX, b, C, T, HKV * D), rows, d, C, pos, T,
+                    HKV, D, True)
+    delta = tl.dot(tl.trans(x), w, input_precision=PRECISION)
+    out = S + ((b * HKV + hk) * (NT + 1) + n + 1) * D * M
+    tl.store(out + d[:, None] * M + cols[None, :],
+             delta.to(S.dtype.element_ty),
+             mask=(d < D)[:, None] & (cols < M)[None, :])
+
+
+@triton.jit
+def prep_kernel(XN, XN2, GN, PM, POS, GC, SS, S, S2, DEC, T, C, RDX, RDX2,
+                RDG, HKV, D: tl.constexpr, M: tl.constexpr, DT: tl.constexpr,
                 MP: tl.constexpr, BT: tl.constexpr, HAS_PM: tl.constexpr,
-                WRITE_GATES: tl.constexpr, PRECISION: tl.constexpr):
+                WRITE_GATES: tl.constexpr, BOTH: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Per chunk n: what it adds to the state, to S[b, hk, n + 1]:
-    sum_i x_i (x) exp(G_end - G_i) s_i. With WRITE_GATES also G, s of its
-    rows (to GC, SS) and its decay exp(G_end) (to DEC)."""
+    sum_i x_i (x) exp(G_end - G_i) s_i; with BOTH also for the rows XN2
+    (the values, same width) into S2, sharing the gate work. With
+    WRITE_GATES also G, s of its rows (to GC, SS) and its decay exp(G_end)
+    (to DEC)."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     tile = tl.program_id(2)
@@ -142,14 +161,11 @@ def prep_kernel(XN, GN, PM, POS, GC, SS, S, DEC, T, C, RDX, RDG, HKV,
     strength = 1.0 - tl.exp(g)
     w = tl.exp(gend[None, :] - G) * strength
     d = tile * DT + tl.arange(0, DT)
-    x = stream_rows(XN + b * T * HKV * D + hk * D,
-                    ring_delta(RDX, b, C, T, HKV * D), rows, d, C, pos, T,
-                    HKV, D, True)
-    delta = tl.dot(tl.trans(x), w, input_precision=PRECISION)
-    out = S + (bhk.to(tl.int64) * (NT + 1) + n + 1) * D * M
-    tl.store(out + d[:, None] * M + cols[None, :],
-             delta.to(S.dtype.element_ty),
-             mask=(d < D)[:, None] & (cols < M)[None, :])
+    _chunk_contribution(XN, RDX, S, w, b, hk, n, NT, rows, d, cols, C, pos,
+                        T, HKV, D, M, PRECISION)
+    if BOTH:
+        _chunk_contribution(XN2, RDX2, S2, w, b, hk, n, NT, rows, d, cols, C,
+                            pos, T, HKV, D, M, PRECISION)
     if WRITE_GATES:
         if tile == 0:
             ok = (rows < T)[:, None] & (cols < M)[None, :]
