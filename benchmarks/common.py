@@ -46,6 +46,48 @@ def add_report_arguments(parser, plot_help="write a PNG here",
     return parser
 
 
+def add_options(parser, **defaults):
+    """Adds `--name-with-dashes` options typed and defaulted by `defaults`.
+
+    For plain options that need no help text beyond their name.
+
+    Args:
+        parser: an `argparse.ArgumentParser`.
+        **defaults: option name (underscores) -> default (int, float, str).
+
+    Returns:
+        `parser`.
+
+    Example:
+
+    >>> add_options(parser, num_layers=2, learning_rate=3e-3)
+    """
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"),
+                            type=type(default), default=default)
+    return parser
+
+
+def report_saved(path, table, plot=None, plot_path=None):
+    """Prints `table(saved)` and draws `plot(plot_path, saved)` for the JSON
+    results in `path` (the `--from-json` mode of a script).
+
+    Args:
+        path: the JSON file a run wrote.
+        table: `saved -> str`.
+        plot: `(path, saved) -> None`, or None.
+        plot_path: where to draw, or None for no plot.
+
+    Returns:
+        The saved results.
+    """
+    saved = read_json(path)
+    print(table(saved))
+    if plot is not None and plot_path:
+        plot(plot_path, saved)
+    return saved
+
+
 def read_json(path):
     """The object in a JSON file."""
     with open(path) as handle:

@@ -27,12 +27,12 @@ then the data-parallel scaling against `single`.
         --plot out.png
 """
 
-import argparse
 import gc
-import json
 import os
 import sys
 import time
+
+import common
 
 SIZES = {
     # Fits a small CPU; for smoke tests only.
@@ -52,7 +52,7 @@ SIZES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--runs", default="auto:single,auto:data,auto:model",
                         help="comma-separated implementation:mode pairs; "
@@ -64,13 +64,13 @@ def parse_args(argv=None):
     parser.add_argument("--batch-per-device", type=int, default=0,
                         help="override the size's batch per device")
     parser.add_argument("--sequence-length", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps (the median is reported)")
-    parser.add_argument("--dtype", default="mixed_bfloat16")
+    common.add_options(parser, warmup=2, dtype="mixed_bfloat16")
     parser.add_argument("--json", help="append one JSON line per run here")
-    parser.add_argument("--plot", help="write a PNG of tokens/s per run")
-    parser.add_argument("--from-json", help="skip running; read these rows")
+    common.add_report_arguments(
+        parser, plot_help="write a PNG of tokens/s per run",
+        from_json_help="skip running; read these rows")
     return parser.parse_args(argv)
 
 
@@ -219,11 +219,7 @@ def _baseline(rows, implementation):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     labels = [f"{r['implementation']}\n{r['mode']} x{r['devices']}"
               for r in rows]
     values = [r["tokens_per_s"] / 1e3 for r in rows]
@@ -243,20 +239,13 @@ def plot(rows, path):
     axis.set_title(f"NHACausalLM training, {rows[0]['parameters'] / 1e6:.1f} M "
                    f"params, T={rows[0]['sequence_length']}, {card}"
                    if rows else "no rows", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
-def _read_rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    common.save_figure(figure, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.from_json:
-        rows = _read_rows(args.from_json)
+        rows = common.read_json_lines(args.from_json)
     else:
         if args.host_devices:
             os.environ["XLA_FLAGS"] = (
@@ -275,8 +264,8 @@ def main(argv=None):
               f"{args.steps} steps; devices "
               f"{keras.distribution.list_devices()}", flush=True)
         # Rows of earlier invocations in the same file count as baselines.
-        rows = _read_rows(args.json) if args.json and os.path.exists(
-            args.json) else []
+        rows = (common.read_json_lines(args.json)
+                if args.json and os.path.exists(args.json) else [])
         for spec in args.runs.split(","):
             implementation, _, mode = spec.strip().partition(":")
             try:
@@ -291,8 +280,7 @@ def main(argv=None):
             print(HEADER)
             print(format_row(row, _baseline(rows, implementation)), flush=True)
             if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                common.append_json_line(args.json, row)
     print()
     print(HEADER)
     for row in rows:

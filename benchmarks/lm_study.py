@@ -27,13 +27,12 @@ trains the four models in about 5 minutes on a quiet 2-core CPU.
 `--window-size 64,g` gives the NHA model per-layer windows (g = global).
 """
 
-import argparse
-import json
 import math
 import os
 import sys
 import time
 
+import common
 import keras
 import numpy as np
 
@@ -55,30 +54,21 @@ LABELS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {VARIANTS}")
-    parser.add_argument("--max-bytes", type=int, default=3_000_000)
-    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    common.add_options(parser, max_bytes=3_000_000, validation_fraction=0.05)
     parser.add_argument("--validation-rows", type=int, default=256,
                         help="validation sequences (the same for everyone)")
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--hidden-dim", type=int, default=128)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--num-kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate-dim", type=int, default=256)
+    common.add_options(parser, num_layers=2, hidden_dim=128, num_heads=4,
+                       num_kv_heads=2, intermediate_dim=256)
     parser.add_argument("--window-size", default="64",
                         help="NHA window: an int, or per-layer windows "
                              "separated by commas with g for a global layer "
                              "(e.g. 64,g)")
-    parser.add_argument("--num-slots", type=int, default=16)
-    parser.add_argument("--swa-window", type=int, default=64)
-    parser.add_argument("--sequence-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_options(parser, num_slots=16, swa_window=64,
+                       sequence_length=256, batch_size=16, steps=500,
+                       eval_every=100, learning_rate=3e-3, seed=0)
     parser.add_argument("--order", choices=("shuffled", "corpus"),
                         default="shuffled",
                         help="training rows shuffled once with --seed, or in "
@@ -86,24 +76,39 @@ def parse_args(argv=None):
                              "examples/train_causal_lm.py feeds them)")
     parser.add_argument("--out", default="lm_study_out",
                         help="folder for results.json, log lines and weights")
-    parser.add_argument("--plot", default=None, help="training curves PNG")
     parser.add_argument("--no-weights", action="store_true",
                         help="do not save the trained weights")
-    parser.add_argument("--from-json", default=None,
-                        help="only redraw the plot and table from this JSON")
+    common.add_report_arguments(
+        parser, plot_help="training curves PNG",
+        from_json_help="only redraw the plot and table from this JSON")
     return parser.parse_args(argv)
 
 
-def nha_windows(text, num_layers):
-    """"64" -> 64; "64,g" -> [64, None] (g = global), one per layer."""
-    text = str(text)
-    if "," not in text:
-        return None if text == "g" else int(text)
-    windows = [None if w == "g" else int(w) for w in text.split(",")]
+def parse_windows(text, num_layers, argument="--window-size"):
+    """"64,g" -> [64, None] (g = global): one window per layer.
+
+    Raises a ValueError naming `argument` for anything else.
+    """
+    windows = []
+    for item in str(text).split(","):
+        if item in ("g", "global"):
+            windows.append(None)
+        elif item.isdigit():
+            windows.append(int(item))
+        else:
+            raise ValueError(f"{argument}: expected ints or 'g' separated "
+                             f"by commas, got {text!r}.")
     if len(windows) != num_layers:
-        raise ValueError(f"--window-size: {text!r} gives {len(windows)} "
+        raise ValueError(f"{argument}: {text!r} gives {len(windows)} "
                          f"windows for {num_layers} layers.")
     return windows
+
+
+def nha_windows(text, num_layers):
+    """"64" -> 64 (every layer); "64,g" -> [64, None] (g = global)."""
+    if "," not in str(text):
+        return parse_windows(text, 1)[0]
+    return parse_windows(text, num_layers)
 
 
 def backbone_kwargs(variant, args, vocabulary_size, intermediate_dim=None):
@@ -273,7 +278,9 @@ def train_variant(variant, args, data):
     return record
 
 
-def table(records):
+def table(saved):
+    """The results table of a saved run (one row per variant)."""
+    records = saved["records"]
     lines = [f"{'variant':24s} {'params':>8s} {'val loss':>9s} {'ppl':>7s} "
              f"{'bits/B':>7s} {'tok/s':>8s} {'compile s':>9s} {'wall s':>7s}"]
     for r in records:
@@ -285,12 +292,10 @@ def table(records):
     return "\n".join(lines)
 
 
-def plot(path, records, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(path, saved):
+    """Training curves (20-step means) and validation points per variant."""
+    records, title = saved["records"], saved["title"]
+    plt = common.pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 4.5))
     for i, r in enumerate(records):
         losses = np.asarray(r["train_losses"])
@@ -310,20 +315,13 @@ def plot(path, records, title):
     axis.legend(fontsize=8, title="dashed circles: validation",
                 title_fontsize=8)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    common.save_figure(figure, path, announce=False)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as handle:
-            saved = json.load(handle)
-        print(table(saved["records"]))
-        if args.plot:
-            plot(args.plot, saved["records"], saved["title"])
-        return saved
+        return common.report_saved(args.from_json, table, plot, args.plot)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -340,11 +338,10 @@ def main(argv=None):
         records.append(train_variant(variant, args, data))
         saved = dict(title=title, args=vars(args),
                      python=sys.version.split()[0], records=records)
-        with open(path, "w") as handle:
-            json.dump(saved, handle, indent=1)
-        print(table(records), flush=True)
+        common.write_json(path, saved)
+        print(table(saved), flush=True)
         if args.plot:
-            plot(args.plot, records, title)
+            plot(args.plot, saved)
     return saved
 
 

@@ -12,17 +12,16 @@ plots loss against cache size and against decode time.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 
 import keras
-import numpy as np
 from keras import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 import lm_study  # noqa: E402
 import lm_study_decode  # noqa: E402
 import lm_study_speed  # noqa: E402
@@ -34,23 +33,6 @@ from keras_nha.models import NHACausalLM  # noqa: E402
 DEFAULT_SCHEDULES = (
     "64,64 0,0 8,8 16,16 32,32 128,128 g,g "
     "g,0 0,g g,16 16,g g,64 64,g 64,0 0,64")
-
-
-def parse_schedule(text, num_layers):
-    """"g,16" -> [None, 16] (g = global)."""
-    windows = []
-    for item in text.split(","):
-        if item in ("g", "global"):
-            windows.append(None)
-        elif item.isdigit():
-            windows.append(int(item))
-        else:
-            raise ValueError(f"--schedules: expected ints or 'g' separated "
-                             f"by commas, got {text!r}.")
-    if len(windows) != num_layers:
-        raise ValueError(f"--schedules: {text!r} has {len(windows)} windows; "
-                         f"the model has {num_layers} layers.")
-    return windows
 
 
 def schedule_name(windows):
@@ -65,7 +47,7 @@ def per_layer_windows(backbone_kwargs):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--out", required=True,
                         help="the training run's folder (results.json, "
                              "weights); results_search_VARIANT.json is "
@@ -87,9 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--decode-repeats", type=int, default=10,
                         help="timed runs of --decode-steps; the fastest "
                              "counts (others share this machine)")
-    parser.add_argument("--plot", default=None)
-    parser.add_argument("--from-json", default=None,
-                        help="only redraw the plot and table from this JSON")
+    common.add_report_arguments(
+        parser, plot_help="loss against cache size and decode time, PNG",
+        from_json_help="only redraw the plot and table from this JSON")
     return parser.parse_args(argv)
 
 
@@ -121,7 +103,9 @@ def evaluate(lm, rows, batch_size):
     return total / rows[:, 1:].size
 
 
-def table(records, lengths):
+def table(saved):
+    """The search's table: loss per context, decode time, cache sizes."""
+    records, lengths = saved["records"], saved["lengths"]
     head = f"{'windows':12s} " + " ".join(
         f"{'loss@' + str(t):>9s}" for t in lengths) + (
         f" {'ms/token':>9s} {'cache KiB':>10s} {'KV+slots KiB':>12s}")
@@ -135,11 +119,8 @@ def table(records, lengths):
 
 
 def plot(path, saved):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Loss against cache size and against decode time, per schedule."""
+    plt = common.pyplot()
     records, lengths = saved["records"], saved["lengths"]
     length = str(lengths[-1])
     losses = sorted(r["valid_loss"][length] for r in records)
@@ -177,26 +158,18 @@ def plot(path, saved):
         f"{saved['variant']} model trained with windows "
         f"{saved['trained_schedule']}, rerun with other per-layer windows "
         "(g = global), no retraining; star = as trained", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    common.save_figure(figure, path, announce=False)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as handle:
-            saved = json.load(handle)
-        print(table(saved["records"], saved["lengths"]))
-        if args.plot:
-            plot(args.plot, saved)
-        return saved
+        return common.report_saved(args.from_json, table, plot, args.plot)
     os.makedirs(args.out, exist_ok=True)
-    with open(args.results or os.path.join(args.out, "results.json")) as (
-            handle):
-        trained = {r["variant"]: r for r in json.load(handle)["records"]}
-        handle.seek(0)
-        train_args = json.load(handle)["args"]
+    training = common.read_json(
+        args.results or os.path.join(args.out, "results.json"))
+    trained = {r["variant"]: r for r in training["records"]}
+    train_args = training["args"]
     base = trained[args.variant]["backbone"]
     lengths = [int(t) for t in args.lengths.split(",") if t]
     rows = {t: validation_rows(train_args, t, args.validation_bytes)
@@ -213,7 +186,8 @@ def main(argv=None):
                  validation_bytes=args.validation_bytes, records=[])
     path = os.path.join(args.out, f"results_search_{args.variant}.json")
     for text in args.schedules.split():
-        windows = parse_schedule(text, base["num_layers"])
+        windows = lm_study.parse_windows(text, base["num_layers"],
+                                         argument="--schedules")
         started = time.perf_counter()
         lm = NHACausalLM(NHABackbone(**{**base, "window_size": windows}),
                          preprocessor=None)
@@ -238,11 +212,10 @@ def main(argv=None):
             f"@{t} {v:.4f}" for t, v in losses.items()) +
             f"; {ms:.3f} ms/token; cache {total / 1024:.1f} KiB; "
             f"{record['wall_s']:.0f} s", flush=True)
-        with open(path, "w") as handle:
-            json.dump(saved, handle, indent=1)
+        common.write_json(path, saved)
         if args.plot:
             plot(args.plot, saved)
-    print(table(saved["records"], lengths))
+    print(table(saved))
     return saved
 
 

@@ -9,15 +9,14 @@ them), and draws the seed-averaged training curves and validation losses.
         RUN2/results.json --plot docs/images/lm_training_curves.png
 """
 
-import argparse
-import json
 import math
 
+import common
 import numpy as np
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("results", nargs="+", help="results.json files")
     parser.add_argument("--plot", default=None, help="curves PNG")
     return parser.parse_args(argv)
@@ -27,8 +26,7 @@ def load(paths):
     """`(runs, variants)`: each run's `{variant: record}`, variant order."""
     runs, variants = [], []
     for path in paths:
-        with open(path) as handle:
-            saved = json.load(handle)
+        saved = common.read_json(path)
         records = {r["variant"]: r for r in saved["records"]}
         runs.append(dict(seed=saved["args"]["seed"], title=saved["title"],
                          records=records))
@@ -61,11 +59,7 @@ def table(runs, variants):
 
 
 def plot(path, runs, variants):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, variant in enumerate(variants):
         records = [run["records"][variant] for run in runs
@@ -98,9 +92,7 @@ def plot(path, runs, variants):
     figure.suptitle(runs[0]["title"].replace(
         f"seed {runs[0]['seed']}", "seeds " + ", ".join(
             str(run["seed"]) for run in runs)), fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    common.save_figure(figure, path, announce=False)
 
 
 def main(argv=None):

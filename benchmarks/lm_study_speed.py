@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 import lm_study  # noqa: E402
 import lm_study_decode  # noqa: E402
 
@@ -37,7 +38,7 @@ from keras_nha.models import NHATokenizer  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.make_parser(__doc__)
     parser.add_argument("--variants", default=",".join(lm_study.VARIANTS))
     parser.add_argument("--plan", default="train:auto,decode:auto",
                         help="comma-separated PHASE:KERNEL items, in order; "
@@ -48,10 +49,8 @@ def parse_args(argv=None):
                              "(default: --batch-size x --sequence-length)")
     parser.add_argument("--dtype-policy", default="float32",
                         help="e.g. mixed_bfloat16")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--decode-context", type=int, default=2048)
-    parser.add_argument("--decode-steps", type=int, default=100)
+    common.add_options(parser, warmup=3, steps=20, decode_context=2048,
+                       decode_steps=100)
     parser.add_argument("--decode-batch", type=int, default=1,
                         help="sequences decoded together")
     parser.add_argument("--decode-repeats", type=int, default=3,
@@ -107,8 +106,7 @@ def time_training(lm, model_args, warmup, steps):
 
 
 def write(path, record):
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    common.append_json_line(path, record)
     print(json.dumps(record), flush=True)
 
 
@@ -145,8 +143,7 @@ def run_one(phase, variant, args, model_args, implementation):
 
 def tables(path):
     """Markdown tables (training, decoding) of the records in `path`."""
-    with open(path) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+    records = common.read_json_lines(path)
     train = ["| variant | kernel | policy | batch x T | compile s | ms/step | "
              "tokens/s |", "|---|---|---|---|---|---|---|"]
     decode = ["| variant | kernel | policy | batch | context | compile s | "
