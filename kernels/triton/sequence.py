@@ -322,12 +322,18 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         adjoints = tuple(torch.empty(s.B, s.H, nt, width, s.M, **low)
                          for width in (s.K, s.V))
         stacks = [(adjoints[0], s.K, 1), (adjoints[1], s.V, 1)]
-    for (y, coef, _, _, width, _), adjoint in zip(sides, adjoints):
+    # Equal widths: both adjoints' chunk terms in one launch.
+    reads = [(y, coef, adjoint, width) for (y, coef, _, _, width, _), adjoint
+             in zip(sides, adjoints)]
+    launches = [(reads[0], reads[1])] if s.K == s.V else [(reads[0], None),
+                                                          (reads[1], None)]
+    for (y, coef, adjoint, width), other in launches:
+        y2, coef2, adjoint2, _ = other or (y, coef, adjoint, width)
         dt = _tile(width, s.M)
         slots.adjoint_delta_kernel[(nt, s.B * s.H, triton.cdiv(width, dt))](
-            y, coef, state.gates, adjoint, s.T, s.H, s.HKV, D=width, M=s.M,
-            DT=dt, MP=mp, BT=blocks.chunk, PRECISION=prec,
-            **_slot_options(blocks))
+            y, coef, y2, coef2, state.gates, adjoint, adjoint2, s.T, s.H,
+            s.HKV, D=width, M=s.M, DT=dt, MP=mp, BT=blocks.chunk,
+            BOTH=other is not None, PRECISION=prec, **_slot_options(blocks))
     for adjoint, width, count in stacks:
         slots.chunk_scan_kernel[(count * s.B * s.H,
                                  triton.cdiv(width * s.M, blocks.scan))](

@@ -178,11 +178,28 @@ def prep_kernel(XN, XN2, GN, PM, POS, GC, SS, S, S2, DEC, T, C, RDX, RDX2,
 
 
 @triton.jit
-def adjoint_delta_kernel(Y, CF, GC, R, T, H, HKV, D: tl.constexpr,
-                         M: tl.constexpr, DT: tl.constexpr, MP: tl.constexpr,
-                         BT: tl.constexpr, PRECISION: tl.constexpr):
+def _read_contribution(Y, CF, R, decay, b, h, bh, n, NT, rows, d, cols, T, H,
+                       D: tl.constexpr, M: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Stores sum_t y_t (x) c_t decay_t over the chunk's rows (column tile
+    d) to R[b, h, n]."""
+    c = plain_rows(CF + b * T * H * M + h * M, rows, cols, T, H * M, M)
+    y = plain_rows(Y + b * T * H * D + h * D, rows, d, T, H * D, D)
+    delta = tl.dot(tl.trans(y), c * decay, input_precision=PRECISION)
+    out = R + (bh.to(tl.int64) * NT + n) * D * M
+    tl.store(out + d[:, None] * M + cols[None, :],
+             delta.to(R.dtype.element_ty),
+             mask=(d < D)[:, None] & (cols < M)[None, :])
+
+
+@triton.jit
+def adjoint_delta_kernel(Y, CF, Y2, CF2, GC, R, R2, T, H, HKV,
+                         D: tl.constexpr, M: tl.constexpr, DT: tl.constexpr,
+                         MP: tl.constexpr, BT: tl.constexpr,
+                         BOTH: tl.constexpr, PRECISION: tl.constexpr):
     """What the reads of chunk n send back to the state before it, written to
-    R[b, h, n]: sum_t y_t (x) c_t exp(G_t)."""
+    R[b, h, n]: sum_t y_t (x) c_t exp(G_t); with BOTH also for (Y2, CF2)
+    (the other recurrence, same width) into R2."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     tile = tl.program_id(2)
@@ -192,15 +209,14 @@ def adjoint_delta_kernel(Y, CF, GC, R, T, H, HKV, D: tl.constexpr,
     hk = h // (H // HKV)
     rows = n * BT + tl.arange(0, BT)
     cols = tl.arange(0, MP)
-    G = plain_rows(GC + b * T * HKV * M + hk * M, rows, cols, T, HKV * M, M)
-    c = plain_rows(CF + b * T * H * M + h * M, rows, cols, T, H * M, M)
     d = tile * DT + tl.arange(0, DT)
-    y = plain_rows(Y + b * T * H * D + h * D, rows, d, T, H * D, D)
-    delta = tl.dot(tl.trans(y), c * tl.exp(G), input_precision=PRECISION)
-    out = R + (bh.to(tl.int64) * NT + n) * D * M
-    tl.store(out + d[:, None] * M + cols[None, :],
-             delta.to(R.dtype.element_ty),
-             mask=(d < D)[:, None] & (cols < M)[None, :])
+    decay = tl.exp(plain_rows(GC + b * T * HKV * M + hk * M, rows, cols, T,
+                              HKV * M, M))
+    _read_contribution(Y, CF, R, decay, b, h, bh, n, NT, rows, d, cols, T, H,
+                       D, M, PRECISION)
+    if BOTH:
+        _read_contribution(Y2, CF2, R2, decay, b, h, bh, n, NT, rows, d, cols,
+                           T, H, D, M, PRECISION)
 
 
 @triton.jit
