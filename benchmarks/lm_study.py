@@ -155,25 +155,12 @@ def matched_kwargs(variant, args, vocabulary_size):
 
 
 def load_data(args):
-    """Training and validation rows `[N, T + 1]` of byte ids, and the unigram
-    baseline (nats/byte)."""
+    """The tokenizer, byte ids, rows `[N, T + 1]` (training, validation)
+    and the unigram baseline (nats/byte), as the example makes them."""
     tokenizer = NHATokenizer()
     documents = example.read_corpus(None, "**/*.py", args.max_bytes)
-    train_text, valid_text = example.split_documents(
-        documents, args.validation_fraction)
-    offset = tokenizer.token_to_id("<0x00>")
-    train_ids = np.frombuffer(train_text, np.uint8).astype("int32") + offset
-    valid_ids = np.frombuffer(valid_text, np.uint8).astype("int32") + offset
-    train_rows = example.windows(train_ids, args.sequence_length,
-                                 tokenizer.start_token_id)
-    valid_rows = example.windows(valid_ids, args.sequence_length,
-                                 tokenizer.start_token_id)
-    baseline = example.unigram_cross_entropy(train_ids, valid_ids,
-                                             tokenizer.vocabulary_size())
-    print(f"corpus: {len(documents)} documents, {len(train_ids):,} train / "
-          f"{len(valid_ids):,} validation bytes; unigram baseline "
-          f"{baseline:.3f} nats/byte", flush=True)
-    return tokenizer, train_ids, valid_ids, train_rows, valid_rows, baseline
+    return (tokenizer,) + example.byte_rows(
+        documents, tokenizer, args.validation_fraction, args.sequence_length)
 
 
 def as_inputs(rows):
@@ -191,20 +178,22 @@ def compile_lm(lm, steps, learning_rate):
                weighted_metrics=[])
 
 
-class StepClock(keras.callbacks.Callback):
-    """Per-step training loss and wall time, with a progress line."""
+class StepClock(example.BatchLoss):
+    """The example's per-step losses, plus step wall times and a progress
+    line every `every` steps."""
 
     def __init__(self, tokens_per_step, total_steps, every=25):
         super().__init__()
         self.tokens_per_step = tokens_per_step
         self.total_steps = total_steps
         self.every = every
-        self.losses, self.intervals = [], []
+        self.intervals = []
         self.first_step_s = None
-        self._previous_mean, self._last = 0.0, None
+        self._last = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._previous_mean, self._last = 0.0, None
+        super().on_epoch_begin(epoch, logs)
+        self._last = None
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.first_step_s is None:
@@ -218,9 +207,7 @@ class StepClock(keras.callbacks.Callback):
             # Within an epoch only: epoch ends add validation time.
             self.intervals.append(now - self._last)
         self._last = now
-        mean = float(logs["loss"])
-        self.losses.append((batch + 1) * mean - batch * self._previous_mean)
-        self._previous_mean = mean
+        super().on_train_batch_end(batch, logs)
         step = len(self.losses)
         if step % self.every == 0 or step == self.total_steps:
             recent = self.intervals[-self.every:] or [float("nan")]

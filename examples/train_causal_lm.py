@@ -116,6 +116,30 @@ def windows(ids, length, start_token):
                           axis=1)
 
 
+def byte_rows(documents, tokenizer, validation_fraction, sequence_length):
+    """Byte ids and rows `[N, sequence_length + 1]` for training and
+    validation, and the unigram baseline (nats/byte); prints a summary.
+
+    Returns:
+        `(train_ids, valid_ids, train_rows, valid_rows, baseline)`.
+    """
+    train_text, valid_text = split_documents(documents, validation_fraction)
+    offset = tokenizer.token_to_id("<0x00>")
+    train_ids = np.frombuffer(train_text, np.uint8).astype("int32") + offset
+    valid_ids = np.frombuffer(valid_text, np.uint8).astype("int32") + offset
+    train_rows = windows(train_ids, sequence_length, tokenizer.start_token_id)
+    valid_rows = windows(valid_ids, sequence_length, tokenizer.start_token_id)
+    if not len(train_rows) or not len(valid_rows):
+        raise ValueError("--data: too little text for one training and one "
+                         "validation sequence of --sequence-length bytes.")
+    baseline = unigram_cross_entropy(train_ids, valid_ids,
+                                     tokenizer.vocabulary_size())
+    print(f"corpus: {len(documents)} documents, {len(train_ids):,} train / "
+          f"{len(valid_ids):,} validation bytes; unigram baseline "
+          f"{baseline:.3f} nats/byte", flush=True)
+    return train_ids, valid_ids, train_rows, valid_rows, baseline
+
+
 def unigram_cross_entropy(train_ids, valid_ids, vocabulary_size):
     """Validation loss (nats/token) of the add-one unigram model of train."""
     counts = np.bincount(train_ids, minlength=vocabulary_size) + 1.0
@@ -178,23 +202,8 @@ def main(argv=None):
 
     tokenizer = NHATokenizer()
     documents = read_corpus(args.data, args.glob, args.max_bytes)
-    train_text, valid_text = split_documents(documents,
-                                             args.validation_fraction)
-    offset = tokenizer.token_to_id("<0x00>")
-    train_ids = np.frombuffer(train_text, np.uint8).astype("int32") + offset
-    valid_ids = np.frombuffer(valid_text, np.uint8).astype("int32") + offset
-    train_rows = windows(train_ids, args.sequence_length,
-                         tokenizer.start_token_id)
-    valid_rows = windows(valid_ids, args.sequence_length,
-                         tokenizer.start_token_id)
-    if not len(train_rows) or not len(valid_rows):
-        raise ValueError("--data: too little text for one training and one "
-                         "validation sequence of --sequence-length bytes.")
-    baseline = unigram_cross_entropy(train_ids, valid_ids,
-                                     tokenizer.vocabulary_size())
-    print(f"corpus: {len(documents)} documents, {len(train_ids):,} train / "
-          f"{len(valid_ids):,} validation bytes; unigram baseline "
-          f"{baseline:.3f} nats/byte")
+    _, _, train_rows, valid_rows, baseline = byte_rows(
+        documents, tokenizer, args.validation_fraction, args.sequence_length)
 
     backbone = NHABackbone(
         vocabulary_size=tokenizer.vocabulary_size(),
