@@ -294,8 +294,7 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 
     def window_with(config):
         def window(q, k, v, mask):
-            return window_attention(q, k, v, mask, None, scale, WINDOW,
-                                    config)[0]
+            return window_attention(q, k, v, mask, scale, WINDOW, config)[0]
         return window, (mask,)
     window = window_with(base)
 

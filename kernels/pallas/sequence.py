@@ -3,11 +3,11 @@
 Token shift, as in `kernels/chunked.py`: the history stream is the state's
 ring (oldest first) followed by the new tokens. History row t is the token
 that enters the slots at step t, and query t's window is history rows
-t+1 .. t+C. So NHA splits into two Pallas passes, each differentiable on its
-own (`slots.slot_attention`, `window.window_attention`): the slot pass's
+t+1 .. t+C. So NHA splits into two Pallas passes: the slot pass's
 normalised output and log-sum-exp seed the window pass's online softmax,
-which is exactly the softmax over [slots | window], in the forward and (by
-the chain rule through the seed) in the backward.
+which is exactly the softmax over [slots | window]; `joint.joint_attention`
+puts both under one VJP (`slots.slot_attention` and
+`window.window_attention` serve a call without a window or without slots).
 """
 
 import jax
@@ -20,6 +20,7 @@ from keras_nha.kernels.pallas.common import pad_axis
 from keras_nha.kernels.pallas.common import padded_size
 from keras_nha.kernels.pallas.common import round_up
 from keras_nha.kernels.pallas.common import window_blocks
+from keras_nha.kernels.pallas.joint import joint_attention
 from keras_nha.kernels.pallas.slots import slot_attention
 from keras_nha.kernels.pallas.window import window_attention
 
@@ -62,29 +63,30 @@ def _core(query, window_query, history, slot_keys, slot_values, *,
     query dtype when there is a window, else float32.
     """
     padded = query.shape[1]
-    prior = None
-    if num_slots:
-        if capacity == window_size:
-            fed = [history[n][:, :padded] for n in ("keys", "values",
-                                                    "log_forget_gates")]
-            # History rows past T are tokens still inside the window at the
-            # end: they must not enter the returned slot memory.
-            fed[2] = fed[2] * (jnp.arange(padded) < length)[
-                None, :, None, None]
-        else:
-            # The caller promised the sequence fits the ring: nothing leaves.
-            fed = [jnp.zeros(history[n].shape[:1] + (padded,)
-                             + history[n].shape[2:], history[n].dtype)
-                   for n in ("keys", "values", "log_forget_gates")]
-        out, lse, slot_keys, slot_values = slot_attention(
+    if not num_slots:
+        out, _ = window_attention(window_query, history["window_keys"],
+                                  history["values"], history["mask"], scale,
+                                  capacity, config)
+        return out, slot_keys, slot_values
+    if capacity == window_size:
+        fed = [history[n][:, :padded] for n in ("keys", "values",
+                                                "log_forget_gates")]
+        # History rows past T are tokens still inside the window at the
+        # end: they must not enter the returned slot memory.
+        fed[2] = fed[2] * (jnp.arange(padded) < length)[None, :, None, None]
+    else:
+        # The caller promised the sequence fits the ring: nothing leaves.
+        fed = [jnp.zeros(history[n].shape[:1] + (padded,)
+                         + history[n].shape[2:], history[n].dtype)
+               for n in ("keys", "values", "log_forget_gates")]
+    if not capacity:
+        out, _, slot_keys, slot_values = slot_attention(
             query, *fed, slot_keys, slot_values, scale, num_slots, config)
-        prior = (out, lse)
-    if capacity:
-        # The slot part seeds the window's online softmax: one joint output.
-        out, _ = window_attention(
-            window_query, history["window_keys"], history["values"],
-            history["mask"], prior, scale, capacity, config)
-    return out, slot_keys, slot_values
+        return out, slot_keys, slot_values
+    return joint_attention(query, window_query, *fed, slot_keys, slot_values,
+                           history["window_keys"], history["values"],
+                           history["mask"], scale, capacity, num_slots,
+                           config)
 
 
 def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,

@@ -973,8 +973,8 @@ def slot_attention(q, k, v, g, sk0, sv0, scale, num_slots, config):
 def _slot_fwd(q, k, v, g, sk0, sv0, scale, num_slots, config):
     out, lse, sk, sv, sk_end, sv_end, gc, s = _forward(
         q, k, v, g, sk0, sv0, scale, num_slots, config)
-    residuals = (q, k, v, g, gc, s, sk, sv, sk_end, sv_end, out, lse)
-    return (out, lse, sk_end, sv_end), residuals
+    residuals = (q, k, v, g, gc, s, sk, sv, sk_end, sv_end)
+    return (out, lse, sk_end, sv_end), (residuals, out, lse)
 
 
 def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
@@ -1041,16 +1041,52 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
     )(k, v, gc, s, gc, lk, lv, q, dz, p, dout)
 
 
-def _slot_bwd(scale, num_slots, config, residuals, cotangents):
-    q, k, v, g, gc, s, sk, sv, sk_end, sv_end, out, lse = residuals
+def _slot_bwd(scale, num_slots, config, saved, cotangents):
+    residuals, out, lse = saved
     dout, dlse, dsk_end, dsv_end = cotangents
-    batch, length, heads, _ = q.shape
-    kv_heads, slots = k.shape[2], g.shape[-1]
-    groups = heads // kv_heads
     delta = jnp.einsum("bthv,bthv->bht", out, dout) - dlse
     # The kernels feed dout to the tensor cores in the input dtype: casting
     # once here halves what every program that re-reads it loads.
-    dout = dout.astype(v.dtype)
+    return slot_gradients(residuals, dout.astype(residuals[2].dtype), lse,
+                          delta, dsk_end, dsv_end, scale, num_slots, config)
+
+
+def slot_forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
+    """`slot_attention`'s forward for a caller's own VJP.
+
+    Returns:
+        `(out, lse, sk_end, sv_end, residuals)`; `residuals` is what
+        `slot_gradients` takes.
+    """
+    (out, lse, sk_end, sv_end), (residuals, _, _) = _slot_fwd(
+        q, k, v, g, sk0, sv0, scale, num_slots, config)
+    return out, lse, sk_end, sv_end, residuals
+
+
+def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
+                   num_slots, config):
+    """Gradients of the slot pass's inputs.
+
+    The readers' probabilities are exp(z - lse) and their logit gradients
+    p * (dp - delta), with dp from `dout`: with the pass's own lse, delta =
+    rowsum(o * dout) - dlse; with the joint NHA lse and delta and the joint
+    output's cotangent the same kernels give the joint softmax's gradient
+    directly (no slot-normalised cotangent needed).
+
+    Args:
+        residuals: from `slot_forward`.
+        dout: `[B, T, H, V]` output cotangent in the input dtype.
+        lse, delta: `[B, H, T]` float32.
+        dsk_end, dsv_end: cotangents of the returned memory.
+        scale, num_slots, config: as in `slot_attention`.
+
+    Returns:
+        `(dq, dk, dv, dg, dsk0, dsv0)`.
+    """
+    q, k, v, g, gc, s, sk, sv, sk_end, sv_end = residuals
+    batch, length, heads, _ = q.shape
+    kv_heads, slots = k.shape[2], g.shape[-1]
+    groups = heads // kv_heads
     dq, dz, p, x = _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale,
                        num_slots, config)
     adjoints = _adjoints_scan if config.walk == "scan" else _adjoints

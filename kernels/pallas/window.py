@@ -175,7 +175,9 @@ def _query_block_specs(block_q, history, key_dim, value_dim, groups):
     return rows, per_row, inputs
 
 
-def _forward(qw, kw, v, mask, prior, scale, capacity, config):
+def window_forward(qw, kw, v, mask, prior, scale, capacity, config):
+    """The forward kernel: `(out in qw's dtype, lse f32)`; `prior`, if given,
+    is `(out_s f32, lse_s f32)` seeding the online softmax."""
     batch, length, heads, key_dim = qw.shape
     history, kv_heads, value_dim = kw.shape[1], kw.shape[2], v.shape[-1]
     groups = heads // kv_heads
@@ -203,9 +205,15 @@ def _forward(qw, kw, v, mask, prior, scale, capacity, config):
     )(qw, kw, v, mask, *(() if prior is None else prior))
 
 
-def _backward(qw, kw, v, mask, do, lse, delta, scale, capacity, config):
+def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
+                     config):
     """dq, dk, dv in the inputs' dtypes (accumulated in float32; storing
-    them narrow saves a float32 round trip through memory)."""
+    them narrow saves a float32 round trip through memory).
+
+    Probabilities are exp(logit - lse) and logit gradients p * (dp - delta)
+    with dp from `do` (in the inputs' dtype): with the joint NHA lse, delta
+    and output cotangent, this is the joint softmax's gradient.
+    """
     batch, length, heads, key_dim = qw.shape
     history, kv_heads, value_dim = kw.shape[1], kw.shape[2], v.shape[-1]
     groups = heads // kv_heads
@@ -259,58 +267,40 @@ def _backward(qw, kw, v, mask, do, lse, delta, scale, capacity, config):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def window_attention(qw, kw, v, mask, prior, scale, capacity, config):
-    """Windowed attention over the history, merged with a prior softmax part.
-
-    With `prior = (out_s, lse_s)` (the slot pass's normalised output and
-    log-sum-exp), the online softmax starts from it: the result is the
-    softmax over [prior | window] without a separate merge pass (fewer
-    float32 round trips through memory).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def window_attention(qw, kw, v, mask, scale, capacity, config):
+    """Windowed attention over the history alone (NHA without slots).
 
     Args:
         qw: `[B, T, H, K]` window queries.
         kw: `[B, L, Hkv, K]` history window keys (L >= T + capacity).
         v: `[B, L, Hkv, V]` history values.
         mask: `[B, L]` float, 1 where the history row is a real token.
-        prior: None, or `(out [B, T, H, V] float32, lse [B, H, T] float32)`.
         scale: logit scale.
         capacity: the window C (query t sees rows t+1 .. t+C).
         config: a `KernelConfig` (block sizes, warps, interpret).
 
     Returns:
-        `(out [B, T, H, V] in qw's dtype, lse [B, H, T] float32)`, the
-        joint softmax's output and log-sum-exp.
+        `(out [B, T, H, V] in qw's dtype, lse [B, H, T] float32)`.
     """
-    return _forward(qw, kw, v, mask, prior, scale, capacity, config)
+    return window_forward(qw, kw, v, mask, None, scale, capacity, config)
 
 
-def _window_fwd(qw, kw, v, mask, prior, scale, capacity, config):
-    out, lse = _forward(qw, kw, v, mask, prior, scale, capacity, config)
-    return (out, lse), (qw, kw, v, mask, prior, out, lse)
+def _window_fwd(qw, kw, v, mask, scale, capacity, config):
+    out, lse = window_forward(qw, kw, v, mask, None, scale, capacity, config)
+    return (out, lse), (qw, kw, v, mask, out, lse)
 
 
 def _window_bwd(scale, capacity, config, residuals, cotangents):
-    qw, kw, v, mask, prior, out, lse = residuals
+    qw, kw, v, mask, out, lse = residuals
     dout, dlse = cotangents
-    dout = dout.astype(jnp.float32)
-    rowsum = lambda x: jnp.einsum("bthv,bthv->bht", x.astype(jnp.float32),
-                                  dout)
-    # Flash attention's backward over the joint softmax: its probabilities
-    # are exp(logit - lse) with the joint lse.
-    delta = rowsum(out) - dlse
-    dq, dk, dv = _backward(qw, kw, v, mask, dout.astype(v.dtype), lse, delta,
-                           scale, capacity, config)
-    dprior = None
-    if prior is not None:
-        # out = a * out_s + (window part), a = exp(lse_s - lse):
-        # d out_s = a * dout, d lse_s = a * (rowsum(out_s * dout) - delta).
-        prior_out, prior_lse = prior
-        share = jnp.exp(prior_lse - lse)
-        dprior = (dout * jnp.transpose(share, (0, 2, 1))[..., None],
-                  share * (rowsum(prior_out) - delta))
-    return (dq.astype(qw.dtype), dk.astype(kw.dtype), dv.astype(v.dtype),
-            jnp.zeros_like(mask), dprior)
+    delta = jnp.einsum("bthv,bthv->bht", out.astype(jnp.float32),
+                       dout.astype(jnp.float32)) - dlse
+    # The kernels feed dout to the tensor cores in the input dtype: casting
+    # once here halves what every program that re-reads it loads.
+    dq, dk, dv = window_gradients(qw, kw, v, mask, dout.astype(v.dtype), lse,
+                                  delta, scale, capacity, config)
+    return dq, dk, dv, jnp.zeros_like(mask)
 
 
 window_attention.defvjp(_window_fwd, _window_bwd)
