@@ -56,9 +56,11 @@ def cache_bytes(lm, context):
 
 def essential_cache_bytes(lm, context):
     """Bytes a decoder must keep at least: per layer the float32 slot
-    memory plus the window's rotated keys and values (a KV cache of
-    `min(W, context)` tokens). The package's ring also keeps raw keys and
-    log gates (needed to write leaving tokens into the slots) and a mask.
+    memory (unless no token ever leaves the window: `W >= context`) plus
+    the window's rotated keys and values (a KV cache of `min(W, context)`
+    tokens). The package's ring also keeps a mask, and in a layer with slots
+    whose tokens leave the window, their raw keys and log gates (written
+    into the slots when they leave).
     """
     total = 0
     for block in lm.backbone.transformer_layers:
@@ -67,7 +69,8 @@ def essential_cache_bytes(lm, context):
         itemsize = np.dtype(keras.backend.standardize_dtype(
             attention.compute_dtype)).itemsize
         window = min(attention.window_size, context)
-        total += 2 * heads * dim * attention.num_slots * 4
+        if attention.window_size < context:
+            total += 2 * heads * dim * attention.num_slots * 4
         total += window * heads * 2 * dim * itemsize
     return total
 
