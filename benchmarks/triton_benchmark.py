@@ -225,8 +225,8 @@ def fla_rows(length):
             ("fla composition (gsa + window)", both_parts,
              (q, k, v, strength, gate),
              slot_flops(length) + window_flops(length, W))):
-        rows[name + tag] = (*_fwd_and_both(fn, inputs), flops * B * H)
-    return rows
+        rows[name] = (*_fwd_and_both(fn, inputs), flops * B * H)
+    return {name + _fla_tag(tag): values for name, values in rows.items()}
 
 
 # Kernel name fragments -> the part of NHA they belong to (breakdown groups).
@@ -254,21 +254,70 @@ def _prepare_fla_tuning():
     """Sets up fla's autotuning from the environment; returns the row tag.
 
     FLA_FIRST_CONFIG=1: one config per kernel, no tuning ("[untuned]", an
-    upper bound). Otherwise fla autotunes ("[autotuned]"), and
-    FLA_TUNED_CONFIGS (a comma list of JSON files written by
-    FLA_RECORD_CONFIGS in an earlier process or round on the same card and
-    software) supplies the best config of every kernel it already tuned, so
-    that only the missing ones are tuned here. fla's tuning keys hold head
-    counts, dims and chunk sizes, not T: a config tuned at T=4096 is the one
-    fla itself would pick at 65536.
+    upper bound). Otherwise fla's own autotuning, organised to fit a GPU
+    round (fla compiles every config of every kernel on its first call:
+    minutes, one config after another):
+
+    - FLA_TUNE_SHARD="i/n": this process tunes only every n-th config
+      (from the i-th) of each kernel, compiling them into Triton's disk
+      cache, and writes each kernel's timings to FLA_SHARD_TIMINGS. n such
+      processes compile all configs in parallel (their timings share the
+      GPU, so they only rank candidates).
+    - FLA_TUNE_CANDIDATES (comma list of shard timing files): a kernel not
+      tuned yet is tuned over the FLA_TUNE_TOP (default 3) fastest configs
+      of all shards, timed again here, alone.
+    - FLA_TUNED_CONFIGS (comma list): configs chosen earlier (same card and
+      software) are used as they are; FLA_RECORD_CONFIGS: every config
+      chosen here is written there.
+    - FLA_UNTUNED_FALLBACK=1: a kernel with nothing of the above takes its
+      first config instead of a full tuning (bounded time; the rows then
+      say how many kernels were left untuned).
+
+    fla's tuning keys hold head counts, head dims and chunk sizes, never T,
+    so the configs chosen at T=4096 are the ones fla picks at 65536.
     """
     if os.environ.get("FLA_FIRST_CONFIG") == "1":
         _first_config_only()
         return " [untuned]"
-    _record_and_replay_configs(
-        os.environ.get("FLA_RECORD_CONFIGS", ""),
-        [p for p in os.environ.get("FLA_TUNED_CONFIGS", "").split(",") if p])
+    shard = os.environ.get("FLA_TUNE_SHARD", "")
+    _patch_autotuner(
+        record=os.environ.get("FLA_RECORD_CONFIGS", ""),
+        replay=_json_files(os.environ.get("FLA_TUNED_CONFIGS", "")),
+        shard=tuple(int(x) for x in shard.split("/")) if shard else None,
+        shard_timings=os.environ.get("FLA_SHARD_TIMINGS", ""),
+        candidates=_json_files(os.environ.get("FLA_TUNE_CANDIDATES", ""),
+                               merge=True),
+        top=int(os.environ.get("FLA_TUNE_TOP", "3")),
+        fallback=os.environ.get("FLA_UNTUNED_FALLBACK") == "1")
     return " [autotuned]"
+
+
+# Kernels (tuning entries) of this process that fell back to their first
+# config (FLA_UNTUNED_FALLBACK=1 and nothing to tune them from).
+FLA_UNTUNED = set()
+
+
+def _fla_tag(tag):
+    """The row tag, naming kernels left untuned."""
+    if FLA_UNTUNED:
+        return f" [autotuned but {len(FLA_UNTUNED)} kernels untuned]"
+    return tag
+
+
+def _json_files(paths, merge=False):
+    """The union of JSON dicts in a comma list of files (missing ones
+    skipped); with `merge`, list values of one key are concatenated."""
+    found = {}
+    for path in (p for p in paths.split(",") if p):
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            for key, value in json.load(f).items():
+                if merge:
+                    found.setdefault(key, []).extend(value)
+                else:
+                    found[key] = value
+    return found
 
 
 def _tuning_key(tuner, args, kwargs):
@@ -280,36 +329,63 @@ def _tuning_key(tuner, args, kwargs):
     return tuple(key)
 
 
-def _record_and_replay_configs(record_path, replay_paths):
-    """Patches Triton's Autotuner: configs found in `replay_paths` are used
-    without tuning; every config tuned here is written to `record_path`
-    (rewritten after each one, so a killed process keeps what it tuned)."""
+def _config_dict(config):
+    return {k: v for k, v in config.__dict__.items() if k != "pre_hook"}
+
+
+def _patch_autotuner(record, replay, shard, shard_timings, candidates, top,
+                     fallback):
+    """Patches Triton's Autotuner.run as `_prepare_fla_tuning` describes;
+    files are rewritten after each kernel (a killed process keeps what it
+    tuned)."""
     from triton import Config
     from triton.runtime import autotuner
 
     if getattr(autotuner.Autotuner, "nha_patched", False):
         return
-    known = {}
-    for path in replay_paths:
-        if os.path.exists(path):
-            with open(path) as f:
-                known.update(json.load(f))
-    recorded = {}
+    chosen, timings = {}, {}
     original = autotuner.Autotuner.run
 
+    def dump(path, found):
+        with open(path, "w") as f:
+            json.dump(found, f, indent=1, default=str)
+
     def run(self, *args, **kwargs):
-        name = self.base_fn.__name__
         key = _tuning_key(self, args, kwargs)
-        entry = f"{name} {json.dumps(key, default=str)}"
-        if len(self.configs) > 1 and key not in self.cache and entry in known:
-            self.cache[key] = Config(**known[entry])
+        entry = f"{self.base_fn.__name__} {json.dumps(key, default=str)}"
+        everything = getattr(self, "nha_all_configs", None) or self.configs
+        self.nha_all_configs = everything
+        fresh = len(everything) > 1 and key not in self.cache
+        if fresh and entry in replay:
+            self.cache[key] = Config(**replay[entry])
+        elif fresh and shard:
+            index, count = shard
+            part = everything[index::count]
+            if len(part) < 2:  # Triton times nothing below two configs
+                part = [everything[(index + j) % len(everything)]
+                        for j in range(2)]
+            self.configs = part
+        elif fresh and entry in candidates:
+            ranked = sorted(candidates[entry], key=lambda ct: ct[1])
+            picked = []
+            for config, _ in ranked:
+                if config not in picked:
+                    picked.append(config)
+            self.configs = [Config(**c) for c in picked[:top]]
+            if len(self.configs) == 1:
+                self.cache[key] = self.configs[0]
+        elif fresh and fallback:
+            FLA_UNTUNED.add(entry)
+            self.cache[key] = everything[0]
         result = original(self, *args, **kwargs)
-        if record_path and key in self.cache and entry not in recorded:
-            config = {k: v for k, v in self.cache[key].__dict__.items()
-                      if k != "pre_hook"}
-            recorded[entry] = config
-            with open(record_path, "w") as f:
-                json.dump({**known, **recorded}, f, indent=1, default=str)
+        if fresh and shard and shard_timings:
+            timings[entry] = [[_config_dict(c), t[0] if isinstance(
+                t, (list, tuple)) else t] for c, t in
+                self.configs_timings.items()]
+            dump(shard_timings, timings)
+        if fresh and record and key in self.cache:
+            chosen[entry] = _config_dict(self.cache[key])
+            dump(record, {**replay, **chosen})
         return result
 
     autotuner.Autotuner.run = run

@@ -79,13 +79,14 @@ def default_blocks(key_dim, value_dim, num_slots):
         blocks = Blocks(chunk=64, query=64, key=32, query_bwd=32, key_bwd=32,
                         warps=8, window_warps=4, stages=2, split=1)
     else:
-        # Measured on an H200 at T=16384 (benchmarks/TRITON_NOTES.md): small
-        # window tiles on 4 warps, dk/dv over 128-key blocks on 8 warps and
-        # split slot kernels on 4 warps beat the previous tiles by 25%.
+        # Measured on an H200 (benchmarks/TRITON_NOTES.md): small window
+        # tiles on 4 warps, dk/dv over 128-key blocks on 8 warps and split
+        # slot kernels on 4 warps beat the previous tiles by 25% at T=16384;
+        # bf16 chunk states with 32 chunks per scan step took 3% off at 64k.
         blocks = Blocks(chunk=64, query=64, key=32, query_bwd=64,
                         key_bwd=32, dkdv_query=32, dkdv_key=128,
                         dkdv_warps=8, warps=4, window_warps=4, stages=2,
-                        split=1)
+                        split=1, low_states=1, scan_unroll=32)
     override = os.environ.get("KERAS_NHA_TRITON_BLOCKS")
     if override:
         fields = dict(item.split("=") for item in override.split(","))
