@@ -35,8 +35,10 @@ timeout 85 python3 tests/triton_gpu_check.py --part issue --only 4 \
   > "$out/check_compile.log" 2>&1 &
 timeout 85 python3 tests/triton_gpu_check.py --part issue --only 5 \
   > "$out/check_fit.log" 2>&1 &
+# Wider scan tiles for the bf16 states (measured last, if time is left).
+tune="scan=512;scan=1024;low_states=0"
 timeout 85 python3 benchmarks/triton_benchmark.py --warm nha,flex \
-  > "$out/warm_nha.log" 2>&1 &
+  --tune "$tune" > "$out/warm_nha.log" 2>&1 &
 for job in $(jobs -p); do [ "$job" != "$fp32" ] && wait "$job"; done
 grep -h "PASS\|FAIL\|Error\|losses" "$out"/check_*.log
 tail -qn 1 "$out"/warm_*.log
@@ -46,7 +48,8 @@ candidates=$(ls "$out"/fla_shard_*.json 2>/dev/null | paste -sd,)
 FLA_TUNE_CANDIDATES="$candidates" FLA_UNTUNED_FALLBACK=1 \
 FLA_RECORD_CONFIGS="$out/fla_configs_all.json" NHA_BENCH_GRAPHS=1 \
 python3 benchmarks/triton_benchmark.py \
-  --lengths 4096,16384,65536 --peers sdpa,flex,fla \
+  --lengths 4096,16384,65536 --peers sdpa,flex,fla,tune \
+  --tune "$tune" --tune-length 65536 \
   --breakdown 65536,4096 --deadline $((195 - SECONDS)) \
   --json "$out/triton_benchmark.json" --plot "$out/triton_benchmark.png"
 echo "measuring done at ${SECONDS}s"
