@@ -23,7 +23,7 @@ pairs=(${MQAR_PAIRS:-8 16 32 64})
 # shellcheck disable=SC2206
 seeds=(${MQAR_SEEDS:-0 1})
 # shellcheck disable=SC2206
-lrs=(${MQAR_LRS:-3e-3 1e-2 3e-2})
+lrs=(${MQAR_LRS:-1e-3 3e-3})
 common=(--seq-len "$seq_len" --vocab "$vocab" --hidden "$hidden"
         --pairs "${pairs[@]}" --mixture --placement power --short-conv 3
         --seeds "${seeds[@]}" --lr "${lrs[@]}" --weight-decay 0.1
@@ -39,16 +39,22 @@ monitor=$!
 # per layer; full attention and the hybrid's global layer keep all T), then
 # the state-size sweep. $MQAR_WORKERS processes share the GPU; a process that
 # finishes hands its place to the next setting, so the fast settings make
-# room for the slow ones. A setting starts only with 90 s or more left.
+# room for the slow ones. A setting starts only with 90 s or more left. An
+# entry "setting:implementation" overrides the kernel: with M=32 the chunked
+# slot pass took XLA over 6 minutes to compile on the H200 (session 3, round
+# 1), the Pallas kernels ("auto") 45 s.
+# Round 1 (T=256) ran nha-M32-W32 gsa-M64 swa-W64 full hybrid-M64
+# nha-M16-W16 gsa-M32 at 3e-3, 1e-2 and 3e-2; round 2 runs the rest at 1e-3
+# and 3e-3 (1e-2 and 3e-2 diverged at d_model 128).
 # shellcheck disable=SC2206
-queue=(${MQAR_SETTINGS:-nha-M32-W32 gsa-M64 swa-W64 full hybrid-M64
-       nha-M16-W16 gsa-M32 swa-W32 nha-M64-W64 gsa-M128 swa-W128
-       nha-M8-W8 gsa-M16 swa-W16})
+queue=(${MQAR_SETTINGS:-nha-M32-W32:auto gsa-M64 swa-W64 hybrid-M64
+       nha-M64-W64 gsa-M32:auto nha-M16-W16 swa-W32 nha-M8-W8 swa-W128
+       gsa-M128 full swa-W16 gsa-M16})
 workers=${MQAR_WORKERS:-5}
 # Throughput probe beside the queue: NHA with the Pallas kernels ("auto")
 # against the chunked run of the same setting in the queue, both sharing the
 # card (steps_per_s in their JSON lines).
-if [ "${MQAR_PROBE:-1}" = 1 ]; then
+if [ "${MQAR_PROBE:-0}" = 1 ]; then
   python3 benchmarks/mqar.py --settings nha-M32-W32 "${common[@]}" \
     --steps 300 --eval-every 0 --implementation auto \
     --time-limit "$((deadline / 2))" --output "$out/probe_pallas.jsonl" \
@@ -64,10 +70,13 @@ while [ $SECONDS -lt "$((deadline + 30))" ]; do
   running=("${alive[@]}")
   while [ ${#running[@]} -lt "$workers" ] && [ $next -lt ${#queue[@]} ] &&
         [ $((deadline - SECONDS)) -ge 90 ]; do
-    setting=${queue[$next]}
+    setting=${queue[$next]%%:*}
+    kernel=chunked
+    [[ ${queue[$next]} == *:* ]] && kernel=${queue[$next]#*:}
     next=$((next + 1))
-    echo "start $setting at ${SECONDS}s"
+    echo "start $setting ($kernel) at ${SECONDS}s"
     python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
+      --implementation "$kernel" \
       --time-limit "$((deadline - SECONDS - 15))" \
       --output "$out/mqar_runs_$setting.jsonl" \
       > "$out/train_$setting.log" 2>&1 &
