@@ -111,8 +111,8 @@ def plot(rows, path):
     seq_len = max({r["seq_len"] for r in rows},
                   key=lambda t: sum(r["seq_len"] == t for r in rows))
     subset = [r for r in rows if r["seq_len"] == seq_len]
-    main = {"nha-M64-W64", "nha-M32-W32", "gsa-M64", "swa-W64", "full",
-            "hybrid-M64"}
+    main = {"nha-M64-W64", "nha-M32-W32", "nha-M16-W16", "gsa-M64",
+            "swa-W64", "full", "hybrid-M64"}
     state_pairs = sorted({r["pairs"] for r in subset})[-3:]
     figure, axes = plt.subplots(1, 1 + len(state_pairs),
                                 figsize=(5 + 4 * len(state_pairs), 4.4))
@@ -125,7 +125,8 @@ def plot(rows, path):
         left.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
                       capsize=3, label=setting,
                       color=_COLORS[setting.split("-")[0]],
-                      linestyle="--" if setting == "nha-M64-W64" else "-")
+                      linestyle={"nha-M64-W64": "--", "nha-M16-W16": ":"}.get(
+                          setting, "-"))
     left.set_xscale("log", base=2)
     left.set_xlabel("key-value pairs")
     left.set_ylabel("test accuracy (answers)")
