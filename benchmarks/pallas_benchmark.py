@@ -53,7 +53,11 @@ def causal_flops(length, backward):
 
 def _median_ms(fn, sync, warmup=2, reps=int(os.environ.get("NHA_BENCH_REPS",
                                                              10)),
-               budget_s=20.0):
+               budget_s=20.0, back_to_back=1):
+    """Median ms per call; with `back_to_back` > 1 each sample issues that
+    many calls before one sync (the GPU runs them without waiting for
+    Python, as `triton.testing.do_bench` measures), else every call syncs.
+    """
     for _ in range(warmup):
         sync(fn())
     times = []
@@ -61,8 +65,10 @@ def _median_ms(fn, sync, warmup=2, reps=int(os.environ.get("NHA_BENCH_REPS",
     while len(times) < reps and (time.perf_counter() - began < budget_s
                                  or len(times) < 3):
         start = time.perf_counter()
-        sync(fn())
-        times.append((time.perf_counter() - start) * 1e3)
+        for _ in range(back_to_back):
+            out = fn()
+        sync(out)
+        times.append((time.perf_counter() - start) * 1e3 / back_to_back)
     return statistics.median(times)
 
 
@@ -79,11 +85,16 @@ def _emit(rows, row):
 
 
 def _timed(rows, impl, mode, length, call, card, sync, flops=None):
+    """One row: `ms` with 5 calls back to back per sample, `ms_synced` with
+    a sync after every call (what rounds before s3r2 reported as `ms`)."""
     try:
-        ms, error = _median_ms(call, sync), None
+        synced = _median_ms(call, sync, reps=7)
+        ms, error = _median_ms(call, sync, warmup=0, reps=7,
+                               back_to_back=5), None
     except Exception as exc:  # noqa: BLE001 (report, go on)
-        ms, error = None, f"{type(exc).__name__}: {exc}"[:300]
-    _emit(rows, dict(impl=impl, mode=mode, T=length, ms=ms, flops=flops,
+        ms, synced, error = None, None, f"{type(exc).__name__}: {exc}"[:300]
+    _emit(rows, dict(impl=impl, mode=mode, T=length, ms=ms, ms_synced=synced,
+                     flops=flops,
                      card=card, error=error))
 
 
@@ -381,8 +392,7 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 
 # Candidate tilings timed end to end by the "candidates" step.
 _CANDIDATES = (
-    ("float32 writes, 8 warps (round 2 default)",
-     dict(narrow_writes=False, num_warps=8)),
+    ("segments of 32 chunks (s3r1)", dict(segment=32)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
@@ -471,30 +481,38 @@ def _in_subprocess(part, lengths):
 
 
 def table(rows):
-    lines = [f"{'impl':<16} {'mode':<32} {'T':>6} {'ms':>9} {'TFLOP/s':>8}  "
-             "card"]
+    width = max([16] + [len(r["impl"]) for r in rows])
+    lines = [f"{'impl':<{width}} {'mode':<32} {'T':>6} {'ms':>9} "
+             f"{'synced':>9} {'TFLOP/s':>8}  card"]
     for r in rows:
         ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
         rate = ("-" if r["ms"] is None or not r["flops"]
                 else f"{r['flops'] / r['ms'] / 1e9:.1f}")
         note = f"  ({r['error']})" if r.get("error") else ""
-        lines.append(f"{r['impl']:<16} {r['mode']:<32} {r['T']:>6} {ms:>9} "
+        synced = ("-" if r.get("ms_synced") is None
+                  else f"{r['ms_synced']:.3f}")
+        lines.append(f"{r['impl']:<{width}} {r['mode']:<32} {r['T']:>6} {ms:>9} "
+                     f"{synced:>9} "
                      f"{rate:>8}  {r['card']}{note}")
     return "\n".join(lines)
 
 
 def triton_rows(path):
-    """Rows of the Triton engineer's benchmark JSON ("NHA Triton" entry:
-    T -> [fwd ms, fwd+bwd ms, fwd FLOPs]) in this script's row format."""
+    """Rows of the Triton engineer's benchmark JSON ("NHA Triton" entries:
+    T -> [fwd ms, fwd+bwd ms, fwd FLOPs]) in this script's row format:
+    "triton (torch)" (eager launches) and "triton (CUDA graph)" (replayed
+    as one graph: no Python launch overhead, like a jitted JAX call)."""
     with open(path) as f:
         result = json.load(f)
     rows = []
     for name, by_length in result.get("rows", {}).items():
         if not name.startswith("NHA Triton"):
             continue
+        impl = ("triton (CUDA graph)" if "CUDA graph" in name
+                else "triton (torch)")
         for length, (fwd, both, _) in by_length.items():
             for mode, ms in (("fwd", fwd), ("fwd+bwd", both)):
-                rows.append(dict(impl="triton (torch)", mode=mode,
+                rows.append(dict(impl=impl, mode=mode,
                                  T=int(length), ms=ms,
                                  flops=nha_flops(int(length),
                                                  mode == "fwd+bwd"),
@@ -503,21 +521,25 @@ def triton_rows(path):
 
 
 def ratios(rows):
-    """Per T and mode: Pallas ms, cuDNN / Pallas, Pallas / Triton."""
+    """Per T and mode: Pallas ms, cuDNN / Pallas, Pallas / Triton (eager
+    and CUDA-graph launches)."""
     ms = {(r["impl"], r["mode"], r["T"]): r["ms"] for r in rows
           if r["ms"] is not None}
     lines = [f"{'T':>6} {'mode':<8} {'pallas':>8} {'cudnn':>8} {'triton':>8}"
-             f" {'cudnn/pallas':>12} {'pallas/triton':>13}"]
+             f" {'graph':>8} {'cudnn/pallas':>12} {'pallas/triton':>13}"
+             f" {'pallas/graph':>12}"]
     for length in sorted({r["T"] for r in rows if r["impl"] == "pallas"}):
         for mode in ("fwd", "fwd+bwd"):
             mine = ms.get(("pallas", mode, length))
             cudnn = ms.get(("cudnn causal", mode, length))
             triton = ms.get(("triton (torch)", mode, length))
+            graph = ms.get(("triton (CUDA graph)", mode, length))
             fmt = lambda x: "-" if x is None else f"{x:.3f}"
             over = lambda a, b: "-" if None in (a, b) else f"{a / b:.2f}x"
             lines.append(f"{length:>6} {mode:<8} {fmt(mine):>8} "
-                         f"{fmt(cudnn):>8} {fmt(triton):>8} "
-                         f"{over(cudnn, mine):>12} {over(mine, triton):>13}")
+                         f"{fmt(cudnn):>8} {fmt(triton):>8} {fmt(graph):>8} "
+                         f"{over(cudnn, mine):>12} {over(mine, triton):>13} "
+                         f"{over(mine, graph):>12}")
     return "\n".join(lines)
 
 

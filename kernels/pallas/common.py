@@ -93,6 +93,8 @@ class KernelConfig:
             (one kernel computes each chunk's writes inside the sequential
             walk) or "scan" (every chunk's writes at once as batched
             matrix products, then a walk that only scales and adds).
+        segment: with `walk="scan"`, chunks per segment of the scan; 0
+            picks it from the chunk count.
         narrow_writes: with `walk="scan"`, store each chunk's batched
             writes in the input dtype instead of float32 (the scan reads
             them twice; the carry stays float32).
@@ -113,6 +115,7 @@ class KernelConfig:
     diag: str = "tensor"
     walk: str = "loop"
     factor: bool = False
+    segment: int = 0
     narrow_writes: bool = False
     interpret: bool = False
 
