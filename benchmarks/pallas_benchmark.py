@@ -393,6 +393,7 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 # Candidate tilings timed end to end by the "candidates" step.
 _CANDIDATES = (
     ("segments of 32 chunks (s3r1)", dict(segment=32)),
+    ("slot dk/dv 4 warps (s3r1)", dict(dkv_warps=4)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).

@@ -81,6 +81,7 @@ class KernelConfig:
             chunk's state once for all its sub-blocks).
         tile: state columns per program of the sequential slot kernels.
         num_warps: Triton warps per program.
+        dkv_warps: warps of the slot dk/dv/ds kernel (0: `num_warps`).
         num_stages: Triton software-pipelining stages.
         sequential_stages: pipelining stages of the chunk-walking kernels.
         diag: how slot programs add the writers of their own 16 rows:
@@ -110,6 +111,7 @@ class KernelConfig:
     rows: int = 16
     tile: int = 32
     num_warps: int = 4
+    dkv_warps: int = 0
     num_stages: int = 2
     sequential_stages: int = 1
     diag: str = "tensor"

@@ -48,6 +48,9 @@ def default_config(length, head_dim, interpret, slots=64, itemsize=2):
                         # 12.12 at T=65536 on an H200 (round 2); the 16-row
                         # design keeps the warps it passed the GPU check with.
                         num_warps=4 if head_dim <= 64 or not wide else 8,
+                        # Its dk, dv and ds tiles: 4.04 ms with 8 warps
+                        # (session 2, round 2), 4.24 with 4 (s3r1).
+                        dkv_warps=0 if wide else 8,
                         num_stages=2,
                         # A [16, 16, 128] float32 tensor is too many registers.
                         diag="tensor" if slots <= 64 else "loop",

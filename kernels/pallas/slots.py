@@ -1062,7 +1062,8 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
                    _rows(rows, slots)],
         out_shape=[per_kv(key_dim, k.dtype), per_kv(value_dim, v.dtype),
                    per_kv(slots)],
-        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        compiler_params=compiler_params(config.dkv_warps or config.num_warps,
+                                        config.num_stages),
         interpret=config.interpret,
         name="nha_slot_dkv",
     )(k, v, gc, s, gc, lk, lv, q, dz, p, dout)
