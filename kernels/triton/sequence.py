@@ -29,6 +29,7 @@ import triton
 from keras_nha.kernels.triton import common
 from keras_nha.kernels.triton import slots
 from keras_nha.kernels.triton import window
+from keras_nha.kernels.triton.common import launcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,8 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
         x, x_ring, out, width = side
         x2, x2_ring, out2, _ = other or side
         dt = _tile(width, s.M)
-        slots.prep_kernel[(nt, s.B * s.HKV, triton.cdiv(width, dt))](
+        grid = (nt, s.B * s.HKV, triton.cdiv(width, dt))
+        launcher(slots.prep_kernel)[grid](
             x, x2, gate, mask, position, gates, strengths, out, out2, decay,
             s.T, cfg.capacity, _delta(x_ring, x), _delta(x2_ring, x2),
             _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
@@ -181,7 +183,7 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
     stacks = [(sk, s.K, 2, 0)] if s.K == s.V else [(sk, s.K, 1, 0),
                                                    (sv, s.V, 1, 1)]
     for out, width, count, first in stacks:
-        slots.chunk_scan_kernel[(count * s.B * s.HKV,
+        launcher(slots.chunk_scan_kernel)[(count * s.B * s.HKV,
                                  triton.cdiv(width * s.M, cfg.blocks.scan))](
             out, decay, slot_keys, slot_values, final_keys, final_values, nt,
             s.HKV, 1, s.B * s.HKV, first, D=width, M=s.M,
@@ -205,8 +207,8 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
         lse_slot = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
         logits = torch.empty(s.B, s.T, s.H, s.M, device=dev,
                              dtype=torch.float32)
-        slots.slot_forward_kernel[(triton.cdiv(s.T, blocks.chunk),
-                                   s.B * s.H)](
+        grid = (triton.cdiv(s.T, blocks.chunk), s.B * s.H)
+        launcher(slots.slot_forward_kernel)[grid](
             q, k, v, state.gates, state.strengths, position, state.keys,
             state.values, o_slot, lse_slot, logits, s.T, cfg.capacity,
             cfg.scale, state.entries, state.per_chunk, _delta(ring["keys"], k),
@@ -223,8 +225,8 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
     else:
         output = torch.empty(s.B, s.T, s.H, s.V, device=dev, dtype=q.dtype)
         lse = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
-        window.window_forward_kernel[(triton.cdiv(s.T, blocks.query),
-                                      s.B * s.H)](
+        grid = (triton.cdiv(s.T, blocks.query), s.B * s.H)
+        launcher(window.window_forward_kernel)[grid](
             qw, kw, v, ring["window_keys"], ring["values"], mask,
             ring["mask"], position,
             o_slot if s.M else output, lse_slot if s.M else lse, output, lse,
@@ -245,8 +247,8 @@ def _readout(s, cfg, coef, logits, lse, x, x_ring, state, states, out,
     """`slot_readout_kernel` over every chunk and query head."""
     width = x.shape[-1]
     dummy = _dummy(out)
-    slots.slot_readout_kernel[(triton.cdiv(s.T, cfg.blocks.chunk),
-                               s.B * s.H)](
+    grid = (triton.cdiv(s.T, cfg.blocks.chunk), s.B * s.H)
+    launcher(slots.slot_readout_kernel)[grid](
         dummy if coef is None else coef, dummy if logits is None else logits,
         dummy if lse is None else lse, x, state.gates, state.strengths,
         position, states, out, s.T, cfg.capacity, out_scale, state.entries,
@@ -292,7 +294,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     dz = torch.empty(s.B, s.T, s.H, s.M, **f32)
     probs = torch.empty_like(dz)
     dg_read = torch.empty_like(dz)
-    slots.slot_dq_kernel[(nt, s.B * s.H)](
+    launcher(slots.slot_dq_kernel)[(nt, s.B * s.H)](
         q, do, k, v, state.gates, state.strengths, position, state.keys,
         state.values, lse, delta, logits, dq, dz, probs, dg_read, s.T,
         cfg.capacity, cfg.scale, state.entries, state.per_chunk,
@@ -330,12 +332,13 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     for (y, coef, adjoint, width), other in launches:
         y2, coef2, adjoint2, _ = other or (y, coef, adjoint, width)
         dt = _tile(width, s.M)
-        slots.adjoint_delta_kernel[(nt, s.B * s.H, triton.cdiv(width, dt))](
+        grid = (nt, s.B * s.H, triton.cdiv(width, dt))
+        launcher(slots.adjoint_delta_kernel)[grid](
             y, coef, y2, coef2, state.gates, adjoint, adjoint2, s.T, s.H,
             s.HKV, D=width, M=s.M, DT=dt, MP=mp, BT=blocks.chunk,
             BOTH=other is not None, PRECISION=prec, **_slot_options(blocks))
     for adjoint, width, count in stacks:
-        slots.chunk_scan_kernel[(count * s.B * s.H,
+        launcher(slots.chunk_scan_kernel)[(count * s.B * s.H,
                                  triton.cdiv(width * s.M, blocks.scan))](
             adjoint, state.decay, *(state.decay,) * 4, nt, s.H, s.group,
             s.B * s.H, 0, D=width, M=s.M, BLOCK=blocks.scan,
@@ -368,7 +371,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         parts = ((True, False), (False, True)) if blocks.split else (
             (True, True),)
         for want_ds, want_dx in parts:
-            slots.slot_dx_kernel[(nt, s.B * s.H)](
+            launcher(slots.slot_dx_kernel)[(nt, s.B * s.H)](
                 y, coef, x, state.gates, state.strengths, position, adjoint,
                 dx, onto if add else dx, ds, s.T, cfg.capacity, y_scale,
                 _delta(x_ring, x), s.H, s.HKV, D=width, M=s.M,
@@ -381,16 +384,16 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
 
     # dg: reverse cumulative sum of dG over the stream, chunk totals first.
     totals = torch.empty(s.B, s.HKV, nt, s.M, **f32)
-    slots.gate_total_kernel[(nt, s.B * s.HKV)](
+    launcher(slots.gate_total_kernel)[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, totals, s.T, s.H, s.HKV, M=s.M, MP=mp,
         BT=blocks.chunk, **_slot_options(blocks))
     # In place: each chunk's total becomes the sum over the chunks after it.
-    slots.chunk_scan_kernel[(s.B * s.HKV, 1)](
+    launcher(slots.chunk_scan_kernel)[(s.B * s.HKV, 1)](
         totals, *(totals,) * 5, nt, s.HKV, 1, s.B * s.HKV, 0, D=1, M=s.M,
         BLOCK=mp, UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
     dg = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots
-    slots.gate_grad_kernel[(nt, s.B * s.HKV)](
+    launcher(slots.gate_grad_kernel)[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, totals, mask, dg, s.T,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
         HAS_PM=cfg.has_mask, **_slot_options(blocks))
@@ -425,7 +428,8 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
                        HAS_PM=cfg.has_mask, PRECISION=prec,
                        num_warps=blocks.dq_warps or blocks.window_warps,
                        num_stages=blocks.stages)
-    window.window_dq_kernel[(triton.cdiv(s.T, blocks.query_bwd), s.B * s.H)](
+    grid = (triton.cdiv(s.T, blocks.query_bwd), s.B * s.H)
+    launcher(window.window_dq_kernel)[grid](
         qw, kw, v, ring["window_keys"], ring["values"], mask, ring["mask"],
         position, do, output, lse, delta, dqw, s.T, cfg.capacity,
         cfg.visible, cfg.scale, BM=blocks.query_bwd, BN=blocks.key_bwd,
@@ -433,7 +437,8 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
     dkdv_query = blocks.dkdv_query or blocks.query_bwd
     dkdv_key = blocks.dkdv_key or blocks.key_bwd
     common_args["num_warps"] = blocks.dkdv_warps or blocks.window_warps
-    window.window_dkdv_kernel[(triton.cdiv(s.T, dkdv_key), s.B * s.HKV)](
+    grid = (triton.cdiv(s.T, dkdv_key), s.B * s.HKV)
+    launcher(window.window_dkdv_kernel)[grid](
         qw, kw, v, mask, do, lse, delta, dkw, dv, s.T, cfg.visible,
         cfg.scale, BM=dkdv_query, BN=dkdv_key, **common_args)
     return dqw, dkw, dv
@@ -487,7 +492,7 @@ class NHAFunction(torch.autograd.Function):
                                             position, do, output, lse, delta)
         else:
             rows = s.B * s.T * s.H
-            window.row_dot_kernel[(triton.cdiv(rows, 16),)](
+            launcher(window.row_dot_kernel)[(triton.cdiv(rows, 16),)](
                 do, output, delta, rows, D=s.V, BD=common.pow2(s.V), BR=16)
         merged = (False, False)
         if s.M:
