@@ -22,66 +22,6 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _signature(arg):
-    """What Triton specialises a kernel on for one argument: a tensor's
-    dtype and 16-byte alignment, an int's width, == 1 and % 16."""
-    if hasattr(arg, "data_ptr"):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or not isinstance(arg, int):
-        return type(arg), arg if isinstance(arg, bool) else None
-    return int, arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31
-
-
-class CachedLauncher:
-    """`kernel[grid](*args, **kwargs)` like a JIT function, minus most of
-    its CPU cost: after the first call with a given signature (argument
-    dtypes, alignments, int classes, constexprs and options), the compiled
-    kernel is launched directly, without Triton's binder and cache key.
-    Only for kernels called with positional runtime arguments and keyword
-    constexprs/options, as this package does."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = {}
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
-
-    def _launch(self, grid, args, kwargs):
-        import torch
-
-        key = (tuple(_signature(a) for a in args),
-               tuple(sorted(kwargs.items())))
-        found = self.compiled.get(key)
-        if found is None:
-            kernel = self.fn[grid](*args, **kwargs)
-            rest = [(p.name, p.default) for p in self.fn.params[len(args):]]
-            self.compiled[key] = (kernel, rest)
-            return kernel
-        kernel, rest = found
-        full = list(args) + [kwargs.get(name, default)
-                             for name, default in rest]
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1,
-                   grid[2] if len(grid) > 2 else 1,
-                   torch.cuda.current_stream().cuda_stream, kernel.function,
-                   kernel.packed_metadata, None, None, None, *full)
-        return kernel
-
-
-_LAUNCHERS = {}
-
-
-def launcher(fn):
-    """`fn` itself, or with KERAS_NHA_TRITON_FAST_LAUNCH=1 (not under the
-    interpreter) its `CachedLauncher`."""
-    if interpreting() or os.environ.get(
-            "KERAS_NHA_TRITON_FAST_LAUNCH") != "1":
-        return fn
-    if fn not in _LAUNCHERS:
-        _LAUNCHERS[fn] = CachedLauncher(fn)
-    return _LAUNCHERS[fn]
-
-
 def pow2(n, least=16):
     """The power of two >= max(n, least): register tiles need such sizes."""
     return max(least, triton.next_power_of_2(max(int(n), 1)))

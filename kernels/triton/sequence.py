@@ -29,7 +29,7 @@ import triton
 from keras_nha.kernels.triton import common
 from keras_nha.kernels.triton import slots
 from keras_nha.kernels.triton import window
-from keras_nha.kernels.triton.common import launcher
+from keras_nha.kernels.triton.launch import launcher
 
 
 @dataclasses.dataclass(frozen=True)
