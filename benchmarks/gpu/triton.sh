@@ -36,7 +36,7 @@ timeout 80 python3 tests/triton_gpu_check.py --part issue --only 4 \
 timeout 80 python3 tests/triton_gpu_check.py --part issue --only 5 \
   > "$out/check_fit.log" 2>&1 &
 # Wider scan tiles for the bf16 states (measured last, if time is left).
-tune="scan=512;scan=1024;low_states=0"
+tune="scan=512;scan=1024;low_states=0;low_states=3"
 timeout 80 python3 benchmarks/triton_benchmark.py --warm nha,flex \
   --tune "$tune" > "$out/warm_nha.log" 2>&1 &
 for job in $(jobs -p); do [ "$job" != "$fp32" ] && wait "$job"; done

@@ -59,6 +59,7 @@ class Blocks:
     # stored in bfloat16 (half the traffic; read on bf16 tensor cores). The
     # scans still carry fp32 and the returned state is fp32. 2: also with
     # float32 inputs (tests only: exercises the path on the interpreter).
+    # 3: bfloat16 adjoints only (the forward's states stay fp32).
     low_states: int = 0
 
 

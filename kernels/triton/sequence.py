@@ -46,9 +46,11 @@ class _Config:
         smaller than W (the caller promised the sequence fits)."""
         return min(self.window_size, self.capacity)
 
-    def state_dtype(self, dtype):
-        """Storage dtype of the chunk-start states and adjoints."""
+    def state_dtype(self, dtype, adjoint=False):
+        """Storage dtype of the chunk-start states (or the adjoints)."""
         low = self.blocks.low_states
+        if low == 3 and not adjoint:  # bf16 adjoints only
+            return torch.float32
         if low == 2 or (low and dtype == torch.bfloat16):
             return torch.bfloat16
         return torch.float32
@@ -315,7 +317,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     # The key side (y = q, c = dz) and the value side (y = do, c = p).
     sides = ((q, dz, k, ring["keys"], s.K, cfg.scale),
              (do, probs, v, ring["values"], s.V, 1.0))
-    low = dict(device=dev, dtype=cfg.state_dtype(q.dtype))
+    low = dict(device=dev, dtype=cfg.state_dtype(q.dtype, adjoint=True))
     if s.K == s.V:  # one buffer: both adjoints scan in one launch
         both = torch.empty(2, s.B, s.H, nt, s.K, s.M, **low)
         adjoints = (both[0], both[1])
