@@ -10,7 +10,7 @@ set -u
 export KERAS_BACKEND=jax
 out=${JOB_OUT:-/tmp/mqar_out}
 mkdir -p "$out"
-deadline=${MQAR_DEADLINE:-400}
+deadline=${MQAR_DEADLINE:-430}
 # Rounds 1-3 of session 2 (T=128/256, one pair count per run, no short
 # convolution): docs/results_mqar.md; their script is this file at a78e8a6.
 # The MQAR_* variables also serve a quick CPU dry run of this script.
