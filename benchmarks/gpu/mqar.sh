@@ -40,16 +40,19 @@ monitor=$!
 # the state-size sweep. $MQAR_WORKERS processes share the GPU; a process that
 # finishes hands its place to the next setting, so the fast settings make
 # room for the slow ones. A setting starts only with 90 s or more left. An
-# entry "setting:implementation" overrides the kernel: with M=32 the chunked
-# slot pass took XLA over 6 minutes to compile on the H200 (session 3, round
-# 1), the Pallas kernels ("auto") 45 s.
-# Round 1 (T=256) ran nha-M32-W32 gsa-M64 swa-W64 full hybrid-M64
-# nha-M16-W16 gsa-M32 at 3e-3, 1e-2 and 3e-2; round 2 runs the rest at 1e-3
-# and 3e-3 (1e-2 and 3e-2 diverged at d_model 128).
+# entry is "setting[:implementation[:lr,lr...]]": the kernel (default chunked;
+# with M=32 the chunked slot pass took XLA over 6 minutes to compile on the
+# H200 in round 1, the Pallas kernels of "auto" 45 s) and learning rates
+# (default $MQAR_LRS).
+# Round 1 (T=256, lr 3e-3, 1e-2, 3e-2) finished full, gsa-M64, swa-W64,
+# hybrid-M64 and nha-M16-W16; 1e-2 and 3e-2 diverged at d_model 128, the
+# windowed models preferred lower rates in the CPU probes. Round 2 adds lower
+# rates to those and runs the rest of the sweep.
 # shellcheck disable=SC2206
-queue=(${MQAR_SETTINGS:-nha-M32-W32:auto gsa-M64 swa-W64 hybrid-M64
-       nha-M64-W64 gsa-M32:auto nha-M16-W16 swa-W32 nha-M8-W8 swa-W128
-       gsa-M128 full swa-W16 gsa-M16})
+queue=(${MQAR_SETTINGS:-nha-M32-W32:auto gsa-M64:chunked:1e-3
+       swa-W64:chunked:3e-4,1e-3 hybrid-M64:chunked:3e-4,1e-3 nha-M64-W64
+       gsa-M32:auto nha-M16-W16:chunked:1e-3 swa-W32 nha-M8-W8 swa-W128
+       gsa-M128 swa-W16 gsa-M16})
 workers=${MQAR_WORKERS:-5}
 # Throughput probe beside the queue: NHA with the Pallas kernels ("auto")
 # against the chunked run of the same setting in the queue, both sharing the
@@ -70,13 +73,15 @@ while [ $SECONDS -lt "$((deadline + 30))" ]; do
   running=("${alive[@]}")
   while [ ${#running[@]} -lt "$workers" ] && [ $next -lt ${#queue[@]} ] &&
         [ $((deadline - SECONDS)) -ge 90 ]; do
-    setting=${queue[$next]%%:*}
-    kernel=chunked
-    [[ ${queue[$next]} == *:* ]] && kernel=${queue[$next]#*:}
+    IFS=: read -r setting kernel rates <<< "${queue[$next]}"
+    kernel=${kernel:-chunked}
+    # shellcheck disable=SC2206
+    rates=(${rates//,/ })
+    [ ${#rates[@]} = 0 ] && rates=("${lrs[@]}")
     next=$((next + 1))
-    echo "start $setting ($kernel) at ${SECONDS}s"
+    echo "start $setting ($kernel, lr ${rates[*]}) at ${SECONDS}s"
     python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
-      --implementation "$kernel" \
+      --implementation "$kernel" --lr "${rates[@]}" \
       --time-limit "$((deadline - SECONDS - 15))" \
       --output "$out/mqar_runs_$setting.jsonl" \
       > "$out/train_$setting.log" 2>&1 &
