@@ -3,14 +3,17 @@ attention and a GSA/global hybrid, all built from `keras_nha`.
 
 Trains the same two-layer model (d_model 128) in each setting on MQAR batches
 generated on the fly (`mqar_data.py`), on JAX with one jitted step that trains
-all runs of a setting (pair counts x seeds x learning rates) at once under `jax.vmap`, so one
-compilation serves them all and a GPU gets more than one tiny model's work.
-Every finished run is one JSON line in `--output`.
+all runs of a setting (pair counts x seeds x learning rates) at once under
+`jax.vmap`, so one compilation serves them all and a GPU gets more than one
+tiny model's work. With `--mixture` a run trains on all `--pairs` at once and
+is tested at each. Every finished run and tested pair count is one JSON line
+in `--output`.
 
-    # train (JAX backend)
-    KERAS_BACKEND=jax python benchmarks/mqar.py --settings nha-M64-W64 gsa-M64 \
-        --seq-len 256 --pairs 16 32 64 --seeds 0 1 --steps 2000 \
-        --output mqar.jsonl
+    # train (JAX backend), session 3's recipe
+    KERAS_BACKEND=jax python benchmarks/mqar.py --settings nha-M16-W16 \
+        --seq-len 256 --vocab 512 --pairs 8 16 32 64 --mixture \
+        --placement power --short-conv 3 --weight-decay 0.1 --seeds 0 1 \
+        --lr 1e-3 3e-3 --steps 3000 --warmup 75 --output mqar.jsonl
     # table and figure from one or more result files
     python benchmarks/mqar.py --report mqar.jsonl --table table.md \
         --plot mqar.png
