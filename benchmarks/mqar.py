@@ -1,4 +1,4 @@
-"""Multi-query associative recall (MQAR) with NHA, GSA, sliding window, full
+r"""Multi-query associative recall (MQAR) with NHA, GSA, sliding window, full
 attention and a GSA/global hybrid, all built from `keras_nha`.
 
 Trains the same two-layer model (d_model 128) in each setting on MQAR batches
