@@ -573,7 +573,7 @@ def decode_rows(batch=8, contexts=(4096, 65536)):
     return rows
 
 
-def compile_report(only=""):
+def compile_report(only="", dtype="bfloat16"):
     """Compiles every kernel of one NHA forward+backward and decode step for
     sm_90 on this machine (no GPU needed) and prints registers and spills
     (cuobjdump's STACK) per kernel. Launches are recorded, not run, and
@@ -617,10 +617,10 @@ def compile_report(only=""):
     JITFunction.run = record
     common.interpreting = lambda: False
     length = 1024
-    q, k, v = (torch.randn(B, length, H, D, dtype=torch.bfloat16,
+    q, k, v = (torch.randn(B, length, H, D, dtype=getattr(torch, dtype),
                            requires_grad=True) for _ in range(3))
     g = (-torch.rand(B, length, H, M)).requires_grad_(True)
-    state = state_lib.zero_state(B, H, D, D, M, W, "bfloat16")
+    state = state_lib.zero_state(B, H, D, D, M, W, dtype)
     out, _ = triton_nha(q, k, v, g, window_size=W, scale=D ** -0.5,
                         window_query=q, window_key=k, padding_mask=None,
                         state=state)
@@ -633,8 +633,10 @@ def compile_report(only=""):
     for fn, source, options, shown in launches.values():
         if only and fn.fn.__name__ not in only.split(","):
             continue
+        began = time.time()
         kernel = triton.compile(source, target=target,
                                 options=options.__dict__)
+        shown["compile_s"] = round(time.time() - began, 1)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()
@@ -997,9 +999,11 @@ def main():
                         "(fill the disk caches for a later measuring run)")
     parser.add_argument("--kernels", default="",
                         help="with --compile-report: only these kernels")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="with --compile-report: the inputs' dtype")
     args = parser.parse_args()
     if args.compile_report:
-        compile_report(args.kernels)
+        compile_report(args.kernels, args.dtype)
         return
     if args.warm:
         warm(args)

@@ -76,7 +76,13 @@ def _slot_options(blocks, cap=0):
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot precision for fp32 operands: float32 inputs get "tf32x3"
+    (three tf32 products: float32 accuracy on tensor cores; "ieee" dots
+    compile to scalar code that spills ~10 KB per thread on sm_90); the
+    fp32 intermediates of bf16/fp16 inputs get "tf32"."""
+    if dtype != torch.float32:
+        return "tf32"
+    return os.environ.get("KERAS_NHA_TRITON_FP32_DOT", "tf32x3")
 
 
 def _tile(width, num_slots):
