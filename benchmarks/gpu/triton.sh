@@ -27,10 +27,12 @@ for only in 0 1 2 4 5 7 8; do
   timeout 80 python3 tests/triton_gpu_check.py --part kernels --only $only \
     > "$out/check_$only.log" 2>&1 &
 done
-# float32 compiles for minutes (ieee dots): it may run into phase 2.
-timeout 185 python3 tests/triton_gpu_check.py --part issue --only 1 \
-  > "$out/check_fp32.log" 2>&1 &
-fp32=$!
+# float32 with padding (tf32x3 dots now: round 1's ieee ones compiled to
+# scalar code and did not finish in 95 s).
+for only in 1 2; do
+  timeout 80 python3 tests/triton_gpu_check.py --part issue --only $only \
+    > "$out/check_fp32_$only.log" 2>&1 &
+done
 timeout 80 python3 tests/triton_gpu_check.py --part issue --only 4 \
   > "$out/check_compile.log" 2>&1 &
 timeout 80 python3 tests/triton_gpu_check.py --part issue --only 5 \
@@ -39,7 +41,7 @@ timeout 80 python3 tests/triton_gpu_check.py --part issue --only 5 \
 tune="scan=512;scan=1024;low_states=0;low_states=3"
 timeout 80 python3 benchmarks/triton_benchmark.py --warm nha,flex \
   --tune "$tune" > "$out/warm_nha.log" 2>&1 &
-for job in $(jobs -p); do [ "$job" != "$fp32" ] && wait "$job"; done
+wait
 grep -h "PASS\|FAIL\|Error\|losses" "$out"/check_*.log
 tail -qn 1 "$out"/warm_*.log
 echo "phase 1 done at ${SECONDS}s"
@@ -58,7 +60,5 @@ echo "measuring done at ${SECONDS}s"
 NHA_BENCH_FAST_LAUNCH=1 timeout 25 python3 benchmarks/triton_benchmark.py \
   --lengths 4096,65536 --peers none --no-decode --breakdown "" \
   --json "$out/triton_fast_launch.json"
-wait
 cat "$out"/check_*.log > "$out/triton_gpu_check.log"
-grep -h "PASS\|FAIL" "$out/check_fp32.log"
 echo "job done at ${SECONDS}s"
