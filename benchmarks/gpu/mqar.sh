@@ -65,7 +65,7 @@ if [ "${MQAR_PROBE:-0}" = 1 ]; then
 fi
 running=()
 next=0
-while [ $SECONDS -lt "$((deadline + 30))" ]; do
+while [ $SECONDS -lt "$((deadline + 15))" ]; do
   alive=()
   for pid in "${running[@]}"; do
     kill -0 "$pid" 2>/dev/null && alive+=("$pid")
@@ -82,7 +82,7 @@ while [ $SECONDS -lt "$((deadline + 30))" ]; do
     echo "start $setting ($kernel, lr ${rates[*]}) at ${SECONDS}s"
     python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
       --implementation "$kernel" --lr "${rates[@]}" \
-      --time-limit "$((deadline - SECONDS - 15))" \
+      --time-limit "$((deadline - SECONDS - 30))" \
       --output "$out/mqar_runs_$setting.jsonl" \
       > "$out/train_$setting.log" 2>&1 &
     running+=($!)
