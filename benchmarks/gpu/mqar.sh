@@ -39,7 +39,7 @@ monitor=$!
 # per layer; full attention and the hybrid's global layer keep all T), then
 # the state-size sweep. $MQAR_WORKERS processes share the GPU; a process that
 # finishes hands its place to the next setting, so the fast settings make
-# room for the slow ones. A setting starts only with 90 s or more left. An
+# room for the slow ones. A setting starts only with 150 s or more left. An
 # entry is "setting[:implementation[:lr,lr...]]": the kernel (default chunked;
 # with M=32 the chunked slot pass took XLA over 6 minutes to compile on the
 # H200 in round 1, the Pallas kernels of "auto" 45 s) and learning rates
@@ -72,7 +72,7 @@ while [ $SECONDS -lt "$((deadline + 15))" ]; do
   done
   running=("${alive[@]}")
   while [ ${#running[@]} -lt "$workers" ] && [ $next -lt ${#queue[@]} ] &&
-        [ $((deadline - SECONDS)) -ge 90 ]; do
+        [ $((deadline - SECONDS)) -ge 150 ]; do
     IFS=: read -r setting kernel rates <<< "${queue[$next]}"
     kernel=${kernel:-chunked}
     # shellcheck disable=SC2206
