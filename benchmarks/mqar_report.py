@@ -175,7 +175,8 @@ def write_report(paths, table_path=None, plot_path=None):
 
 def plot_curves(paths, path):
     """Test accuracy against training step (checkpoints and final runs), one
-    panel per pair count, one line per setting (mean over seeds)."""
+    panel per pair count, one line per setting (mean over seeds) at the
+    learning rate that did best."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +186,21 @@ def plot_curves(paths, path):
     for record in load_all_lines(p for p in paths if os.path.exists(p)):
         points[(record["seq_len"], record["pairs"], record["setting"],
                 record["lr"], record["step"])].append(record["test_accuracy"])
-    usual_lr = collections.Counter(key[3] for key in points).most_common(1)
+    # One curve per setting: its learning rate with the best mean accuracy
+    # at the last step it reached (the other rates would hide the plot).
+    best = {}
+    for (seq_len, pairs, setting, lr, step), values in points.items():
+        key = (seq_len, setting)
+        score = (step, np.mean(values))
+        if lr not in best.setdefault(key, {}) or score > best[key][lr]:
+            best[key][lr] = score
+    chosen = {}
+    for key, by_lr in best.items():
+        last = max(step for step, _ in by_lr.values())
+        chosen[key] = max((score for score in by_lr.items()
+                           if score[1][0] == last), key=lambda s: s[1][1])[0]
+    points = {key: value for key, value in points.items()
+              if chosen[(key[0], key[2])] == key[3]}
     panels = sorted({key[:2] for key in points})
     if not panels:
         print("no checkpoints to plot")
@@ -202,7 +217,8 @@ def plot_curves(paths, path):
                            if key[:4] == (seq_len, pairs, setting, lr))
             x, y = zip(*curve)
             axis.plot(x, y, marker=".", label=f"{setting} lr={lr:g}",
-                      linestyle="-" if lr == usual_lr[0][0] else ":",
+                      linestyle="-" if setting.startswith(("nha", "full"))
+                      else "--",
                       color=_COLORS.get(setting.split("-")[0], "gray"),
                       alpha=1.0 if setting.endswith(("M64-W64", "-M64",
                                                      "-W64", "full")) else 0.5)
