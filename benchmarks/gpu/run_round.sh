@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu/run_round.sh            # on a 2-GPU machine
 #   ONE_GPU=1 bash benchmarks/gpu/run_round.sh  # everything on GPU 0
 #   SKIP="lm_study mqar" bash benchmarks/gpu/run_round.sh  # leave jobs out
+#   FINAL=1 bash benchmarks/gpu/run_round.sh  # only the *_final.sh checks
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -35,7 +36,11 @@ run_job() {  # name gpus seconds
   echo "$name rc=$? $((SECONDS - start))s gpus=$gpus" | tee -a "$results/summary.txt"
 }
 
-if [ -n "${ONE_GPU:-}" ]; then
+if [ -n "${FINAL:-}" ]; then  # the kernels' final GPU checks, side by side
+  run_job triton_final 0 "${FINAL_S:-170}" &
+  run_job pallas_final 1 "${FINAL_S:-170}" &
+  wait
+elif [ -n "${ONE_GPU:-}" ]; then
   run_job triton 0 "${TRITON_S:-200}"; run_job pallas 0 "${PALLAS_S:-170}"
   run_job mqar 0 "${MQAR_S:-240}"; run_job lm_study 0 "${LM_S:-120}"
 else
