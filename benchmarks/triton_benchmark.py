@@ -407,12 +407,14 @@ def _patch_autotuner(record, replay, shard, shard_timings, candidates, top,
             FLA_UNTUNED.add(entry)
             self.cache[key] = everything[0]
         result = original(self, *args, **kwargs)
-        if fresh and shard and shard_timings:
+        if fresh and shard and shard_timings and hasattr(
+                self, "configs_timings"):
             timings[entry] = [[_config_dict(c), t[0] if isinstance(
                 t, (list, tuple)) else t] for c, t in
                 self.configs_timings.items()]
             dump(shard_timings, timings)
-        if fresh and record and key in self.cache:
+        if fresh and record and key in self.cache and (
+                entry not in FLA_UNTUNED):
             chosen[entry] = _config_dict(self.cache[key])
             dump(record, {**replay, **chosen})
         return result

@@ -444,6 +444,9 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
         **common_args)
     dkdv_query = blocks.dkdv_query or blocks.query_bwd
     dkdv_key = blocks.dkdv_key or blocks.key_bwd
+    if qw.dtype == torch.float32 and not common.interpreting():
+        # fp32 tiles at 128 keys need 328 KB of shared memory (H200: 227).
+        dkdv_key = min(dkdv_key, 64)
     common_args["num_warps"] = blocks.dkdv_warps or blocks.window_warps
     grid = (triton.cdiv(s.T, dkdv_key), s.B * s.HKV)
     launcher(window.window_dkdv_kernel)[grid](
