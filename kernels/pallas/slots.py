@@ -519,10 +519,13 @@ def _in_chunk_sums(x, chunk, reverse=False):
     XLA lowers a cumsum on GPU to a log-depth scan, one pass per level.
 
     float32 `x` is split into three bfloat16 parts (x = hi + mid + lo to
-    within 2^-24 |x|) multiplied separately: the triangle's ones are exact
+    within 2^-21 |x|) multiplied separately: the triangle's ones are exact
     in bfloat16 and the products accumulate in float32, so this keeps
     float32 accuracy at bfloat16 tensor-core speed (a float32 product at
-    HIGHEST precision took ~0.6 ms per call at T=65536 on an H200).
+    HIGHEST precision took ~0.6 ms per call at T=65536 on an H200). The
+    parts are cut by masking the low mantissa bits: a float32 -> bfloat16
+    -> float32 round trip would be dropped by XLA's GPU simplifier (excess
+    precision allowed), leaving one bfloat16 part (GPU check, round s3r2).
     """
     batch, length = x.shape[:2]
     shaped = x.reshape((batch, length // chunk, chunk) + x.shape[2:])
@@ -534,8 +537,11 @@ def _in_chunk_sums(x, chunk, reverse=False):
         parts = []
         rest = shaped
         for _ in range(3):
-            parts.append(rest.astype(jnp.bfloat16))
-            rest = rest - parts[-1].astype(_F32)
+            top = lax.bitcast_convert_type(
+                lax.bitcast_convert_type(rest, jnp.uint32)
+                & jnp.uint32(0xFFFF0000), _F32)  # exact in bfloat16
+            parts.append(top.astype(jnp.bfloat16))
+            rest = rest - top
     sums = sum(jnp.einsum("ij,bnj...->bni...", keep.astype(part.dtype), part,
                           preferred_element_type=_F32) for part in parts)
     return sums.reshape(x.shape).astype(x.dtype)
