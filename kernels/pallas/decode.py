@@ -26,14 +26,11 @@ from keras_nha.kernels.pallas.common import padded_size
 from keras_nha.kernels.pallas.common import round_up
 from keras_nha.kernels.pallas.sharding import per_shard_readout
 
-# (batch axis, kv-head axis, rank) and Shardy factors of the readout's
-# operands: queries, window queries, slot keys, slot values, ring keys, ring
-# values, ring mask; then of its output.
-_READOUT_ARGS = ((0, 1, 4), (0, 1, 4), (0, 1, 4), (0, 1, 4), (0, 2, 4),
-                 (0, 2, 4), (0, None, 2))
+# Shardy factors of the readout's operands (queries, window queries, slot
+# keys, slot values, ring keys, ring values, ring mask) and of its output.
 _READOUT_FACTORS = ("b c g k", "b c g k", "b c k m", "b c m v", "b r c k",
                     "b r c v", "b r")
-_READOUT_OUT, _READOUT_OUT_FACTORS = (0, 1, 4), "b c g v"
+_READOUT_OUT_FACTORS = "b c g v"
 
 
 def _readout_kernel(q_ref, qw_ref, sk_ref, sv_ref, k_ref, v_ref, mask_ref,
@@ -212,7 +209,7 @@ def pallas_step(query, key, value, log_forget_gate, state, *, window_size,
         functools.partial(_readout, scale=scale, num_slots=num_slots,
                           block=block, interpret=interpret,
                           blocks=ring_pad // block if capacity else 0),
-        _READOUT_ARGS, _READOUT_FACTORS, _READOUT_OUT, _READOUT_OUT_FACTORS)
+        _READOUT_FACTORS, _READOUT_OUT_FACTORS)
     out = readout(queries(query), queries(window_query), slot_keys,
                   slot_values, ring_keys, ring_values, ring_mask)
     out = out[:, :, :groups, :value_dim].reshape(batch, heads, value_dim)

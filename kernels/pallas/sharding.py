@@ -24,14 +24,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 _HISTORY = ("keys", "window_keys", "values", "log_forget_gates", "mask")
-# (batch axis, head axis, rank) of each operand of the flat core.
-_ARGS = ((0, 2, 5), (0, 2, 5), (0, 2, 4), (0, 2, 4), (0, 2, 4), (0, 2, 4),
-         (0, None, 2), (0, 1, 4), (0, 1, 4))
-_OUTS = ((0, 2, 5), (0, 1, 4), (0, 1, 4))
+# Shardy factors of each operand and result of the flat core: "b" batch,
+# "c" kv heads (both split as the first operand is); the rest replicated.
 _ARG_FACTORS = ("b t c g k", "b t c g k", "b l c k", "b l c k", "b l c v",
                 "b l c m", "b l", "b c k m", "b c m v")
 _OUT_FACTORS = ("b t c g v", "b c k m", "b c m v")
-_SPLIT = ("b", "c")  # batch and kv heads; every other factor is replicated
 
 
 def _flat(core, static):
@@ -60,38 +57,34 @@ def _axes(mesh, operand, batch_axis, head_axis):
     return batch, heads
 
 
-def _shardings(mesh, layout, batch, heads):
-    specs = []
-    for batch_axis, head_axis, rank in layout:
-        spec = [None] * rank
-        spec[batch_axis] = batch
-        if head_axis is not None:
-            spec[head_axis] = heads
-        specs.append(NamedSharding(mesh, PartitionSpec(*spec)))
-    return tuple(specs)
+def _shardings(mesh, factors, batch, heads):
+    split = {"b": batch, "c": heads}
+    return tuple(NamedSharding(mesh, PartitionSpec(
+        *[split.get(f) for f in operand.split()])) for operand in factors)
 
 
-def _partitioned(fn, arg_layout, out_layout, rule, num_args):
+def _partitioned(fn, arg_factors, out_factors):
     """`fn` under `custom_partitioning`: batch and head dims keep the first
     operand's sharding, every other dim is replicated."""
     wrapped = custom_partitioning(fn)
-    lead_axes = lambda mesh, shapes: _axes(mesh, shapes[0],
-                                           *arg_layout[0][:2])
+    first = arg_factors[0].split()
+    lead_axes = lambda mesh, shapes: _axes(mesh, shapes[0], first.index("b"),
+                                           first.index("c"))
 
     def infer(mesh, arg_shapes, result_shape):
         del result_shape
-        return _shardings(mesh, out_layout, *lead_axes(mesh, arg_shapes))
+        return _shardings(mesh, out_factors, *lead_axes(mesh, arg_shapes))
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
         axes = lead_axes(mesh, arg_shapes)
-        return (mesh, fn, _shardings(mesh, out_layout, *axes),
-                _shardings(mesh, arg_layout[:num_args], *axes))
+        return (mesh, fn, _shardings(mesh, out_factors, *axes),
+                _shardings(mesh, arg_factors, *axes))
 
+    rule = ", ".join(arg_factors) + " -> " + ", ".join(out_factors)
     # Shardy wants these in the order the factors first appear in the rule.
-    order = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ")
-                               .split()))
-    replicated = tuple(f for f in order if f not in _SPLIT)
+    order = dict.fromkeys(" ".join(arg_factors + out_factors).split())
+    replicated = tuple(f for f in order if f not in ("b", "c"))
     wrapped.def_partition(
         partition=partition, infer_sharding_from_operands=infer,
         propagate_user_sharding=lambda mesh, user_shape: user_shape.sharding,
@@ -99,30 +92,23 @@ def _partitioned(fn, arg_layout, out_layout, rule, num_args):
     return wrapped
 
 
-def _rule(arg_factors, out_factors):
-    return ", ".join(arg_factors) + " -> " + ", ".join(out_factors)
-
-
-def per_shard_readout(readout, arg_layout, arg_factors, out_layout,
-                      out_factors):
+def per_shard_readout(readout, arg_factors, out_factors):
     """A forward-only kernel call, run once per shard of batch and kv heads.
 
     Args:
         readout: a function of arrays returning one array.
-        arg_layout: `(batch axis, kv-head axis, rank)` of each operand; the
-            first operand's sharding decides the split.
-        arg_factors: Shardy factor names per operand ("b" batch, "c" kv
-            heads; every other factor is replicated).
-        out_layout, out_factors: the same for the result.
+        arg_factors: Shardy factor names per operand, e.g. "b c g k" ("b"
+            batch, "c" kv heads; every other factor is replicated); the
+            first operand, which has both, decides the split.
+        out_factors: the same for the result.
 
     Returns:
         `readout`, partitioned when JAX sees more than one device.
     """
     if jax.device_count() == 1:
         return readout
-    partitioned = _partitioned(
-        lambda *operands: (readout(*operands),), arg_layout, (out_layout,),
-        _rule(arg_factors, (out_factors,)), len(arg_layout))
+    partitioned = _partitioned(lambda *operands: (readout(*operands),),
+                               arg_factors, (out_factors,))
     return lambda *operands: partitioned(*operands)[0]
 
 
@@ -138,18 +124,15 @@ def per_shard(core, **static):
     if jax.device_count() == 1:
         return functools.partial(core, **static)
     run = _flat(core, static)
-    forward = _partitioned(
-        run, _ARGS, _OUTS,
-        _rule(_ARG_FACTORS, _OUT_FACTORS), len(_ARGS))
+    forward = _partitioned(run, _ARG_FACTORS, _OUT_FACTORS)
+    num_args = len(_ARG_FACTORS)
 
     def backward_fn(*operands):
-        primals, cotangents = operands[:len(_ARGS)], operands[len(_ARGS):]
+        primals, cotangents = operands[:num_args], operands[num_args:]
         return jax.vjp(run, *primals)[1](tuple(cotangents))
 
-    backward = _partitioned(
-        backward_fn, _ARGS + _OUTS, _ARGS,
-        _rule(_ARG_FACTORS + _OUT_FACTORS, _ARG_FACTORS),
-        len(_ARGS) + len(_OUTS))
+    backward = _partitioned(backward_fn, _ARG_FACTORS + _OUT_FACTORS,
+                            _ARG_FACTORS)
 
     @jax.custom_vjp
     def sharded(*operands):
