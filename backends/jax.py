@@ -8,6 +8,7 @@ portable chunked path.
 
 import collections.abc
 import functools
+import inspect
 
 import jax
 
@@ -71,7 +72,9 @@ def _check(call):
 @functools.lru_cache(maxsize=None)
 def _compiled(kernel):
     """`kernel` under `jax.jit` (Python-level arguments stay static)."""
-    return jax.jit(kernel, static_argnames=("window_size", "scale"))
+    names = inspect.signature(kernel).parameters
+    return jax.jit(kernel, static_argnames=[
+        n for n in ("window_size", "scale", "chunk_size") if n in names])
 
 
 def _load_sequence(call):
