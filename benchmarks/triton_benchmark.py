@@ -122,11 +122,40 @@ def nha_rows(length, graphs=None):
                 flops)
         except Exception as error:  # the eager rows still count
             print(f"CUDA graph capture failed: {error!r}"[:300], flush=True)
+    if length <= 16384:  # where the CPU's share matters
+        rows.update(_user_rows(q, k, v, g, state, flops))
     if os.environ.get("NHA_BENCH_FAST_LAUNCH") == "1":
         try:
             rows.update(_cached_launch_rows(forward, (q, k, v, g), flops))
         except Exception as error:
             print(f"cached launches failed: {error!r}"[:300], flush=True)
+    return rows
+
+
+def _user_rows(q, k, v, g, state, flops):
+    """Eager rows of the CPU-side variants: the kernels without building the
+    returned state, and the public op as a user calls it (validation, a
+    zero state per call, dispatch, the returned state built and dropped)."""
+    import keras_nha
+    from keras_nha.kernels.triton.sequence import triton_nha
+
+    def stateless():
+        return triton_nha(q, k, v, g, window_size=W, scale=D ** -0.5,
+                          window_query=q, window_key=k, padding_mask=None,
+                          state=state, return_state=False)[0]
+
+    def public():
+        return keras_nha.ops.native_hybrid_attention(q, k, v, g, W,
+                                                     implementation="triton")
+
+    rows = {}
+    for name, forward in (("NHA Triton, no returned state", stateless),
+                          ("NHA via keras_nha.ops (eager)", public)):
+        try:
+            fwd, both = _fwd_and_both(forward, (q, k, v, g))
+            rows[f"{name} (M=64, W=512)"] = (fwd, both, flops)
+        except Exception as error:
+            print(f"{name} failed: {error!r}"[:300], flush=True)
     return rows
 
 
@@ -259,8 +288,14 @@ def fla_rows(length):
 
 
 # Kernel name fragments -> the part of NHA they belong to (breakdown groups).
+# The chunk-start states and the adjoints (prep + scans, or the sequential
+# passes) are one group: the two routes compare there (the scan kernel serves
+# both directions, so it cannot be split into forward and backward).
+_STATES = "slot states + adjoints (fwd + bwd)"
 _PARTS = (
-    ("prep_kernel", "slot pass (fwd)"), ("chunk_scan", "slot pass (fwd)"),
+    ("prep_kernel", _STATES), ("chunk_scan", _STATES),
+    ("adjoint_delta", _STATES), ("state_pass", _STATES),
+    ("adjoint_pass", _STATES),
     ("slot_forward", "slot pass (fwd)"),
     ("slot_readout", "slot readout (fwd output, bwd dq)"),
     ("window_forward", "window pass (fwd)"),
@@ -441,8 +476,9 @@ def _first_config_only():
     autotuner.Autotuner.first_only = True
 
 
-def _nha_training_step(length):
-    """One NHA forward+backward at the table's shapes, run once (compiled)."""
+def _nha_training_step(length, **options):
+    """One NHA forward+backward at the table's shapes, run once (compiled);
+    `options` go to `triton_nha`."""
     import torch
 
     from keras_nha.kernels import state as state_lib
@@ -454,7 +490,7 @@ def _nha_training_step(length):
     def step():
         out, _ = triton_nha(q, k, v, g, window_size=W, scale=D ** -0.5,
                             window_query=q, window_key=k, padding_mask=None,
-                            state=state)
+                            state=state, **options)
         torch.autograd.grad(out, (q, k, v, g), torch.ones_like(out))
 
     step()
@@ -512,8 +548,56 @@ def host_profile(length, steps=20, top=30):
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("tottime").print_stats(top)
-    return f"host profile, T={length}, {steps} fwd+bwd steps:\n" + "\n".join(
-        line for line in text.getvalue().splitlines() if line.strip())
+    stateless = host_split(_nha_training_step(length, return_state=False),
+                           steps)
+    return (f"host profile, T={length}, {steps} fwd+bwd steps:\n"
+            + host_split(step, steps) + "\nreturn_state=False: " + stateless
+            + "\n" + "\n".join(
+                line for line in text.getvalue().splitlines()
+                if line.strip()))
+
+
+def host_split(step, steps=20):
+    """CPU ms to enqueue one step, without a profiler: as is, and with every
+    Triton launch replaced by a no-op (torch ops and Python only); the
+    difference over the launch count is the CPU cost of one launch."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    def enqueue_ms():
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(steps):
+            step()
+        spent = (time.perf_counter() - began) / steps * 1000
+        torch.cuda.synchronize()
+        return spent
+
+    launches = [0]
+    run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches[0] += 1
+
+    full = min(enqueue_ms() for _ in range(3))
+    os.environ["KERAS_NHA_TRITON_FAST_LAUNCH"] = "1"
+    try:
+        step()  # each kernel's first call goes through the JIT
+        cached = f"{min(enqueue_ms() for _ in range(3)):.3f} ms"
+    except Exception as error:  # reported, the rest still measured
+        cached = f"failed: {error!r}"[:200]
+    finally:
+        os.environ.pop("KERAS_NHA_TRITON_FAST_LAUNCH")
+    JITFunction.run = counted
+    try:
+        bare = min(enqueue_ms() for _ in range(3))
+    finally:
+        JITFunction.run = run
+    per_step = launches[0] / (3 * steps)
+    return (f"CPU per fwd+bwd step: {full:.3f} ms; with cached launches "
+            f"(KERAS_NHA_TRITON_FAST_LAUNCH=1) {cached}; without the "
+            f"Triton launches {bare:.3f} ms; {per_step:.0f} launches, "
+            f"{(full - bare) / max(per_step, 1) * 1000:.1f} us each")
 
 
 def decode_rows(batch=8, contexts=(4096, 65536)):
@@ -829,7 +913,10 @@ def _measure(args, tuning):
         print(f"[breakdown T={length}] {found['parts']}", flush=True)
         save()
     if args.host_profile and not late("host profile"):
-        result["host_profile"] = host_profile(args.host_profile)
+        try:
+            result["host_profile"] = host_profile(args.host_profile)
+        except Exception as error:  # the rows after it still count
+            result["host_profile"] = f"host profile failed: {error!r}"[:300]
         print(result["host_profile"], flush=True)
         save()
     if not args.no_decode and not late("decode"):

@@ -73,6 +73,14 @@ SEQUENCE_CASES.update({
     "W5-M8-gqa2x4-bf16-states": dict(window_size=5, num_slots=8, heads=4,
                                      kv_heads=2, blocks="low_states=2",
                                      tolerance=1e-2),
+    # States and adjoints by the sequential pass (two column tiles, the
+    # ring's rows in the first chunk, two kv heads).
+    "W5-M8-gqa2x4-sequential-states": dict(
+        window_size=5, num_slots=8, heads=4, kv_heads=2, batch=2,
+        padding=True, blocks="sequential=1,state_tile=8"),
+    "W0-M5-dims24x20-sequential-bf16-states": dict(
+        window_size=0, num_slots=5, key_dim=24, value_dim=20,
+        blocks="sequential=1,state_tile=16,low_states=2", tolerance=1e-2),
 })
 STREAM_CASES = {
     "W5-M8": dict(window_size=5, num_slots=8),
@@ -81,6 +89,9 @@ STREAM_CASES = {
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=45),
     "W5-M8-fused-slots": dict(window_size=5, num_slots=8, padding=True,
                               blocks="split=0"),
+    "W5-M8-dims24x20-sequential-states": dict(
+        window_size=5, num_slots=8, key_dim=24, value_dim=20, padding=True,
+        blocks="sequential=1,state_tile=16"),
     "W5-M8-dims24x20-bf16-states": dict(window_size=5, num_slots=8,
                                         key_dim=24, value_dim=20,
                                         blocks="low_states=2",
@@ -92,6 +103,10 @@ STEP_CASES = {
     "W5-M8-padding": dict(window_size=5, num_slots=8, padding=True),
     "W5-M0": dict(window_size=5, num_slots=0),
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=30),
+}
+# `triton_nha(..., return_state=False)`: the same output, no state built.
+STATELESS_CASES = {
+    "W5-M8-padding": dict(window_size=5, num_slots=8, batch=2, padding=True),
 }
 _SHAPE_KEYS = ("batch", "heads", "kv_heads", "key_dim", "value_dim",
                "num_slots", "separate_window", "padding", "gate_scale")
@@ -197,6 +212,40 @@ def _sequence_case(case, seed):
     return _compare(inputs, case, expected=expected, seed=seed)
 
 
+def _stateless_case(case, seed):
+    import torch
+    from nha_numpy_reference import nha_numpy
+    from nha_testing import random_inputs
+
+    from keras_nha.kernels import state as state_lib
+    from keras_nha.kernels.triton.sequence import triton_nha
+
+    inputs = random_inputs(seed, **_shape(case, LENGTH))
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], case["window_size"],
+                         qw=inputs["window_query"], kw=inputs["window_key"],
+                         padding_mask=inputs["padding_mask"])
+    x = {n: torch.tensor(np.asarray(v), dtype=torch.float32)
+         for n, v in inputs.items()}
+    b, _, hkv, k = x["key"].shape
+    state = state_lib.zero_state(b, hkv, k, x["value"].shape[-1],
+                                 case["num_slots"], case["window_size"],
+                                 "float32")
+    outputs = []
+    for return_state in (False, True):
+        out, new_state = triton_nha(
+            x["query"], x["key"], x["value"], x["log_forget_gate"],
+            window_size=case["window_size"], scale=k ** -0.5,
+            window_query=x["window_query"], window_key=x["window_key"],
+            padding_mask=x["padding_mask"], state=state,
+            return_state=return_state)
+        outputs.append(out.numpy())
+        assert (new_state is None) == (not return_state)
+    return {"output_vs_numpy": _error(outputs[0], expected,
+                                      inputs["padding_mask"]),
+            "vs_return_state": float(np.abs(outputs[0] - outputs[1]).max())}
+
+
 def _prefix_states(inputs, case, prefix):
     """States after `prefix` tokens (reference path), in fp32 and fp64."""
     import keras_nha
@@ -278,9 +327,14 @@ def _worker():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     groups = (("sequence", SEQUENCE_CASES, _sequence_case),
               ("stream", STREAM_CASES, _stream_case),
-              ("step", STEP_CASES, _step_case))
+              ("step", STEP_CASES, _step_case),
+              ("stateless", STATELESS_CASES, _stateless_case))
     for group, cases, run in groups:
         for seed, (name, case) in enumerate(cases.items()):
+            only = os.environ.get("NHA_TRITON_TEST_ONLY")
+            if only and not any(part in f"{group}/{name}"
+                                for part in only.split(",")):
+                continue
             os.environ["KERAS_NHA_TRITON_BLOCKS"] = case.get("blocks", "")
             os.environ["KERAS_NHA_TRITON_KEEP_STATES"] = case.get(
                 "keep_states", "1")
@@ -334,6 +388,12 @@ def test_sequence_outputs_and_gradients(report, case):
 def test_streaming_from_a_state(report, case):
     _check(report, f"stream/{case}")
     assert "state_slot_values" in report[f"stream/{case}"]["errors"]
+
+
+@pytest.mark.parametrize("case", sorted(STATELESS_CASES))
+def test_without_returned_state(report, case):
+    _check(report, f"stateless/{case}")
+    assert "vs_return_state" in report[f"stateless/{case}"]["errors"]
 
 
 @pytest.mark.parametrize("case", sorted(STEP_CASES))

@@ -61,6 +61,13 @@ class Blocks:
     # float32 inputs (tests only: exercises the path on the interpreter).
     # 3: bfloat16 adjoints only (the forward's states stay fp32).
     low_states: int = 0
+    # 1: chunk-start states and adjoints by one sequential pass per column
+    # tile of `state_tile` state rows (`state_pass.py`) instead of prep
+    # kernels and scans.
+    sequential: int = 0
+    state_tile: int = 32
+    state_warps: int = 4
+    state_stages: int = 2
 
 
 # The interpreter walks every program in Python: small tiles keep it quick

@@ -37,23 +37,23 @@ class CachedLauncher:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        import torch
+        from triton.runtime import driver
 
-        key = (tuple(_signature(a) for a in args),
-               tuple(sorted(kwargs.items())))
+        # Each call site passes its keywords in one order: no sorting.
+        key = (tuple(map(_signature, args)), tuple(kwargs.items()))
         found = self.compiled.get(key)
         if found is None:
             kernel = self.fn[grid](*args, **kwargs)
             rest = [(p.name, p.default) for p in self.fn.params[len(args):]]
-            self.compiled[key] = (kernel, rest)
+            self.compiled[key] = (kernel, kernel.run, rest)
             return kernel
-        kernel, rest = found
-        full = list(args) + [kwargs.get(name, default)
-                             for name, default in rest]
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1,
-                   grid[2] if len(grid) > 2 else 1,
-                   torch.cuda.current_stream().cuda_stream, kernel.function,
-                   kernel.packed_metadata, None, None, None, *full)
+        kernel, run, rest = found
+        device = driver.active.get_current_device()
+        run(grid[0], grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            driver.active.get_current_stream(device), kernel.function,
+            kernel.packed_metadata, None, None, None, *args,
+            *[kwargs.get(name, default) for name, default in rest])
         return kernel
 
 

@@ -28,6 +28,7 @@ import triton
 
 from keras_nha.kernels.triton import common
 from keras_nha.kernels.triton import slots
+from keras_nha.kernels.triton import state_pass
 from keras_nha.kernels.triton import window
 from keras_nha.kernels.triton.launch import launcher
 
@@ -168,6 +169,14 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
     strengths = torch.empty_like(gates)
     mp = common.pow2(s.M)
     prec = _precision(key.dtype)
+    if cfg.blocks.sequential:
+        final_keys = torch.empty_like(slot_keys)
+        final_values = torch.empty_like(slot_values)
+        _state_pass(s, cfg, key, value, gate, ring, mask, position,
+                    slot_keys, slot_values, sk, sv, decay, gates, strengths,
+                    final_keys, final_values)
+        return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1, final_keys,
+                      final_values)
     # Equal widths: both recurrences in one launch, sharing the gate work.
     keys = (key, ring["keys"], sk, s.K)
     values = (value, ring["values"], sv, s.V)
@@ -199,6 +208,46 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             REVERSE=False)
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1, final_keys,
                   final_values)
+
+
+def _state_options(blocks):
+    return dict(num_warps=blocks.state_warps, num_stages=blocks.state_stages)
+
+
+def _state_pass(s, cfg, key, value, gate, ring, mask, position, slot_keys,
+                slot_values, sk, sv, decay, gates, strengths, final_keys,
+                final_values):
+    """`state_pass_kernel`: both recurrences in one launch when K == V."""
+    nt = triton.cdiv(s.T, cfg.blocks.chunk)
+    dt = min(cfg.blocks.state_tile, common.pow2(max(s.K, s.V)))
+    sides = [(0, 2, s.K)] if s.K == s.V else [(0, 1, s.K), (1, 1, s.V)]
+    for first, count, width in sides:
+        launcher(state_pass.state_pass_kernel)[
+            (s.B * s.HKV, triton.cdiv(width, dt), count)](
+            key, value, gate, mask, position, gates, strengths, sk, sv, decay,
+            slot_keys, slot_values, final_keys, final_values, s.T,
+            cfg.capacity, nt, _delta(ring["keys"], key),
+            _delta(ring["values"], value),
+            _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
+            DT=dt, MP=common.pow2(s.M), BT=cfg.blocks.chunk,
+            HAS_PM=cfg.has_mask, FIRST=first, WRITE_GATES=first == 0,
+            PRECISION=_precision(key.dtype), **_state_options(cfg.blocks))
+
+
+def _adjoint_pass(s, cfg, reads, state, nt):
+    """`adjoint_pass_kernel` over `reads` ((y, coef, adjoint, width) of the
+    key and the value side): both in one launch when K == V."""
+    dt = min(cfg.blocks.state_tile, common.pow2(max(s.K, s.V)))
+    launches = [(reads[0], reads[1], 2)] if s.K == s.V else [
+        (reads[0], reads[0], 1), (reads[1], reads[1], 1)]
+    for (y, coef, adjoint, width), (y2, coef2, adjoint2, _), count in (
+            launches):
+        launcher(state_pass.adjoint_pass_kernel)[
+            (s.B * s.H, triton.cdiv(width, dt), count)](
+            y, coef, y2, coef2, state.gates, state.decay, adjoint, adjoint2,
+            s.T, nt, s.H, s.HKV, D=width, M=s.M, DT=dt,
+            MP=common.pow2(s.M), BT=cfg.blocks.chunk,
+            PRECISION=_precision(y.dtype), **_state_options(cfg.blocks))
 
 
 def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
@@ -337,6 +386,9 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
              in zip(sides, adjoints)]
     launches = [(reads[0], reads[1])] if s.K == s.V else [(reads[0], None),
                                                           (reads[1], None)]
+    if blocks.sequential:
+        _adjoint_pass(s, cfg, reads, state, nt)
+        launches = stacks = []
     for (y, coef, adjoint, width), other in launches:
         y2, coef2, adjoint2, _ = other or (y, coef, adjoint, width)
         dt = _tile(width, s.M)
@@ -494,7 +546,7 @@ class NHAFunction(torch.autograd.Function):
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
-        do = d_output.to(q.dtype).contiguous()
+        do = _prepared(d_output, q.dtype)
         delta = torch.empty(s.B, s.T, s.H, device=q.device,
                             dtype=torch.float32)
         dq = dk = dv = dg = dqw = dkw = None
@@ -520,8 +572,10 @@ class NHAFunction(torch.autograd.Function):
                                   (dqw, qw, merged[0]), (dkw, kw, merged[1])):
             if in_other:  # already summed into the slots' gradient
                 grads.append(None)
+            elif grad is None:  # zeros, as autodiff of the spec gives
+                grads.append(torch.zeros_like(x))
             else:
-                grads.append(torch.zeros_like(x) if grad is None
+                grads.append(grad if grad.dtype == x.dtype
                              else grad.to(x.dtype))
         return tuple(grads) + (None,) * 10
 
@@ -544,7 +598,8 @@ def _ring_index(capacity, end, device):
 
 @torch.compiler.disable
 def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
-               window_query, window_key, padding_mask, state, blocks=None):
+               window_query, window_key, padding_mask, state, blocks=None,
+               return_state=True):
     """NHA on the Triton kernels; the contract of `chunked_nha`.
 
     Args:
@@ -559,6 +614,9 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
         padding_mask: `[B, T]` or None.
         state: the state dict (`kernels/state.py`) to start from.
         blocks: optional `common.Blocks` tile sizes (tests use small ones).
+        return_state: False skips building the new state (its ring buffers
+            cost ten small torch ops per call, which at short lengths the
+            GPU waits for); `new_state` is then None.
 
     Returns:
         `(output [B, T, H, V] in the query's dtype, new_state)`.
@@ -578,33 +636,35 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
                   scale=float(scale), blocks=blocks,
                   has_mask=padding_mask is not None)
 
-    def prep(x, dt=dtype):
-        return x.to(dt).contiguous()
-
-    q, k, v, qw, kw = (prep(x) for x in (query, key, value, window_query,
-                                         window_key))
-    g = prep(log_forget_gate, torch.float32)
-    position = state["position"].to(torch.int32).reshape(())
-    if padding_mask is None:
-        real = torch.ones(s.B, keep, device=query.device, dtype=torch.float32)
-        mask = _dummy(g)
-    else:
-        mask = prep(padding_mask, torch.float32)
-        real = mask[:, s.T - keep:]
+    q, k, v, qw, kw = (_prepared(x, dtype) for x in (
+        query, key, value, window_query, window_key))
+    g = _prepared(log_forget_gate, torch.float32)
+    position = state["position"]
+    if position.dtype != torch.int32 or position.dim():
+        position = position.to(torch.int32).reshape(())
+    mask = (_dummy(g) if padding_mask is None
+            else _prepared(padding_mask, torch.float32))
     ring = {}
     for name in ("keys", "window_keys", "values"):
-        ring[name] = _ring_or_dummy(prep(state[name]).detach(), q)
+        ring[name] = _ring_or_dummy(_prepared(state[name], dtype, True), q)
     for name in ("log_forget_gates", "mask"):
         ring[name] = _ring_or_dummy(
-            prep(state[name], torch.float32).detach(), g)
-    slot_keys = prep(state["slot_keys"], torch.float32).detach()
-    slot_values = prep(state["slot_values"], torch.float32).detach()
+            _prepared(state[name], torch.float32, True), g)
+    slot_keys = _prepared(state["slot_keys"], torch.float32, True)
+    slot_values = _prepared(state["slot_values"], torch.float32, True)
 
     output, final_keys, final_values = NHAFunction.apply(
         q, k, v, g, qw, kw, mask, ring["keys"], ring["window_keys"],
         ring["values"], ring["log_forget_gates"], ring["mask"], position,
         slot_keys, slot_values, cfg)
-
+    if output.dtype != dtype:
+        output = output.to(dtype)
+    if not return_state:
+        return output, None
+    if padding_mask is None:
+        real = torch.ones(s.B, keep, device=query.device, dtype=torch.float32)
+    else:
+        real = mask[:, s.T - keep:]
     start = state["position"]
     end = start + s.T
     acc = state["slot_keys"].dtype
@@ -625,4 +685,13 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
     for name, rows in tail.items():
         new_state[name] = (_new_ring(state[name], rows, start, index)
                            if capacity else state[name])
-    return output.to(dtype), new_state
+    return output, new_state
+
+
+def _prepared(x, dtype, detach=False):
+    """`x` as a contiguous `dtype` tensor (no torch op when it already is)."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.detach() if detach and x.requires_grad else x

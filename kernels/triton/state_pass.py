@@ -1,0 +1,151 @@
+"""Chunk-start slot states and adjoints in one sequential pass per tile.
+
+The alternative to `prep_kernel` + `chunk_scan_kernel` (`Blocks.sequential`):
+one program per (state sequence, column tile, recurrence) walks the chunks
+in order, keeps its [DT, M] tile of the state in fp32 registers and stores
+each chunk-start state once. The prep-and-scan route writes every chunk's
+contribution, reads it back, scans and writes the states again, and each
+scan step waits on a log-depth scan; here a chunk costs one tile of loads
+(independent of the carry, so the loop pipelines them), one small matrix
+product and one store.
+
+Forward: S_{n+1} = S_n * exp(g_end) + sum_i x_i (x) exp(g_end - G_i) s_i.
+Reverse (adjoints): R_n = V_{n+1}; V_n = V_{n+1} * exp(g_end_n) +
+sum_t y_t (x) c_t exp(G_t), V_NT = 0 (the same maps as the scans).
+"""
+
+import triton
+import triton.language as tl
+
+from keras_nha.kernels.triton.common import plain_rows
+from keras_nha.kernels.triton.common import ring_delta
+from keras_nha.kernels.triton.common import stream_gates
+from keras_nha.kernels.triton.common import stream_rows
+
+
+@triton.jit
+def _forward_states(XN, RDX, S, INIT, FINAL, GN, RDG, PM, GC, SS, DEC, b,
+                    hk, bhk, pos, d, T, C, NT, HKV, INIT_ROW, INIT_COL,
+                    D: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                    BT: tl.constexpr, HAS_PM: tl.constexpr,
+                    WRITE_GATES: tl.constexpr, PRECISION: tl.constexpr):
+    """One recurrence's column tile `d`: entries 0 .. NT of S and FINAL."""
+    cols = tl.arange(0, MP)
+    ok = (d < D)[:, None] & (cols < M)[None, :]
+    # The input state's own layout: [D, M] keys or [M, D] values.
+    init = d[:, None] * INIT_ROW + cols[None, :] * INIT_COL
+    seq = bhk.to(tl.int64) * D * M
+    carry = tl.load(INIT + seq + init, mask=ok, other=0.0).to(tl.float32)
+    base = S + bhk.to(tl.int64) * (NT + 1) * D * M
+    tile = d[:, None] * M + cols[None, :]
+    tl.store(base + tile, carry.to(S.dtype.element_ty), mask=ok)
+    gn = GN + b * T * HKV * M + hk * M
+    g_delta = ring_delta(RDG, b, C, T, HKV * M)
+    xn = XN + b * T * HKV * D + hk * D
+    x_delta = ring_delta(RDX, b, C, T, HKV * D)
+    for n in range(NT):
+        rows = n * BT + tl.arange(0, BT)
+        g = stream_gates(gn, g_delta, PM + b * T, rows, cols, C, pos, T,
+                         HKV, M, HAS_PM, True)
+        G = tl.cumsum(g, 0)
+        gend = tl.sum(g, 0)
+        strength = 1.0 - tl.exp(g)
+        w = tl.exp(gend[None, :] - G) * strength
+        x = stream_rows(xn, x_delta, rows, d, C, pos, T, HKV, D, True)
+        added = tl.dot(tl.trans(x), w, input_precision=PRECISION)
+        carry = carry * tl.exp(gend)[None, :] + added
+        tl.store(base + (n + 1) * (D * M) + tile,
+                 carry.to(S.dtype.element_ty), mask=ok)
+        if WRITE_GATES:
+            at = (b * T + rows.to(tl.int64))[:, None] * (HKV * M) + (
+                hk * M + cols[None, :])
+            live = (rows < T)[:, None] & (cols < M)[None, :]
+            tl.store(GC + at, G, mask=live)
+            tl.store(SS + at, strength, mask=live)
+            tl.store(DEC + (bhk.to(tl.int64) * NT + n) * M + cols,
+                     tl.exp(gend), mask=cols < M)
+    tl.store(FINAL + seq + init, carry, mask=ok)
+
+
+@triton.jit
+def state_pass_kernel(XN, XN2, GN, PM, POS, GC, SS, S, S2, DEC, INIT_K,
+                      INIT_V, FINAL_K, FINAL_V, T, C, NT, RDX, RDX2, RDG, HKV,
+                      D: tl.constexpr, M: tl.constexpr, DT: tl.constexpr,
+                      MP: tl.constexpr, BT: tl.constexpr,
+                      HAS_PM: tl.constexpr, FIRST: tl.constexpr,
+                      WRITE_GATES: tl.constexpr, PRECISION: tl.constexpr):
+    """Chunk-start states, column tile program_id(1): recurrence FIRST +
+    program_id(2) (0: the keys XN into S, from INIT_K [D, M] per sequence
+    to FINAL_K; 1: the values XN2 into S2, from INIT_V [M, D] to FINAL_V,
+    same width D). With WRITE_GATES the keys' first tile also writes the
+    stream's G, s (GC, SS) and chunk decays (DEC)."""
+    bhk = tl.program_id(0)
+    tile = tl.program_id(1)
+    d = tile * DT + tl.arange(0, DT)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    pos = tl.load(POS)
+    if FIRST + tl.program_id(2) == 0:
+        if WRITE_GATES:
+            lead = tile == 0
+        else:
+            lead = tile < 0
+        if lead:
+            _forward_states(XN, RDX, S, INIT_K, FINAL_K, GN, RDG, PM, GC, SS,
+                            DEC, b, hk, bhk, pos, d, T, C, NT, HKV, M, 1, D,
+                            M, MP, BT, HAS_PM, True, PRECISION)
+        else:
+            _forward_states(XN, RDX, S, INIT_K, FINAL_K, GN, RDG, PM, GC, SS,
+                            DEC, b, hk, bhk, pos, d, T, C, NT, HKV, M, 1, D,
+                            M, MP, BT, HAS_PM, False, PRECISION)
+    else:
+        _forward_states(XN2, RDX2, S2, INIT_V, FINAL_V, GN, RDG, PM, GC, SS,
+                        DEC, b, hk, bhk, pos, d, T, C, NT, HKV, 1, D, D, M,
+                        MP, BT, HAS_PM, False, PRECISION)
+
+
+@triton.jit
+def _reverse_adjoints(Y, CF, R, GC, DEC, b, h, hk, bh, d, T, NT, H, HKV,
+                      D: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                      BT: tl.constexpr, PRECISION: tl.constexpr):
+    cols = tl.arange(0, MP)
+    ok = (d < D)[:, None] & (cols < M)[None, :]
+    tile = d[:, None] * M + cols[None, :]
+    base = R + bh.to(tl.int64) * NT * D * M
+    dec = DEC + (b * HKV + hk) * NT * M
+    gc = GC + b * T * HKV * M + hk * M
+    cf = CF + b * T * H * M + h * M
+    y_ptr = Y + b * T * H * D + h * D
+    carry = tl.zeros([d.shape[0], MP], tl.float32)
+    for i in range(NT):
+        n = NT - 1 - i
+        tl.store(base + n * (D * M) + tile,
+                 carry.to(R.dtype.element_ty), mask=ok)
+        rows = n * BT + tl.arange(0, BT)
+        decay = tl.exp(plain_rows(gc, rows, cols, T, HKV * M, M))
+        c = plain_rows(cf, rows, cols, T, H * M, M)
+        y = plain_rows(y_ptr, rows, d, T, H * D, D)
+        added = tl.dot(tl.trans(y), c * decay, input_precision=PRECISION)
+        chunk = tl.load(dec + n * M + cols, mask=cols < M, other=1.0)
+        carry = carry * chunk[None, :] + added
+
+
+@triton.jit
+def adjoint_pass_kernel(Y, CF, Y2, CF2, GC, DEC, R, R2, T, NT, H, HKV,
+                        D: tl.constexpr, M: tl.constexpr, DT: tl.constexpr,
+                        MP: tl.constexpr, BT: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Adjoint states arriving at the end of each chunk (R[b, h, n], per
+    query head) of the reads (Y, CF); programs with program_id(2) == 1 do
+    (Y2, CF2) into R2 (the other recurrence, same width D)."""
+    bh = tl.program_id(0)
+    d = tl.program_id(1) * DT + tl.arange(0, DT)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // (H // HKV)
+    if tl.program_id(2) == 0:
+        _reverse_adjoints(Y, CF, R, GC, DEC, b, h, hk, bh, d, T, NT, H, HKV,
+                          D, M, MP, BT, PRECISION)
+    else:
+        _reverse_adjoints(Y2, CF2, R2, GC, DEC, b, h, hk, bh, d, T, NT, H,
+                          HKV, D, M, MP, BT, PRECISION)
