@@ -33,7 +33,7 @@ done
 # The defaults (host-side changes): the benchmark's layout.
 timeout 80 python3 tests/triton_gpu_check.py --part quick \
   > "$out/check_quick.log" 2>&1 &
-tune="$seq;$seq,state_tile=64;$seq,state_tile=16;$seq,state_stages=3;$seq,state_warps=8,state_tile=64"
+tune="$seq;$seq,state_tile=64;$seq,state_tile=16;$seq,fused_dx=1;$seq,state_stages=3;$seq,state_warps=8,state_tile=64"
 timeout 80 python3 benchmarks/triton_benchmark.py --warm nha,flex \
   --tune "$tune" > "$out/warm_nha.log" 2>&1 &
 wait
@@ -47,8 +47,12 @@ FLA_RECORD_CONFIGS="$out/fla_configs_all.json" \
 NHA_BENCH_GRAPHS=1 python3 benchmarks/triton_benchmark.py \
   --lengths 4096,16384,65536 --peers tune,sdpa,flex,fla --no-decode \
   --tune "$tune" --tune-length 65536 \
-  --breakdown 65536,4096 --host-profile 4096 --deadline $((205 - SECONDS)) \
+  --breakdown 65536,4096 --host-profile 4096 --deadline $((188 - SECONDS)) \
   --json "$out/triton_benchmark.json" --plot "$out/triton_benchmark.png"
 echo "measuring done at ${SECONDS}s"
+# The sequential passes at the short lengths (fewer launches: CPU-bound).
+KERAS_NHA_TRITON_BLOCKS=$seq timeout $((222 - SECONDS)) python3 \
+  benchmarks/triton_benchmark.py --lengths 4096,16384 --peers none \
+  --no-decode --breakdown 4096 --json "$out/triton_sequential.json"
 cat "$out"/check_*.log > "$out/triton_gpu_check.log"
 echo "job done at ${SECONDS}s"

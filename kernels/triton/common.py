@@ -50,6 +50,9 @@ class Blocks:
     # 1: the slot output and the slot part of dq in their own kernel
     # (`slot_readout_kernel`: two lighter programs instead of one).
     split: int = 0
+    # 1: ds and dx of each recurrence in one kernel even when split (each
+    # adjoint tile read once instead of twice).
+    fused_dx: int = 0
     # Register cap of the slot kernels (0: none).
     slot_regs: int = 0
     # Chunk scans: state elements per program, chunks per scan step.

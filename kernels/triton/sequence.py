@@ -428,8 +428,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             dx[:, max(fed, 0):].zero_()  # tokens that never left the window
         else:
             dx = torch.empty(s.B, s.T, s.H, width, **f32)
-        parts = ((True, False), (False, True)) if blocks.split else (
-            (True, True),)
+        parts = ((True, False), (False, True)) if (
+            blocks.split and not blocks.fused_dx) else ((True, True),)
         for want_ds, want_dx in parts:
             launcher(slots.slot_dx_kernel)[(nt, s.B * s.H)](
                 y, coef, x, state.gates, state.strengths, position, adjoint,
