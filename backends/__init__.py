@@ -12,6 +12,7 @@ Each backend module (`jax`, `tensorflow`, `torch`) exposes
   compiles it with `jax.jit`; eager op-by-op dispatch is slow there).
 """
 
+import functools
 import importlib
 
 import keras
@@ -31,16 +32,23 @@ def backend_module():
         f"keras_nha.backends.{keras.config.backend()}")
 
 
-def _select(implementation, call, portable, fast):
+def _portable(kernel, chunk_size):
+    compiled = backend_module().portable(kernel)
+    if chunk_size is None or kernel is not chunked_nha:
+        return compiled
+    return functools.partial(compiled, chunk_size=chunk_size)
+
+
+def _select(implementation, call, portable, fast, chunk_size=None):
     if implementation in portable:
-        return backend_module().portable(portable[implementation])
+        return _portable(portable[implementation], chunk_size)
     if implementation == "auto":
         for loader in fast.values():
             try:
                 return loader(call)
             except NotImplementedError:
                 continue
-        return backend_module().portable(portable["chunked"])
+        return _portable(portable["chunked"], chunk_size)
     backend = keras.config.backend()
     if OWNER[implementation] != backend:
         raise ValueError(
@@ -59,10 +67,14 @@ def _select(implementation, call, portable, fast):
             f"{error}") from None
 
 
-def select(implementation, call):
-    """The sequence kernel for `implementation` ("auto" picks the fastest)."""
+def select(implementation, call, chunk_size=None):
+    """The sequence kernel for `implementation` ("auto" picks the fastest).
+
+    `chunk_size` is bound to the portable chunked path when that serves the
+    call; the other kernels choose their own blocks.
+    """
     return _select(implementation, call, PORTABLE,
-                   backend_module().fast_paths())
+                   backend_module().fast_paths(), chunk_size)
 
 
 def select_step(implementation, call):

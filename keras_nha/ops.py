@@ -107,7 +107,8 @@ class NativeHybridAttention(Operation):
 def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
                             scale=None, window_query=None, window_key=None,
                             padding_mask=None, initial_state=None,
-                            return_state=False, implementation="auto"):
+                            return_state=False, implementation="auto",
+                            chunk_size=None):
     """Native Hybrid Attention over a sequence.
 
     Token t attends, with one softmax, to M slots (written by the tokens that
@@ -135,6 +136,9 @@ def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
         implementation: "auto" (fastest available), "reference" (step by
             step, slow), "chunked" (portable), or a backend kernel:
             "triton" (torch), "pallas" (jax), "xla" (tensorflow).
+        chunk_size: block length of the "chunked" path (default 32; its
+            memory grows with chunk_size * M per token, so small models run
+            faster with 8-16). The other implementations choose their own.
 
     Returns:
         `[B, T, H, V]` in the query's dtype, and the state if `return_state`.
@@ -148,6 +152,7 @@ def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
     (2, 100, 4, 32)
     """
     validation.check_implementation(implementation)
+    validation.check_chunk_size(chunk_size)
     batch, time, _, kv_heads, key_dim, value_dim, num_slots = (
         validation.check_inputs(query, key, value, log_forget_gate,
                                 window_size, window_query, window_key,
@@ -170,7 +175,7 @@ def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
                 window_query=query if window_query is None else window_query,
                 window_key=key if window_key is None else window_key,
                 padding_mask=padding_mask, state=initial_state)
-    kernel = backends.select(implementation, call)
+    kernel = backends.select(implementation, call, chunk_size)
     output, state = kernel(**call)
     return (output, state) if return_state else output
 

@@ -50,6 +50,13 @@ def check_implementation(implementation):
               f"one of {IMPLEMENTATIONS}")
 
 
+def check_chunk_size(chunk_size):
+    if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+            or chunk_size < 1):
+        _fail("chunk_size", repr(chunk_size), "None or a Python int >= 1")
+
+
 def check_scale(scale, key_dim):
     if scale is None:
         return float(key_dim) ** -0.5

@@ -42,7 +42,7 @@ def test_aliases_and_shapes():
 def test_config_round_trip():
     layer = make_layer(feature_map="swish", use_bias=True,
                        value_activation=None, use_output_norm=False,
-                       rope_max_wavelength=500000)
+                       rope_max_wavelength=500000, chunk_size=16)
     clone = NHALayer.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
 
@@ -163,6 +163,8 @@ def test_bad_layer_arguments():
         NHALayer(num_heads=2, window_size=-3)
     with pytest.raises(ValueError, match="feature_map"):
         NHALayer(num_heads=2, feature_map="relu")
+    with pytest.raises(ValueError, match="chunk_size"):
+        NHALayer(num_heads=2, chunk_size=0)
 
 
 def test_layers_import_only_keras_and_the_backend():

@@ -65,6 +65,16 @@ def test_matches_numpy_reference_fp32(implementation, length, window_size,
     assert relative_error(got, expected, mask) <= 1e-5
 
 
+@pytest.mark.parametrize("chunk_size,window_size,num_slots", [
+    (1, 5, 8), (8, 0, 8), (13, 6, 8), (64, 20, 8), (8, 9, 0)])
+def test_chunk_size_keeps_the_numbers(chunk_size, window_size, num_slots):
+    inputs = random_inputs(chunk_size + window_size, length=37, kv_heads=2,
+                           num_slots=num_slots, padding=True)
+    got = run(inputs, window_size, "chunked", chunk_size=chunk_size)
+    expected = numpy_output(inputs, window_size)
+    assert relative_error(got, expected, inputs["padding_mask"]) <= 1e-5
+
+
 @pytest.mark.parametrize("window_size,num_slots", [(0, 8), (5, 8), (36, 8),
                                                    (111, 8), (5, 0)])
 def test_float64_is_exact(window_size, num_slots):

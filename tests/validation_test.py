@@ -76,6 +76,12 @@ def test_positive_log_gates_are_caught_eagerly(tensors):
         call(tensors, log_forget_gate=-tensors["log_forget_gate"])
 
 
+@pytest.mark.parametrize("chunk_size", [0, 2.0, True, "8"])
+def test_bad_chunk_size(tensors, chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        call(tensors, chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize("scale", [0.0, -1.0, "x"])
 def test_bad_scale(tensors, scale):
     with pytest.raises(ValueError, match="scale"):

@@ -41,6 +41,8 @@ class NHALayer(CacheLayer):
         norm_epsilon: RMSNorm epsilon.
         kernel_initializer: projections' initializer, normal(0, 0.02).
         implementation: forwarded to `keras_nha.ops.native_hybrid_attention`.
+        chunk_size: block length of the portable "chunked" path (None: its
+            default); see `keras_nha.ops.native_hybrid_attention`.
         **kwargs: `keras.layers.Layer` arguments (name, dtype, ...).
 
     Example:
@@ -56,7 +58,8 @@ class NHALayer(CacheLayer):
                  output_activation="silu", use_output_norm=True,
                  use_bias=False, use_rotary=True, rope_max_wavelength=10000,
                  rope_scaling_factor=1.0, scale=None, norm_epsilon=1e-6,
-                 kernel_initializer=None, implementation="auto", **kwargs):
+                 kernel_initializer=None, implementation="auto",
+                 chunk_size=None, **kwargs):
         super().__init__(**kwargs)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value, low in (("num_heads", num_heads, 1),
@@ -64,6 +67,8 @@ class NHALayer(CacheLayer):
                                  ("num_slots", num_slots, 0),
                                  ("window_size", window_size, 0)):
             check_int(name, value, low)
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, 1)
         if num_heads % num_kv_heads:
             raise ValueError(f"`num_heads`: expected a multiple of num_kv_heads"
                              f"={num_kv_heads}, got {num_heads}.")
@@ -90,6 +95,7 @@ class NHALayer(CacheLayer):
         self.norm_epsilon = norm_epsilon
         self.kernel_initializer = default_initializer(kernel_initializer)
         self.implementation = implementation
+        self.chunk_size = chunk_size
 
     def _dense(self, name, equation, output_shape, bias_axes=None, dtype=None):
         return keras.layers.EinsumDense(
@@ -196,7 +202,8 @@ class NHALayer(CacheLayer):
                       implementation=self.implementation)
         if cache is None:
             attended = nha_ops.native_hybrid_attention(
-                window_size=self.window_size, **projected, **kwargs)
+                window_size=self.window_size, chunk_size=self.chunk_size,
+                **projected, **kwargs)
             return self._finish(attended)
         if inputs.shape[1] == 1:
             token = {n: t[:, 0] for n, t in projected.items()}
@@ -207,7 +214,8 @@ class NHALayer(CacheLayer):
             attended = attended[:, None]
         else:
             attended, cache = nha_ops.native_hybrid_attention(
-                window_size=self.window_size, initial_state=cache,
+                window_size=self.window_size, chunk_size=self.chunk_size,
+                initial_state=cache,
                 return_state=True, **projected, **kwargs)
         return self._finish(attended), cache
 
@@ -231,5 +239,5 @@ class NHALayer(CacheLayer):
             norm_epsilon=self.norm_epsilon,
             kernel_initializer=keras.initializers.serialize(
                 self.kernel_initializer),
-            implementation=self.implementation)
+            implementation=self.implementation, chunk_size=self.chunk_size)
         return config

@@ -102,6 +102,8 @@ class NHABackbone(ExplainedPresetLoading, Backbone):
         dropout: dropout rate inside the blocks.
         tie_word_embeddings: reuse the token embedding as output projection.
         implementation: NHA kernel choice, see `keras_nha.ops`.
+        chunk_size: block length of the portable "chunked" path (None: its
+            default; 8-16 is faster for small models).
         dtype: dtype policy of the whole model.
         **kwargs: `keras_hub.models.Backbone` arguments (name, ...).
 
@@ -129,8 +131,8 @@ class NHABackbone(ExplainedPresetLoading, Backbone):
                  attention_scale=None, rope_max_wavelength=10000,
                  rope_scaling_factor=1.0, feedforward_activation="silu",
                  embedding_scale=None, layer_norm_epsilon=1e-6, dropout=0.0,
-                 tie_word_embeddings=True, implementation="auto", dtype=None,
-                 **kwargs):
+                 tie_word_embeddings=True, implementation="auto",
+                 chunk_size=None, dtype=None, **kwargs):
         for name, value in (("vocabulary_size", vocabulary_size),
                             ("num_layers", num_layers),
                             ("num_query_heads", num_query_heads),

@@ -15,7 +15,7 @@ SHARED_BLOCK_ARGUMENTS = (
     "attention_output_activation", "use_attention_output_norm",
     "use_qkv_bias", "attention_scale", "rope_max_wavelength",
     "rope_scaling_factor", "feedforward_activation", "layer_norm_epsilon",
-    "dropout", "implementation")
+    "dropout", "implementation", "chunk_size")
 
 _ACTIVATIONS = {
     "silu": ops.silu,
@@ -56,6 +56,7 @@ class NHADecoderBlock(CacheLayer):
         dropout: dropout rate after attention and feedforward.
         kernel_initializer: initializer of every projection.
         implementation: NHA kernel choice, see `keras_nha.ops`.
+        chunk_size: block length of the portable "chunked" path.
         **kwargs: `keras.layers.Layer` arguments.
 
     Example:
@@ -74,7 +75,8 @@ class NHADecoderBlock(CacheLayer):
                  attention_scale=None, rope_max_wavelength=10000,
                  rope_scaling_factor=1.0, feedforward_activation="silu",
                  layer_norm_epsilon=1e-6, dropout=0.0,
-                 kernel_initializer=None, implementation="auto", **kwargs):
+                 kernel_initializer=None, implementation="auto",
+                 chunk_size=None, **kwargs):
         super().__init__(**kwargs)
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
@@ -96,6 +98,7 @@ class NHADecoderBlock(CacheLayer):
         self.dropout = dropout
         self.kernel_initializer = default_initializer(kernel_initializer)
         self.implementation = implementation
+        self.chunk_size = chunk_size
         if feedforward_activation not in _ACTIVATIONS:
             raise ValueError(
                 f"`feedforward_activation`: expected one of "
@@ -115,7 +118,7 @@ class NHADecoderBlock(CacheLayer):
             rope_scaling_factor=rope_scaling_factor, scale=attention_scale,
             norm_epsilon=layer_norm_epsilon,
             kernel_initializer=copy_initializer(self.kernel_initializer),
-            implementation=implementation,
+            implementation=implementation, chunk_size=chunk_size,
             dtype=self.dtype_policy, name="attention")
         self.feedforward_norm = self._norm("feedforward_norm")
         self.feedforward_gate_dense = self._dense(intermediate_dim,

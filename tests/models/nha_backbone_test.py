@@ -97,7 +97,7 @@ def test_backbone_passes_its_block_arguments_to_every_block(make_backbone):
                   attention_scale=0.3, rope_max_wavelength=500,
                   rope_scaling_factor=2.0, feedforward_activation="gelu",
                   layer_norm_epsilon=1e-5, dropout=0.1,
-                  implementation="chunked")
+                  implementation="chunked", chunk_size=8)
     assert set(shared) == set(SHARED_BLOCK_ARGUMENTS)
     backbone = make_backbone(**shared)
     config = backbone.get_config()
@@ -109,7 +109,8 @@ def test_backbone_passes_its_block_arguments_to_every_block(make_backbone):
             block_config)
     attention = backbone.transformer_layers[0].attention
     assert (attention.head_dim, attention.scale, attention.use_bias,
-            attention.feature_map) == (6, 0.3, True, "swish")
+            attention.feature_map, attention.chunk_size) == (
+                6, 0.3, True, "swish", 8)
 
 
 @pytest.mark.parametrize("kwargs, message", [
