@@ -442,21 +442,16 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         dxs.append(dx)
     dx_k, dx_v = dxs
 
-    # dg: reverse cumulative sum of dG over the stream, chunk totals first.
-    totals = torch.empty(s.B, s.HKV, nt, s.M, **f32)
-    launcher(slots.gate_total_kernel)[(nt, s.B * s.HKV)](
-        dg_read, ds, state.strengths, totals, s.T, s.H, s.HKV, M=s.M, MP=mp,
-        BT=blocks.chunk, **_slot_options(blocks))
-    # In place: each chunk's total becomes the sum over the chunks after it.
-    launcher(slots.chunk_scan_kernel)[(s.B * s.HKV, 1)](
-        totals, *(totals,) * 5, nt, s.HKV, 1, s.B * s.HKV, 0, D=1, M=s.M,
-        BLOCK=mp, UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
     dg = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots
-    launcher(slots.gate_grad_kernel)[(nt, s.B * s.HKV)](
-        dg_read, ds, state.strengths, totals, mask, dg, s.T,
-        cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
-        HAS_PM=cfg.has_mask, **_slot_options(blocks))
+    if blocks.sequential:
+        launcher(state_pass.gate_grad_pass_kernel)[
+            (s.B * s.HKV, triton.cdiv(s.M, 16))](
+            dg_read, ds, state.strengths, mask, dg, s.T, cfg.capacity, nt,
+            s.H, s.HKV, M=s.M, MT=16, BT=blocks.chunk, HAS_PM=cfg.has_mask,
+            **_state_options(blocks))
+    else:
+        _gate_grad(s, cfg, dg_read, ds, state, mask, dg, nt)
 
     merged = (dq_window is not None, dk_window is not None)
     if direct:
@@ -471,6 +466,26 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     if dk_window is not None:
         dk += dk_window
     return (dq, dk, dv, dg) + merged
+
+
+def _gate_grad(s, cfg, dg_read, ds, state, mask, dg, nt):
+    """dg (into `dg`): the reverse cumulative sum of dG over the stream,
+    chunk totals first."""
+    blocks = cfg.blocks
+    mp = common.pow2(s.M)
+    totals = torch.empty(s.B, s.HKV, nt, s.M, device=dg.device,
+                         dtype=torch.float32)
+    launcher(slots.gate_total_kernel)[(nt, s.B * s.HKV)](
+        dg_read, ds, state.strengths, totals, s.T, s.H, s.HKV, M=s.M, MP=mp,
+        BT=blocks.chunk, **_slot_options(blocks))
+    # In place: each chunk's total becomes the sum over the chunks after it.
+    launcher(slots.chunk_scan_kernel)[(s.B * s.HKV, 1)](
+        totals, *(totals,) * 5, nt, s.HKV, 1, s.B * s.HKV, 0, D=1, M=s.M,
+        BLOCK=mp, UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
+    launcher(slots.gate_grad_kernel)[(nt, s.B * s.HKV)](
+        dg_read, ds, state.strengths, totals, mask, dg, s.T,
+        cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
+        HAS_PM=cfg.has_mask, **_slot_options(blocks))
 
 
 def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,

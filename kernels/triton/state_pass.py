@@ -11,7 +11,10 @@ product and one store.
 
 Forward: S_{n+1} = S_n * exp(g_end) + sum_i x_i (x) exp(g_end - G_i) s_i.
 Reverse (adjoints): R_n = V_{n+1}; V_n = V_{n+1} * exp(g_end_n) +
-sum_t y_t (x) c_t exp(G_t), V_NT = 0 (the same maps as the scans).
+sum_t y_t (x) c_t exp(G_t), V_NT = 0 (the same maps as the scans). The gate
+gradient's reverse sum over the stream is a third such pass (one launch
+instead of chunk totals, a scan and a write-out). Fewer launches matter at
+short lengths, where the CPU's launch time is what the GPU waits for.
 """
 
 import triton
@@ -149,3 +152,44 @@ def adjoint_pass_kernel(Y, CF, Y2, CF2, GC, DEC, R, R2, T, NT, H, HKV,
     else:
         _reverse_adjoints(Y2, CF2, R2, GC, DEC, b, h, hk, bh, d, T, NT, H,
                           HKV, D, M, MP, BT, PRECISION)
+
+
+@triton.jit
+def gate_grad_pass_kernel(DGR, DS, SS, PM, DG, T, C, NT, H, HKV,
+                          M: tl.constexpr, MT: tl.constexpr,
+                          BT: tl.constexpr, HAS_PM: tl.constexpr):
+    """dg of the stream rows, sum_{t' >= t} dG_t' - alpha_t ds_t with dG =
+    z dz + p dp - s ds summed over the group's query heads, chunks walked
+    backwards with the sum over later chunks carried (slot columns
+    program_id(1) * MT ...); written to the new token each row came from
+    (row C + u is token u), masked."""
+    bhk = tl.program_id(0)
+    cols = tl.program_id(1) * MT + tl.arange(0, MT)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    G = H // HKV
+    ss = SS + b * T * HKV * M + hk * M
+    carry = tl.zeros([MT], tl.float32)
+    for i in range(NT):
+        rows = (NT - 1 - i) * BT + tl.arange(0, BT)
+        s = plain_rows(ss, rows, cols, T, HKV * M, M)
+        total = tl.zeros([BT, MT], tl.float32)
+        ds = tl.zeros([BT, MT], tl.float32)
+        for g in range(G):
+            h = hk * G + g
+            ds_h = plain_rows(DS + b * T * H * M + h * M, rows, cols, T,
+                              H * M, M)
+            total += plain_rows(DGR + b * T * H * M + h * M, rows, cols, T,
+                                H * M, M) - s * ds_h
+            ds += ds_h
+        dg = tl.cumsum(total, 0, reverse=True) + carry[None, :] - (
+            1.0 - s) * ds
+        carry += tl.sum(total, 0)
+        u = rows - C
+        ok = ((u >= 0) & (rows < T))[:, None] & (cols < M)[None, :]
+        if HAS_PM:
+            real = tl.load(PM + b * T + u, mask=(u >= 0) & (rows < T),
+                           other=0.0)
+            dg = dg * real[:, None]
+        tl.store(DG + (b * T + u.to(tl.int64))[:, None] * (HKV * M)
+                 + hk * M + cols[None, :], dg, mask=ok)
