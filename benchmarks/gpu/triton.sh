@@ -30,9 +30,14 @@ for only in 0 1 2 3 4 5 7; do
   KERAS_NHA_TRITON_BLOCKS=$seq timeout 80 python3 tests/triton_gpu_check.py \
     --part kernels --only $only > "$out/check_seq_$only.log" 2>&1 &
 done
-# The defaults (host-side changes): the benchmark's layout.
+# The defaults (host-side changes): the benchmark's layout, torch.compile
+# and model.fit (the wrapper changed: return_state, fewer glue ops).
 timeout 80 python3 tests/triton_gpu_check.py --part quick \
   > "$out/check_quick.log" 2>&1 &
+for only in 4 5; do
+  timeout 80 python3 tests/triton_gpu_check.py --part issue --only $only \
+    > "$out/check_issue_$only.log" 2>&1 &
+done
 tune="$seq;$seq,state_tile=64;$seq,state_tile=16;$seq,fused_dx=1;$seq,state_stages=3;$seq,state_warps=8,state_tile=64"
 timeout 80 python3 benchmarks/triton_benchmark.py --warm nha,flex \
   --tune "$tune" > "$out/warm_nha.log" 2>&1 &
