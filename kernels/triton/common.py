@@ -12,19 +12,31 @@ its index.
 """
 
 import dataclasses
+import functools
 import os
 
 import triton
 import triton.language as tl
 
+# Triton reads TRITON_INTERPRET when it is imported, so it is read once here
+# too (host code asks per launch: an environment lookup each time adds up).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting():
     """True when Triton runs kernels on the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def pow2(n, least=16):
-    """The power of two >= max(n, least): register tiles need such sizes."""
-    return max(least, triton.next_power_of_2(max(int(n), 1)))
+    """The power of two >= max(n, least): register tiles need such sizes.
+    Plain Python: `triton.next_power_of_2` unwraps constexprs per call."""
+    return max(least, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def cdiv(a, b):
+    """ceil(a / b) for host-side grids (plain Python, see `pow2`)."""
+    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +95,12 @@ INTERPRETER_BLOCKS = Blocks(chunk=32, query=16, key=16, query_bwd=16,
 def default_blocks(key_dim, value_dim, num_slots):
     """Tile sizes for a call; KERAS_NHA_TRITON_BLOCKS="query=64,stages=3"
     overrides fields (for tuning runs)."""
-    wide = max(key_dim, value_dim) > 128
+    return _blocks(max(key_dim, value_dim) > 128,
+                   os.environ.get("KERAS_NHA_TRITON_BLOCKS", ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(wide, override):
     if interpreting():
         blocks = INTERPRETER_BLOCKS
     elif wide:
@@ -98,7 +115,6 @@ def default_blocks(key_dim, value_dim, num_slots):
                         key_bwd=32, dkdv_query=32, dkdv_key=128,
                         dkdv_warps=8, warps=4, window_warps=4, stages=2,
                         split=1, low_states=1, scan_unroll=32)
-    override = os.environ.get("KERAS_NHA_TRITON_BLOCKS")
     if override:
         fields = dict(item.split("=") for item in override.split(","))
         blocks = dataclasses.replace(

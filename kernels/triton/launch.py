@@ -58,6 +58,14 @@ class CachedLauncher:
 
 
 _LAUNCHERS = {}
+_FAST = [False]
+
+
+def refresh():
+    """Reads KERAS_NHA_TRITON_FAST_LAUNCH (once per NHA call, not per
+    launch: an environment lookup costs microseconds)."""
+    _FAST[0] = (not interpreting() and os.environ.get(
+        "KERAS_NHA_TRITON_FAST_LAUNCH") == "1")
 
 
 def launcher(fn):
@@ -68,15 +76,14 @@ def launcher(fn):
 
     Returns:
         `fn` itself, or with KERAS_NHA_TRITON_FAST_LAUNCH=1 (not under the
-        interpreter) its `CachedLauncher`.
+        interpreter; as read by the last `refresh()`) its `CachedLauncher`.
 
     Example:
 
     >>> launcher(window.row_dot_kernel)[(blocks,)](do, out, delta, rows,
     ...                                            D=128, BD=128, BR=16)
     """
-    if interpreting() or os.environ.get(
-            "KERAS_NHA_TRITON_FAST_LAUNCH") != "1":
+    if not _FAST[0]:
         return fn
     if fn not in _LAUNCHERS:
         _LAUNCHERS[fn] = CachedLauncher(fn)

@@ -24,12 +24,12 @@ import dataclasses
 import os
 
 import torch
-import triton
 
 from keras_nha.kernels.triton import common
 from keras_nha.kernels.triton import slots
 from keras_nha.kernels.triton import state_pass
 from keras_nha.kernels.triton import window
+from keras_nha.kernels.triton import launch
 from keras_nha.kernels.triton.launch import launcher
 
 
@@ -155,7 +155,7 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
                       None, dummy, dummy, 1, 0, slot_keys.clone(),
                       slot_values.clone())
     bt = cfg.blocks.chunk
-    nt = triton.cdiv(s.T, bt)
+    nt = common.cdiv(s.T, bt)
     f32 = dict(device=key.device, dtype=torch.float32)
     low = dict(device=key.device, dtype=cfg.state_dtype(key.dtype))
     if s.K == s.V:  # one buffer: both recurrences scan in one launch
@@ -186,7 +186,7 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
         x, x_ring, out, width = side
         x2, x2_ring, out2, _ = other or side
         dt = _tile(width, s.M)
-        grid = (nt, s.B * s.HKV, triton.cdiv(width, dt))
+        grid = (nt, s.B * s.HKV, common.cdiv(width, dt))
         launcher(slots.prep_kernel)[grid](
             x, x2, gate, mask, position, gates, strengths, out, out2, decay,
             s.T, cfg.capacity, _delta(x_ring, x), _delta(x2_ring, x2),
@@ -201,7 +201,7 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
                                                    (sv, s.V, 1, 1)]
     for out, width, count, first in stacks:
         launcher(slots.chunk_scan_kernel)[(count * s.B * s.HKV,
-                                 triton.cdiv(width * s.M, cfg.blocks.scan))](
+                                 common.cdiv(width * s.M, cfg.blocks.scan))](
             out, decay, slot_keys, slot_values, final_keys, final_values, nt,
             s.HKV, 1, s.B * s.HKV, first, D=width, M=s.M,
             BLOCK=cfg.blocks.scan, UNROLL=cfg.blocks.scan_unroll,
@@ -218,12 +218,12 @@ def _state_pass(s, cfg, key, value, gate, ring, mask, position, slot_keys,
                 slot_values, sk, sv, decay, gates, strengths, final_keys,
                 final_values):
     """`state_pass_kernel`: both recurrences in one launch when K == V."""
-    nt = triton.cdiv(s.T, cfg.blocks.chunk)
+    nt = common.cdiv(s.T, cfg.blocks.chunk)
     dt = min(cfg.blocks.state_tile, common.pow2(max(s.K, s.V)))
     sides = [(0, 2, s.K)] if s.K == s.V else [(0, 1, s.K), (1, 1, s.V)]
     for first, count, width in sides:
         launcher(state_pass.state_pass_kernel)[
-            (s.B * s.HKV, triton.cdiv(width, dt), count)](
+            (s.B * s.HKV, common.cdiv(width, dt), count)](
             key, value, gate, mask, position, gates, strengths, sk, sv, decay,
             slot_keys, slot_values, final_keys, final_values, s.T,
             cfg.capacity, nt, _delta(ring["keys"], key),
@@ -243,7 +243,7 @@ def _adjoint_pass(s, cfg, reads, state, nt):
     for (y, coef, adjoint, width), (y2, coef2, adjoint2, _), count in (
             launches):
         launcher(state_pass.adjoint_pass_kernel)[
-            (s.B * s.H, triton.cdiv(width, dt), count)](
+            (s.B * s.H, common.cdiv(width, dt), count)](
             y, coef, y2, coef2, state.gates, state.decay, adjoint, adjoint2,
             s.T, nt, s.H, s.HKV, D=width, M=s.M, DT=dt,
             MP=common.pow2(s.M), BT=cfg.blocks.chunk,
@@ -264,7 +264,7 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
         lse_slot = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
         logits = torch.empty(s.B, s.T, s.H, s.M, device=dev,
                              dtype=torch.float32)
-        grid = (triton.cdiv(s.T, blocks.chunk), s.B * s.H)
+        grid = (common.cdiv(s.T, blocks.chunk), s.B * s.H)
         launcher(slots.slot_forward_kernel)[grid](
             q, k, v, state.gates, state.strengths, position, state.keys,
             state.values, o_slot, lse_slot, logits, s.T, cfg.capacity,
@@ -282,7 +282,7 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
     else:
         output = torch.empty(s.B, s.T, s.H, s.V, device=dev, dtype=q.dtype)
         lse = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
-        grid = (triton.cdiv(s.T, blocks.query), s.B * s.H)
+        grid = (common.cdiv(s.T, blocks.query), s.B * s.H)
         launcher(window.window_forward_kernel)[grid](
             qw, kw, v, ring["window_keys"], ring["values"], mask,
             ring["mask"], position,
@@ -304,7 +304,7 @@ def _readout(s, cfg, coef, logits, lse, x, x_ring, state, states, out,
     """`slot_readout_kernel` over every chunk and query head."""
     width = x.shape[-1]
     dummy = _dummy(out)
-    grid = (triton.cdiv(s.T, cfg.blocks.chunk), s.B * s.H)
+    grid = (common.cdiv(s.T, cfg.blocks.chunk), s.B * s.H)
     launcher(slots.slot_readout_kernel)[grid](
         dummy if coef is None else coef, dummy if logits is None else logits,
         dummy if lse is None else lse, x, state.gates, state.strengths,
@@ -345,7 +345,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     if state is None:
         state = _slot_states(s, cfg, k, v, g, ring, mask, position,
                              slot_keys, slot_values)
-    nt = triton.cdiv(s.T, blocks.chunk)
+    nt = common.cdiv(s.T, blocks.chunk)
     mp = common.pow2(s.M)
     dq = torch.empty(s.B, s.T, s.H, s.K, device=dev, dtype=q.dtype)
     dz = torch.empty(s.B, s.T, s.H, s.M, **f32)
@@ -392,14 +392,14 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     for (y, coef, adjoint, width), other in launches:
         y2, coef2, adjoint2, _ = other or (y, coef, adjoint, width)
         dt = _tile(width, s.M)
-        grid = (nt, s.B * s.H, triton.cdiv(width, dt))
+        grid = (nt, s.B * s.H, common.cdiv(width, dt))
         launcher(slots.adjoint_delta_kernel)[grid](
             y, coef, y2, coef2, state.gates, adjoint, adjoint2, s.T, s.H,
             s.HKV, D=width, M=s.M, DT=dt, MP=mp, BT=blocks.chunk,
             BOTH=other is not None, PRECISION=prec, **_slot_options(blocks))
     for adjoint, width, count in stacks:
         launcher(slots.chunk_scan_kernel)[(count * s.B * s.H,
-                                 triton.cdiv(width * s.M, blocks.scan))](
+                                 common.cdiv(width * s.M, blocks.scan))](
             adjoint, state.decay, *(state.decay,) * 4, nt, s.H, s.group,
             s.B * s.H, 0, D=width, M=s.M, BLOCK=blocks.scan,
             UNROLL=blocks.scan_unroll, REVERSE=True)
@@ -446,7 +446,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots
     if blocks.sequential:
         launcher(state_pass.gate_grad_pass_kernel)[
-            (s.B * s.HKV, triton.cdiv(s.M, 16))](
+            (s.B * s.HKV, common.cdiv(s.M, 16))](
             dg_read, ds, state.strengths, mask, dg, s.T, cfg.capacity, nt,
             s.H, s.HKV, M=s.M, MT=16, BT=blocks.chunk, HAS_PM=cfg.has_mask,
             **_state_options(blocks))
@@ -503,7 +503,7 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
                        HAS_PM=cfg.has_mask, PRECISION=prec,
                        num_warps=blocks.dq_warps or blocks.window_warps,
                        num_stages=blocks.stages)
-    grid = (triton.cdiv(s.T, blocks.query_bwd), s.B * s.H)
+    grid = (common.cdiv(s.T, blocks.query_bwd), s.B * s.H)
     launcher(window.window_dq_kernel)[grid](
         qw, kw, v, ring["window_keys"], ring["values"], mask, ring["mask"],
         position, do, output, lse, delta, dqw, s.T, cfg.capacity,
@@ -515,7 +515,7 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
         # fp32 tiles at 128 keys need 328 KB of shared memory (H200: 227).
         dkdv_key = min(dkdv_key, 64)
     common_args["num_warps"] = blocks.dkdv_warps or blocks.window_warps
-    grid = (triton.cdiv(s.T, dkdv_key), s.B * s.HKV)
+    grid = (common.cdiv(s.T, dkdv_key), s.B * s.HKV)
     launcher(window.window_dkdv_kernel)[grid](
         qw, kw, v, mask, do, lse, delta, dkw, dv, s.T, cfg.visible,
         cfg.scale, BM=dkdv_query, BN=dkdv_key, **common_args)
@@ -570,7 +570,7 @@ class NHAFunction(torch.autograd.Function):
                                             position, do, output, lse, delta)
         else:
             rows = s.B * s.T * s.H
-            launcher(window.row_dot_kernel)[(triton.cdiv(rows, 16),)](
+            launcher(window.row_dot_kernel)[(common.cdiv(rows, 16),)](
                 do, output, delta, rows, D=s.V, BD=common.pow2(s.V), BR=16)
         merged = (False, False)
         if s.M:
@@ -641,6 +641,7 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
     >>> out, new_state = triton_nha(q, k, v, g, window_size=64, scale=0.125,
     ...     window_query=q, window_key=k, padding_mask=None, state=state)
     """
+    launch.refresh()
     dtype = query.dtype
     s = _Shapes(query, key, value, log_forget_gate)
     keep = min(state["keys"].shape[1], s.T)

@@ -283,11 +283,11 @@ def triton_nha_step(query, key, value, log_forget_gate, state, *, window_size,
     kt = min(bk, max(16, 8192 // mp))
     vt = min(bv, max(16, 8192 // mp))
     rows = 16 if common.interpreting() else 64
-    splits = triton.cdiv(capacity, rows)
+    splits = common.cdiv(capacity, rows)
     parts = torch.empty(batch * heads * max(splits, 1) * (bv + 2),
                         device=dev, dtype=torch.float32)
-    updates = (batch * kv_heads * (triton.cdiv(key_dim, kt)
-                                   + triton.cdiv(value_dim, vt))
+    updates = (batch * kv_heads * (common.cdiv(key_dim, kt)
+                                   + common.cdiv(value_dim, vt))
                if num_slots else 0)
     common_args = dict(DK=key_dim, DV=value_dim, M=num_slots, MP=mp, BK=bk,
                        BV=bv, RB=rows, HAS_PM=has_mask)
