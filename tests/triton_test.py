@@ -73,10 +73,10 @@ SEQUENCE_CASES.update({
     "W5-M8-gqa2x4-bf16-states": dict(window_size=5, num_slots=8, heads=4,
                                      kv_heads=2, blocks="low_states=2",
                                      tolerance=1e-2),
-    # States and adjoints by the sequential pass (two column tiles, the
-    # ring's rows in the first chunk, two kv heads).
-    "W5-M8-gqa2x4-sequential-states": dict(
-        window_size=5, num_slots=8, heads=4, kv_heads=2, batch=2,
+    # States and adjoints by the sequential pass (two column tiles, each
+    # writing the gates of some of the 12 slots; two kv heads).
+    "W5-M12-gqa2x4-sequential-states": dict(
+        window_size=5, num_slots=12, heads=4, kv_heads=2, batch=2,
         padding=True, blocks="sequential=1,state_tile=8"),
     "W0-M5-dims24x20-sequential-bf16-states": dict(
         window_size=0, num_slots=5, key_dim=24, value_dim=20,

@@ -35,6 +35,8 @@ def _forward_states(XN, RDX, S, INIT, FINAL, GN, RDG, PM, GC, SS, DEC, b,
     """One recurrence's column tile `d`: entries 0 .. NT of S and FINAL."""
     cols = tl.arange(0, MP)
     ok = (d < D)[:, None] & (cols < M)[None, :]
+    # The slot columns whose G, s this tile writes (WRITE_GATES).
+    mine = cols * tl.num_programs(1) // MP == tl.program_id(1)
     # The input state's own layout: [D, M] keys or [M, D] values.
     init = d[:, None] * INIT_ROW + cols[None, :] * INIT_COL
     seq = bhk.to(tl.int64) * D * M
@@ -59,14 +61,14 @@ def _forward_states(XN, RDX, S, INIT, FINAL, GN, RDG, PM, GC, SS, DEC, b,
         carry = carry * tl.exp(gend)[None, :] + added
         tl.store(base + (n + 1) * (D * M) + tile,
                  carry.to(S.dtype.element_ty), mask=ok)
-        if WRITE_GATES:
+        if WRITE_GATES:  # each column tile writes its share of the slots
             at = (b * T + rows.to(tl.int64))[:, None] * (HKV * M) + (
                 hk * M + cols[None, :])
-            live = (rows < T)[:, None] & (cols < M)[None, :]
+            live = (rows < T)[:, None] & (mine & (cols < M))[None, :]
             tl.store(GC + at, G, mask=live)
             tl.store(SS + at, strength, mask=live)
             tl.store(DEC + (bhk.to(tl.int64) * NT + n) * M + cols,
-                     tl.exp(gend), mask=cols < M)
+                     tl.exp(gend), mask=mine & (cols < M))
     tl.store(FINAL + seq + init, carry, mask=ok)
 
 
@@ -80,27 +82,18 @@ def state_pass_kernel(XN, XN2, GN, PM, POS, GC, SS, S, S2, DEC, INIT_K,
     """Chunk-start states, column tile program_id(1): recurrence FIRST +
     program_id(2) (0: the keys XN into S, from INIT_K [D, M] per sequence
     to FINAL_K; 1: the values XN2 into S2, from INIT_V [M, D] to FINAL_V,
-    same width D). With WRITE_GATES the keys' first tile also writes the
-    stream's G, s (GC, SS) and chunk decays (DEC)."""
+    same width D). With WRITE_GATES the key tiles also write the stream's
+    G, s (GC, SS) and chunk decays (DEC), each tile a share of the slots
+    (no program carries all of that extra work)."""
     bhk = tl.program_id(0)
-    tile = tl.program_id(1)
-    d = tile * DT + tl.arange(0, DT)
+    d = tl.program_id(1) * DT + tl.arange(0, DT)
     b = (bhk // HKV).to(tl.int64)
     hk = bhk % HKV
     pos = tl.load(POS)
     if FIRST + tl.program_id(2) == 0:
-        if WRITE_GATES:
-            lead = tile == 0
-        else:
-            lead = tile < 0
-        if lead:
-            _forward_states(XN, RDX, S, INIT_K, FINAL_K, GN, RDG, PM, GC, SS,
-                            DEC, b, hk, bhk, pos, d, T, C, NT, HKV, M, 1, D,
-                            M, MP, BT, HAS_PM, True, PRECISION)
-        else:
-            _forward_states(XN, RDX, S, INIT_K, FINAL_K, GN, RDG, PM, GC, SS,
-                            DEC, b, hk, bhk, pos, d, T, C, NT, HKV, M, 1, D,
-                            M, MP, BT, HAS_PM, False, PRECISION)
+        _forward_states(XN, RDX, S, INIT_K, FINAL_K, GN, RDG, PM, GC, SS,
+                        DEC, b, hk, bhk, pos, d, T, C, NT, HKV, M, 1, D, M,
+                        MP, BT, HAS_PM, WRITE_GATES, PRECISION)
     else:
         _forward_states(XN2, RDX2, S2, INIT_V, FINAL_V, GN, RDG, PM, GC, SS,
                         DEC, b, hk, bhk, pos, d, T, C, NT, HKV, 1, D, D, M,
