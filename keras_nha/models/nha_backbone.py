@@ -7,7 +7,7 @@ from keras_hub.models import Backbone
 from keras_nha.layers.arguments import check_int
 from keras_nha.models.nha_decoder_block import SHARED_BLOCK_ARGUMENTS
 from keras_nha.models.nha_decoder_block import NHADecoderBlock
-from keras_nha.models.nha_presets import ExplainedPresetLoading
+from keras_nha.models.nha_presets import explained_preset_loading
 
 # A window this long is never reached: the layer is full causal attention.
 GLOBAL_WINDOW = 1 << 30
@@ -57,7 +57,8 @@ def _check_splits(sizes):
 
 
 @keras.saving.register_keras_serializable(package="keras_nha")
-class NHABackbone(ExplainedPresetLoading, Backbone):
+@explained_preset_loading
+class NHABackbone(Backbone):
     """A decoder-only language model backbone built from NHA blocks.
 
     Token embedding (optionally scaled), then `num_layers` pre-norm blocks

@@ -9,7 +9,7 @@ from keras_hub.models import CausalLM
 from keras_nha.kernels.state import state_dtype
 from keras_nha.models.nha_backbone import NHABackbone
 from keras_nha.models.nha_causal_lm_preprocessor import NHACausalLMPreprocessor
-from keras_nha.models.nha_presets import ExplainedPresetLoading
+from keras_nha.models.nha_presets import explained_preset_loading
 
 def _unread_entries(attention, capacity):
     """State entries that `attention`'s NHA writes but never reads back.
@@ -114,7 +114,8 @@ def _stop_locations(token_ids, stop_token_ids, prompt_mask):
 
 
 @keras.saving.register_keras_serializable(package="keras_nha")
-class NHACausalLM(ExplainedPresetLoading, CausalLM):
+@explained_preset_loading
+class NHACausalLM(CausalLM):
     """An end-to-end NHA language model for training and generation.
 
     `fit()` trains next-token prediction on text (with a preprocessor) or on

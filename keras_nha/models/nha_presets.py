@@ -92,11 +92,18 @@ def explain_preset_errors(preset):
             "(e.g. an edited num_layers or hidden_dim).") from error
 
 
-class ExplainedPresetLoading:
-    """Mixin: `from_preset` failures become a ValueError naming the preset.
+def explained_preset_loading(cls):
+    """Class decorator: `from_preset` failures become a ValueError naming the preset.
 
-    Put it before the keras-hub base class: `class M(ExplainedPresetLoading,
-    keras_hub.models.Backbone)`.
+    A decorator rather than a mixin base: keras-hub names a preset's tasks
+    after each task class's first base (`metadata.json`), which must stay
+    the keras-hub class (`CausalLM`).
+
+    Args:
+        cls: a keras-hub `Backbone` or `Task` subclass.
+
+    Returns:
+        `cls`, with a `from_preset` that explains failed loads.
 
     Example:
 
@@ -104,7 +111,7 @@ class ExplainedPresetLoading:
     """
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
+    def from_preset(klass, preset, load_weights=True, **kwargs):
         """Loads a keras-hub preset (directory, handle or bundled name).
 
         Args:
@@ -118,5 +125,8 @@ class ExplainedPresetLoading:
             ValueError naming the preset.
         """
         with explain_preset_errors(preset):
-            return super().from_preset(preset, load_weights=load_weights,
-                                       **kwargs)
+            return super(cls, klass).from_preset(
+                preset, load_weights=load_weights, **kwargs)
+
+    cls.from_preset = from_preset
+    return cls

@@ -74,6 +74,8 @@ def test_round_trip_backbone_tokenizer_task(saved):
         if name.endswith(".json"):
             with open(os.path.join(path, name)) as handle:
                 assert "Lambda" not in handle.read()
+    with open(os.path.join(path, "metadata.json")) as handle:
+        assert json.load(handle)["tasks"] == ["CausalLM"]
 
 
 def test_preset_loads_under_another_backend(saved, tmp_path):
