@@ -282,6 +282,7 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
     import jax
     import jax.numpy as jnp
 
+    from keras_nha.kernels.pallas import gates
     from keras_nha.kernels.pallas import slots as slots_lib
     from keras_nha.kernels.pallas.sequence import default_config
     from keras_nha.kernels.pallas.slots import slot_attention
@@ -339,14 +340,12 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
         gc = jax.jit(functools.partial(slots_lib._chunk_cumsum,
                                        chunk=config.chunk))(gate)
         s = -jnp.expm1(gate)
-        scan = config.walk == "scan"
-        walk = slots_lib._states_scan if scan else slots_lib._states
-        states = bound(lambda *a: walk(*a, config), kf, vf, gc, s, sk0, sv0)
+        states = bound(lambda *a: slots_lib.chunk_states(*a, config), kf, vf,
+                       gc, s, sk0, sv0)
         _timed(rows, f"{tag}chunk walks", "fwd (states)", length, states,
                card, sync)
         sk, sv = states()[:2]
         zeros = (jnp.zeros_like(sk0), jnp.zeros_like(sv0))
-        walk = slots_lib._adjoints_scan if scan else slots_lib._adjoints
         read = bound(lambda *a: slots_lib._read(*a, scale, SLOTS, config),
                      q, kf, vf, gc, s, sk, sv)
         _timed(rows, f"{tag}slot reader", "fwd", length, read, card, sync)
@@ -356,8 +355,9 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
                    q, kf, vf, gc, s, sk, sv, dout, lse, delta)
         _timed(rows, f"{tag}slot dq", "bwd", length, dq, card, sync)
         _, dz, p, _ = dq()
-        adjoints = bound(lambda *a: walk(*a, scale, config), q, dz, p, dout,
-                         gc, *zeros)
+        adjoints = bound(lambda *a: slots_lib.chunk_adjoints(*a, scale,
+                                                             config),
+                         q, dz, p, dout, gc, *zeros)
         _timed(rows, f"{tag}chunk walks", "bwd (adjoints)", length, adjoints,
                card, sync)
         lk, lv, _, _ = adjoints()
@@ -376,6 +376,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
                                                reverse=True))
         _timed(rows, "in-chunk sums", "fwd+bwd ones", length,
                bound(gate_sums, gate), card, sync)
+        _timed(rows, "gate kernel", "fwd (G and s)", length,
+               bound(lambda g: gates.gate_sums(g, base), gate), card, sync)
         return
     slot_variants, window_variants = (
         (_VARIANTS, _WINDOW_VARIANTS) if kind == "variants"
@@ -391,14 +393,18 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 
 
 # Candidate tilings timed end to end by the "candidates" step.
+_FUSED = dict(walk="fused", gate_kernels=True)
 _CANDIDATES = (
-    ("segments of 32 chunks (s3r1)", dict(segment=32)),
-    ("slot dk/dv 4 warps (s3r1)", dict(dkv_warps=4)),
+    ("fused walk + gate kernels", _FUSED),
+    ("gate kernels", dict(gate_kernels=True)),
+    ("fused walk", dict(walk="fused")),
+    ("fused, 1 state tile", dict(_FUSED, state_tiles=1)),
+    ("fused, 4 state tiles", dict(_FUSED, state_tiles=4)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
-    ("float32 writes", dict(narrow_writes=False), False),
+    ("fused walk + gate kernels", _FUSED, True),
 )
 # The backward tiles stay (64, 64) in the forward-only variants.
 _WINDOW_VARIANTS = (

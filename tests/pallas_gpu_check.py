@@ -240,44 +240,72 @@ def _guarded(check, *args, **kwargs):
         return False
 
 
+# Default order: bf16 at real sizes with GQA first (the default tiling), the
+# strong-gates precision case, float32, fit and streaming, the other shapes,
+# fp16 and the Triton comparison (last: its Triton compiles take a while).
+CHECKS = {
+    # seed, B, T, H, Hkv, d, M, W, padding
+    "gqa": (check_case, (1, 2, 2048, 8, 4, 128, 64, 512, False), {}),
+    "padded": (check_case, (3, 2, 1500, 8, 2, 128, 64, 100, True), {}),
+    "strong": (check_case, STRONG_CASE,
+               dict(gate_scale=STRONG_GATES, diagnose=True)),
+    "fp32": (check_case, (9, 1, 1000, 4, 2, 128, 64, 200, False),
+             dict(dtype="float32", tolerance=2e-3)),
+    "fit": (check_fit, (), {}),
+    "streaming": (check_streaming, (), {}),
+    "w0": (check_case, (2, 1, 1999, 4, 4, 64, 32, 0, False), {}),
+    "d256": (check_case, (4, 1, 1024, 4, 4, 256, 128, 3000, False), {}),
+    "d96": (check_case, (5, 1, 777, 4, 1, 96, 17, 64, False), {}),
+    "m0": (check_case, (6, 1, 2048, 4, 2, 128, 0, 333, False), {}),
+    "fp16": (check_case, (8, 1, 1000, 4, 2, 128, 64, 200, False),
+             dict(dtype="float16")),
+    "triton": (_triton_strong_case, (), {}),
+}
+
+
+def _use_config(changes):
+    """Every later Pallas call gets the default config changed by
+    `changes`."""
+    import dataclasses
+
+    from keras_nha.kernels.pallas import sequence
+    default = sequence.default_config
+    sequence.default_config = lambda *a, **k: dataclasses.replace(
+        default(*a, **k), **changes)
+    print(f"KernelConfig changes: {changes}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="the first four checks only")
+    parser.add_argument("--cases", nargs="+", metavar="NAME",
+                        help="checks to run, in this order (default: all "
+                        f"of {list(CHECKS)})")
     parser.add_argument("--triton-case", action="store_true",
                         help="only the strong-gates case, Triton kernel "
                         "(KERAS_BACKEND=torch, used by the main run)")
+    parser.add_argument("--config", default=None,
+                        help="KernelConfig changes for every Pallas call, "
+                        "e.g. \"dict(walk='fused')\" (checks a candidate "
+                        "tiling before it becomes the default)")
     args = parser.parse_args()
+    if args.config:
+        _use_config(eval(args.config, {"__builtins__": {}},  # noqa: S307
+                         {"dict": dict}))
     if args.triton_case:
         check_case(*STRONG_CASE, gate_scale=STRONG_GATES,
                    implementation="triton")
         return 0
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}",
           flush=True)
-    # bf16 at real sizes with GQA first (the default tiling), the
-    # strong-gates precision case, then what passed in round s3r1 (float32,
-    # fit, streaming), the other shapes, fp16 and the Triton comparison.
-    checks = [
-        # seed, B, T, H, Hkv, d, M, W, padding
-        (check_case, (1, 2, 2048, 8, 4, 128, 64, 512, False), {}),
-        (check_case, (3, 2, 1500, 8, 2, 128, 64, 100, True), {}),
-        (check_case, STRONG_CASE,
-         dict(gate_scale=STRONG_GATES, diagnose=True)),
-        (check_case, (9, 1, 1000, 4, 2, 128, 64, 200, False),
-         dict(dtype="float32", tolerance=2e-3)),
-        (check_fit, (), {}),
-        (check_streaming, (), {}),
-        (check_case, (2, 1, 1999, 4, 4, 64, 32, 0, False), {}),
-        (check_case, (4, 1, 1024, 4, 4, 256, 128, 3000, False), {}),
-        (check_case, (5, 1, 777, 4, 1, 96, 17, 64, False), {}),
-        (check_case, (6, 1, 2048, 4, 2, 128, 0, 333, False), {}),
-        (check_case, (8, 1, 1000, 4, 2, 128, 64, 200, False),
-         dict(dtype="float16")),
-        # Last: its Triton compiles take a while.
-        (_triton_strong_case, (), {}),
-    ]
+    names = args.cases or list(CHECKS)
     if args.quick:
-        checks = checks[:4]
+        names = names[:4]
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        parser.error(f"unknown --cases {unknown}; known: {list(CHECKS)}")
+    checks = [CHECKS[name] for name in names]
     results = [_guarded(check, *a, **k) for check, a, k in checks]
     print(f"{sum(results)}/{len(results)} GPU checks passed", flush=True)
     return 0 if all(results) else 1

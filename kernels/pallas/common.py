@@ -92,13 +92,20 @@ class KernelConfig:
             to the exact sub-block terms elsewhere.
         walk: how the slot memory is carried from chunk to chunk: "loop"
             (one kernel computes each chunk's writes inside the sequential
-            walk) or "scan" (every chunk's writes at once as batched
-            matrix products, then a walk that only scales and adds).
-        segment: with `walk="scan"`, chunks per segment of the scan; 0
-            picks it from the chunk count.
+            walk), "scan" (every chunk's writes at once as batched
+            matrix products, then a walk that only scales and adds) or
+            "fused" (segmented walks computing the chunk writes,
+            `chunk_states.py`).
+        state_tiles: with `walk="fused"`, programs per segment and kv
+            head (tiles of the key memory's rows and the value memory's
+            columns).
+        segment: with `walk="scan"` or "fused", chunks per segment of
+            the scan; 0 picks it from the chunk count.
         narrow_writes: with `walk="scan"`, store each chunk's batched
             writes in the input dtype instead of float32 (the scan reads
             them twice; the carry stays float32).
+        gate_kernels: the slot pass's gate cumsums and gate gradient as
+            Pallas kernels (`gates.py`) instead of XLA products.
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -118,7 +125,9 @@ class KernelConfig:
     walk: str = "loop"
     factor: bool = False
     segment: int = 0
+    state_tiles: int = 2
     narrow_writes: bool = False
+    gate_kernels: bool = False
     interpret: bool = False
 
 

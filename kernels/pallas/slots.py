@@ -53,6 +53,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from keras_nha.kernels.pallas import gates
+from keras_nha.kernels.pallas.chunk_states import fused_adjoints
+from keras_nha.kernels.pallas.chunk_states import fused_states
+from keras_nha.kernels.pallas.chunk_states import walk as _walk
 from keras_nha.kernels.pallas.common import compiler_params
 from keras_nha.kernels.pallas.common import dot
 from keras_nha.kernels.pallas.common import dot_ta
@@ -643,67 +647,6 @@ def _adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     return lk, lv, dsk0, dsv0
 
 
-def _scan_kernel(decay_ref, local_ref, init_ref, out_ref, final_ref, *,
-                 chunks, decay_rows, reverse):
-    """out[n] = x before chunk n; x <- x * decay[n] + local[n]; final = x.
-
-    Only the scale-and-add is sequential: every load is independent of the
-    carry, so the walk is bound by memory, not by dependent latency. The
-    carry stays float32; `out` may be stored narrower (the readers feed it
-    to the tensor cores in the input dtype anyway).
-    """
-    def body(r, x):
-        n = chunks - 1 - r if reverse else r
-        out_ref[n] = x.astype(out_ref.dtype)
-        decay = decay_ref[n, :]
-        decay = decay[:, None] if decay_rows else decay[None, :]
-        return x * decay + local_ref[n]
-
-    final = loop(0, chunks, body, init_ref[...])
-    out_ref[chunks] = final.astype(out_ref.dtype)
-    final_ref[...] = final
-
-
-def _walk(decay, local, init, config, *, decay_rows, dtype, reverse=False):
-    """The linear recurrence of `_scan_kernel` over `local [B, Hkv, N, X, Y]`.
-
-    `decay [B, Hkv, N, M]` scales the rows (`decay_rows`, X = M) or the
-    columns (Y = M). Returns `[B, Hkv, N + 1, X, Y]` in `dtype`: the carry
-    before each chunk (after it, walking in `reverse`) and the final one
-    last; and the final carry `[B, Hkv, X, Y]` in float32.
-    """
-    batch, kv_heads, chunks, rows, cols = local.shape
-    slots = decay.shape[-1]
-    # Tiles along the axis the decay does not touch: more programs.
-    if decay_rows:
-        tile = min(16, cols)
-        block, index = (rows, tile), (lambda b, c, j: (b, c, 0, 0, j))
-        init_index = lambda b, c, j: (b, c, 0, j)
-        grid = (batch, kv_heads, cols // tile)
-    else:
-        tile = min(16, rows)
-        block, index = (tile, cols), (lambda b, c, j: (b, c, 0, j, 0))
-        init_index = lambda b, c, j: (b, c, j, 0)
-        grid = (batch, kv_heads, rows // tile)
-    return pl.pallas_call(
-        functools.partial(_scan_kernel, chunks=chunks, decay_rows=decay_rows,
-                          reverse=reverse),
-        grid=grid,
-        in_specs=[pl.BlockSpec((None, None, chunks, slots),
-                               lambda b, c, j: (b, c, 0, 0)),
-                  pl.BlockSpec((None, None, chunks) + block, index),
-                  pl.BlockSpec((None, None) + block, init_index)],
-        out_specs=[pl.BlockSpec((None, None, chunks + 1) + block, index),
-                   pl.BlockSpec((None, None) + block, init_index)],
-        out_shape=[jax.ShapeDtypeStruct(
-            (batch, kv_heads, chunks + 1, rows, cols), dtype),
-                   jax.ShapeDtypeStruct(init.shape, _F32)],
-        compiler_params=compiler_params(2, config.sequential_stages + 1),
-        interpret=config.interpret,
-        name="nha_slot_scan",
-    )(decay, local, init)
-
-
 # Chunks per segment of `_scan`: each program walks this many steps.
 _SEGMENT = 32
 
@@ -896,6 +839,31 @@ def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     return lk, lv, dsk0, dsv0
 
 
+def chunk_states(k, v, gc, s, sk0, sv0, config):
+    """Slot memory at every chunk start (input dtype with `walk` "scan" or
+    "fused", else float32) and after the last chunk (float32), by
+    `config.walk`: `(sk, sv, sk_end, sv_end)`."""
+    if config.walk == "fused":
+        return fused_states(k, v, gc, s, sk0, sv0, config,
+                            _segment_length(gc.shape[1] // config.chunk,
+                                            config))
+    if config.walk == "scan":
+        return _states_scan(k, v, gc, s, sk0, sv0, config)
+    sk, sv = _states(k, v, gc, s, sk0, sv0, config)
+    return sk, sv, sk[:, :, -1], sv[:, :, -1]
+
+
+def chunk_adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
+    """dL/dS at every chunk end and of the start memory, by `config.walk`:
+    `(lk, lv, dsk0, dsv0)`."""
+    if config.walk == "fused":
+        return fused_adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale,
+                              config, _segment_length(
+                                  gc.shape[1] // config.chunk, config))
+    adjoints = _adjoints_scan if config.walk == "scan" else _adjoints
+    return adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config)
+
+
 def _rows(size, dim, groups=None, per=1):
     """`size` rows of `[B, T, H, dim]` for programs (block, b, head).
 
@@ -968,13 +936,12 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
 
 
 def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
-    gc = _chunk_cumsum(g, config.chunk)
-    s = -jnp.expm1(g)
-    if config.walk == "scan":
-        sk, sv, sk_end, sv_end = _states_scan(k, v, gc, s, sk0, sv0, config)
+    if config.gate_kernels:
+        gc, s = gates.gate_sums(g, config)
     else:
-        sk, sv = _states(k, v, gc, s, sk0, sv0, config)
-        sk_end, sv_end = sk[:, :, -1], sv[:, :, -1]
+        gc = _chunk_cumsum(g, config.chunk)
+        s = -jnp.expm1(g)
+    sk, sv, sk_end, sv_end = chunk_states(k, v, gc, s, sk0, sv0, config)
     out, lse = _read(q, k, v, gc, s, sk, sv, scale, num_slots, config)
     return out, lse, sk, sv, sk_end, sv_end, gc, s
 
@@ -1123,18 +1090,20 @@ def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
     groups = heads // kv_heads
     dq, dz, p, x = _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale,
                        num_slots, config)
-    adjoints = _adjoints_scan if config.walk == "scan" else _adjoints
-    lk, lv, dsk0, dsv0 = adjoints(q, dz, p, dout, gc, dsk_end, dsv_end,
-                                  scale, config)
+    lk, lv, dsk0, dsv0 = chunk_adjoints(q, dz, p, dout, gc, dsk_end,
+                                        dsv_end, scale, config)
     dk, dv, ds = _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config)
 
-    # dL/dG per step: readers (summed over the group) minus writers.
-    x = x.reshape(batch, length, kv_heads, groups, slots).sum(axis=3)
-    x = x - ds * s
-    dg = (_by_chunk(_in_chunk_sums(x, config.chunk, reverse=True),
-                    config.chunk)
-          + _after_chunks(sk, sv, sk_end, sv_end, lk, lv)[:, :, None])
-    dg = dg.reshape(x.shape) - ds * jnp.exp(g)
+    after = _after_chunks(sk, sv, sk_end, sv_end, lk, lv)
+    if config.gate_kernels:
+        dg = gates.gate_gradient(x, ds, s, g, after, config)
+    else:
+        # dL/dG per step: readers (summed over the group) minus writers.
+        x = x.reshape(batch, length, kv_heads, groups, slots).sum(axis=3)
+        x = x - ds * s
+        dg = (_by_chunk(_in_chunk_sums(x, config.chunk, reverse=True),
+                        config.chunk) + after[:, :, None])
+        dg = dg.reshape(x.shape) - ds * jnp.exp(g)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             dg.astype(g.dtype), dsk0, dsv0)
 
