@@ -5,7 +5,10 @@ strengths s = 1 - exp(g). Backward: the gate gradient from the per-step
 terms x (readers, summed over the query group, minus writers), the sum over
 later chunks and the writers' own term,
 
-    dL/dg_t = sum_{tau >= t in t's chunk} x_tau + after[chunk] - ds_t e^g_t.
+    dL/dg_t = sum_{tau >= t in t's chunk} x_tau + after[chunk] - ds_t e^g_t,
+
+after[chunk] = <dL/dS, S> at the chunk's end per slot (`slots._after_chunks`
+explains why; here without its shifted copy of the memory).
 
 XLA computed these as triangular matrix products (three bfloat16 parts of
 each float32 operand) plus several elementwise passes: about 0.2 ms per
@@ -30,8 +33,9 @@ def _forward_kernel(g_ref, gc_ref, s_ref):
     s_ref[...] = -jnp.expm1(g)
 
 
-def _gradient_kernel(x_ref, ds_ref, s_ref, g_ref, after_ref, dg_ref, *,
-                     groups):
+def _gradient_kernel(x_ref, ds_ref, s_ref, g_ref, lk_ref, lv_ref, sk_ref,
+                     sv_ref, sk_end_ref, sv_end_ref, dg_ref, *, groups,
+                     chunks):
     ds = ds_ref[...]
     x = x_ref[:, 0, :]
     for h in range(1, groups):
@@ -40,8 +44,14 @@ def _gradient_kernel(x_ref, ds_ref, s_ref, g_ref, after_ref, dg_ref, *,
     # Reverse inclusive sum: the chunk's total minus the exclusive prefix
     # (Triton's scan runs forward only).
     reverse = jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0) + x
-    dg_ref[...] = reverse + after_ref[...][None, :] - ds * jnp.exp(
-        g_ref[...])
+    # Every later step: <adjoint, memory> at the chunk's end, per slot (the
+    # memory blocks hold the next chunk's start, or the final memory).
+    last = pl.program_id(0) == chunks - 1
+    sk = jnp.where(last, sk_end_ref[...], sk_ref[...].astype(_F32))
+    sv = jnp.where(last, sv_end_ref[...], sv_ref[...].astype(_F32))
+    after = (jnp.sum(lk_ref[...].astype(_F32) * sk, axis=0)
+             + jnp.sum(lv_ref[...].astype(_F32) * sv, axis=1))
+    dg_ref[...] = reverse + after[None, :] - ds * jnp.exp(g_ref[...])
 
 
 def _chunk_rows(chunk, slots):
@@ -67,31 +77,43 @@ def gate_sums(g, config):
     )(g)
 
 
-def gate_gradient(x, ds, s, g, after, config):
+def gate_gradient(x, ds, s, g, adjoints, memory, config):
     """dL/dg `[B, T, Hkv, M]` float32.
 
     Args:
         x: `[B, T, H, M]` the readers' dL/dG terms per query head.
         ds: `[B, T, Hkv, M]` dL/ds per writer.
         s, g: the write strengths and log gates.
-        after: `[B, N, Hkv, M]` the sum of dL/dG over every step after
-            chunk n's end.
+        adjoints: `(lk [B, Hkv, N, K, M], lv [B, Hkv, N, M, V])`, dL/dS at
+            every chunk end.
+        memory: `(sk, sv, sk_end, sv_end)`: the memory at every chunk start
+            (same layouts) and after the last chunk (float32).
         config: a `KernelConfig`.
     """
     batch, length, kv_heads, slots = g.shape
     groups, chunk = x.shape[2] // kv_heads, config.chunk
+    chunks = length // chunk
+    key_dim, value_dim = memory[2].shape[2], memory[3].shape[3]
     rows = _chunk_rows(chunk, slots)
+    at = lambda shape, step: pl.BlockSpec(
+        (None, None, None) + shape,
+        lambda n, b, c: (b, c, jnp.minimum(n + step, chunks - 1), 0, 0))
+    final = lambda shape: pl.BlockSpec((None, None) + shape,
+                                       lambda n, b, c: (b, c, 0, 0))
     return pl.pallas_call(
-        functools.partial(_gradient_kernel, groups=groups),
-        grid=(length // chunk, batch, kv_heads),
+        functools.partial(_gradient_kernel, groups=groups, chunks=chunks),
+        grid=(chunks, batch, kv_heads),
         in_specs=[pl.BlockSpec((None, chunk, groups, slots),
                                lambda n, b, c: (b, n, c, 0)),
                   rows, rows, rows,
-                  pl.BlockSpec((None, None, None, slots),
-                               lambda n, b, c: (b, n, c, 0))],
+                  at((key_dim, slots), 0), at((slots, value_dim), 0),
+                  at((key_dim, slots), 1), at((slots, value_dim), 1),
+                  final((key_dim, slots)), final((slots, value_dim))],
         out_specs=rows,
         out_shape=jax.ShapeDtypeStruct(g.shape, _F32),
-        compiler_params=compiler_params(config.num_warps, 1),
+        # Four [K, M] / [M, V] memory blocks per program: 8 warps keep
+        # them in registers.
+        compiler_params=compiler_params(8, 1),
         interpret=config.interpret,
         name="nha_gate_gradient",
-    )(x, ds, s, g, after)
+    )(x, ds, s, g, *adjoints, *memory)

@@ -1094,10 +1094,11 @@ def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
                                         dsv_end, scale, config)
     dk, dv, ds = _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config)
 
-    after = _after_chunks(sk, sv, sk_end, sv_end, lk, lv)
     if config.gate_kernels:
-        dg = gates.gate_gradient(x, ds, s, g, after, config)
+        dg = gates.gate_gradient(x, ds, s, g, (lk, lv),
+                                 (sk, sv, sk_end, sv_end), config)
     else:
+        after = _after_chunks(sk, sv, sk_end, sv_end, lk, lv)
         # dL/dG per step: readers (summed over the group) minus writers.
         x = x.reshape(batch, length, kv_heads, groups, slots).sum(axis=3)
         x = x - ds * s
