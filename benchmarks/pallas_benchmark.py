@@ -396,9 +396,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 _FUSED = dict(walk="fused", gate_kernels=True)
 _CANDIDATES = (
     ("fused walk + gate kernels", _FUSED),
+    ("fused + bf16 slot output", dict(_FUSED, narrow_slot_out=True)),
     ("gate kernels", dict(gate_kernels=True)),
-    ("fused walk", dict(walk="fused")),
-    ("fused, 1 state tile", dict(_FUSED, state_tiles=1)),
     ("fused, 4 state tiles", dict(_FUSED, state_tiles=4)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,

@@ -104,6 +104,9 @@ class KernelConfig:
         narrow_writes: with `walk="scan"`, store each chunk's batched
             writes in the input dtype instead of float32 (the scan reads
             them twice; the carry stays float32).
+        narrow_slot_out: store the slot readers' normalised output in the
+            input dtype (it seeds the window pass's float32 accumulator)
+            instead of float32.
         gate_kernels: the slot pass's gate cumsums and gate gradient as
             Pallas kernels (`gates.py`) instead of XLA products.
         interpret: run the kernels in Pallas' interpreter (CPU).
@@ -127,6 +130,7 @@ class KernelConfig:
     segment: int = 0
     state_tiles: int = 2
     narrow_writes: bool = False
+    narrow_slot_out: bool = False
     gate_kernels: bool = False
     interpret: bool = False
 

@@ -252,7 +252,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
             p, lse_ref[mine] = _slot_softmax(z, num_slots, scale)
             o_ref[mine, :] = (_mm(p * block.from_start, sv, dtype)
                               + _spread(p, v_ref, gc_ref, s_ref, block, sub,
-                                        dtype, diag))
+                                        dtype, diag)).astype(o_ref.dtype)
             return carry
 
         loop(0, blocks, sub_block, 0)
@@ -266,7 +266,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
         reach = p * f.from_start
         o_ref[...] = (_mm(reach, sv_ref[...], dtype)
                       + _mm(f.pairs(reach, f.writers, dtype), v_ref[...],
-                            dtype))
+                            dtype)).astype(o_ref.dtype)
 
     _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
             fast, exact)
@@ -915,7 +915,8 @@ def _reader_kernel(kernel, q, scale, num_slots, config):
 
 
 def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
-    """Reader forward: slot-normalised output and lse per query row."""
+    """Reader forward: slot-normalised output (float32, or the input
+    dtype with `config.narrow_slot_out`) and lse per query row."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
     groups, rows = heads // kv_heads, _program_rows(config)
@@ -927,7 +928,9 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
                    pl.BlockSpec((None, None, rows),
                                 lambda j, b, h: (b, h, j))],
         out_shape=[
-            jax.ShapeDtypeStruct((batch, length, heads, value_dim), _F32),
+            jax.ShapeDtypeStruct((batch, length, heads, value_dim),
+                                 q.dtype if config.narrow_slot_out
+                                 else _F32),
             jax.ShapeDtypeStruct((batch, heads, length), _F32)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
@@ -962,8 +965,9 @@ def slot_attention(q, k, v, g, sk0, sv0, scale, num_slots, config):
         config: a `KernelConfig`; T must be a multiple of `config.chunk`.
 
     Returns:
-        `(out [B, T, H, V] f32, lse [B, H, T] f32, sk [B, Hkv, K, M],
-        sv [B, Hkv, M, V])`, the last two being the memory after step T.
+        `(out [B, T, H, V] f32 (input dtype with `narrow_slot_out`), lse
+        [B, H, T] f32, sk [B, Hkv, K, M], sv [B, Hkv, M, V])`, the last
+        two being the memory after step T.
     """
     out, lse, _, _, sk_end, sv_end, _, _ = _forward(
         q, k, v, g, sk0, sv0, scale, num_slots, config)
