@@ -397,6 +397,8 @@ _FUSED = dict(walk="fused", gate_kernels=True)
 _CANDIDATES = (
     ("fused walk + gate kernels", _FUSED),
     ("fused + bf16 slot output", dict(_FUSED, narrow_slot_out=True)),
+    ("fused + bf16 slot output, dz, p", dict(_FUSED, narrow_slot_out=True,
+                                             narrow_probs=True)),
     ("gate kernels", dict(gate_kernels=True)),
     ("fused, 4 state tiles", dict(_FUSED, state_tiles=4)),
 )

@@ -25,7 +25,7 @@ if [ "$check_s" -gt 0 ]; then
   echo "gpu check rc=$?"
   tail -30 "$out/pallas_gpu_check.log"
 fi
-candidate=${PALLAS_CANDIDATE-dict(walk='fused', gate_kernels=True, narrow_slot_out=True)}
+candidate=${PALLAS_CANDIDATE-dict(walk='fused', gate_kernels=True, narrow_slot_out=True, narrow_probs=True)}
 if [ -n "$candidate" ]; then
   timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
     --config "$candidate" --cases gqa strong \

@@ -107,6 +107,8 @@ class KernelConfig:
         narrow_slot_out: store the slot readers' normalised output in the
             input dtype (it seeds the window pass's float32 accumulator)
             instead of float32.
+        narrow_probs: store the slot dq kernel's dz and p (read by the
+            adjoint walk and the dk/dv kernel) in the input dtype.
         gate_kernels: the slot pass's gate cumsums and gate gradient as
             Pallas kernels (`gates.py`) instead of XLA products.
         interpret: run the kernels in Pallas' interpreter (CPU).
@@ -131,6 +133,7 @@ class KernelConfig:
     state_tiles: int = 2
     narrow_writes: bool = False
     narrow_slot_out: bool = False
+    narrow_probs: bool = False
     gate_kernels: bool = False
     interpret: bool = False
 

@@ -285,8 +285,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
         z = jnp.where(real, z * scale, 0.0)
         p = jnp.where(real, jnp.exp(z - lse_ref[mine][:, None]), 0.0)
         dz = p * (dp - delta_ref[mine][:, None])
-        dz_ref[mine, :] = dz
-        p_ref[mine, :] = p
+        dz_ref[mine, :] = dz.astype(dz_ref.dtype)
+        p_ref[mine, :] = p.astype(p_ref.dtype)
         # dL/dG_t from the readers at t (each carries the factor exp(G_t)).
         x_ref[mine, :] = dz * z + p * dp
         return dz
@@ -997,9 +997,12 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
         + [_rows(rows, value_dim), by_rows, by_rows],
         out_specs=[_rows(rows, key_dim), _rows(rows, slots),
                    _rows(rows, slots), _rows(rows, slots)],
-        # dq in the input dtype (the caller casts it there at once).
-        out_shape=[per_query(key_dim, q.dtype), per_query(slots),
-                   per_query(slots), per_query(slots)],
+        # dq in the input dtype (the caller casts it there at once); dz
+        # and p too with `narrow_probs` (every product that reads them
+        # takes them in that dtype).
+        out_shape=[per_query(key_dim, q.dtype)]
+        + [per_query(slots, q.dtype if config.narrow_probs else _F32)] * 2
+        + [per_query(slots)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
         name="nha_slot_dq",
