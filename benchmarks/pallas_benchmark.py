@@ -103,8 +103,8 @@ def run_jax(lengths, steps=None):
     the breakdown at the largest, then decode.
 
     Steps: "main:T" (NHA and cuDNN, fwd and fwd+bwd), "nha:T" (NHA
-    only), "candidates:T" (NHA
-    under each of `_CANDIDATES`), "breakdown:T" (passes and kernels alone),
+    only), "candidates:T[:N]" (NHA under each of the first N
+    `_CANDIDATES`, default all), "breakdown:T" (passes and kernels alone),
     "variants:T" / "tuning:T" (passes alone under `_VARIANTS` and
     `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`), "decode".
     """
@@ -146,7 +146,7 @@ def run_jax(lengths, steps=None):
                  ("cudnn causal", cudnn, causal_flops))[:2 if with_cudnn
                                                          else 1]
         if candidates:
-            for name, changes in _CANDIDATES:
+            for name, changes in _CANDIDATES[:candidates]:
                 with _tiling(changes):
                     timed_rows(length, q, k, v, gate, ct,
                                [(f"pallas {name}", nha, nha_flops)])
@@ -169,8 +169,11 @@ def run_jax(lengths, steps=None):
 
     for step in steps:
         kind, _, length = step.partition(":")
+        length, _, count = length.partition(":")
         if kind in ("main", "candidates", "nha"):
-            main_rows(int(length), kind == "candidates", kind == "main")
+            main_rows(int(length), kind == "candidates" and int(count or
+                                                              99),
+                      kind == "main")
         elif kind in ("breakdown", "variants", "tuning"):
             _breakdown(rows, int(length), card, sync, kind)
         elif kind == "decode":
@@ -395,10 +398,12 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 # Candidate tilings timed end to end by the "candidates" step.
 _FUSED = dict(walk="fused", gate_kernels=True)
 _CANDIDATES = (
+    ("fused + bf16 slot output, dz, p + split dk/dv",
+     dict(_FUSED, narrow_slot_out=True, narrow_probs=True, split_dkv=True)),
     ("fused walk + gate kernels", _FUSED),
-    ("fused + bf16 slot output", dict(_FUSED, narrow_slot_out=True)),
     ("fused + bf16 slot output, dz, p", dict(_FUSED, narrow_slot_out=True,
                                              narrow_probs=True)),
+    ("split dk/dv", dict(split_dkv=True)),
     ("gate kernels", dict(gate_kernels=True)),
     ("fused, 4 state tiles", dict(_FUSED, state_tiles=4)),
 )

@@ -82,8 +82,9 @@ LENGTH = 37
 # program per chunk, factored products, segmented scan): 16-row slot
 # programs with sequential chunk walks, and chunk programs without factored
 # products (with window backward tiles other than the forward's), and the
-# fused chunk walks with the gate kernels (16-token chunks: four chunks in
-# segments of three, the last one padded).
+# fused chunk walks with the gate kernels and the split slot dk/dv kernels
+# (16-token chunks: four chunks in segments of three, the last one padded;
+# GQA takes the exact 16-row programs, no groups the factored ones).
 CASES = {
     "gsa_w0": dict(window_size=0),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
@@ -99,10 +100,13 @@ CASES = {
                                           gate_scale=40.0,
                                           config=dict(diag="loop")),
     "w_length": dict(window_size=LENGTH),
-    "w5_padding_fused_walks_gate_kernels": dict(
+    "w5_padding_fused_walks_gate_kernels_split_dkv": dict(
         window_size=5, padding=True,
-        config=dict(walk="fused", gate_kernels=True, chunk=16, rows=16,
-                    segment=3)),
+        config=dict(walk="fused", gate_kernels=True, split_dkv=True,
+                    chunk=16, rows=16, segment=3)),
+    "w9_no_groups_fused_walks_split_dkv": dict(
+        window_size=9, kv_heads=4,
+        config=dict(walk="fused", gate_kernels=True, split_dkv=True)),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
 }
 

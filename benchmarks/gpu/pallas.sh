@@ -25,7 +25,7 @@ if [ "$check_s" -gt 0 ]; then
   echo "gpu check rc=$?"
   tail -30 "$out/pallas_gpu_check.log"
 fi
-candidate=${PALLAS_CANDIDATE-dict(walk='fused', gate_kernels=True, narrow_slot_out=True, narrow_probs=True)}
+candidate=${PALLAS_CANDIDATE-dict(walk='fused', gate_kernels=True, narrow_slot_out=True, narrow_probs=True, split_dkv=True)}
 if [ -n "$candidate" ]; then
   timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
     --config "$candidate" --cases gqa strong \
@@ -33,7 +33,7 @@ if [ -n "$candidate" ]; then
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 nha:16384 candidates:16384 nha:4096 candidates:65536 variants:16384 breakdown:16384}
+steps=${PALLAS_STEPS:-main:65536 nha:16384 candidates:16384 candidates:65536:3 nha:4096 candidates:4096:2 variants:16384 breakdown:16384}
 # shellcheck disable=SC2086  # the steps are words
 timeout -k 5 "${PALLAS_BENCH_S:-100}" python3 benchmarks/pallas_benchmark.py \
   --part jax --steps $steps --jsonl "$out/rows.jsonl" > /dev/null

@@ -109,6 +109,8 @@ class KernelConfig:
             instead of float32.
         narrow_probs: store the slot dq kernel's dz and p (read by the
             adjoint walk and the dk/dv kernel) in the input dtype.
+        split_dkv: the slot dk/dv/ds kernel as two kernels, one for the
+            keys' side (dk and its part of ds), one for the values'.
         gate_kernels: the slot pass's gate cumsums and gate gradient as
             Pallas kernels (`gates.py`) instead of XLA products.
         interpret: run the kernels in Pallas' interpreter (CPU).
@@ -134,6 +136,7 @@ class KernelConfig:
     narrow_writes: bool = False
     narrow_slot_out: bool = False
     narrow_probs: bool = False
+    split_dkv: bool = False
     gate_kernels: bool = False
     interpret: bool = False
 

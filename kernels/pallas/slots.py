@@ -455,6 +455,101 @@ def _dkv_block(k, v, gcb, s, start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
     return loop(0, sub, body, (dk, dv, ds))
 
 
+def _side_kernel(x_ref, gcb_ref, s_ref, gc_ref, l_ref, r_ref, w_ref, dx_ref,
+                 ds_ref, *, scale, chunk, sub, groups, diag, factored, keys):
+    """One side of `_dkv_kernel` (`split_dkv`): the keys (x = k, l = dL/dSk
+    `[K, M]`, readers q, weights scale * dz) or the values (x = v, l =
+    dL/dSv `[M, V]`, readers dout, weights p). Gives dx and that side's
+    part of dL/ds. Half the products per program of the joint kernel."""
+    program = pl.program_id(0)
+    blocks = x_ref.shape[0] // sub
+    dtype = x_ref.dtype
+    weight_scale = scale if keys else 1.0
+    # Writers reaching the adjoint: [rows, M] @ l, and x's projection on it.
+    after = lambda w, l: _mm(w, l, dtype, trans_b=keys)
+    project = lambda x, l: _mm(x, l, dtype, trans_b=not keys)
+
+    def exact():
+        l = l_ref[...]
+
+        def sub_block(b, carry):
+            mine = pl.ds(b * sub, sub)
+            start = _block_start(program, b, blocks, sub, chunk)
+            x, gcb, s = x_ref[mine, :], gcb_ref[mine, :], s_ref[mine, :]
+            last = start + sub - 1
+            ref = gc_ref[last, :]
+            later = (irange(chunk) > last)[:, None]
+            up = jnp.exp(jnp.where(later, gc_ref[...] - ref[None, :],
+                                   -jnp.inf))
+            down = jnp.exp(ref[None, :] - gcb)
+            to_end = jnp.exp(gc_ref[chunk - 1, :][None, :] - gcb)
+            dx = after(s * to_end, l)
+            ds = to_end * project(x, l)
+            for g in range(groups):
+                r = r_ref[:, g, :]
+                w_up = w_ref[:, g, :] * up * weight_scale
+                ds = ds + down * _mm(dot(x, r.astype(dtype), trans_b=True),
+                                     w_up, dtype)
+                dx = dx + _mm(_mm(s * down, w_up, dtype, trans_b=True), r,
+                              dtype)
+            own = pl.ds(start, sub)
+            if diag == "tensor":
+                reach = _own_block_weights(gcb, jnp.ones_like(s))
+                for g in range(groups):
+                    r = r_ref[own, g, :]
+                    w = w_ref[own, g, :] * weight_scale
+                    rx = dot(r.astype(dtype), x, trans_b=True)      # [t, i]
+                    ds = ds + jnp.sum(reach * (w[:, None, :]
+                                               * rx[:, :, None]), axis=0)
+                    by = jnp.sum(w[:, None, :] * reach * s[None, :, :],
+                                 axis=2)
+                    dx = dx + dot_ta(by.astype(dtype), r.astype(dtype))
+            else:
+                xf, rows = x.astype(_F32), irange(sub)
+
+                def body(t, carry):
+                    dx, ds = carry
+                    row = start + t
+                    reach = jnp.exp(jnp.where(
+                        rows[:, None] <= t, gc_ref[row, :][None, :] - gcb,
+                        -jnp.inf))
+                    for g in range(groups):
+                        r_t = r_ref[row, g, :].astype(_F32)
+                        by = weight_scale * w_ref[row, g, :][None, :] * reach
+                        ds = ds + by * jnp.sum(xf * r_t[None, :], axis=1)[
+                            :, None]
+                        dx = dx + jnp.sum(by * s, axis=1)[:, None] * r_t[
+                            None, :]
+                    return dx, ds
+
+                dx, ds = loop(0, sub, body, (dx, ds))
+            dx_ref[mine, :] = dx.astype(dx_ref.dtype)
+            ds_ref[mine, :] = ds
+            return carry
+
+        loop(0, blocks, sub_block, 0)
+
+    def fast():
+        f = _Chunk(gc_ref, s_ref)
+        x, s, gc, l = x_ref[...], s_ref[...], gc_ref[...], l_ref[...]
+        to_end = jnp.exp(gc_ref[chunk - 1, :][None, :] - gc)
+        dx = after(s * to_end, l)
+        ds = to_end * project(x, l)
+        inside = jnp.zeros_like(ds)
+        for g in range(groups):
+            r = r_ref[:, g, :]
+            w = w_ref[:, g, :] * f.from_start * weight_scale
+            inside = inside + dot_ta(f.pairs(r, x, dtype).astype(dtype),
+                                     w.astype(dtype))
+            dx = dx + dot_ta(f.pairs(w, f.writers, dtype).astype(dtype),
+                             r.astype(dtype))
+        dx_ref[...] = dx.astype(dx_ref.dtype)
+        ds_ref[...] = ds + inside * jnp.exp(-gc)
+
+    _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
+            fast, exact)
+
+
 def _chunk_gates(gc_ref, s_ref, n, chunk):
     """exp(G_end) and the writes' weights to the chunk end for chunk n."""
     rows = pl.ds(n * chunk, chunk)
@@ -1027,6 +1122,31 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
         (None, None, None) + shape, lambda j, b, c: (b, c, j // per, 0, 0))
     per_kv = lambda dim, dtype=_F32: jax.ShapeDtypeStruct(
         (batch, length, kv_heads, dim), dtype)
+    params = compiler_params(config.dkv_warps or config.num_warps,
+                             config.num_stages)
+    if config.split_dkv:
+        def side(x, l, r, w, keys):
+            dim = x.shape[-1]
+            return pl.pallas_call(
+                functools.partial(
+                    _side_kernel, scale=scale, chunk=chunk, sub=config.sub,
+                    groups=groups, diag=config.diag,
+                    factored=_factored(config, k.dtype), keys=keys),
+                grid=(length // rows, batch, kv_heads),
+                in_specs=[_rows(rows, dim), _rows(rows, slots),
+                          _rows(rows, slots), _rows(chunk, slots, per=per),
+                          adjoint(l.shape[-2:]), group_chunk(dim),
+                          group_chunk(slots)],
+                out_specs=[_rows(rows, dim), _rows(rows, slots)],
+                out_shape=[per_kv(dim, x.dtype), per_kv(slots)],
+                compiler_params=params,
+                interpret=config.interpret,
+                name="nha_slot_dk" if keys else "nha_slot_dv",
+            )(x, gc, s, gc, l, r, w)
+
+        dk, ds_keys = side(k, lk, q, dz, True)
+        dv, ds_values = side(v, lv, dout, p, False)
+        return dk, dv, ds_keys + ds_values
     return pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
                           sub=config.sub, groups=groups, diag=config.diag,
@@ -1042,8 +1162,7 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
                    _rows(rows, slots)],
         out_shape=[per_kv(key_dim, k.dtype), per_kv(value_dim, v.dtype),
                    per_kv(slots)],
-        compiler_params=compiler_params(config.dkv_warps or config.num_warps,
-                                        config.num_stages),
+        compiler_params=params,
         interpret=config.interpret,
         name="nha_slot_dkv",
     )(k, v, gc, s, gc, lk, lv, q, dz, p, dout)
