@@ -81,9 +81,26 @@ def state_floats(name, sequence_length, num_kv_heads, head_dim):
     return total
 
 
+def _chunk_size_argument(chunk_size):
+    """The backbone's `chunk_size` argument where it has one; without it
+    (older `keras_nha`) the chunked kernel's default is set instead."""
+    import inspect
+
+    from keras_nha.models import NHABackbone
+
+    if chunk_size is None:
+        return {}
+    if "chunk_size" in inspect.signature(NHABackbone.__init__).parameters:
+        return {"chunk_size": chunk_size}
+    from keras_nha.kernels import chunked
+
+    chunked.chunked_nha.__kwdefaults__["chunk_size"] = chunk_size
+    return {}
+
+
 def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
                      intermediate_dim=256, implementation="auto",
-                     short_conv=0):
+                     short_conv=0, chunk_size=None):
     """The two-layer NHABackbone of a setting, read out at the answers.
 
     The output projection is the token embedding (tied, as in Zoology): a
@@ -103,6 +120,8 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
             its key, which a model otherwise has to learn to fetch with a
             previous-token attention head first (and a GSA layer, without
             positions, hardly can).
+        chunk_size: block length of the "chunked" kernel (None: its
+            default).
 
     Returns:
         A `keras.Model` mapping `{"token_ids" [B, T], "positions" [B, P]}` to
@@ -119,7 +138,7 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
         num_query_heads=num_heads, hidden_dim=hidden_dim,
         intermediate_dim=intermediate_dim, window_size=windows,
         num_slots=slots, tie_word_embeddings=True,
-        implementation=implementation)
+        implementation=implementation, **_chunk_size_argument(chunk_size))
     if isinstance(short_conv, bool) or not isinstance(short_conv, int) or (
             short_conv < 0):
         raise ValueError(f"`short_conv`: expected an int >= 0, got "

@@ -111,8 +111,10 @@ def plot(rows, path):
     seq_len = max({r["seq_len"] for r in rows},
                   key=lambda t: sum(r["seq_len"] == t for r in rows))
     subset = [r for r in rows if r["seq_len"] == seq_len]
-    main = {"nha-M64-W64", "nha-M32-W32", "nha-M16-W16", "gsa-M64",
-            "swa-W64", "full", "hybrid-M64"}
+    main = {r["setting"] for r in subset}
+    if len(main) > 8:   # a state sweep: the settings at 64 tokens per layer
+        main &= {"nha-M64-W64", "nha-M32-W32", "nha-M16-W16", "gsa-M64",
+                 "swa-W64", "full", "hybrid-M64"}
     state_pairs = sorted({r["pairs"] for r in subset})[-3:]
     figure, axes = plt.subplots(1, 1 + len(state_pairs),
                                 figsize=(5 + 4 * len(state_pairs), 4.4))
@@ -250,9 +252,13 @@ def equal_step_table(paths):
     lines = []
     for seq_len in sorted({r["seq_len"] for r in records}):
         subset = [r for r in records if r["seq_len"] == seq_len]
-        usual_lr = collections.Counter(r["lr"] for r in subset).most_common(
-            1)[0][0]
-        subset = [r for r in subset if r["lr"] == usual_lr]
+        # Per setting, its most used learning rate.
+        usual_lr = {
+            setting: collections.Counter(
+                r["lr"] for r in subset if r["setting"] == setting
+            ).most_common(1)[0][0]
+            for setting in {r["setting"] for r in subset}}
+        subset = [r for r in subset if r["lr"] == usual_lr[r["setting"]]]
         reached = collections.defaultdict(set)
         for r in subset:
             reached[r["setting"]].add(r["step"])
@@ -262,8 +268,10 @@ def equal_step_table(paths):
         step = max(common)
         at_step = [r for r in subset if r["step"] == step]
         rows = summarize(at_step)
+        rates = ", ".join(f"{name} {rate:g}" for name, rate in sorted(
+            usual_lr.items(), key=lambda item: _sort_key(item[0])))
         lines.append(f"At step {step} (the last checkpoint every setting "
-                     f"reached; lr {usual_lr:g}):\n")
+                     f"reached; learning rates: {rates}):\n")
         lines.append(markdown_table(rows))
     table = "\n".join(lines)
     print(table)

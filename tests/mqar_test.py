@@ -201,3 +201,116 @@ def test_distinct_samples_are_distinct_and_in_range(population, count):
     if population <= 16:   # uniform: each value about equally often first
         frequency = np.bincount(samples[:, 0], minlength=population) / 2000
         assert np.all(np.abs(frequency * population - 1) < 0.35)
+
+
+def _load_with_benchmarks_on_path(name):
+    """Loads a benchmark module that imports its siblings by name."""
+    import sys
+
+    if str(_BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(_BENCHMARKS))
+    return _load(name)
+
+
+_needs_jax = pytest.mark.skipif(
+    __import__("keras").config.backend() != "jax",
+    reason="the on-device generator and the training loop are JAX")
+
+
+@_needs_jax
+@pytest.mark.parametrize("placement", mqar_data.PLACEMENTS)
+def test_device_batches_are_valid_mixture_rows(placement):
+    import jax
+
+    device_data = _load_with_benchmarks_on_path("mqar_device_data")
+    tokens, positions, answers, weights = map(np.asarray, jax.jit(
+        lambda key: device_data.device_mqar_batch(
+            key, 10, 64, [4, 8, 16], 128, placement))(jax.random.key(3)))
+    assert tokens.shape == (10, 64) and answers.shape == (10, 16)
+    assert tokens.dtype == positions.dtype == answers.dtype == np.int32
+    counts = weights.sum(axis=1).astype(int).tolist()
+    assert counts == [4] * 3 + [8] * 3 + [16] * 4   # as the numpy mixture
+    for low, high, pairs in ((0, 3, 4), (3, 6, 8), (6, 10, 16)):
+        rows = dict(tokens=tokens[low:high],
+                    positions=positions[low:high, :pairs],
+                    answers=answers[low:high, :pairs])
+        _check_rows(rows, pairs, 128)
+        assert np.all(positions[low:high, pairs:] == 0)
+        assert np.all(answers[low:high, pairs:] == 0)
+
+
+@_needs_jax
+def test_device_batches_follow_the_numpy_distribution():
+    import jax
+
+    device_data = _load_with_benchmarks_on_path("mqar_device_data")
+    make = jax.jit(lambda key: device_data.device_mqar_batch(
+        key, 256, 512, [8], 1024, "power"))
+    _, positions, _, _ = make(jax.random.key(0))
+    cells = (np.asarray(positions) - 16) // 2
+    numpy_cells = (_batch(batch_size=256, sequence_length=512, num_pairs=8,
+                          vocab_size=1024, placement="power")["positions"]
+                   - 16) // 2
+    # Same weighting 1 / (c + 1): medians agree, the tail is reached.
+    assert abs(np.median(cells) - np.median(numpy_cells)) < 5
+    assert (cells > 124).any()
+    again = np.asarray(make(jax.random.key(0))[1])
+    other = np.asarray(make(jax.random.key(1))[1])
+    np.testing.assert_array_equal(np.asarray(positions), again)
+    assert not np.array_equal(again, other)
+    with pytest.raises(ValueError, match="`placement`"):
+        device_data.device_mqar_batch(jax.random.key(0), 4, 64, [4], 128,
+                                      "log")
+    with pytest.raises(ValueError, match="`batch_size`"):
+        device_data.device_mqar_batch(jax.random.key(0), 2, 64, [4, 8, 12],
+                                      128)
+
+
+def _recipe(**changes):
+    import argparse
+
+    recipe = dict(steps=500, seq_len=64, vocab=128, hidden=16, heads=2,
+                  pairs=[4, 8], placement="power", short_conv=3,
+                  batch_size=8, warmup=10, weight_decay=0.1, clipnorm=1.0)
+    recipe.update(changes)
+    return argparse.Namespace(**recipe)
+
+
+def test_checkpoint_round_trip_and_mismatches(tmp_path):
+    checkpoint = _load_with_benchmarks_on_path("mqar_checkpoint")
+    rng = np.random.default_rng(0)
+    runs = [((4, 8), 0, 1e-3), ((4, 8), 1, 1e-3)]
+    trainable = [rng.normal(size=(2, 5, 3)).astype("float32"),
+                 rng.normal(size=(2, 7)).astype("float32")]
+    non_trainable = [np.arange(4, dtype="int32").reshape(2, 2)]
+    path = str(tmp_path / "runs.npz")
+    checkpoint.save_checkpoint(path, "nha-M4-W4", runs, 120, trainable,
+                               non_trainable, _recipe())
+    step, steps, loaded, loaded_fixed = checkpoint.load_checkpoint(
+        path, "nha-M4-W4", runs, _recipe(steps=9999))
+    assert (step, steps) == (120, 500)   # the schedule comes from the file
+    for saved, back in zip(trainable, loaded):
+        assert back.dtype == np.float32 and back.shape == saved.shape
+        np.testing.assert_allclose(back, saved, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(loaded_fixed[0], non_trainable[0])
+    for setting, other_runs, recipe, name in (
+            ("gsa-M8", runs, _recipe(), "nha-M4-W4"),
+            ("nha-M4-W4", runs[:1], _recipe(), "runs"),
+            ("nha-M4-W4", runs, _recipe(vocab=256), "vocab"),
+            ("nha-M4-W4", runs, _recipe(pairs=[8]), "pairs")):
+        with pytest.raises(ValueError, match=name):
+            checkpoint.load_checkpoint(path, setting, other_runs, recipe)
+
+
+@_needs_jax
+def test_learning_rate_warms_up_then_decays_to_one_percent():
+    train = _load_with_benchmarks_on_path("mqar_train")
+    rate = lambda step, total=1000: float(train.learning_rate(
+        2.0, step, 100, total))
+    assert rate(0) == pytest.approx(0.02)
+    assert rate(99) == pytest.approx(2.0)
+    assert rate(550) == pytest.approx(2.0 * (0.01 + 0.99 * 0.5))
+    assert rate(1000) == pytest.approx(0.02)
+    assert rate(5000) == pytest.approx(0.02)
+    # A longer schedule decays later (the plan fixes `total` at warmup's end).
+    assert rate(550, total=4000) > rate(550)

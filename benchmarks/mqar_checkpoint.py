@@ -1,0 +1,89 @@
+"""Save and resume the MQAR runs of one setting between GPU rounds.
+
+A checkpoint is one `.npz` file per setting: the trainable and non-trainable
+values of every vmapped run and the step reached, plus the run list and the
+recipe it must be resumed with. The weights are stored in float16 (half the
+bytes; the rounding, ~5e-4 relative, is below one optimizer update) and the
+AdamW moments are NOT stored (they would triple the file: a round's output is
+limited to 10 MB): a resumed run restarts AdamW's moments at zero with its
+bias correction from step 1, while its learning-rate schedule continues at
+the saved step.
+"""
+
+import json
+
+import numpy as np
+
+# Arguments that must match for a resumed run to continue the same task and
+# recipe (the schedule's length, `steps`, comes from the checkpoint).
+RECIPE = ("seq_len", "vocab", "hidden", "heads", "pairs",
+          "placement", "short_conv", "batch_size", "warmup", "weight_decay",
+          "clipnorm")
+
+
+def save_checkpoint(path, setting, runs, step, trainable, non_trainable,
+                    args):
+    """Writes the runs of a setting to `path` (.npz).
+
+    Args:
+        path: file to write.
+        setting: the setting name.
+        runs: list of `(train_pairs, seed, lr)`, the vmapped runs.
+        step: training steps done.
+        trainable, non_trainable: lists of arrays stacked over the runs.
+        args: the parsed command line (its `RECIPE` fields are stored).
+    """
+    meta = dict(setting=setting, step=int(step), steps=int(args.steps),
+                runs=[[list(p) if isinstance(p, tuple) else p, s, lr]
+                      for p, s, lr in runs],
+                recipe={name: getattr(args, name) for name in RECIPE})
+    arrays = {f"trainable_{i}": np.asarray(v, np.float32).astype(np.float16)
+              for i, v in enumerate(trainable)}
+    arrays.update({f"non_trainable_{i}": np.asarray(v)
+                   for i, v in enumerate(non_trainable)})
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, meta=json.dumps(meta), **arrays)
+
+
+def load_checkpoint(path, setting, runs, args):
+    """Reads a checkpoint written by `save_checkpoint` for the same runs.
+
+    Args:
+        path: the `.npz` file.
+        setting, runs, args: as in `save_checkpoint`; they must match the
+            stored ones.
+
+    Returns:
+        `(step, steps, trainable, non_trainable)`: the step reached, the
+        length of the learning-rate schedule, and the lists of float32
+        (trainable) and stored-dtype (non-trainable) arrays.
+
+    Raises:
+        ValueError: naming what differs, if the checkpoint is of another
+            setting, other runs or another recipe.
+    """
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        trainable = [data[f"trainable_{i}"].astype(np.float32)
+                     for i in range(_count(data, "trainable_"))]
+        non_trainable = [data[f"non_trainable_{i}"]
+                         for i in range(_count(data, "non_trainable_"))]
+    expected = [[list(p) if isinstance(p, tuple) else p, s, lr]
+                for p, s, lr in runs]
+    if meta["setting"] != setting:
+        raise ValueError(f"`resume`: {path} holds {meta['setting']!r}, not "
+                         f"{setting!r}.")
+    if meta["runs"] != expected:
+        raise ValueError(f"`resume`: {path} holds runs {meta['runs']}, not "
+                         f"{expected}.")
+    for name in RECIPE:
+        stored, given = meta["recipe"][name], getattr(args, name)
+        if (list(given) if isinstance(given, tuple) else given) != stored:
+            raise ValueError(f"`resume`: {path} was trained with {name}="
+                             f"{stored!r}, this run has {given!r}.")
+    return meta["step"], meta["steps"], trainable, non_trainable
+
+
+def _count(data, prefix):
+    return sum(1 for name in data.files if name.startswith(prefix)
+               and name[len(prefix):].isdigit())

@@ -1,0 +1,272 @@
+"""Training loop of the MQAR study: every run of one setting at once, on JAX.
+
+All runs of a setting (seeds x learning rates) train together under
+`jax.vmap` in one jitted call that does `--steps-per-call` steps in a
+`lax.scan`, generating each step's batches on the device
+(`mqar_device_data.py`): one compilation, and no host work, Python dispatch
+or host-to-device copy per step. The test sets are the numpy generator's
+fixed test stream (`mqar_data`, stream 1), identical for every setting.
+"""
+
+import time
+
+import numpy as np
+
+from mqar_checkpoint import load_checkpoint
+from mqar_checkpoint import save_checkpoint
+from mqar_data import mqar_batches
+from mqar_model import parse_setting
+from mqar_model import state_floats
+
+TEST_STREAM = 1
+
+
+def _test_batches(runs, args, pairs):
+    """Test batches of every run (its seed's test stream) at one pair count,
+    stacked on a leading run axis, answers padded to the most pairs."""
+    streams = [mqar_batches(seed, args.batch_size, args.seq_len, pairs,
+                            args.vocab, TEST_STREAM, args.placement)
+               for _, seed, _ in runs]
+    most = max(args.pairs)
+    pad = lambda a: np.pad(a, ((0, 0), (0, most - a.shape[1])))
+    while True:
+        batches = [next(stream) for stream in streams]
+        yield (np.stack([b["tokens"] for b in batches]),) + tuple(
+            np.stack([pad(b[name]) for b in batches])
+            for name in ("positions", "answers", "weights"))
+
+
+def learning_rate(peak, step, warmup, total):
+    """Linear warmup over `warmup` steps, then cosine decay to 1% of the peak
+    at `total` steps (jax arrays in, float32 out)."""
+    import jax.numpy as jnp
+
+    step = jnp.asarray(step, "float32")
+    rise = jnp.minimum(1.0, (step + 1) / max(warmup, 1))
+    progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0),
+                        0.0, 1.0)
+    return peak * rise * (0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+
+def train_setting(setting, runs, args, emit):
+    """Trains one setting for every `(train_pairs, seed, lr)` in `runs`.
+
+    Args:
+        setting: a setting name (`mqar_model.py`).
+        runs: list of `(train_pairs, seed, peak_learning_rate)`;
+            `train_pairs` is a tuple of pair counts (the mixture every run
+            trains on, tested at each count).
+        args: the parsed command line of `mqar.py`.
+        emit: called as `emit(record, final)` with one dict per run and
+            tested pair count: at every `--eval-every` steps (final=False)
+            and at the end.
+    """
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    from mqar_device_data import device_mqar_batch
+    from mqar_model import build_mqar_model
+
+    started = time.time()
+    optimizer = keras.optimizers.AdamW(
+        1.0, weight_decay=args.weight_decay, global_clipnorm=args.clipnorm)
+
+    def build(seed):
+        keras.utils.set_random_seed(seed)
+        return build_mqar_model(setting, args.vocab, args.hidden, args.heads,
+                                2 * args.hidden, args.implementation,
+                                args.short_conv, args.chunk_size)
+
+    model = build(runs[0][1])
+    optimizer.build(model.trainable_variables)
+    rate_index = [v.name for v in optimizer.variables].index("learning_rate")
+    trainable, non_trainable = [], []
+    for _, seed, _ in runs:
+        fresh = build(seed)
+        trainable.append([v.value for v in fresh.trainable_variables])
+        non_trainable.append([v.value for v in fresh.non_trainable_variables])
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    trainable, non_trainable = stack(trainable), stack(non_trainable)
+    first_step = 0
+    if args.resume:
+        first_step, args.steps, trainable, non_trainable = load_checkpoint(
+            args.resume, setting, runs, args)
+        trainable = [jnp.asarray(v) for v in trainable]
+        non_trainable = [jnp.asarray(v) for v in non_trainable]
+        print(f"[{setting}] resumed at step {first_step} of {args.steps} "
+              f"from {args.resume}", flush=True)
+    # Fresh AdamW moments (also on resume: see mqar_checkpoint.py).
+    optimizer_state = stack([[v.value for v in optimizer.variables]] *
+                            len(runs))
+
+    def loss_and_accuracy(trainable, non_trainable, tokens, positions,
+                          answers, weights):
+        logits, non_trainable = model.stateless_call(
+            trainable, non_trainable,
+            {"token_ids": tokens, "positions": positions})
+        logits = logits.astype("float32")
+        picked = jnp.take_along_axis(logits, answers[..., None], -1)[..., 0]
+        loss = jnp.sum((jax.nn.logsumexp(logits, -1) - picked) * weights)
+        hits = jnp.sum((jnp.argmax(logits, -1) == answers) * weights)
+        count = jnp.sum(weights)
+        return loss / count, (hits / count, non_trainable)
+
+    def train_step(trainable, non_trainable, optimizer_state, peak, data_key,
+                   step, total):
+        batch = device_mqar_batch(jax.random.fold_in(data_key, step),
+                                  args.batch_size, args.seq_len, args.pairs,
+                                  args.vocab, args.placement)
+        optimizer_state = list(optimizer_state)
+        optimizer_state[rate_index] = learning_rate(
+            peak, step, args.warmup, total).astype(
+                optimizer_state[rate_index].dtype)
+        (loss, (accuracy, non_trainable)), grads = jax.value_and_grad(
+            loss_and_accuracy, has_aux=True)(trainable, non_trainable, *batch)
+        trainable, optimizer_state = optimizer.stateless_apply(
+            optimizer_state, grads, trainable)
+        return trainable, non_trainable, optimizer_state, loss, accuracy
+
+    vmapped_step = jax.vmap(train_step,
+                            in_axes=(0, 0, 0, 0, 0, None, None))
+
+    def many_steps(trainable, non_trainable, optimizer_state, peaks,
+                   data_keys, first, total, count):
+        def body(carry, step):
+            out = vmapped_step(*carry, peaks, data_keys, step, total)
+            return out[:3], out[3:]
+
+        carry, (losses, accuracies) = jax.lax.scan(
+            body, (trainable, non_trainable, optimizer_state),
+            first + jnp.arange(count))
+        return carry + (losses[-1], accuracies[-1])
+
+    steps_call = jax.jit(many_steps, static_argnums=7,
+                         donate_argnums=(0, 1, 2))
+
+    def test_step(trainable, non_trainable, *batch):
+        loss, (accuracy, _) = loss_and_accuracy(trainable, non_trainable,
+                                                *batch)
+        return loss, accuracy
+
+    evaluate = jax.jit(jax.vmap(test_step))
+    peaks = jnp.array([lr for _, _, lr in runs], "float32")
+    # Both learning rates of a seed see the same batches (as on the host).
+    data_keys = jax.vmap(jax.random.key)(
+        jnp.array([seed for _, seed, _ in runs]))
+
+    def test(count):
+        """`{pairs: [2, runs] mean (loss, accuracy)}` on the test stream."""
+        results = {}
+        for pairs in args.pairs:
+            batches = _test_batches(runs, args, pairs)
+            totals = np.zeros((2, len(runs)))
+            for _ in range(count):
+                loss, accuracy = evaluate(trainable, non_trainable,
+                                          *next(batches))
+                totals += np.stack([np.asarray(loss), np.asarray(accuracy)])
+            results[pairs] = totals / count
+        return results
+
+    params = model.count_params()
+    floats = state_floats(setting, args.seq_len, args.heads,
+                          args.hidden // args.heads)
+    windows, slots = parse_setting(setting)
+    label = f"{setting} T={args.seq_len} runs={[r[1:] for r in runs]}"
+    print(f"[{label}] start: {params} params, state {floats} floats",
+          flush=True)
+
+    def records(results, step):
+        for pairs, totals in results.items():
+            for i, (train_pairs, seed, lr) in enumerate(runs):
+                yield dict(
+                    setting=setting, kind=setting.split("-")[0], pairs=pairs,
+                    train_pairs=list(train_pairs), placement=args.placement,
+                    short_conv=args.short_conv, seed=seed, lr=lr, step=step,
+                    seq_len=args.seq_len, vocab=args.vocab,
+                    windows=[w if w is not None else "global"
+                             for w in windows],
+                    slots=slots, state_floats=floats,
+                    test_accuracy=float(totals[1, i]),
+                    test_loss=float(totals[0, i]),
+                    final_train_loss=float(last[0][i]),
+                    final_train_accuracy=float(last[1][i]),
+                    steps=args.steps, batch_size=args.batch_size,
+                    warmup=args.warmup, weight_decay=args.weight_decay,
+                    clipnorm=args.clipnorm, hidden=args.hidden,
+                    heads=args.heads, params=params,
+                    implementation=args.implementation,
+                    chunk_size=args.chunk_size, resumed_from=first_step,
+                    steps_per_call=args.steps_per_call,
+                    runs_vmapped=len(runs),
+                    compile_s=round(compile_seconds or 0.0, 2),
+                    steps_per_s=round(rate, 2),
+                    train_s=round(time.time() - train_started, 2),
+                    wall_s=round(time.time() - started, 2),
+                    device=str(jax.devices()[0].device_kind),
+                    backend=jax.default_backend())
+
+    per_call = max(1, args.steps_per_call)
+    compile_seconds, rate = None, 0.0
+    last = (np.full(len(runs), np.nan),) * 2
+    step = first_step
+    stop = min(args.steps, args.stop_at or args.steps)
+    planning = bool(args.plan_seconds) and not args.resume
+    timed_steps = train_seconds = 0.0
+    train_started = time.time()
+    next_log = (step // args.log_every + 1) * args.log_every
+    next_eval = ((step // args.eval_every + 1) * args.eval_every
+                 if args.eval_every else args.steps + 1)
+    while step < stop:
+        # Calls end exactly at log and test points; a shorter call compiles
+        # once more.
+        count = min(per_call, stop - step, next_log - step, next_eval - step)
+        call_started = time.time()
+        trainable, non_trainable, optimizer_state, loss, accuracy = (
+            steps_call(trainable, non_trainable, optimizer_state, peaks,
+                       data_keys, step, float(args.steps), count))
+        jax.block_until_ready(loss)
+        step += count
+        if compile_seconds is None:   # the first call compiles
+            compile_seconds = time.time() - call_started
+        else:   # steps/s of training alone (tests and saving excluded)
+            timed_steps += count
+            train_seconds += time.time() - call_started
+            rate = timed_steps / max(train_seconds, 1e-9)
+        if planning and step >= args.warmup and rate:
+            # The schedule's length, fixed before its decay begins: what
+            # the measured rate fits into the planned seconds.
+            planning = False
+            left = args.plan_seconds - (time.time() - started)
+            args.steps = min(args.steps, step + max(
+                args.log_every, int(0.85 * rate * left) // args.log_every
+                * args.log_every))
+            stop = min(args.steps, args.stop_at or args.steps)
+            print(f"[{label}] planned {args.steps} steps ({rate:.1f} "
+                  f"steps/s, {left:.0f} s planned)", flush=True)
+        if step >= next_log or step == stop:
+            next_log += args.log_every
+            last = (np.asarray(loss), np.asarray(accuracy))
+            print(f"[{label}] step {step}/{args.steps} "
+                  f"loss {np.round(last[0], 3).tolist()} "
+                  f"acc {np.round(last[1], 3).tolist()} "
+                  f"({rate:.1f} steps/s)", flush=True)
+            if args.time_limit and time.time() - started > args.time_limit:
+                print(f"[{label}] time limit: stopped at step {step}",
+                      flush=True)
+                break
+        if step >= next_eval and step < stop:
+            next_eval += args.eval_every
+            for line in records(test(max(1, args.eval_batches // 4)), step):
+                emit(line, final=False)
+            if args.checkpoint:
+                save_checkpoint(args.checkpoint, setting, runs, step,
+                                trainable, non_trainable, args)
+    jax.block_until_ready(trainable)
+    if args.checkpoint:
+        save_checkpoint(args.checkpoint, setting, runs, step, trainable,
+                        non_trainable, args)
+    for line in records(test(args.eval_batches), step):
+        line["test_sequences"] = args.eval_batches * args.batch_size
+        emit(line, final=True)
+
