@@ -45,17 +45,21 @@ monitor=$!
 # setting:kernel:lr[,lr]:chunk_size:steps ("-" for steps: planned). Each
 # setting at its best learning rate of session 3 (hybrid-M32 at the rate of
 # session 3's hybrid-M64); full attention solved the task by step 500 in
-# session 3, so it gets a short fixed schedule and no checkpoint.
+# session 3, so it gets a short fixed schedule and no checkpoint. M = 32
+# runs on the Pallas kernels ("auto"): XLA once needed over 6 minutes to
+# compile the chunked slot pass at M = 32 on the H200 (s3r1), Pallas 45 s.
 # shellcheck disable=SC2206
 queue=(${MQAR_SETTINGS:-nha-M16-W16:chunked:3e-3:16:-
-       gsa-M32:chunked:3e-3:16:- swa-W32:chunked:1e-3:16:-
-       hybrid-M32:chunked:1e-3:16:- full:chunked:3e-3:16:4000})
-# Throughput probes beside the queue (no tests, no checkpoint): NHA with
-# other chunk sizes and the Pallas kernels, $MQAR_PROBE_STEPS steps each.
+       gsa-M32:auto:3e-3:16:- swa-W32:chunked:1e-3:16:-
+       hybrid-M32:auto:1e-3:16:- full:chunked:3e-3:16:4000})
+# Throughput probes beside the queue (no tests, no checkpoint), the same
+# two runs as the queue's NHA: other chunk sizes, the Pallas kernels, XLA
+# without GEMM autotuning (compile time), and whether the chunked M = 32
+# slot pass still compiles slowly. setting:kernel:lr:chunk_size[:noautotune]
 # shellcheck disable=SC2206
 probes=(${MQAR_PROBES:-nha-M16-W16:chunked:3e-3:8 nha-M16-W16:chunked:3e-3:16
-        nha-M16-W16:chunked:3e-3:32
-        nha-M16-W16:pallas:3e-3:16})
+        nha-M16-W16:chunked:3e-3:32 nha-M16-W16:pallas:3e-3:16
+        nha-M16-W16:chunked:3e-3:16:noautotune gsa-M32:chunked:3e-3:16})
 pids=()
 for entry in "${queue[@]}"; do
   IFS=: read -r setting kernel rates chunk length <<< "$entry"
@@ -82,10 +86,12 @@ for entry in "${queue[@]}"; do
 done
 index=0
 for entry in "${probes[@]}"; do
-  IFS=: read -r setting kernel rates chunk <<< "$entry"
+  IFS=: read -r setting kernel rates chunk flags <<< "$entry"
   index=$((index + 1))
+  xla_flags=${XLA_FLAGS:-}
+  [ "$flags" = noautotune ] && xla_flags="$xla_flags --xla_gpu_autotune_level=0"
   echo "probe $entry at ${SECONDS}s"
-  python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
+  XLA_FLAGS=$xla_flags python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
     --implementation "$kernel" --lr "${rates//,/ }" --chunk-size "$chunk" \
     --steps "$steps" --stop-at "${MQAR_PROBE_STEPS:-1000}" --eval-every 0 \
     --eval-batches 1 --time-limit "$((deadline / 2))" \
