@@ -136,9 +136,16 @@ def main(argv=None):
                              "path of accuracy-vs-step curves")
     args = parser.parse_args(argv)
     if args.report:
+        from mqar_report import throughput_table
         from mqar_report import write_report
 
         write_report(args.report, args.table, args.plot)
+        speeds = throughput_table(args.report)
+        if args.table and speeds:
+            with open(args.table, "a") as handle:
+                handle.write("\nThroughput (steps/s of the whole vmapped "
+                             "step, card shared by all processes):\n\n"
+                             + speeds + "\n")
         if args.curves:
             from mqar_report import equal_step_table
             from mqar_report import plot_curves

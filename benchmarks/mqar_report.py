@@ -276,3 +276,28 @@ def equal_step_table(paths):
     table = "\n".join(lines)
     print(table)
     return table
+
+
+def throughput_table(paths):
+    """Per finished process (setting, kernel, chunk size): runs vmapped,
+    compile seconds, training steps per second and the steps reached, as
+    markdown."""
+    rows = {}
+    for record in load_all_lines(p for p in paths if os.path.exists(p)):
+        key = (record["setting"], record["implementation"],
+               record.get("chunk_size"), record.get("resumed_from", 0))
+        rows[key] = record
+    if not rows:
+        return ""
+    lines = ["| setting | kernel | chunk | runs | from step | steps reached "
+             "| compile s | steps/s |", "|---|---|---|---|---|---|---|---|"]
+    for (setting, kernel, chunk, start), record in sorted(
+            rows.items(), key=lambda item: (_sort_key(item[0][0]),
+                                            str(item[0][1:]))):
+        lines.append(
+            f"| {setting} | {kernel} | {chunk or '-'} | "
+            f"{record['runs_vmapped']} | {start} | {record['step']} | "
+            f"{record['compile_s']:.0f} | {record['steps_per_s']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    return table

@@ -114,5 +114,7 @@ cat "$out"/probe_*.jsonl > "$out/mqar_probes.jsonl" 2>/dev/null
 python3 benchmarks/mqar.py --report "$out/mqar_runs.jsonl" \
   --table "$out/mqar_table.md" --plot "$out/mqar.png" \
   --curves "$out/mqar_progress.jsonl" "$out/mqar_curves.png"
+python3 benchmarks/mqar.py --report "$out/mqar_probes.jsonl" \
+  --table "$out/mqar_probes_table.md"
 du -sh "$out"
 echo "mqar job done at ${SECONDS}s"
