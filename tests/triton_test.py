@@ -74,10 +74,14 @@ SEQUENCE_CASES.update({
                                      kv_heads=2, blocks="low_states=2",
                                      tolerance=1e-2),
     # States and adjoints by the sequential pass (two column tiles, each
-    # writing the gates of some of the 12 slots; two kv heads).
+    # writing the gates of some of the 12 slots; two kv heads; both
+    # recurrences in one program, then in two).
     "W5-M12-gqa2x4-sequential-states": dict(
         window_size=5, num_slots=12, heads=4, kv_heads=2, batch=2,
-        padding=True, blocks="sequential=1,state_tile=8"),
+        padding=True, blocks="sequential=1,state_tile=8,state_both=1"),
+    "W5-M8-mha-sequential-states": dict(
+        window_size=5, num_slots=8, kv_heads=2,
+        blocks="sequential=1,state_tile=8"),
     "W0-M5-dims24x20-sequential-bf16-states": dict(
         window_size=0, num_slots=5, key_dim=24, value_dim=20,
         blocks="sequential=1,state_tile=16,low_states=2", tolerance=1e-2),

@@ -38,7 +38,7 @@ for only in 4 5; do
   timeout 80 python3 tests/triton_gpu_check.py --part issue --only $only \
     > "$out/check_issue_$only.log" 2>&1 &
 done
-tune="$seq;$seq,state_tile=64;$seq,state_tile=16;$seq,fused_dx=1;$seq,state_stages=3;$seq,state_warps=8,state_tile=64"
+tune="$seq;$seq,state_tile=64;$seq,state_both=1;$seq,state_tile=16;$seq,fused_dx=1;$seq,state_stages=3;$seq,state_warps=8,state_tile=64"
 timeout 80 python3 benchmarks/triton_benchmark.py --warm nha,flex \
   --tune "$tune" > "$out/warm_nha.log" 2>&1 &
 wait

@@ -83,6 +83,8 @@ class Blocks:
     state_tile: int = 32
     state_warps: int = 4
     state_stages: int = 2
+    # 1: one program per column tile runs both recurrences (K == V).
+    state_both: int = 0
 
 
 # The interpreter walks every program in Python: small tiles keep it quick

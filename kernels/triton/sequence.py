@@ -220,7 +220,9 @@ def _state_pass(s, cfg, key, value, gate, ring, mask, position, slot_keys,
     """`state_pass_kernel`: both recurrences in one launch when K == V."""
     nt = common.cdiv(s.T, cfg.blocks.chunk)
     dt = min(cfg.blocks.state_tile, common.pow2(max(s.K, s.V)))
-    sides = [(0, 2, s.K)] if s.K == s.V else [(0, 1, s.K), (1, 1, s.V)]
+    both = s.K == s.V and cfg.blocks.state_both
+    sides = [(0, 1 if both else 2, s.K)] if s.K == s.V else [(0, 1, s.K),
+                                                             (1, 1, s.V)]
     for first, count, width in sides:
         launcher(state_pass.state_pass_kernel)[
             (s.B * s.HKV, common.cdiv(width, dt), count)](
@@ -231,7 +233,8 @@ def _state_pass(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             _delta(ring["log_forget_gates"], gate), s.HKV, D=width, M=s.M,
             DT=dt, MP=common.pow2(s.M), BT=cfg.blocks.chunk,
             HAS_PM=cfg.has_mask, FIRST=first, WRITE_GATES=first == 0,
-            PRECISION=_precision(key.dtype), **_state_options(cfg.blocks))
+            BOTH=both, PRECISION=_precision(key.dtype),
+            **_state_options(cfg.blocks))
 
 
 def _adjoint_pass(s, cfg, reads, state, nt):

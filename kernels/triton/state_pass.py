@@ -27,27 +27,40 @@ from keras_nha.kernels.triton.common import stream_rows
 
 
 @triton.jit
-def _forward_states(XN, RDX, S, INIT, FINAL, GN, RDG, PM, GC, SS, DEC, b,
-                    hk, bhk, pos, d, T, C, NT, HKV, INIT_ROW, INIT_COL,
-                    D: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-                    BT: tl.constexpr, HAS_PM: tl.constexpr,
-                    WRITE_GATES: tl.constexpr, PRECISION: tl.constexpr):
-    """One recurrence's column tile `d`: entries 0 .. NT of S and FINAL."""
+def _initial(INIT, seq, d, cols, ok, ROW, COL):
+    """A tile of the input state (fp32) in its own layout: [D, M] keys
+    (ROW = M, COL = 1) or [M, D] values (ROW = 1, COL = D)."""
+    at = seq + d[:, None] * ROW + cols[None, :] * COL
+    return tl.load(INIT + at, mask=ok, other=0.0).to(tl.float32), at
+
+
+@triton.jit
+def _forward_states(XN, RDX, S, INIT, FINAL, XN2, RDX2, S2, INIT2, FINAL2,
+                    GN, RDG, PM, GC, SS, DEC, b, hk, bhk, pos, d, T, C, NT,
+                    HKV, INIT_ROW, INIT_COL, D: tl.constexpr,
+                    M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr,
+                    HAS_PM: tl.constexpr, WRITE_GATES: tl.constexpr,
+                    BOTH: tl.constexpr, PRECISION: tl.constexpr):
+    """One recurrence's column tile `d`: entries 0 .. NT of S and FINAL;
+    with BOTH also the value recurrence (XN2 into S2, INIT2 [M, D] to
+    FINAL2), sharing the gate work."""
     cols = tl.arange(0, MP)
     ok = (d < D)[:, None] & (cols < M)[None, :]
     # The slot columns whose G, s this tile writes (WRITE_GATES).
     mine = cols * tl.num_programs(1) // MP == tl.program_id(1)
-    # The input state's own layout: [D, M] keys or [M, D] values.
-    init = d[:, None] * INIT_ROW + cols[None, :] * INIT_COL
     seq = bhk.to(tl.int64) * D * M
-    carry = tl.load(INIT + seq + init, mask=ok, other=0.0).to(tl.float32)
-    base = S + bhk.to(tl.int64) * (NT + 1) * D * M
+    carry, init = _initial(INIT, seq, d, cols, ok, INIT_ROW, INIT_COL)
+    if BOTH:
+        carry2, init2 = _initial(INIT2, seq, d, cols, ok, 1, D)
+    else:
+        carry2, init2 = carry, init
+    entry = bhk.to(tl.int64) * (NT + 1) * D * M
     tile = d[:, None] * M + cols[None, :]
-    tl.store(base + tile, carry.to(S.dtype.element_ty), mask=ok)
+    tl.store(S + entry + tile, carry.to(S.dtype.element_ty), mask=ok)
+    if BOTH:
+        tl.store(S2 + entry + tile, carry2.to(S2.dtype.element_ty), mask=ok)
     gn = GN + b * T * HKV * M + hk * M
     g_delta = ring_delta(RDG, b, C, T, HKV * M)
-    xn = XN + b * T * HKV * D + hk * D
-    x_delta = ring_delta(RDX, b, C, T, HKV * D)
     for n in range(NT):
         rows = n * BT + tl.arange(0, BT)
         g = stream_gates(gn, g_delta, PM + b * T, rows, cols, C, pos, T,
@@ -56,20 +69,36 @@ def _forward_states(XN, RDX, S, INIT, FINAL, GN, RDG, PM, GC, SS, DEC, b,
         gend = tl.sum(g, 0)
         strength = 1.0 - tl.exp(g)
         w = tl.exp(gend[None, :] - G) * strength
-        x = stream_rows(xn, x_delta, rows, d, C, pos, T, HKV, D, True)
-        added = tl.dot(tl.trans(x), w, input_precision=PRECISION)
-        carry = carry * tl.exp(gend)[None, :] + added
-        tl.store(base + (n + 1) * (D * M) + tile,
-                 carry.to(S.dtype.element_ty), mask=ok)
+        decay = tl.exp(gend)[None, :]
+        at = entry + (n + 1) * (D * M) + tile
+        carry = _advance(XN, RDX, S, carry, decay, w, b, hk, rows, d, at, ok,
+                         C, pos, T, HKV, D, PRECISION)
+        if BOTH:
+            carry2 = _advance(XN2, RDX2, S2, carry2, decay, w, b, hk, rows, d,
+                              at, ok, C, pos, T, HKV, D, PRECISION)
         if WRITE_GATES:  # each column tile writes its share of the slots
-            at = (b * T + rows.to(tl.int64))[:, None] * (HKV * M) + (
+            gat = (b * T + rows.to(tl.int64))[:, None] * (HKV * M) + (
                 hk * M + cols[None, :])
             live = (rows < T)[:, None] & (mine & (cols < M))[None, :]
-            tl.store(GC + at, G, mask=live)
-            tl.store(SS + at, strength, mask=live)
+            tl.store(GC + gat, G, mask=live)
+            tl.store(SS + gat, strength, mask=live)
             tl.store(DEC + (bhk.to(tl.int64) * NT + n) * M + cols,
                      tl.exp(gend), mask=mine & (cols < M))
-    tl.store(FINAL + seq + init, carry, mask=ok)
+    tl.store(FINAL + init, carry, mask=ok)
+    if BOTH:
+        tl.store(FINAL2 + init2, carry2, mask=ok)
+
+
+@triton.jit
+def _advance(XN, RDX, S, carry, decay, w, b, hk, rows, d, at, ok, C, pos, T,
+             HKV, D: tl.constexpr, PRECISION: tl.constexpr):
+    """carry * decay + what the chunk's rows write (x^T w), stored at `at`."""
+    x = stream_rows(XN + b * T * HKV * D + hk * D,
+                    ring_delta(RDX, b, C, T, HKV * D), rows, d, C, pos, T,
+                    HKV, D, True)
+    carry = carry * decay + tl.dot(tl.trans(x), w, input_precision=PRECISION)
+    tl.store(S + at, carry.to(S.dtype.element_ty), mask=ok)
+    return carry
 
 
 @triton.jit
@@ -78,26 +107,30 @@ def state_pass_kernel(XN, XN2, GN, PM, POS, GC, SS, S, S2, DEC, INIT_K,
                       D: tl.constexpr, M: tl.constexpr, DT: tl.constexpr,
                       MP: tl.constexpr, BT: tl.constexpr,
                       HAS_PM: tl.constexpr, FIRST: tl.constexpr,
-                      WRITE_GATES: tl.constexpr, PRECISION: tl.constexpr):
+                      WRITE_GATES: tl.constexpr, BOTH: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """Chunk-start states, column tile program_id(1): recurrence FIRST +
     program_id(2) (0: the keys XN into S, from INIT_K [D, M] per sequence
     to FINAL_K; 1: the values XN2 into S2, from INIT_V [M, D] to FINAL_V,
-    same width D). With WRITE_GATES the key tiles also write the stream's
-    G, s (GC, SS) and chunk decays (DEC), each tile a share of the slots
-    (no program carries all of that extra work)."""
+    same width D), or with BOTH both in one program (the gate work shared).
+    With WRITE_GATES the key tiles also write the stream's G, s (GC, SS)
+    and chunk decays (DEC), each tile a share of the slots (no program
+    carries all of that extra work)."""
     bhk = tl.program_id(0)
     d = tl.program_id(1) * DT + tl.arange(0, DT)
     b = (bhk // HKV).to(tl.int64)
     hk = bhk % HKV
     pos = tl.load(POS)
     if FIRST + tl.program_id(2) == 0:
-        _forward_states(XN, RDX, S, INIT_K, FINAL_K, GN, RDG, PM, GC, SS,
-                        DEC, b, hk, bhk, pos, d, T, C, NT, HKV, M, 1, D, M,
-                        MP, BT, HAS_PM, WRITE_GATES, PRECISION)
+        _forward_states(XN, RDX, S, INIT_K, FINAL_K, XN2, RDX2, S2, INIT_V,
+                        FINAL_V, GN, RDG, PM, GC, SS, DEC, b, hk, bhk, pos, d,
+                        T, C, NT, HKV, M, 1, D, M, MP, BT, HAS_PM,
+                        WRITE_GATES, BOTH, PRECISION)
     else:
-        _forward_states(XN2, RDX2, S2, INIT_V, FINAL_V, GN, RDG, PM, GC, SS,
-                        DEC, b, hk, bhk, pos, d, T, C, NT, HKV, 1, D, D, M,
-                        MP, BT, HAS_PM, False, PRECISION)
+        _forward_states(XN2, RDX2, S2, INIT_V, FINAL_V, XN2, RDX2, S2,
+                        INIT_V, FINAL_V, GN, RDG, PM, GC, SS, DEC, b, hk, bhk,
+                        pos, d, T, C, NT, HKV, 1, D, D, M, MP, BT, HAS_PM,
+                        False, False, PRECISION)
 
 
 @triton.jit
