@@ -26,10 +26,10 @@ import os
 import torch
 
 from keras_nha.kernels.triton import common
+from keras_nha.kernels.triton import launch
 from keras_nha.kernels.triton import slots
 from keras_nha.kernels.triton import state_pass
 from keras_nha.kernels.triton import window
-from keras_nha.kernels.triton import launch
 from keras_nha.kernels.triton.launch import launcher
 
 
