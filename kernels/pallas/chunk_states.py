@@ -130,13 +130,13 @@ def _segment_walk(gc_ref, local, starts, outs, *, chunk, chunks, length,
         out_v[...] = xv
 
 
-def _states_kernel(k_ref, v_ref, gc_ref, s_ref, *refs, **walk_options):
+def _states_kernel(k_ref, v_ref, writes_ref, gc_ref, *refs, **walk_options):
     """The memory's chunk writes: k^T w and w^T v, w = s exp(total - G)."""
     dtype = k_ref.dtype
 
     def local(rows, total):
-        weights = (s_ref[rows, :] * jnp.exp(total[None, :] - gc_ref[rows, :])
-                   ).astype(dtype)
+        del total
+        weights = writes_ref[rows, :]
         return (dot_ta(k_ref[rows, :], weights),
                 dot_ta(weights, v_ref[rows, :].astype(dtype)))
 
@@ -231,16 +231,20 @@ def _fused_scan(kernel, inputs, in_specs, gc, sk0, sv0, config, *, segment,
     return carries[0], carries[1], ends[0][1], ends[1][1]
 
 
-def fused_states(k, v, gc, s, sk0, sv0, config, segment):
+def fused_states(k, v, gc, writes, sk0, sv0, config, segment):
     """Memory at every chunk start, `([B, Hkv, N, K, M], [B, Hkv, N, M,
-    V])` in the input dtype, and after the last chunk (float32)."""
+    V])` in the input dtype, and after the last chunk (float32).
+
+    `writes [B, T, Hkv, M]` (k's dtype): each write's weight at its chunk's
+    end, s_i exp(G_end - G_i).
+    """
     length, slots = k.shape[1], gc.shape[-1]
     tiled = lambda width: pl.BlockSpec(
         (None, length, None, width), lambda b, c, j, g: (b, 0, c, j))
     gates = pl.BlockSpec((None, length, None, slots),
                          lambda b, c, j, g: (b, 0, c, 0))
     return _fused_scan(
-        _states_kernel, (k, v, gc, s),
+        _states_kernel, (k, v, writes, gc),
         lambda tk, tv: [tiled(tk), tiled(tv), gates, gates],
         gc, sk0, sv0, config, segment=segment, dtype=k.dtype, reverse=False)
 

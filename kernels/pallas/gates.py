@@ -27,10 +27,16 @@ from keras_nha.kernels.pallas.common import compiler_params
 _F32 = jnp.float32
 
 
-def _forward_kernel(g_ref, gc_ref, s_ref):
+def _forward_kernel(g_ref, gc_ref, s_ref, *writes_ref):
     g = g_ref[...]
-    gc_ref[...] = jnp.cumsum(g, axis=0)
-    s_ref[...] = -jnp.expm1(g)
+    gc = jnp.cumsum(g, axis=0)
+    s = -jnp.expm1(g)
+    gc_ref[...] = gc
+    s_ref[...] = s
+    if writes_ref:  # each write's weight at the chunk's end
+        total = jnp.sum(g, axis=0)
+        writes_ref[0][...] = (s * jnp.exp(total[None, :] - gc)).astype(
+            writes_ref[0].dtype)
 
 
 def _gradient_kernel(x_ref, ds_ref, s_ref, g_ref, lk_ref, lv_ref, sk_ref,
@@ -59,18 +65,22 @@ def _chunk_rows(chunk, slots):
                         lambda n, b, c: (b, n, c, 0))
 
 
-def gate_sums(g, config):
-    """`(G, s)` for float32 log gates `g [B, T, Hkv, M]` (T % chunk == 0).
-    """
+def gate_sums(g, config, writes_dtype=None):
+    """`(G, s)` for float32 log gates `g [B, T, Hkv, M]` (T % chunk == 0),
+    and with `writes_dtype` also `s_i exp(G_end - G_i)` in that dtype (the
+    weights of the chunk writes, `chunk_states.fused_states`)."""
     batch, length, kv_heads, slots = g.shape
     chunk = config.chunk
     rows = _chunk_rows(chunk, slots)
+    outs = [jax.ShapeDtypeStruct(g.shape, _F32)] * 2
+    if writes_dtype is not None:
+        outs.append(jax.ShapeDtypeStruct(g.shape, writes_dtype))
     return pl.pallas_call(
         _forward_kernel,
         grid=(length // chunk, batch, kv_heads),
         in_specs=[rows],
-        out_specs=[rows, rows],
-        out_shape=[jax.ShapeDtypeStruct(g.shape, _F32)] * 2,
+        out_specs=[rows] * len(outs),
+        out_shape=outs,
         compiler_params=compiler_params(config.num_warps, 1),
         interpret=config.interpret,
         name="nha_gate_sums",

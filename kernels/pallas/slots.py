@@ -934,12 +934,18 @@ def _adjoints_scan(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     return lk, lv, dsk0, dsv0
 
 
-def chunk_states(k, v, gc, s, sk0, sv0, config):
+def chunk_states(k, v, gc, s, sk0, sv0, config, writes=None):
     """Slot memory at every chunk start (input dtype with `walk` "scan" or
     "fused", else float32) and after the last chunk (float32), by
-    `config.walk`: `(sk, sv, sk_end, sv_end)`."""
+    `config.walk`: `(sk, sv, sk_end, sv_end)`. `writes`: the chunk writes'
+    weights for "fused" if already at hand."""
     if config.walk == "fused":
-        return fused_states(k, v, gc, s, sk0, sv0, config,
+        if writes is None:
+            end = _by_chunk(gc, config.chunk)[:, :, -1:]
+            writes = (_by_chunk(s, config.chunk) * jnp.exp(
+                end - _by_chunk(gc, config.chunk))).reshape(s.shape).astype(
+                    k.dtype)
+        return fused_states(k, v, gc, writes, sk0, sv0, config,
                             _segment_length(gc.shape[1] // config.chunk,
                                             config))
     if config.walk == "scan":
@@ -1034,12 +1040,16 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
 
 
 def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
+    writes = None
     if config.gate_kernels:
-        gc, s = gates.gate_sums(g, config)
+        gc, s, *writes = gates.gate_sums(
+            g, config, k.dtype if config.walk == "fused" else None)
+        writes = writes[0] if writes else None
     else:
         gc = _chunk_cumsum(g, config.chunk)
         s = -jnp.expm1(g)
-    sk, sv, sk_end, sv_end = chunk_states(k, v, gc, s, sk0, sv0, config)
+    sk, sv, sk_end, sv_end = chunk_states(k, v, gc, s, sk0, sv0, config,
+                                          writes)
     out, lse = _read(q, k, v, gc, s, sk, sv, scale, num_slots, config)
     return out, lse, sk, sv, sk_end, sv_end, gc, s
 
