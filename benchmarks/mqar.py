@@ -109,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="block length of the chunked kernel (default: "
                              "the kernel's)")
+    parser.add_argument("--dtype-policy", default="float32",
+                        help='Keras dtype policy, e.g. "mixed_bfloat16"')
     parser.add_argument("--steps-per-call", type=int, default=100,
                         help="training steps per jitted call (lax.scan)")
     parser.add_argument("--plan-seconds", type=float, default=0,

@@ -284,8 +284,12 @@ def throughput_table(paths):
     markdown."""
     rows = {}
     for record in load_all_lines(p for p in paths if os.path.exists(p)):
-        key = (record["setting"], record["implementation"],
-               record.get("chunk_size"), record.get("resumed_from", 0))
+        kernel = " ".join([record["implementation"]] + [
+            tag for tag in (record.get("dtype_policy", "float32"),
+                            record.get("xla_flags", ""))
+            if tag and tag != "float32"])
+        key = (record["setting"], kernel, record.get("chunk_size"),
+               record.get("resumed_from", 0))
         rows[key] = record
     if not rows:
         return ""

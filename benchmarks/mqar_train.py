@@ -8,6 +8,7 @@ or host-to-device copy per step. The test sets are the numpy generator's
 fixed test stream (`mqar_data`, stream 1), identical for every setting.
 """
 
+import os
 import time
 
 import numpy as np
@@ -69,6 +70,8 @@ def train_setting(setting, runs, args, emit):
     from mqar_model import build_mqar_model
 
     started = time.time()
+    # "mixed_bfloat16": bfloat16 compute, float32 weights and optimizer.
+    keras.config.set_dtype_policy(args.dtype_policy)
     optimizer = keras.optimizers.AdamW(
         1.0, weight_decay=args.weight_decay, global_clipnorm=args.clipnorm)
 
@@ -197,6 +200,8 @@ def train_setting(setting, runs, args, emit):
                     heads=args.heads, params=params,
                     implementation=args.implementation,
                     chunk_size=args.chunk_size, resumed_from=first_step,
+                    dtype_policy=args.dtype_policy,
+                    xla_flags=os.environ.get("XLA_FLAGS", "").strip(),
                     steps_per_call=args.steps_per_call,
                     runs_vmapped=len(runs),
                     compile_s=round(compile_seconds or 0.0, 2),

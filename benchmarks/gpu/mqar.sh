@@ -54,12 +54,14 @@ queue=(${MQAR_SETTINGS:-nha-M16-W16:chunked:3e-3:16:-
        hybrid-M32:auto:1e-3:16:- full:chunked:3e-3:16:4000})
 # Throughput probes beside the queue (no tests, no checkpoint), the same
 # two runs as the queue's NHA: other chunk sizes, the Pallas kernels, XLA
-# without GEMM autotuning (compile time), and whether the chunked M = 32
-# slot pass still compiles slowly. setting:kernel:lr:chunk_size[:noautotune]
+# without GEMM autotuning (compile time), bfloat16 compute, and whether the
+# chunked M = 32 slot pass still compiles slowly.
+# setting:kernel:lr:chunk_size[:noautotune|bf16]
 # shellcheck disable=SC2206
 probes=(${MQAR_PROBES:-nha-M16-W16:chunked:3e-3:8 nha-M16-W16:chunked:3e-3:16
         nha-M16-W16:chunked:3e-3:32 nha-M16-W16:pallas:3e-3:16
-        nha-M16-W16:chunked:3e-3:16:noautotune gsa-M32:chunked:3e-3:16})
+        nha-M16-W16:chunked:3e-3:16:noautotune
+        nha-M16-W16:chunked:3e-3:16:bf16 gsa-M32:chunked:3e-3:16})
 pids=()
 for entry in "${queue[@]}"; do
   IFS=: read -r setting kernel rates chunk length <<< "$entry"
@@ -90,9 +92,12 @@ for entry in "${probes[@]}"; do
   index=$((index + 1))
   xla_flags=${XLA_FLAGS:-}
   [ "$flags" = noautotune ] && xla_flags="$xla_flags --xla_gpu_autotune_level=0"
+  policy=float32
+  [ "$flags" = bf16 ] && policy=mixed_bfloat16
   echo "probe $entry at ${SECONDS}s"
   XLA_FLAGS=$xla_flags python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
     --implementation "$kernel" --lr "${rates//,/ }" --chunk-size "$chunk" \
+    --dtype-policy "$policy" \
     --steps "$steps" --stop-at "${MQAR_PROBE_STEPS:-1000}" --eval-every 0 \
     --eval-batches 1 --time-limit "$((deadline / 2))" \
     --output "$out/probe_$index.jsonl" > "$out/probe_$index.log" 2>&1 &
