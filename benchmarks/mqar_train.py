@@ -216,7 +216,8 @@ def train_setting(setting, runs, args, emit):
     last = (np.full(len(runs), np.nan),) * 2
     step = first_step
     stop = min(args.steps, args.stop_at or args.steps)
-    planning = bool(args.plan_seconds) and not args.resume
+    # A resumed run keeps its plan, unless it stopped before planning.
+    planning = bool(args.plan_seconds) and first_step < args.warmup
     timed_steps = train_seconds = 0.0
     train_started = time.time()
     next_log = (step // args.log_every + 1) * args.log_every

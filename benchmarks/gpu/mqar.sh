@@ -74,11 +74,10 @@ for entry in "${queue[@]}"; do
   if [ "$length" = - ]; then
     args+=(--steps "$steps" --eval-every "${MQAR_EVAL_EVERY:-1000}"
            --checkpoint "$out/resume/$setting.npz")
-    if [ -f "$resume_dir/$setting.npz" ]; then
+    # (a resumed run plans only if it stopped before the end of warmup)
+    [ -f "$resume_dir/$setting.npz" ] &&
       args+=(--resume "$resume_dir/$setting.npz")
-    else
-      args+=(--plan-seconds "$((deadline - SECONDS - 30 + next_round))")
-    fi
+    args+=(--plan-seconds "$((deadline - SECONDS - 30 + next_round))")
   else
     args+=(--steps "$length" --eval-every "$((length / 8))")
   fi
