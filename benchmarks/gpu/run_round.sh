@@ -10,6 +10,9 @@
 #   ONE_GPU=1 bash benchmarks/gpu/run_round.sh  # everything on GPU 0
 #   SKIP="lm_study mqar" bash benchmarks/gpu/run_round.sh  # leave jobs out
 #   FINAL=1 bash benchmarks/gpu/run_round.sh  # only the *_final.sh checks
+#   FOUR_GPUS=1 bash benchmarks/gpu/run_round.sh  # a job per GPU, mqar2 too
+#
+# Each job also gets $JOB_LIMIT_S, the seconds it has before it is killed.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -30,7 +33,7 @@ run_job() {  # name gpus seconds
   case " ${SKIP:-} " in *" $name "*) return 0 ;; esac
   mkdir -p "$results/$name"
   local start=$SECONDS
-  CUDA_VISIBLE_DEVICES=$gpus JOB_OUT=$results/$name \
+  CUDA_VISIBLE_DEVICES=$gpus JOB_OUT=$results/$name JOB_LIMIT_S=$limit \
     timeout -k 10 "$limit" bash "benchmarks/gpu/$name.sh" \
     > "$results/$name/log.txt" 2>&1
   echo "$name rc=$? $((SECONDS - start))s gpus=$gpus" | tee -a "$results/summary.txt"
@@ -39,6 +42,12 @@ run_job() {  # name gpus seconds
 if [ -n "${FINAL:-}" ]; then  # the kernels' final GPU checks, side by side
   run_job triton_final 0 "${FINAL_S:-170}" &
   run_job pallas_final 1 "${FINAL_S:-170}" &
+  wait
+elif [ -n "${FOUR_GPUS:-}" ]; then
+  run_job triton 0 "${TRITON_S:-220}" &
+  run_job pallas 1 "${PALLAS_S:-220}" &
+  run_job mqar 2 "${MQAR_S:-280}" &
+  run_job mqar2 3 "${MQAR_S:-280}" &
   wait
 elif [ -n "${ONE_GPU:-}" ]; then
   run_job triton 0 "${TRITON_S:-200}"; run_job pallas 0 "${PALLAS_S:-170}"
