@@ -18,10 +18,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv \
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
 export FLA_TUNED_CONFIGS=benchmarks/results/triton_fla_configs_h200.json,benchmarks/results/triton_fla_configs_h200_s4r1.json
 export FLA_UNTUNED_FALLBACK=1
+# Scan tiles at T=4096 (64 chunks: the scans were tuned at 64k), last.
+tune="scan_unroll=64;scan_unroll=16;scan=128"
 
 TRITON_FINAL_S=100 JOB_OUT="$out/check" bash benchmarks/gpu/triton_final.sh \
   > "$out/check.log" 2>&1 &
-timeout 100 python3 benchmarks/triton_benchmark.py --warm nha \
+timeout 100 python3 benchmarks/triton_benchmark.py --warm nha --tune "$tune" \
   > "$out/warm_nha.log" 2>&1 &
 timeout 100 python3 benchmarks/triton_benchmark.py --warm flex \
   > "$out/warm_flex.log" 2>&1 &
@@ -34,7 +36,8 @@ echo "phase 1 done at ${SECONDS}s"
 
 FLA_RECORD_CONFIGS="$out/fla_configs_all.json" NHA_BENCH_GRAPHS=1 \
 NHA_BENCH_FAST_LAUNCH=1 python3 benchmarks/triton_benchmark.py \
-  --lengths 4096,16384,65536 --peers sdpa,flex,fla --no-decode \
+  --lengths 4096,16384,65536 --peers sdpa,flex,fla,tune --no-decode \
+  --tune "$tune" --tune-length 4096 \
   --breakdown 65536,4096 --host-profile 4096 --deadline $((215 - SECONDS)) \
   --json "$out/triton_benchmark.json" --plot "$out/triton_benchmark.png"
 echo "measuring done at ${SECONDS}s"
