@@ -157,14 +157,17 @@ def run_jax(lengths, steps=None):
         for name, fn, flops in impls:
             forward = jax.jit(fn)
 
-            def loss(q, k, v, gate, fn=fn):
+            # The cotangent is an argument: as a closed-over constant XLA
+            # spends seconds folding it into every compile.
+            def loss(q, k, v, gate, ct, fn=fn):
                 out = fn(q, k, v, gate)
                 return jnp.sum(out.astype(jnp.float32) * ct)
 
             both = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-            for mode, call in (("fwd", forward), ("fwd+bwd", both)):
+            for mode, call in (("fwd", lambda *a: forward(*a[:4])),
+                               ("fwd+bwd", both)):
                 _timed(rows, name, mode, length,
-                       lambda call=call: call(q, k, v, gate), card, sync,
+                       lambda call=call: call(q, k, v, gate, ct), card, sync,
                        flops(length, mode == "fwd+bwd"))
 
     for step in steps:
@@ -291,7 +294,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
     from keras_nha.kernels.pallas.slots import slot_attention
     from keras_nha.kernels.pallas.window import window_attention
 
-    base = default_config(length, DIM, jax.default_backend() != "gpu")
+    base = default_config(length, DIM, jax.default_backend() != "gpu",
+                          SLOTS, 2, bfloat16=True)
     keys = jax.random.split(jax.random.PRNGKey(2), 6)
     shape = (BATCH, length, HEADS, DIM)
     history = (BATCH, length + WINDOW, HEADS, DIM)
@@ -396,21 +400,21 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 
 
 # Candidate tilings timed end to end by the "candidates" step.
-_FUSED = dict(walk="fused", gate_kernels=True)
+# Session 3's defaults (segmented scans fed by XLA's batched chunk writes,
+# XLA gate sums, float32 slot output / dz / p, one dk/dv/ds kernel).
+_S3 = dict(walk="scan", gate_kernels=False, narrow_slot_out=False,
+           narrow_probs=False, split_dkv=False)
 _CANDIDATES = (
-    ("fused + bf16 slot output, dz, p + split dk/dv",
-     dict(_FUSED, narrow_slot_out=True, narrow_probs=True, split_dkv=True)),
-    ("fused walk + gate kernels", _FUSED),
-    ("fused + bf16 slot output, dz, p", dict(_FUSED, narrow_slot_out=True,
-                                             narrow_probs=True)),
-    ("split dk/dv", dict(split_dkv=True)),
-    ("gate kernels", dict(gate_kernels=True)),
-    ("fused, 4 state tiles", dict(_FUSED, state_tiles=4)),
+    ("session 3 defaults", _S3),
+    ("4 state tiles", dict(state_tiles=4)),
+    ("split dk/dv, 4 warps", dict(dkv_warps=4)),
+    ("float32 slot output, dz, p", dict(narrow_slot_out=False,
+                                        narrow_probs=False)),
 )
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
-    ("fused walk + gate kernels", _FUSED, True),
+    ("session 3 defaults", _S3, True),
 )
 # The backward tiles stay (64, 64) in the forward-only variants.
 _WINDOW_VARIANTS = (

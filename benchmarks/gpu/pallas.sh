@@ -3,11 +3,10 @@
 #
 # Most important rows first, each appended to $JOB_OUT/rows.jsonl as soon as
 # it is measured, so a job cut off by the round's time limit keeps them.
-# 1. The GPU check, cases named in PALLAS_CASES (default: those not run on
-#    a GPU since session 3's kernel changes first), for at most
-#    PALLAS_CHECK_S seconds (0: skip).
-# 2. The same check's bf16 GQA case under the candidate kernels
-#    (PALLAS_CANDIDATE, KernelConfig changes; empty: skip).
+# 1. The GPU check, cases named in PALLAS_CASES (default: those the
+#    session-4 defaults change first), for at most PALLAS_CHECK_S seconds
+#    (0: skip).
+# 2. Its bf16 GQA and strong-gates cases under PALLAS_CANDIDATE, if set.
 # 3. The benchmark steps PALLAS_STEPS for at most PALLAS_BENCH_S seconds.
 # The table and plot can be redrawn from rows.jsonl if the job is cut off.
 set -u
@@ -16,8 +15,8 @@ out=${JOB_OUT:-/tmp/pallas_job}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-cases=${PALLAS_CASES:-d256 d96 m0 w0 fp16 gqa padded strong fp32 fit streaming}
-check_s=${PALLAS_CHECK_S:-75}
+cases=${PALLAS_CASES:-gqa strong padded fp16 streaming w0 d96 fp32 fit m0 d256}
+check_s=${PALLAS_CHECK_S:-105}
 if [ "$check_s" -gt 0 ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "$check_s" python3 tests/pallas_gpu_check.py --cases $cases \
@@ -25,7 +24,9 @@ if [ "$check_s" -gt 0 ]; then
   echo "gpu check rc=$?"
   tail -30 "$out/pallas_gpu_check.log"
 fi
-candidate=${PALLAS_CANDIDATE-dict(walk='fused', gate_kernels=True, narrow_slot_out=True, narrow_probs=True, split_dkv=True)}
+# A KernelConfig change to check (a Python dict expression), e.g.
+# PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
+candidate=${PALLAS_CANDIDATE:-}
 if [ -n "$candidate" ]; then
   timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
     --config "$candidate" --cases gqa strong \
@@ -33,9 +34,9 @@ if [ -n "$candidate" ]; then
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 nha:16384 candidates:16384 candidates:65536:3 nha:4096 candidates:4096:2 variants:16384 breakdown:16384}
+steps=${PALLAS_STEPS:-main:65536 nha:16384 nha:4096 candidates:65536:1 breakdown:65536 candidates:16384 decode}
 # shellcheck disable=SC2086  # the steps are words
-timeout -k 5 "${PALLAS_BENCH_S:-100}" python3 benchmarks/pallas_benchmark.py \
+timeout -k 5 "${PALLAS_BENCH_S:-105}" python3 benchmarks/pallas_benchmark.py \
   --part jax --steps $steps --jsonl "$out/rows.jsonl" > /dev/null
 echo "benchmark rc=$?"
 # The Triton job runs right before this one on the same GPU.

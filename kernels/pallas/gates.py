@@ -39,10 +39,13 @@ def _forward_kernel(g_ref, gc_ref, s_ref, *writes_ref):
             writes_ref[0].dtype)
 
 
-def _gradient_kernel(x_ref, ds_ref, s_ref, g_ref, lk_ref, lv_ref, sk_ref,
-                     sv_ref, sk_end_ref, sv_end_ref, dg_ref, *, groups,
-                     chunks):
-    ds = ds_ref[...]
+def _gradient_kernel(x_ref, *refs, groups, chunks, parts):
+    ds_refs, refs = refs[:parts], refs[parts:]
+    (s_ref, g_ref, lk_ref, lv_ref, sk_ref, sv_ref, sk_end_ref, sv_end_ref,
+     dg_ref) = refs
+    ds = ds_refs[0][...]
+    for ds_ref in ds_refs[1:]:
+        ds = ds + ds_ref[...]
     x = x_ref[:, 0, :]
     for h in range(1, groups):
         x = x + x_ref[:, h, :]
@@ -92,7 +95,8 @@ def gate_gradient(x, ds, s, g, adjoints, memory, config):
 
     Args:
         x: `[B, T, H, M]` the readers' dL/dG terms per query head.
-        ds: `[B, T, Hkv, M]` dL/ds per writer.
+        ds: `[B, T, Hkv, M]` dL/ds per writer, or a tuple of parts of it
+            (summed here).
         s, g: the write strengths and log gates.
         adjoints: `(lk [B, Hkv, N, K, M], lv [B, Hkv, N, M, V])`, dL/dS at
             every chunk end.
@@ -103,6 +107,7 @@ def gate_gradient(x, ds, s, g, adjoints, memory, config):
     batch, length, kv_heads, slots = g.shape
     groups, chunk = x.shape[2] // kv_heads, config.chunk
     chunks = length // chunk
+    ds = ds if isinstance(ds, tuple) else (ds,)
     key_dim, value_dim = memory[2].shape[2], memory[3].shape[3]
     rows = _chunk_rows(chunk, slots)
     at = lambda shape, step: pl.BlockSpec(
@@ -111,14 +116,15 @@ def gate_gradient(x, ds, s, g, adjoints, memory, config):
     final = lambda shape: pl.BlockSpec((None, None) + shape,
                                        lambda n, b, c: (b, c, 0, 0))
     return pl.pallas_call(
-        functools.partial(_gradient_kernel, groups=groups, chunks=chunks),
+        functools.partial(_gradient_kernel, groups=groups, chunks=chunks,
+                          parts=len(ds)),
         grid=(chunks, batch, kv_heads),
         in_specs=[pl.BlockSpec((None, chunk, groups, slots),
-                               lambda n, b, c: (b, n, c, 0)),
-                  rows, rows, rows,
-                  at((key_dim, slots), 0), at((slots, value_dim), 0),
-                  at((key_dim, slots), 1), at((slots, value_dim), 1),
-                  final((key_dim, slots)), final((slots, value_dim))],
+                               lambda n, b, c: (b, n, c, 0))]
+        + [rows] * (len(ds) + 2)
+        + [at((key_dim, slots), 0), at((slots, value_dim), 0),
+           at((key_dim, slots), 1), at((slots, value_dim), 1),
+           final((key_dim, slots)), final((slots, value_dim))],
         out_specs=rows,
         out_shape=jax.ShapeDtypeStruct(g.shape, _F32),
         # Four [K, M] / [M, V] memory blocks per program: 8 warps keep
@@ -126,4 +132,4 @@ def gate_gradient(x, ds, s, g, adjoints, memory, config):
         compiler_params=compiler_params(8, 1),
         interpret=config.interpret,
         name="nha_gate_gradient",
-    )(x, ds, s, g, *adjoints, *memory)
+    )(x, *ds, s, g, *adjoints, *memory)

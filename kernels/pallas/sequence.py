@@ -25,9 +25,10 @@ from keras_nha.kernels.pallas.slots import slot_attention
 from keras_nha.kernels.pallas.window import window_attention
 
 
-def default_config(length, head_dim, interpret, slots=64, itemsize=2):
-    """Tiles for `length` tokens, a (padded) head dim, slot count and the
-    inputs' bytes per element."""
+def default_config(length, head_dim, interpret, slots=64, itemsize=2,
+                   bfloat16=False):
+    """Tiles for `length` tokens, a (padded) head dim, slot count, the
+    inputs' bytes per element and whether they are bfloat16."""
     block = 64 if length > 32 else 16
     if head_dim > 128:  # keeps the window tiles within shared memory
         block = min(block, 32)
@@ -39,10 +40,18 @@ def default_config(length, head_dim, interpret, slots=64, itemsize=2):
     # design, which passed there. (Interpret mode has no such limit; CI tests
     # both designs.)
     wide = not interpret and (head_dim > 128 or slots > 64 or itemsize > 2)
+    # bfloat16 intermediates where every product reads them in bfloat16
+    # anyway (float16's range is too small for dz).
+    narrow = bfloat16 and not wide
     return KernelConfig(block_q=block, block_k=block, chunk=chunk, sub=16,
                         rows=16 if wide else chunk, factor=not wide,
-                        walk="loop" if wide else "scan", tile=32,
-                        narrow_writes=not wide,
+                        # Fused walks, gate kernels, bf16 slot output / dz /
+                        # p and split dk/dv: 1.547 / 4.385 -> 1.106 / 3.606
+                        # ms fwd / fwd+bwd at T=16384 on an H200 (s4r1).
+                        walk="loop" if wide else "fused", tile=32,
+                        narrow_writes=not wide, gate_kernels=not wide,
+                        narrow_slot_out=narrow, narrow_probs=narrow,
+                        split_dkv=not wide,
                         # 4 warps: window pass 2.04 / 9.00 -> 1.52 / 5.01 ms
                         # fwd / fwd+bwd, slot pass 4.64 / 13.51 -> 4.38 /
                         # 12.12 at T=65536 on an H200 (round 2); the 16-row
@@ -126,7 +135,8 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
                                             padded_size(value_dim)),
                                 jax.default_backend() != "gpu",
                                 padded_size(num_slots),
-                                jnp.dtype(query.dtype).itemsize)
+                                jnp.dtype(query.dtype).itemsize,
+                                query.dtype == jnp.bfloat16)
     start = state["position"]
     real = (jnp.ones((batch, length), f32) if padding_mask is None
             else jnp.asarray(padding_mask).astype(f32))

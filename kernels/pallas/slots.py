@@ -1115,7 +1115,8 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
 
 
 def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
-    """Writer backward: dk, dv and dL/ds per fed token."""
+    """Writer backward: dk, dv and dL/ds per fed token (with `split_dkv`
+    as a tuple of the keys' and the values' parts)."""
     batch, length, kv_heads, key_dim = k.shape
     heads, value_dim, slots = q.shape[2], v.shape[-1], gc.shape[-1]
     if heads > kv_heads:
@@ -1156,7 +1157,7 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
 
         dk, ds_keys = side(k, lk, q, dz, True)
         dv, ds_values = side(v, lv, dout, p, False)
-        return dk, dv, ds_keys + ds_values
+        return dk, dv, (ds_keys, ds_values)
     return pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
                           sub=config.sub, groups=groups, diag=config.diag,
@@ -1234,6 +1235,8 @@ def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
         dg = gates.gate_gradient(x, ds, s, g, (lk, lv),
                                  (sk, sv, sk_end, sv_end), config)
     else:
+        if isinstance(ds, tuple):
+            ds = ds[0] + ds[1]
         after = _after_chunks(sk, sv, sk_end, sv_end, lk, lv)
         # dL/dG per step: readers (summed over the group) minus writers.
         x = x.reshape(batch, length, kv_heads, groups, slots).sum(axis=3)
