@@ -54,9 +54,13 @@ SEQUENCE_CASES.update({
                                 blocks="split=0"),
     "W5-M8-strong-gates-fused-slots": dict(window_size=5, num_slots=8,
                                            gate_scale=6.0, blocks="split=0"),
-    # Three slot chunks scanned two per step: the scans' carries.
+    # Three slot chunks scanned two per step: the scans' carries; then
+    # walked chunk by chunk (GQA: the adjoints' decays per kv head).
     "W11-M8-scan-steps": dict(window_size=11, num_slots=8,
                               blocks="chunk=16,scan=64,scan_unroll=2"),
+    "W11-M8-gqa2x4-scan-walk": dict(window_size=11, num_slots=8, heads=4,
+                                    kv_heads=2, padding=True, batch=2,
+                                    blocks="chunk=16,scan=64,scan_walk=1"),
     # The window reads the slots' own queries and keys: gradients summed in
     # the kernels (one query head per kv head: written in place).
     "W9-M8-mha-shared-window": dict(window_size=9, num_slots=8, kv_heads=2,
@@ -93,6 +97,9 @@ STREAM_CASES = {
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=45),
     "W5-M8-fused-slots": dict(window_size=5, num_slots=8, padding=True,
                               blocks="split=0"),
+    "W5-M8-dims24x20-scan-walk-bf16-states": dict(
+        window_size=5, num_slots=8, key_dim=24, value_dim=20,
+        blocks="scan_walk=1,low_states=2", tolerance=1e-2),
     "W5-M8-dims24x20-sequential-states": dict(
         window_size=5, num_slots=8, key_dim=24, value_dim=20, padding=True,
         blocks="sequential=1,state_tile=16"),

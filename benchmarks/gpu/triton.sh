@@ -18,8 +18,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv \
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
 export FLA_TUNED_CONFIGS=benchmarks/results/triton_fla_configs_h200.json,benchmarks/results/triton_fla_configs_h200_s4r1.json
 export FLA_UNTUNED_FALLBACK=1
-# Scan tiles at T=4096 (64 chunks: the scans were tuned at 64k), last.
-tune="scan_unroll=64;scan_unroll=16;scan=128"
+# The chunk scans walked chunk by chunk per thread (scan_walk) at T=65536,
+# with 128-1024 state elements per program; measured last.
+walk="scan_walk=1"
+tune="$walk;$walk,scan=512;$walk,scan=1024;$walk,scan=128"
 
 TRITON_FINAL_S=100 JOB_OUT="$out/check" bash benchmarks/gpu/triton_final.sh \
   > "$out/check.log" 2>&1 &
@@ -36,10 +38,14 @@ echo "phase 1 done at ${SECONDS}s"
 
 FLA_RECORD_CONFIGS="$out/fla_configs_all.json" NHA_BENCH_GRAPHS=1 \
 NHA_BENCH_FAST_LAUNCH=1 python3 benchmarks/triton_benchmark.py \
-  --lengths 4096,16384,65536 --peers sdpa,flex,fla,tune --no-decode \
-  --tune "$tune" --tune-length 4096 \
-  --breakdown 65536,4096 --host-profile 4096 --deadline $((215 - SECONDS)) \
+  --lengths 4096,16384,65536 --peers sdpa,flex,tune,fla --no-decode \
+  --tune "$tune" --tune-length 65536 \
+  --breakdown 65536,4096 --host-profile 4096 --deadline $((198 - SECONDS)) \
   --json "$out/triton_benchmark.json" --plot "$out/triton_benchmark.png"
 echo "measuring done at ${SECONDS}s"
+# The walked scans at the short lengths, with what time is left.
+KERAS_NHA_TRITON_BLOCKS=$walk timeout $((222 - SECONDS)) python3 \
+  benchmarks/triton_benchmark.py --lengths 4096 --peers none --no-decode \
+  --breakdown 4096 --json "$out/triton_scan_walk.json"
 cat "$out"/check/*.log > "$out/triton_gpu_check.log"
 echo "job done at ${SECONDS}s"

@@ -70,6 +70,9 @@ class Blocks:
     # Chunk scans: state elements per program, chunks per scan step.
     scan: int = 256
     scan_unroll: int = 16
+    # 1: the scans walk the chunks one by one per thread (no log-depth
+    # scan across threads); `scan_unroll` then does not matter.
+    scan_walk: int = 0
     # 1: with bfloat16 inputs the chunk-start states and the adjoints are
     # stored in bfloat16 (half the traffic; read on bf16 tensor cores). The
     # scans still carry fp32 and the returned state is fp32. 2: also with

@@ -205,7 +205,7 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             out, decay, slot_keys, slot_values, final_keys, final_values, nt,
             s.HKV, 1, s.B * s.HKV, first, D=width, M=s.M,
             BLOCK=cfg.blocks.scan, UNROLL=cfg.blocks.scan_unroll,
-            REVERSE=False)
+            REVERSE=False, WALK=bool(cfg.blocks.scan_walk))
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1, final_keys,
                   final_values)
 
@@ -405,7 +405,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
                                  common.cdiv(width * s.M, blocks.scan))](
             adjoint, state.decay, *(state.decay,) * 4, nt, s.H, s.group,
             s.B * s.H, 0, D=width, M=s.M, BLOCK=blocks.scan,
-            UNROLL=blocks.scan_unroll, REVERSE=True)
+            UNROLL=blocks.scan_unroll, REVERSE=True,
+            WALK=bool(blocks.scan_walk))
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
     fed = s.T - cfg.capacity
     # With one query head per kv head the kernels write token gradients
@@ -484,7 +485,8 @@ def _gate_grad(s, cfg, dg_read, ds, state, mask, dg, nt):
     # In place: each chunk's total becomes the sum over the chunks after it.
     launcher(slots.chunk_scan_kernel)[(s.B * s.HKV, 1)](
         totals, *(totals,) * 5, nt, s.HKV, 1, s.B * s.HKV, 0, D=1, M=s.M,
-        BLOCK=mp, UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False)
+        BLOCK=mp, UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False,
+        WALK=bool(blocks.scan_walk))
     launcher(slots.gate_grad_kernel)[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, totals, mask, dg, s.T,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,

@@ -229,7 +229,8 @@ def _chain(a_decay, a_value, b_decay, b_value):
 def chunk_scan_kernel(S, DEC, INIT_K, INIT_V, FINAL_K, FINAL_V, NT, HX,
                       GROUP, BHX, FIRST, D: tl.constexpr, M: tl.constexpr,
                       BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                      REVERSE: tl.constexpr, DECAYS: tl.constexpr = True):
+                      REVERSE: tl.constexpr, DECAYS: tl.constexpr = True,
+                      WALK: tl.constexpr = False):
     """Turns per-chunk contributions into states, in place, UNROLL chunks
     per step (one tile load, a log-depth scan, one tile store).
 
@@ -250,6 +251,10 @@ def chunk_scan_kernel(S, DEC, INIT_K, INIT_V, FINAL_K, FINAL_V, NT, HX,
     in FINAL_K / FINAL_V (same layouts). Stack s of the launch is recurrence
     FIRST + s (0 keys, 1 values). S may be stored in bfloat16; the carry is
     fp32.
+
+    With WALK each thread walks its elements' chunks one by one (one
+    coalesced row load and store per chunk, no cross-thread scan) instead
+    of UNROLL-chunk tiles with a log-depth scan.
     """
     bh = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -260,7 +265,17 @@ def chunk_scan_kernel(S, DEC, INIT_K, INIT_V, FINAL_K, FINAL_V, NT, HX,
     dec = DEC + ((b * (HX // GROUP) + hk).to(tl.int64) * NT) * M
     step = D * M
     u = tl.arange(0, UNROLL)
-    if REVERSE:
+    if REVERSE and WALK:
+        base = S + bh.to(tl.int64) * NT * step
+        carry = tl.zeros([BLOCK], tl.float32)
+        for i in range(NT):
+            n = NT - 1 - i
+            x = tl.load(base + n * step + e, mask=ok, other=0.0)
+            tl.store(base + n * step + e, carry.to(S.dtype.element_ty),
+                     mask=ok)
+            carry = carry * _walk_decay(dec, n, m, ok, M, DECAYS) + x.to(
+                tl.float32)
+    elif REVERSE:
         base = S + bh.to(tl.int64) * NT * step
         carry = tl.zeros([BLOCK], tl.float32)
         tiles = tl.cdiv(NT, UNROLL)
@@ -291,18 +306,35 @@ def chunk_scan_kernel(S, DEC, INIT_K, INIT_V, FINAL_K, FINAL_V, NT, HX,
             keys, tl.load(INIT_K + at_k, mask=ok & keys, other=0.0),
             tl.load(INIT_V + at_v, mask=ok & values, other=0.0))
         tl.store(base + e, carry.to(S.dtype.element_ty), mask=ok)
-        for n0 in range(0, NT, UNROLL):
-            n = n0 + u
-            live = (n < NT)[:, None] & ok[None, :]
-            at = (n + 1).to(tl.int64)[:, None] * step + e[None, :]
-            x = tl.load(base + at, mask=live, other=0.0).to(tl.float32)
-            d = _scan_decays(dec, n, m, live, UNROLL, BLOCK, M, DECAYS)
-            p, y = tl.associative_scan((d, x), 0, _chain)
-            v = carry[None, :] * p + y
-            tl.store(base + at, v.to(S.dtype.element_ty), mask=live)
-            carry = tl.sum(tl.where((u == UNROLL - 1)[:, None], v, 0.0), 0)
+        if WALK:
+            for n in range(NT):
+                at = base + (n + 1) * step + e
+                x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+                carry = carry * _walk_decay(dec, n, m, ok, M, DECAYS) + x
+                tl.store(at, carry.to(S.dtype.element_ty), mask=ok)
+        else:
+            for n0 in range(0, NT, UNROLL):
+                n = n0 + u
+                live = (n < NT)[:, None] & ok[None, :]
+                at = (n + 1).to(tl.int64)[:, None] * step + e[None, :]
+                x = tl.load(base + at, mask=live, other=0.0).to(tl.float32)
+                d = _scan_decays(dec, n, m, live, UNROLL, BLOCK, M, DECAYS)
+                p, y = tl.associative_scan((d, x), 0, _chain)
+                v = carry[None, :] * p + y
+                tl.store(base + at, v.to(S.dtype.element_ty), mask=live)
+                carry = tl.sum(tl.where((u == UNROLL - 1)[:, None], v, 0.0),
+                               0)
         tl.store(FINAL_K + at_k, carry, mask=ok & keys)
         tl.store(FINAL_V + at_v, carry, mask=ok & values)
+
+
+@triton.jit
+def _walk_decay(dec, n, m, ok, M: tl.constexpr, DECAYS: tl.constexpr):
+    """Chunk n's decays of the elements (slot m each) of a walked row."""
+    if DECAYS:
+        return tl.load(dec + n * M + m, mask=ok, other=1.0)
+    else:
+        return 1.0
 
 
 @triton.jit
