@@ -136,6 +136,9 @@ def main(argv=None):
     parser.add_argument("--curves", nargs="+",
                         help="with --report: progress files, then the PNG "
                              "path of accuracy-vs-step curves")
+    parser.add_argument("--seed-curves",
+                        help="with --curves: PNG path of the curves of "
+                             "every seed")
     args = parser.parse_args(argv)
     if args.report:
         from mqar_report import throughput_table
@@ -153,6 +156,11 @@ def main(argv=None):
             from mqar_report import plot_curves
 
             plot_curves(args.curves[:-1] + args.report, args.curves[-1])
+            if args.seed_curves:
+                from mqar_report import plot_seed_curves
+
+                plot_seed_curves(args.curves[:-1] + args.report,
+                                 args.seed_curves)
             table = equal_step_table(args.curves[:-1] + args.report)
             if args.table:
                 with open(args.table, "a") as handle:

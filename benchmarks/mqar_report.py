@@ -305,3 +305,48 @@ def throughput_table(paths):
     table = "\n".join(lines)
     print(table)
     return table
+
+
+def plot_seed_curves(paths, path):
+    """Test accuracy against training step, one line per setting, seed and
+    learning rate (checkpoints and final tests; runs that stalled on the
+    starting plateau and runs that learned stay apart, which a mean over
+    seeds would hide). One panel per pair count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = collections.defaultdict(dict)
+    for record in load_all_lines(p for p in paths if os.path.exists(p)):
+        points[(record["seq_len"], record["pairs"], record["setting"],
+                record["seed"], record["lr"])][record["step"]] = (
+                    record["test_accuracy"])
+    panels = sorted({key[:2] for key in points})
+    if not panels:
+        print("no checkpoints to plot")
+        return
+    figure, axes = plt.subplots(1, len(panels), squeeze=False,
+                                figsize=(4.4 * len(panels), 4.0))
+    styles = ("-", "--", ":", "-.")
+    for axis, panel in zip(axes[0], panels):
+        labelled = set()
+        for key in sorted((k for k in points if k[:2] == panel),
+                          key=lambda k: (_sort_key(k[2]), k[3], k[4])):
+            setting, seed, lr = key[2:]
+            x, y = zip(*sorted(points[key].items()))
+            label = None if setting in labelled else f"{setting} lr={lr:g}"
+            labelled.add(setting)
+            axis.plot(x, y, label=label, linestyle=styles[seed % 4],
+                      color=_COLORS.get(setting.split("-")[0], "gray"),
+                      linewidth=1.2)
+        axis.set_title(f"T={panel[0]}, {panel[1]} pairs (line style: seed)")
+        axis.set_xlabel("training step")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (answers)")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    print(f"wrote {path}")

@@ -9,11 +9,11 @@
 #
 # Session 4: the equal-state comparison at 32 tokens per layer (nha-M16-W16,
 # gsa-M32, swa-W32, hybrid-M32) plus full attention, T=256, trained as long
-# as two rounds allow. Round 1 plans each schedule's length from the rate it
-# measures during warmup (--plan-seconds: this round's time left plus
-# $MQAR_NEXT_S seconds of the next round) and saves the runs in
+# as two rounds allow. A planned entry fixes its schedule's length from the
+# rate it measures during warmup (--plan-seconds: this round's time left plus
+# $MQAR_NEXT_S seconds of a next round) and saves its runs in
 # $JOB_OUT/resume/; copied to benchmarks/results/mqar_s4_resume/, they are
-# resumed by the next round (same command, --resume) up to that length.
+# resumed by the next round (same entry, --resume) up to that length.
 # Session 3's job (3000 steps, learning-rate grid): this file at 483df96.
 set -u
 export KERAS_BACKEND=jax
@@ -24,7 +24,7 @@ resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s4_resume}
 # The MQAR_* variables also serve a quick CPU dry run of this script.
 steps=${MQAR_STEPS:-200000}        # upper bound; the plan sets the length
 warmup=${MQAR_WARMUP:-300}
-next_round=${MQAR_NEXT_S:-300}
+next_round=${MQAR_NEXT_S:-0}   # round 1: 300
 seq_len=${MQAR_SEQ_LEN:-256}
 vocab=${MQAR_VOCAB:-512}
 hidden=${MQAR_HIDDEN:-128}
@@ -42,35 +42,45 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
   --format=csv -l 5 > "$out/gpu_usage.csv" 2>/dev/null &
 monitor=$!
 
-# setting:kernel:lr[,lr]:chunk_size:steps ("-" for steps: planned). Each
-# setting at its best learning rate of session 3 (hybrid-M32 at the rate of
-# session 3's hybrid-M64); full attention solved the task by step 500 in
-# session 3, so it gets a short fixed schedule and no checkpoint. M = 32
-# runs on the Pallas kernels ("auto"): XLA once needed over 6 minutes to
-# compile the chunked slot pass at M = 32 on the H200 (s3r1), Pallas 45 s.
+# setting:kernel:lr[,lr]:chunk_size:steps[:seeds[:warmup]] ("-" for steps:
+# planned, checkpointed and resumed from $resume_dir when there; seeds
+# comma-separated, default $MQAR_SEEDS). Each setting at its best learning
+# rate of session 3 (hybrid-M32 at that of session 3's hybrid-M64).
+# Round 1 (commit e3dda3d): every setting planned over two rounds, seeds 0
+# and 1, M = 32 on Pallas, full attention 4000 steps, beside throughput
+# probes. The plans came out short (the rates measured during warmup were
+# those of 12 processes compiling and starting): NHA 10800, GSA 6800, the
+# hybrid 2600 steps, all finished in round 1; only the window (117700
+# planned, 31500 done) is resumed. Round 2: seeds 2 and 3 of NHA, GSA and
+# the hybrid on one 8000-step schedule (chunked: the probe compiled the
+# M = 32 slot pass in 74 s and ran it faster than Pallas), and full attention
+# with session 3's 75 warmup steps (round 1's 300 left it far below session
+# 3's full attention).
 # shellcheck disable=SC2206
-queue=(${MQAR_SETTINGS:-nha-M16-W16:chunked:3e-3:16:-
-       gsa-M32:auto:3e-3:16:- swa-W32:chunked:1e-3:16:-
-       hybrid-M32:auto:1e-3:16:- full:chunked:3e-3:16:4000})
-# Throughput probes beside the queue (no tests, no checkpoint), the same
-# two runs as the queue's NHA: other chunk sizes, the Pallas kernels, XLA
-# without GEMM autotuning (compile time), bfloat16 compute, and whether the
-# chunked M = 32 slot pass still compiles slowly.
+queue=(${MQAR_SETTINGS:-nha-M16-W16:chunked:3e-3:16:8000:2,3:300
+       gsa-M32:chunked:3e-3:16:8000:2,3:300
+       hybrid-M32:chunked:1e-3:16:8000:2,3:300
+       swa-W32:chunked:1e-3:16:-:0,1:300 full:chunked:3e-3:16:3000:2,3:75})
+# Throughput probes beside the queue (no tests, no checkpoint), e.g. round
+# 1's: nha-M16-W16:chunked:3e-3:8 (also :16, :32), nha-M16-W16:pallas:3e-3:16,
+# nha-M16-W16:chunked:3e-3:16:noautotune (XLA without GEMM autotuning),
+# nha-M16-W16:chunked:3e-3:16:bf16 (bfloat16 compute), gsa-M32:chunked:3e-3:16.
 # setting:kernel:lr:chunk_size[:noautotune|bf16]
 # shellcheck disable=SC2206
-probes=(${MQAR_PROBES:-nha-M16-W16:chunked:3e-3:8 nha-M16-W16:chunked:3e-3:16
-        nha-M16-W16:chunked:3e-3:32 nha-M16-W16:pallas:3e-3:16
-        nha-M16-W16:chunked:3e-3:16:noautotune
-        nha-M16-W16:chunked:3e-3:16:bf16 gsa-M32:chunked:3e-3:16})
+probes=(${MQAR_PROBES:-})
 pids=()
 for entry in "${queue[@]}"; do
-  IFS=: read -r setting kernel rates chunk length <<< "$entry"
+  IFS=: read -r setting kernel rates chunk length run_seeds run_warmup \
+    <<< "$entry"
   # shellcheck disable=SC2206
   rates=(${rates//,/ })
   args=(--settings "$setting" "${common[@]}" --implementation "$kernel"
         --lr "${rates[@]}" --chunk-size "$chunk"
         --time-limit "$((deadline - SECONDS - 30))"
         --output "$out/mqar_runs_$setting.jsonl")
+  # shellcheck disable=SC2206
+  [ -n "${run_seeds:-}" ] && args+=(--seeds ${run_seeds//,/ })
+  [ -n "${run_warmup:-}" ] && args+=(--warmup "$run_warmup")
   if [ "$length" = - ]; then
     args+=(--steps "$steps" --eval-every "${MQAR_EVAL_EVERY:-1000}"
            --checkpoint "$out/resume/$setting.npz")
@@ -117,7 +127,8 @@ cat "$out"/mqar_runs_*.jsonl.progress > "$out/mqar_progress.jsonl" 2>/dev/null
 cat "$out"/probe_*.jsonl > "$out/mqar_probes.jsonl" 2>/dev/null
 python3 benchmarks/mqar.py --report "$out/mqar_runs.jsonl" \
   --table "$out/mqar_table.md" --plot "$out/mqar.png" \
-  --curves "$out/mqar_progress.jsonl" "$out/mqar_curves.png"
+  --curves "$out/mqar_progress.jsonl" "$out/mqar_curves.png" \
+  --seed-curves "$out/mqar_seed_curves.png"
 python3 benchmarks/mqar.py --report "$out/mqar_probes.jsonl" \
   --table "$out/mqar_probes_table.md"
 du -sh "$out"
