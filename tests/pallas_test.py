@@ -79,23 +79,27 @@ LENGTH = 37
 # 64 slots) instead of the block tensor, and the exact in-chunk terms (the
 # default factored products are refused for such gates). `config` changes
 # the kernel tiling (`KernelConfig` fields) from the default (one slot
-# program per chunk, factored products, segmented scan): 16-row slot
-# programs with sequential chunk walks, and chunk programs without factored
-# products (with window backward tiles other than the forward's), and the
-# fused chunk walks with the gate kernels and the split slot dk/dv kernels
-# (16-token chunks: four chunks in segments of three, the last one padded;
-# GQA takes the exact 16-row programs, no groups the factored ones).
+# program per chunk, factored products, fused segmented walks, gate
+# kernels, split dk/dv kernels): the 16-row design GPUs use for float32,
+# d > 128 or M > 64 (sequential chunk walks, XLA gate sums, one dk/dv
+# kernel), chunk programs without factored products on session 3's XLA-fed
+# scans (with window backward tiles other than the forward's), and the
+# fused walks over 16-token chunks (four chunks in segments of three, the
+# last one padded; GQA takes the exact 16-row dk/dv programs, no groups
+# the factored ones).
 CASES = {
     "gsa_w0": dict(window_size=0),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
                                 num_slots=5, kv_heads=1),
     "w5_padding_16_row_programs": dict(
         window_size=5, padding=True,
-        config=dict(walk="loop", rows=16, factor=False)),
+        config=dict(walk="loop", rows=16, factor=False, gate_kernels=False,
+                    split_dkv=False, narrow_writes=False)),
     "w64_beyond_length_no_groups": dict(window_size=64, kv_heads=4),
-    "w7_exact_chunk_programs_backward_blocks": dict(
+    "w7_exact_chunk_programs_backward_blocks_xla_scan": dict(
         window_size=7, config=dict(factor=False, dq_blocks=(32, 16),
-                                   dkv_blocks=(16, 32))),
+                                   dkv_blocks=(16, 32), walk="scan",
+                                   gate_kernels=False, split_dkv=False)),
     "w_length_minus_1_strong_gates": dict(window_size=LENGTH - 1,
                                           gate_scale=40.0,
                                           config=dict(diag="loop")),

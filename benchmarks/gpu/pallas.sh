@@ -34,7 +34,7 @@ if [ -n "$candidate" ]; then
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 nha:16384 nha:4096 candidates:65536:1 breakdown:65536 candidates:16384 decode}
+steps=${PALLAS_STEPS:-main:65536 nha:16384 nha:4096 breakdown:65536 candidates:65536:1 candidates:16384 decode}
 # shellcheck disable=SC2086  # the steps are words
 timeout -k 5 "${PALLAS_BENCH_S:-105}" python3 benchmarks/pallas_benchmark.py \
   --part jax --steps $steps --jsonl "$out/rows.jsonl" > /dev/null
