@@ -179,11 +179,6 @@ def plot_curves(paths, path):
     """Test accuracy against training step (checkpoints and final runs), one
     panel per pair count, one line per setting (mean over seeds) at the
     learning rate that did best."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = collections.defaultdict(list)
     for record in load_all_lines(p for p in paths if os.path.exists(p)):
         points[(record["seq_len"], record["pairs"], record["setting"],
@@ -207,8 +202,7 @@ def plot_curves(paths, path):
     if not panels:
         print("no checkpoints to plot")
         return
-    figure, axes = plt.subplots(1, len(panels), squeeze=False,
-                                figsize=(4.2 * len(panels), 3.8))
+    figure, axes = _panel_figure(len(panels))
     for axis, (seq_len, pairs) in zip(axes[0], panels):
         lines = sorted({key[2:4] for key in points if key[:2] == (seq_len,
                                                                     pairs)},
@@ -225,12 +219,31 @@ def plot_curves(paths, path):
                       alpha=1.0 if setting.endswith(("M64-W64", "-M64",
                                                      "-W64", "full")) else 0.5)
         axis.set_title(f"T={seq_len}, {pairs} pairs")
+    _finish_curves(figure, axes, path)
+
+
+def _panel_figure(count):
+    """A row of `count` accuracy-vs-step panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, count, squeeze=False, figsize=(4.4 * count, 4.0))
+
+
+def _finish_curves(figure, axes, path):
+    """Shared axes, legend and file of the accuracy-vs-step figures."""
+    import matplotlib.pyplot as plt
+
+    for axis in axes[0]:
         axis.set_xlabel("training step")
         axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (answers)")
-    axes[0][-1].legend(fontsize=6)
+    axes[0][-1].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     print(f"wrote {path}")
 
@@ -312,11 +325,6 @@ def plot_seed_curves(paths, path):
     learning rate (checkpoints and final tests; runs that stalled on the
     starting plateau and runs that learned stay apart, which a mean over
     seeds would hide). One panel per pair count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = collections.defaultdict(dict)
     for record in load_all_lines(p for p in paths if os.path.exists(p)):
         points[(record["seq_len"], record["pairs"], record["setting"],
@@ -326,8 +334,7 @@ def plot_seed_curves(paths, path):
     if not panels:
         print("no checkpoints to plot")
         return
-    figure, axes = plt.subplots(1, len(panels), squeeze=False,
-                                figsize=(4.4 * len(panels), 4.0))
+    figure, axes = _panel_figure(len(panels))
     styles = ("-", "--", ":", "-.")
     for axis, panel in zip(axes[0], panels):
         labelled = set()
@@ -341,12 +348,4 @@ def plot_seed_curves(paths, path):
                       color=_COLORS.get(setting.split("-")[0], "gray"),
                       linewidth=1.2)
         axis.set_title(f"T={panel[0]}, {panel[1]} pairs (line style: seed)")
-        axis.set_xlabel("training step")
-        axis.set_ylim(-0.02, 1.02)
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (answers)")
-    axes[0][-1].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    print(f"wrote {path}")
+    _finish_curves(figure, axes, path)
