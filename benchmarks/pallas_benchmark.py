@@ -525,8 +525,11 @@ def triton_rows(path):
     for name, by_length in result.get("rows", {}).items():
         if not name.startswith("NHA Triton"):
             continue
-        impl = ("triton (CUDA graph)" if "CUDA graph" in name
-                else "triton (torch)")
+        # Other variants ("no returned state") get their own label: as
+        # "triton (torch)" they overwrote the eager rows in the ratios.
+        variant = name.split(" (")[0].partition(",")[2].strip()
+        impl = ("triton (CUDA graph)" if variant == "CUDA graph"
+                else f"triton ({variant})" if variant else "triton (torch)")
         for length, (fwd, both, _) in by_length.items():
             for mode, ms in (("fwd", fwd), ("fwd+bwd", both)):
                 rows.append(dict(impl=impl, mode=mode,
