@@ -50,17 +50,18 @@ monitor=$!
 # and 1, M = 32 on Pallas, full attention 4000 steps, beside throughput
 # probes. The plans came out short (the rates measured during warmup were
 # those of 12 processes compiling and starting): NHA 10800, GSA 6800, the
-# hybrid 2600 steps, all finished in round 1; only the window (117700
-# planned, 31500 done) is resumed. Round 2: seeds 2 and 3 of NHA, GSA and
-# the hybrid on one 8000-step schedule (chunked: the probe compiled the
-# M = 32 slot pass in 74 s and ran it faster than Pallas), and full attention
-# with session 3's 75 warmup steps (round 1's 300 left it far below session
-# 3's full attention).
+# hybrid 2600 steps, all finished in round 1 (the window planned 117700 and
+# did 31500). Round 2: seeds 2 and 3 of all four constant-state settings on
+# one 8000-step schedule (an equal budget; chunked: the probe compiled the
+# M = 32 slot pass in 74 s and ran it faster than Pallas), and full
+# attention with session 3's 75 warmup steps (round 1's 300 left it far
+# below session 3's full attention).
 # shellcheck disable=SC2206
 queue=(${MQAR_SETTINGS:-nha-M16-W16:chunked:3e-3:16:8000:2,3:300
        gsa-M32:chunked:3e-3:16:8000:2,3:300
+       swa-W32:chunked:1e-3:16:8000:2,3:300
        hybrid-M32:chunked:1e-3:16:8000:2,3:300
-       swa-W32:chunked:1e-3:16:-:0,1:300 full:chunked:3e-3:16:3000:2,3:75})
+       full:chunked:3e-3:16:3000:2,3:75})
 # Throughput probes beside the queue (no tests, no checkpoint), e.g. round
 # 1's: nha-M16-W16:chunked:3e-3:8 (also :16, :32), nha-M16-W16:pallas:3e-3:16,
 # nha-M16-W16:chunked:3e-3:16:noautotune (XLA without GEMM autotuning),
