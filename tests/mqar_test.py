@@ -314,3 +314,30 @@ def test_learning_rate_warms_up_then_decays_to_one_percent():
     assert rate(5000) == pytest.approx(0.02)
     # A longer schedule decays later (the plan fixes `total` at warmup's end).
     assert rate(550, total=4000) > rate(550)
+
+
+def test_accuracy_by_distance_counts_every_answer(tmp_path):
+    import keras
+
+    checkpoint = _load_with_benchmarks_on_path("mqar_checkpoint")
+    diagnose = _load_with_benchmarks_on_path("mqar_diagnose")
+    recipe = _recipe(seq_len=48, vocab=64, hidden=8, pairs=[4, 8],
+                     batch_size=4)
+    runs = [((4, 8), 5, 1e-3)]
+    keras.utils.set_random_seed(5)
+    model = mqar_model.build_mqar_model("nha-M4-W4", 64, 8, 2, 16,
+                                        "chunked", 3, 16)
+    path = str(tmp_path / "nha.npz")
+    checkpoint.save_checkpoint(
+        path, "nha-M4-W4", runs, 7,
+        [np.asarray(keras.ops.convert_to_numpy(v))[None]
+         for v in model.trainable_variables], [], recipe)
+    meta, results = diagnose.accuracy_by_distance(path, 8, batches=2)
+    assert meta["step"] == 7 and len(results) == 1
+    seed, lr, bins = results[0]
+    assert (seed, lr) == (5, 1e-3)
+    assert sum(count for _, count in bins.values()) == 2 * 4 * 8
+    assert all(0.0 <= accuracy <= 1.0 for accuracy, _ in bins.values())
+    # An untrained model guesses: far from solving the task.
+    hits = sum(accuracy * count for accuracy, count in bins.values())
+    assert hits / (2 * 4 * 8) < 0.5
