@@ -91,6 +91,8 @@ for entry in "${queue[@]}"; do
     args+=(--plan-seconds "$((deadline - SECONDS - 30 + next_round))")
   else
     args+=(--steps "$length" --eval-every "$((length / 8))")
+    # the constant-state runs' weights, for mqar_diagnose.py (~0.8 MB a run)
+    [ "$setting" != full ] && args+=(--checkpoint "$out/resume/$setting.npz")
   fi
   echo "start $entry at ${SECONDS}s"
   python3 benchmarks/mqar.py "${args[@]}" > "$out/train_$setting.log" 2>&1 &
