@@ -141,10 +141,15 @@ def main(argv=None):
                              "every seed")
     args = parser.parse_args(argv)
     if args.report:
+        from mqar_report import seed_table
         from mqar_report import throughput_table
         from mqar_report import write_report
 
         write_report(args.report, args.table, args.plot)
+        runs = seed_table(args.report)
+        if args.table and runs:
+            with open(args.table, "a") as handle:
+                handle.write("\nEvery run:\n\n" + runs + "\n")
         speeds = throughput_table(args.report)
         if args.table and speeds:
             with open(args.table, "a") as handle:

@@ -349,3 +349,28 @@ def plot_seed_curves(paths, path):
                       linewidth=1.2)
         axis.set_title(f"T={panel[0]}, {panel[1]} pairs (line style: seed)")
     _finish_curves(figure, axes, path)
+
+
+def seed_table(paths):
+    """Final test accuracy of every run (setting, seed, learning rate) at
+    each pair count, as markdown: with outcomes that split by seed (a run
+    jumps off the starting plateau or not) the runs say more than means."""
+    records = load_results(p for p in paths if os.path.exists(p))
+    runs = collections.defaultdict(dict)
+    for record in records:
+        runs[(record["seq_len"], record["setting"], record["seed"],
+              record["lr"], record["step"], record["steps"])][
+                  record["pairs"]] = record["test_accuracy"]
+    pair_counts = sorted({r["pairs"] for r in records})
+    lines = ["| T | setting | seed | lr | steps (schedule) | " + " | ".join(
+        f"{p} pairs" for p in pair_counts) + " |",
+        "|---|---|---|---|---|" + "---|" * len(pair_counts)]
+    for key in sorted(runs, key=lambda k: (k[0], _sort_key(k[1]), k[2:])):
+        seq_len, setting, seed, lr, step, steps = key
+        lines.append(f"| {seq_len} | {setting} | {seed} | {lr:g} | {step} "
+                     f"({steps}) | " + " | ".join(
+                         f"{runs[key].get(p, float('nan')):.2f}"
+                         for p in pair_counts) + " |")
+    table = "\n".join(lines)
+    print(table)
+    return table
