@@ -42,6 +42,10 @@ run_job() {  # name gpus seconds
 if [ -n "${FINAL:-}" ]; then  # the kernels' final GPU checks, side by side
   run_job triton_final 0 "${FINAL_S:-170}" &
   run_job pallas_final 1 "${FINAL_S:-170}" &
+  if [ -n "${FOUR_GPUS:-}" ]; then  # and the recall study beside them
+    run_job mqar 2 "${MQAR_S:-280}" &
+    run_job mqar2 3 "${MQAR_S:-280}" &
+  fi
   wait
 elif [ -n "${FOUR_GPUS:-}" ]; then
   run_job triton 0 "${TRITON_S:-220}" &
