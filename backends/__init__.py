@@ -14,6 +14,7 @@ Each backend module (`jax`, `tensorflow`, `torch`) exposes
 
 import functools
 import importlib
+import inspect
 
 import keras
 
@@ -39,15 +40,29 @@ def _portable(kernel, chunk_size):
     return functools.partial(compiled, chunk_size=chunk_size)
 
 
-def _select(implementation, call, portable, fast, chunk_size=None):
+@functools.lru_cache(maxsize=None)
+def _skips_state(kernel):
+    """Whether a fast kernel can skip building the state (`return_state`)."""
+    return "return_state" in inspect.signature(kernel).parameters
+
+
+def _without_state(kernel):
+    if _skips_state(kernel):
+        return functools.partial(kernel, return_state=False)
+    return kernel
+
+
+def _select(implementation, call, portable, fast, chunk_size=None,
+            return_state=True):
     if implementation in portable:
         return _portable(portable[implementation], chunk_size)
     if implementation == "auto":
         for loader in fast.values():
             try:
-                return loader(call)
+                kernel = loader(call)
             except NotImplementedError:
                 continue
+            return kernel if return_state else _without_state(kernel)
         return _portable(portable["chunked"], chunk_size)
     backend = keras.config.backend()
     if OWNER[implementation] != backend:
@@ -60,21 +75,24 @@ def _select(implementation, call, portable, fast, chunk_size=None):
             f"implementation={implementation!r} is not available in this "
             "installation of keras_nha.")
     try:
-        return fast[implementation](call)
+        kernel = fast[implementation](call)
     except NotImplementedError as error:
         raise ValueError(
             f"implementation={implementation!r} cannot serve this call: "
             f"{error}") from None
+    return kernel if return_state else _without_state(kernel)
 
 
-def select(implementation, call, chunk_size=None):
+def select(implementation, call, chunk_size=None, return_state=True):
     """The sequence kernel for `implementation` ("auto" picks the fastest).
 
     `chunk_size` is bound to the portable chunked path when that serves the
-    call; the other kernels choose their own blocks.
+    call; the other kernels choose their own blocks. With `return_state`
+    False, a fast kernel that takes `return_state` is told to skip building
+    the state (it then returns None for it).
     """
     return _select(implementation, call, PORTABLE,
-                   backend_module().fast_paths(), chunk_size)
+                   backend_module().fast_paths(), chunk_size, return_state)
 
 
 def select_step(implementation, call):

@@ -175,7 +175,7 @@ def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
                 window_query=query if window_query is None else window_query,
                 window_key=key if window_key is None else window_key,
                 padding_mask=padding_mask, state=initial_state)
-    kernel = backends.select(implementation, call, chunk_size)
+    kernel = backends.select(implementation, call, chunk_size, return_state)
     output, state = kernel(**call)
     return (output, state) if return_state else output
 

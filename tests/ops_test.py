@@ -298,3 +298,27 @@ def test_symbolic_inputs_give_output_spec():
     g = keras.KerasTensor((None, 10, 2, 6))
     out = native_hybrid_attention(q, k, v, g, 3)
     assert out.shape == (None, 10, 4, 8)
+
+
+def test_a_kernel_that_can_skip_the_state_is_told_to(monkeypatch):
+    from keras_nha import backends
+    from keras_nha.kernels.chunked import chunked_nha
+
+    calls = []
+
+    def kernel(*, return_state=True, **call):
+        calls.append(return_state)
+        output, state = chunked_nha(**call)
+        return output, state if return_state else None
+
+    module = backends.backend_module()
+    monkeypatch.setattr(module, "fast_paths", lambda: {"fake": lambda c: kernel})
+    inputs = cast_inputs(random_inputs(7, length=9, kv_heads=2, num_slots=4),
+                         "float32")
+    plain = native_hybrid_attention(window_size=3, **inputs)
+    output, state = native_hybrid_attention(window_size=3, return_state=True,
+                                            **inputs)
+    assert calls == [False, True]
+    assert state is not None
+    np.testing.assert_array_equal(ops.convert_to_numpy(plain),
+                                  ops.convert_to_numpy(output))
