@@ -46,10 +46,12 @@ def _skips_state(kernel):
     return "return_state" in inspect.signature(kernel).parameters
 
 
-def _without_state(kernel):
-    if _skips_state(kernel):
-        return functools.partial(kernel, return_state=False)
-    return kernel
+def _fast(loader, call, return_state):
+    """`loader(call)`, told to skip the state when nobody reads it."""
+    kernel = loader(call)
+    if return_state or not _skips_state(kernel):
+        return kernel
+    return functools.partial(kernel, return_state=False)
 
 
 def _select(implementation, call, portable, fast, chunk_size=None,
@@ -59,10 +61,9 @@ def _select(implementation, call, portable, fast, chunk_size=None,
     if implementation == "auto":
         for loader in fast.values():
             try:
-                kernel = loader(call)
+                return _fast(loader, call, return_state)
             except NotImplementedError:
                 continue
-            return kernel if return_state else _without_state(kernel)
         return _portable(portable["chunked"], chunk_size)
     backend = keras.config.backend()
     if OWNER[implementation] != backend:
@@ -75,12 +76,11 @@ def _select(implementation, call, portable, fast, chunk_size=None,
             f"implementation={implementation!r} is not available in this "
             "installation of keras_nha.")
     try:
-        kernel = fast[implementation](call)
+        return _fast(fast[implementation], call, return_state)
     except NotImplementedError as error:
         raise ValueError(
             f"implementation={implementation!r} cannot serve this call: "
             f"{error}") from None
-    return kernel if return_state else _without_state(kernel)
 
 
 def select(implementation, call, chunk_size=None, return_state=True):
