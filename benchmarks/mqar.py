@@ -114,10 +114,29 @@ def main(argv=None):
     parser.add_argument("--steps-per-call", type=int, default=100,
                         help="training steps per jitted call (lax.scan)")
     parser.add_argument("--plan-seconds", type=float, default=0,
-                        help="fix --steps at the end of warmup to what the "
+                        help="fix --steps after warmup (see --plan-after) to what the "
                              "measured rate fits into this many seconds "
                              "from the start (--steps stays the upper bound;"
                              " a resumed run keeps its checkpoint's plan)")
+    parser.add_argument("--plan-after", type=float, default=0,
+                        help="with --plan-seconds: plan no earlier than this "
+                             "many seconds after the start (when the other "
+                             "processes on the card have compiled)")
+    parser.add_argument("--plan-margin", type=float, default=0.85,
+                        help="with --plan-seconds: the share of the measured "
+                             "rate x seconds left that the plan takes")
+    parser.add_argument("--window-off-steps", type=int, default=0,
+                        help="train the first N steps with the window of "
+                             "every slot layer closed (W=0: GSA), then open "
+                             "it (same weights)")
+    parser.add_argument("--resume-warmup", type=int, default=0,
+                        help="after --resume, ramp the learning rate up "
+                             "again over this many steps (the AdamW moments "
+                             "restart at zero)")
+    parser.add_argument("--checkpoint-bits", type=int, default=16,
+                        choices=[8, 16],
+                        help="weights in checkpoints: 16 (float16) or 8 "
+                             "(int8, one scale per row; half the bytes)")
     parser.add_argument("--stop-at", type=int, default=0,
                         help="stop training at this step (the schedule "
                              "still spans --steps; 0: at --steps)")

@@ -100,7 +100,7 @@ def _chunk_size_argument(chunk_size):
 
 def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
                      intermediate_dim=256, implementation="auto",
-                     short_conv=0, chunk_size=None):
+                     short_conv=0, chunk_size=None, slots_only=False):
     """The two-layer NHABackbone of a setting, read out at the answers.
 
     The output projection is the token embedding (tied, as in Zoology): a
@@ -122,6 +122,8 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
             positions, hardly can).
         chunk_size: block length of the "chunked" kernel (None: its
             default).
+        slots_only: close the window (W=0) of every layer that has slots;
+            the weights are the same as with it open.
 
     Returns:
         A `keras.Model` mapping `{"token_ids" [B, T], "positions" [B, P]}` to
@@ -133,6 +135,9 @@ def build_mqar_model(setting, vocab_size, hidden_dim=128, num_heads=2,
     from keras_nha.models import NHABackbone
 
     windows, slots = parse_setting(setting)
+    if slots_only:
+        windows = [0 if count else window
+                   for window, count in zip(windows, slots)]
     backbone = NHABackbone(
         vocabulary_size=vocab_size, num_layers=len(windows),
         num_query_heads=num_heads, hidden_dim=hidden_dim,

@@ -82,6 +82,19 @@ def train_setting(setting, runs, args, emit):
                                 args.short_conv, args.chunk_size)
 
     model = build(runs[0][1])
+    # --window-off-steps: the first steps train the same weights with the
+    # window of every slot layer closed (W = 0 there: GSA), so that the
+    # slots, not the window, have to carry recall early on.
+    slots_only = None
+    if args.window_off_steps:
+        slots_only = build_mqar_model(
+            setting, args.vocab, args.hidden, args.heads, 2 * args.hidden,
+            args.implementation, args.short_conv, args.chunk_size,
+            slots_only=True)
+        shapes = lambda m: [tuple(v.shape) for v in m.trainable_variables]
+        if shapes(slots_only) != shapes(model):
+            raise ValueError(f"`window_off_steps`: {setting} without its "
+                             f"window has other weights.")
     optimizer.build(model.trainable_variables)
     rate_index = [v.name for v in optimizer.variables].index("learning_rate")
     trainable, non_trainable = [], []
@@ -104,8 +117,9 @@ def train_setting(setting, runs, args, emit):
                             len(runs))
 
     def loss_and_accuracy(trainable, non_trainable, tokens, positions,
-                          answers, weights):
-        logits, non_trainable = model.stateless_call(
+                          answers, weights, window_open=True):
+        logits, non_trainable = (model if window_open else
+                                 slots_only).stateless_call(
             trainable, non_trainable,
             {"token_ids": tokens, "positions": positions})
         logits = logits.astype("float32")
@@ -116,27 +130,33 @@ def train_setting(setting, runs, args, emit):
         return loss / count, (hits / count, non_trainable)
 
     def train_step(trainable, non_trainable, optimizer_state, peak, data_key,
-                   step, total):
+                   step, total, window_open):
         batch = device_mqar_batch(jax.random.fold_in(data_key, step),
                                   args.batch_size, args.seq_len, args.pairs,
                                   args.vocab, args.placement)
         optimizer_state = list(optimizer_state)
-        optimizer_state[rate_index] = learning_rate(
-            peak, step, args.warmup, total).astype(
+        # A resumed run's AdamW moments start at zero: its rate ramps up
+        # again over --resume-warmup steps while they refill.
+        rewarm = jnp.minimum(1.0, (step - first_step + 1.0) / max(
+            args.resume_warmup, 1)) if first_step else 1.0
+        optimizer_state[rate_index] = (rewarm * learning_rate(
+            peak, step, args.warmup, total)).astype(
                 optimizer_state[rate_index].dtype)
         (loss, (accuracy, non_trainable)), grads = jax.value_and_grad(
-            loss_and_accuracy, has_aux=True)(trainable, non_trainable, *batch)
+            loss_and_accuracy, has_aux=True)(trainable, non_trainable, *batch,
+                                             window_open)
         trainable, optimizer_state = optimizer.stateless_apply(
             optimizer_state, grads, trainable)
         return trainable, non_trainable, optimizer_state, loss, accuracy
 
     vmapped_step = jax.vmap(train_step,
-                            in_axes=(0, 0, 0, 0, 0, None, None))
+                            in_axes=(0, 0, 0, 0, 0, None, None, None))
 
     def many_steps(trainable, non_trainable, optimizer_state, peaks,
-                   data_keys, first, total, count):
+                   data_keys, first, total, count, window_open):
         def body(carry, step):
-            out = vmapped_step(*carry, peaks, data_keys, step, total)
+            out = vmapped_step(*carry, peaks, data_keys, step, total,
+                               window_open)
             return out[:3], out[3:]
 
         carry, (losses, accuracies) = jax.lax.scan(
@@ -144,7 +164,7 @@ def train_setting(setting, runs, args, emit):
             first + jnp.arange(count))
         return carry + (losses[-1], accuracies[-1])
 
-    steps_call = jax.jit(many_steps, static_argnums=7,
+    steps_call = jax.jit(many_steps, static_argnums=(7, 8),
                          donate_argnums=(0, 1, 2))
 
     def test_step(trainable, non_trainable, *batch):
@@ -175,7 +195,10 @@ def train_setting(setting, runs, args, emit):
     floats = state_floats(setting, args.seq_len, args.heads,
                           args.hidden // args.heads)
     windows, slots = parse_setting(setting)
-    label = f"{setting} T={args.seq_len} runs={[r[1:] for r in runs]}"
+    # A variant of the recipe is part of the name the report groups by.
+    label_name = setting + (f"+woff{args.window_off_steps}"
+                            if args.window_off_steps else "")
+    label = f"{label_name} T={args.seq_len} runs={[r[1:] for r in runs]}"
     print(f"[{label}] start: {params} params, state {floats} floats",
           flush=True)
 
@@ -183,7 +206,8 @@ def train_setting(setting, runs, args, emit):
         for pairs, totals in results.items():
             for i, (train_pairs, seed, lr) in enumerate(runs):
                 yield dict(
-                    setting=setting, kind=setting.split("-")[0], pairs=pairs,
+                    setting=label_name, base_setting=setting,
+                    kind=setting.split("-")[0], pairs=pairs,
                     train_pairs=list(train_pairs), placement=args.placement,
                     short_conv=args.short_conv, seed=seed, lr=lr, step=step,
                     seq_len=args.seq_len, vocab=args.vocab,
@@ -203,6 +227,8 @@ def train_setting(setting, runs, args, emit):
                     dtype_policy=args.dtype_policy,
                     xla_flags=os.environ.get("XLA_FLAGS", "").strip(),
                     steps_per_call=args.steps_per_call,
+                    window_off_steps=args.window_off_steps,
+                    resume_warmup=args.resume_warmup,
                     runs_vmapped=len(runs),
                     compile_s=round(compile_seconds or 0.0, 2),
                     steps_per_s=round(rate, 2),
@@ -212,12 +238,13 @@ def train_setting(setting, runs, args, emit):
                     backend=jax.default_backend())
 
     per_call = max(1, args.steps_per_call)
-    compile_seconds, rate = None, 0.0
+    compile_seconds, rate, phases_seen = None, 0.0, set()
     last = (np.full(len(runs), np.nan),) * 2
     step = first_step
     stop = min(args.steps, args.stop_at or args.steps)
     # A resumed run keeps its plan, unless it stopped before planning.
     planning = bool(args.plan_seconds) and first_step < args.warmup
+    plan_after = max(args.warmup, first_step)
     timed_steps = train_seconds = 0.0
     train_started = time.time()
     next_log = (step // args.log_every + 1) * args.log_every
@@ -227,25 +254,36 @@ def train_setting(setting, runs, args, emit):
         # Calls end exactly at log and test points; a shorter call compiles
         # once more.
         count = min(per_call, stop - step, next_log - step, next_eval - step)
+        window_open = step >= args.window_off_steps
+        if not window_open:   # the window opens at a call boundary
+            count = min(count, args.window_off_steps - step)
         call_started = time.time()
         trainable, non_trainable, optimizer_state, loss, accuracy = (
             steps_call(trainable, non_trainable, optimizer_state, peaks,
-                       data_keys, step, float(args.steps), count))
+                       data_keys, step, float(args.steps), count,
+                       window_open))
         jax.block_until_ready(loss)
         step += count
-        if compile_seconds is None:   # the first call compiles
-            compile_seconds = time.time() - call_started
+        if window_open not in phases_seen:
+            # the first call compiles (again when the window opens)
+            phases_seen.add(window_open)
+            compile_seconds = (compile_seconds or 0.0) + (
+                time.time() - call_started)
         else:   # steps/s of training alone (tests and saving excluded)
             timed_steps += count
             train_seconds += time.time() - call_started
             rate = timed_steps / max(train_seconds, 1e-9)
-        if planning and step >= args.warmup and rate:
-            # The schedule's length, fixed before its decay begins: what
-            # the measured rate fits into the planned seconds.
+        if planning and step >= plan_after and rate and (
+                time.time() - started >= args.plan_after):
+            # The schedule's length: what the measured rate fits into the
+            # planned seconds, fixed once the warmup is over and
+            # --plan-after seconds have passed (other processes sharing the
+            # card have compiled by then; until then the decay followed the
+            # --steps upper bound, i.e. stayed within a few % of the peak).
             planning = False
             left = args.plan_seconds - (time.time() - started)
             args.steps = min(args.steps, step + max(
-                args.log_every, int(0.85 * rate * left) // args.log_every
+                args.log_every, int(args.plan_margin * rate * left) // args.log_every
                 * args.log_every))
             stop = min(args.steps, args.stop_at or args.steps)
             print(f"[{label}] planned {args.steps} steps ({rate:.1f} "
@@ -267,11 +305,12 @@ def train_setting(setting, runs, args, emit):
                 emit(line, final=False)
             if args.checkpoint:
                 save_checkpoint(args.checkpoint, setting, runs, step,
-                                trainable, non_trainable, args)
+                                trainable, non_trainable, args,
+                                args.checkpoint_bits)
     jax.block_until_ready(trainable)
     if args.checkpoint:
         save_checkpoint(args.checkpoint, setting, runs, step, trainable,
-                        non_trainable, args)
+                        non_trainable, args, args.checkpoint_bits)
     for line in records(test(args.eval_batches), step):
         line["test_sequences"] = args.eval_batches * args.batch_size
         emit(line, final=True)

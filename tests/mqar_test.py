@@ -341,3 +341,84 @@ def test_accuracy_by_distance_counts_every_answer(tmp_path):
     # An untrained model guesses: far from solving the task.
     hits = sum(accuracy * count for accuracy, count in bins.values())
     assert hits / (2 * 4 * 8) < 0.5
+
+
+def test_int8_checkpoint_rounds_each_row_within_its_scale(tmp_path):
+    checkpoint = _load_with_benchmarks_on_path("mqar_checkpoint")
+    rng = np.random.default_rng(1)
+    runs = [((4, 8), 0, 1e-3), ((4, 8), 1, 1e-3)]
+    matrix = rng.normal(size=(2, 40, 128)).astype("float32")
+    matrix[1, 3] *= 50.0   # one large row keeps its own scale
+    vector = rng.normal(size=(2, 128)).astype("float32")
+    paths = {bits: str(tmp_path / f"runs{bits}.npz") for bits in (8, 16)}
+    for bits, path in paths.items():
+        checkpoint.save_checkpoint(path, "gsa-M4", runs, 3, [matrix, vector],
+                                   [], _recipe(), bits)
+    _, _, (matrix_back, vector_back), _ = checkpoint.load_checkpoint(
+        paths[8], "gsa-M4", runs, _recipe())
+    row_max = np.max(np.abs(matrix), axis=-1, keepdims=True)
+    error = np.abs(matrix_back - matrix)
+    assert np.all(error <= row_max / 254 * 1.001)
+    assert error.max() > 0   # it really was rounded
+    np.testing.assert_allclose(vector_back, vector, rtol=1e-3, atol=1e-4)
+    sizes = {bits: pathlib.Path(path).stat().st_size
+             for bits, path in paths.items()}
+    assert sizes[8] < 0.7 * sizes[16]
+    with pytest.raises(ValueError, match="`bits`"):
+        checkpoint.save_checkpoint(paths[8], "gsa-M4", runs, 3, [vector], [],
+                                   _recipe(), 4)
+
+
+def test_slots_only_model_closes_the_window_of_slot_layers():
+    import keras
+
+    def build(setting, slots_only):
+        keras.utils.set_random_seed(0)
+        return mqar_model.build_mqar_model(setting, 64, 8, 2, 16, "chunked",
+                                           3, 16, slots_only=slots_only)
+
+    def windows(model):
+        return [layer.window_size for layer in model.layers
+                if hasattr(layer, "num_slots")]
+
+    open_model, closed = build("nha-M4-W8", False), build("nha-M4-W8", True)
+    assert windows(open_model) == [8, 8] and windows(closed) == [0, 0]
+    assert [v.shape for v in closed.trainable_variables] == [
+        v.shape for v in open_model.trainable_variables]
+    tokens = np.random.default_rng(0).integers(1, 64, (2, 24)).astype("int32")
+    inputs = {"token_ids": tokens,
+              "positions": np.tile(np.arange(24, dtype="int32"), (2, 1))}
+    outputs = [keras.ops.convert_to_numpy(m(inputs)) for m in (open_model,
+                                                                closed)]
+    assert not np.allclose(outputs[0], outputs[1], atol=1e-5)
+    # A layer without slots keeps its window (M = 0 with W = 0 is invalid).
+    hybrid = build("hybrid-M4", True)
+    assert windows(hybrid)[0] == 0 and windows(hybrid)[1] >= 24   # global
+    assert hybrid.count_params() == build("hybrid-M4", False).count_params()
+
+
+@_needs_jax
+def test_training_opens_the_window_and_resumes_from_int8(tmp_path):
+    import json
+
+    mqar = _load_with_benchmarks_on_path("mqar")
+    output, saved = tmp_path / "runs.jsonl", tmp_path / "runs.npz"
+    common = ["--settings", "nha-M4-W4", "--seq-len", "32", "--vocab", "64",
+              "--hidden", "8", "--pairs", "4", "--placement", "power",
+              "--short-conv", "3", "--seeds", "3", "--batch-size", "4",
+              "--warmup", "1", "--steps", "6", "--steps-per-call", "2",
+              "--log-every", "2", "--eval-batches", "1", "--window-off-steps",
+              "2", "--implementation", "chunked", "--chunk-size", "8",
+              "--checkpoint", str(saved), "--checkpoint-bits", "8",
+              "--output", str(output)]
+    mqar.main(common + ["--stop-at", "4"])
+    mqar.main(common + ["--resume", str(saved), "--resume-warmup", "2"])
+    first, resumed = [json.loads(line) for line in open(output)]
+    assert first["setting"] == "nha-M4-W4+woff2"
+    assert first["base_setting"] == "nha-M4-W4"
+    assert (first["step"], first["resumed_from"]) == (4, 0)
+    assert (resumed["step"], resumed["resumed_from"]) == (6, 4)
+    assert resumed["resume_warmup"] == 2
+    for record in (first, resumed):
+        assert np.isfinite(record["test_loss"])
+        assert 0.0 <= record["test_accuracy"] <= 1.0

@@ -7,62 +7,55 @@
 # *.progress). Every process stops itself at $MQAR_DEADLINE seconds after
 # this script started, then tests and writes its lines.
 #
-# Session 4: the equal-state comparison at 32 tokens per layer (nha-M16-W16,
-# gsa-M32, swa-W32, hybrid-M32) plus full attention, T=256, trained as long
-# as two rounds allow. A planned entry fixes its schedule's length from the
-# rate it measures during warmup (--plan-seconds: this round's time left plus
-# $MQAR_NEXT_S seconds of a next round) and saves its runs in
-# $JOB_OUT/resume/; copied to benchmarks/results/mqar_s4_resume/, they are
-# resumed by the next round (same entry, --resume) up to that length.
-# Session 3's job (3000 steps, learning-rate grid): this file at 483df96.
+# Session 5: the issue's five settings at their literal sizes (nha-M64-W64,
+# gsa-M64, swa-W64, full, hybrid-M64) at T = 512 on this GPU (T = 1024 on
+# the second one: mqar2.sh), two seeds each, trained over rounds 1 and 2
+# (planned, checkpointed, resumed), plus a lever for NHA's slots at T = 256
+# (--window-off-steps) on seeds paired with session 4's round 3.
+# Session 4's job (T = 256, 32 and 64 tokens per layer): this file at 02d975b.
 set -u
 export KERAS_BACKEND=jax
 out=${JOB_OUT:-/tmp/mqar_out}
 mkdir -p "$out/resume"
 deadline=${MQAR_DEADLINE:-430}
-resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s4_resume}
+resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s5_resume}
 # The MQAR_* variables also serve a quick CPU dry run of this script.
 steps=${MQAR_STEPS:-200000}        # upper bound; the plan sets the length
 warmup=${MQAR_WARMUP:-300}
-next_round=${MQAR_NEXT_S:-0}   # round 1: 300
-seq_len=${MQAR_SEQ_LEN:-256}
-vocab=${MQAR_VOCAB:-512}
+next_round=${MQAR_NEXT_S:-330}   # seconds of training a next round adds
+seq_len=${MQAR_SEQ_LEN:-512}
+vocab=${MQAR_VOCAB:-1024}
 hidden=${MQAR_HIDDEN:-128}
 # shellcheck disable=SC2206
-pairs=(${MQAR_PAIRS:-8 16 32 64})
+pairs=(${MQAR_PAIRS:-16 32 64 128})
 # shellcheck disable=SC2206
 seeds=(${MQAR_SEEDS:-0 1})
 common=(--seq-len "$seq_len" --vocab "$vocab" --hidden "$hidden"
         --pairs "${pairs[@]}" --placement power --short-conv 3
         --seeds "${seeds[@]}" --weight-decay 0.1 --batch-size 64
         --warmup "$warmup" --log-every "${MQAR_LOG_EVERY:-100}"
-        --steps-per-call "${MQAR_PER_CALL:-100}")
+        --steps-per-call "${MQAR_PER_CALL:-100}"
+        --resume-warmup "${MQAR_REWARM:-100}")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
   --format=csv -l 5 > "$out/gpu_usage.csv" 2>/dev/null &
 monitor=$!
 
-# setting:kernel:lr[,lr]:chunk_size:steps[:seeds[:warmup]] ("-" for steps:
-# planned, checkpointed and resumed from $resume_dir when there; seeds
-# comma-separated, default $MQAR_SEEDS). Each setting at its best learning
-# rate of session 3 (hybrid-M32 at that of session 3's hybrid-M64).
-# Round 1 (commit e3dda3d): every setting planned over two rounds, seeds 0
-# and 1, M = 32 on Pallas, full attention 4000 steps, beside throughput
-# probes. The plans came out short (the rates measured during warmup were
-# those of 12 processes compiling and starting): NHA 10800, GSA 6800, the
-# hybrid 2600 steps, all finished in round 1 (the window planned 117700 and
-# did 31500). Round 2 (commit 60f39b5): seeds 2 and 3 of all four
-# constant-state settings on one 8000-step schedule, chunked, and full
-# attention with session 3's 75 warmup steps, which solved the task on every
-# seed (1.00) where 300 warmup steps had left it at 0.57. Round 3: the same
-# runs with 75 warmup steps (paired with round 2: same seeds, batches and
-# initialisation), the hybrid also at 3e-3, and NHA at 64 tokens per layer.
+# setting:kernel:lr[,lr]:chunk_size:steps[:seeds[:warmup[:extra]]] ("-" for
+# steps: planned, checkpointed and resumed from $resume_dir when there; seeds
+# comma-separated, default $MQAR_SEEDS; extra: more mqar.py arguments,
+# commas for spaces, later ones replacing the common ones). Learning rates:
+# each setting's best of session 3 (3e-3; 1e-3 for the window and the
+# hybrid), warmup 75 (what full attention needs; session 4, round 2).
+# Session 4 (T = 256): rounds at e3dda3d, 60f39b5 and ceccb7b.
+lever=--seq-len,256,--vocab,512,--pairs,8,16,32,64
 # shellcheck disable=SC2206
-queue=(${MQAR_SETTINGS:-nha-M16-W16:chunked:3e-3:16:8000:2,3:75
-       gsa-M32:chunked:3e-3:16:8000:2,3:75
-       swa-W32:chunked:1e-3:16:8000:2,3:75
-       hybrid-M32:chunked:1e-3,3e-3:16:8000:2,3:75
-       nha-M32-W32:chunked:3e-3:16:8000:2,3:75})
+queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
+       gsa-M64:chunked:3e-3:16:-:0,1:75
+       swa-W64:chunked:1e-3:16:-:0,1:75
+       full:chunked:3e-3:16:-:0,1:75
+       hybrid-M64:chunked:1e-3:16:-:0,1:75
+       nha-M16-W16:chunked:3e-3:16:8000:2,3,4,5:75:$lever,--window-off-steps,3000})
 # Throughput probes beside the queue (no tests, no checkpoint), e.g. round
 # 1's: nha-M16-W16:chunked:3e-3:8 (also :16, :32), nha-M16-W16:pallas:3e-3:16,
 # nha-M16-W16:chunked:3e-3:16:noautotune (XLA without GEMM autotuning),
@@ -72,24 +65,28 @@ queue=(${MQAR_SETTINGS:-nha-M16-W16:chunked:3e-3:16:8000:2,3:75
 probes=(${MQAR_PROBES:-})
 pids=()
 for entry in "${queue[@]}"; do
-  IFS=: read -r setting kernel rates chunk length run_seeds run_warmup \
+  IFS=: read -r setting kernel rates chunk length run_seeds run_warmup extra \
     <<< "$entry"
   # shellcheck disable=SC2206
   rates=(${rates//,/ })
   args=(--settings "$setting" "${common[@]}" --implementation "$kernel"
         --lr "${rates[@]}" --chunk-size "$chunk"
         --time-limit "$((deadline - SECONDS - 30))"
-        --output "$out/mqar_runs_$setting.jsonl")
+        --output "$out/mqar_runs_$setting${extra:+_extra}.jsonl")
   # shellcheck disable=SC2206
   [ -n "${run_seeds:-}" ] && args+=(--seeds ${run_seeds//,/ })
   [ -n "${run_warmup:-}" ] && args+=(--warmup "$run_warmup")
+  # shellcheck disable=SC2206
+  [ -n "${extra:-}" ] && args+=(${extra//,/ })
   if [ "$length" = - ]; then
-    args+=(--steps "$steps" --eval-every "${MQAR_EVAL_EVERY:-1000}"
-           --checkpoint "$out/resume/$setting.npz")
+    # int8 checkpoints: two jobs of ten runs fit the round's returned files
+    name=${setting}_T$seq_len.npz
+    args+=(--steps "$steps" --eval-every "${MQAR_EVAL_EVERY:-500}"
+           --checkpoint "$out/resume/$name" --checkpoint-bits 8)
     # (a resumed run plans only if it stopped before the end of warmup)
-    [ -f "$resume_dir/$setting.npz" ] &&
-      args+=(--resume "$resume_dir/$setting.npz")
-    args+=(--plan-seconds "$((deadline - SECONDS - 30 + next_round))")
+    [ -f "$resume_dir/$name" ] && args+=(--resume "$resume_dir/$name")
+    args+=(--plan-seconds "$((deadline - SECONDS - 30 + next_round))"
+           --plan-after "${MQAR_PLAN_AFTER:-100}")
   else
     args+=(--steps "$length" --eval-every "$((length / 8))")
     # the constant-state runs' weights, for mqar_diagnose.py (~0.8 MB a run)
@@ -98,7 +95,8 @@ for entry in "${queue[@]}"; do
       args+=(--checkpoint "$out/resume/$setting.npz")
   fi
   echo "start $entry at ${SECONDS}s"
-  python3 benchmarks/mqar.py "${args[@]}" > "$out/train_$setting.log" 2>&1 &
+  python3 benchmarks/mqar.py "${args[@]}" \
+    > "$out/train_$setting${extra:+_extra}.log" 2>&1 &
   pids+=($!)
 done
 index=0
