@@ -114,8 +114,9 @@ def main(argv=None):
     parser.add_argument("--steps-per-call", type=int, default=100,
                         help="training steps per jitted call (lax.scan)")
     parser.add_argument("--plan-seconds", type=float, default=0,
-                        help="fix --steps after warmup (see --plan-after) to what the "
-                             "measured rate fits into this many seconds "
+                        help="fix --steps after warmup (and --plan-after) "
+                             "to what the measured rate fits into this many "
+                             "seconds "
                              "from the start (--steps stays the upper bound;"
                              " a resumed run keeps its checkpoint's plan)")
     parser.add_argument("--plan-after", type=float, default=0,

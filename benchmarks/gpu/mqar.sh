@@ -11,7 +11,8 @@
 # gsa-M64, swa-W64, full, hybrid-M64) at T = 512 on this GPU (T = 1024 on
 # the second one: mqar2.sh), two seeds each, trained over rounds 1 and 2
 # (planned, checkpointed, resumed), plus a lever for NHA's slots at T = 256
-# (--window-off-steps) on seeds paired with session 4's round 3.
+# (--window-off-steps 1000 and 3000) on seeds paired with session 4's
+# round 3.
 # Session 4's job (T = 256, 32 and 64 tokens per layer): this file at 02d975b.
 set -u
 export KERAS_BACKEND=jax
@@ -55,6 +56,7 @@ queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
        swa-W64:chunked:1e-3:16:-:0,1:75
        full:chunked:3e-3:16:-:0,1:75
        hybrid-M64:chunked:1e-3:16:-:0,1:75
+       nha-M16-W16:chunked:3e-3:16:8000:2,3,4,5:75:$lever,--window-off-steps,1000
        nha-M16-W16:chunked:3e-3:16:8000:2,3,4,5:75:$lever,--window-off-steps,3000})
 # Throughput probes beside the queue (no tests, no checkpoint), e.g. round
 # 1's: nha-M16-W16:chunked:3e-3:8 (also :16, :32), nha-M16-W16:pallas:3e-3:16,
@@ -64,7 +66,9 @@ queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
 # shellcheck disable=SC2206
 probes=(${MQAR_PROBES:-})
 pids=()
+index=0
 for entry in "${queue[@]}"; do
+  index=$((index + 1))
   IFS=: read -r setting kernel rates chunk length run_seeds run_warmup extra \
     <<< "$entry"
   # shellcheck disable=SC2206
@@ -72,7 +76,7 @@ for entry in "${queue[@]}"; do
   args=(--settings "$setting" "${common[@]}" --implementation "$kernel"
         --lr "${rates[@]}" --chunk-size "$chunk"
         --time-limit "$((deadline - SECONDS - 30))"
-        --output "$out/mqar_runs_$setting${extra:+_extra}.jsonl")
+        --output "$out/mqar_runs_$setting${extra:+_extra$index}.jsonl")
   # shellcheck disable=SC2206
   [ -n "${run_seeds:-}" ] && args+=(--seeds ${run_seeds//,/ })
   [ -n "${run_warmup:-}" ] && args+=(--warmup "$run_warmup")
@@ -96,7 +100,7 @@ for entry in "${queue[@]}"; do
   fi
   echo "start $entry at ${SECONDS}s"
   python3 benchmarks/mqar.py "${args[@]}" \
-    > "$out/train_$setting${extra:+_extra}.log" 2>&1 &
+    > "$out/train_$setting${extra:+_extra$index}.log" 2>&1 &
   pids+=($!)
 done
 index=0
