@@ -102,44 +102,29 @@ def markdown_table(rows):
 
 
 def plot(rows, path):
-    """Left: accuracy vs pairs per main setting; right: accuracy vs state."""
+    """One accuracy-vs-pairs panel per sequence length, then accuracy vs
+    state at the largest pair counts of the most tested length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seq_len = max({r["seq_len"] for r in rows},
-                  key=lambda t: sum(r["seq_len"] == t for r in rows))
+    lengths = sorted({r["seq_len"] for r in rows})
+    seq_len = max(lengths, key=lambda t: sum(r["seq_len"] == t for r in rows))
     subset = [r for r in rows if r["seq_len"] == seq_len]
-    main = {r["setting"] for r in subset}
-    if len(main) > 8:   # a state sweep: the settings at 64 tokens per layer
-        main &= {"nha-M64-W64", "nha-M32-W32", "nha-M16-W16", "gsa-M64",
-                 "swa-W64", "full", "hybrid-M64"}
     state_pairs = sorted({r["pairs"] for r in subset})[-3:]
-    figure, axes = plt.subplots(1, 1 + len(state_pairs),
-                                figsize=(5 + 4 * len(state_pairs), 4.4))
-    left = axes[0]
-    for setting in sorted({r["setting"] for r in subset} & main,
-                          key=_sort_key):
-        points = sorted((r["pairs"], r["mean"], r["low"], r["high"])
-                        for r in subset if r["setting"] == setting)
-        x, mean, low, high = map(np.array, zip(*points))
-        left.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
-                      capsize=3, label=setting,
-                      color=_COLORS[setting.split("-")[0]],
-                      linestyle={"nha-M64-W64": "--", "nha-M16-W16": ":"}.get(
-                          setting, "-"))
-    left.set_xscale("log", base=2)
-    left.set_xlabel("key-value pairs")
-    left.set_ylabel("test accuracy (answers)")
-    left.set_title(f"MQAR, T={seq_len}: accuracy vs pairs")
-    left.legend(fontsize=8)
-
-    for right, pairs in zip(axes[1:], state_pairs):
+    figure, axes = plt.subplots(
+        1, len(lengths) + len(state_pairs),
+        figsize=(4.6 * (len(lengths) + len(state_pairs)), 4.4))
+    for left, length in zip(axes, lengths):
+        _pairs_panel(left, [r for r in rows if r["seq_len"] == length])
+        left.set_title(f"MQAR, T={length}: accuracy vs pairs")
+    for right, pairs in zip(axes[len(lengths):], state_pairs):
         for kind in _ORDER:
             points = sorted((r["state_floats"], r["mean"], r["low"],
                              r["high"]) for r in subset
-                            if r["kind"] == kind and r["pairs"] == pairs)
+                            if r["kind"] == kind and r["pairs"] == pairs
+                            and "+" not in r["setting"])
             if not points:
                 continue
             x, mean, low, high = map(np.array, zip(*points))
@@ -149,7 +134,7 @@ def plot(rows, path):
                            linestyle="-" if len(x) > 1 else "none")
         right.set_xscale("log", base=2)
         right.set_xlabel("recurrent state (floats per sequence)")
-        right.set_title(f"accuracy vs state, {pairs} pairs")
+        right.set_title(f"T={seq_len}: accuracy vs state, {pairs} pairs")
         right.legend(fontsize=8)
     for axis in axes:
         axis.set_ylim(-0.02, 1.02)
@@ -157,6 +142,28 @@ def plot(rows, path):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _pairs_panel(axis, subset):
+    """Accuracy (mean over seeds, min..max bars) against pairs, a line per
+    setting (at most the eight of the main comparison)."""
+    settings = sorted({r["setting"] for r in subset}, key=_sort_key)
+    if len(settings) > 8:   # a state sweep: the settings of the issue
+        settings = [s for s in settings if s in {
+            "nha-M64-W64", "nha-M16-W16", "gsa-M64", "gsa-M32", "swa-W64",
+            "full", "hybrid-M64"}]
+    for setting in settings:
+        points = sorted((r["pairs"], r["mean"], r["low"], r["high"])
+                        for r in subset if r["setting"] == setting)
+        x, mean, low, high = map(np.array, zip(*points))
+        axis.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o",
+                      capsize=3, label=setting,
+                      color=_COLORS.get(setting.split("-")[0], "gray"),
+                      linestyle=":" if "+" in setting else "-")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("key-value pairs")
+    axis.set_ylabel("test accuracy (answers)")
+    axis.legend(fontsize=7)
 
 
 def write_report(paths, table_path=None, plot_path=None):
