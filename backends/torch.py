@@ -48,6 +48,7 @@ def _check_device(tensors):
 
 
 def _check(tensors, state):
+    state = state or {}
     if _in_symbolic_build():
         raise NotImplementedError("Keras is tracing shapes")
     if not all(isinstance(t, torch.Tensor)
@@ -84,7 +85,58 @@ def _tensors(call):
 def _load_sequence(call):
     _check(_tensors(call), call["state"])
     from keras_nha.kernels.triton.sequence import triton_nha
-    return triton_nha
+    return triton_nha if call["state"] is not None else _from_zero_state
+
+
+# A fresh sequence's zero state per (shapes, dtype, device): building it
+# took 8 torch.zeros per call (~0.1 ms of CPU at short lengths, where the
+# GPU waits for the CPU). The kernels only read it, and the state they
+# return never shares its tensors.
+_ZERO_STATES = {}
+_MAX_ZERO_STATES = 16
+
+
+@torch.compiler.disable  # the cache must hold real tensors, not traced ones
+def _from_zero_state(*, query, key, value, log_forget_gate, window_size,
+                     state, return_state=True, **call):
+    """`triton_nha` from the (cached) zero state."""
+    from keras_nha.kernels.triton.sequence import triton_nha
+
+    assert state is None
+    capacity = min(window_size, query.shape[1])
+    signature = (query.shape[0], key.shape[2], key.shape[3], value.shape[3],
+                 log_forget_gate.shape[-1], capacity, key.dtype, key.device)
+    zeros = _ZERO_STATES.get(signature)
+    if zeros is None:
+        if len(_ZERO_STATES) >= _MAX_ZERO_STATES:
+            _ZERO_STATES.clear()
+        zeros = _ZERO_STATES[signature] = _zero_state(*signature)
+    return triton_nha(query, key, value, log_forget_gate,
+                      window_size=window_size, state=zeros,
+                      return_state=return_state, **call)
+
+
+def _zero_state(batch, kv_heads, key_dim, value_dim, num_slots, capacity,
+                dtype, device):
+    """`kernels.state.zero_state` in torch, on `device`."""
+    acc = torch.float32
+    b, h = batch, kv_heads
+
+    def zeros(*shape, kind=acc):
+        return torch.zeros(shape, dtype=kind, device=device)
+
+    return {"slot_keys": zeros(b, h, key_dim, num_slots),
+            "slot_values": zeros(b, h, num_slots, value_dim),
+            "keys": zeros(b, capacity, h, key_dim, kind=dtype),
+            "window_keys": zeros(b, capacity, h, key_dim, kind=dtype),
+            "values": zeros(b, capacity, h, value_dim, kind=dtype),
+            "log_forget_gates": zeros(b, capacity, h, num_slots),
+            "mask": zeros(b, capacity),
+            "position": zeros(kind=torch.int32)}
+
+
+# `backends._fast` hands this loader `state=None` for a fresh sequence.
+_load_sequence.takes_fresh_state = True
 
 
 def _load_step(call):

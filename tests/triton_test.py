@@ -61,6 +61,11 @@ SEQUENCE_CASES.update({
     "W11-M8-gqa2x4-scan-walk": dict(window_size=11, num_slots=8, heads=4,
                                     kv_heads=2, padding=True, batch=2,
                                     blocks="chunk=16,scan=64,scan_walk=1"),
+    # Short sequences: ds and dx in one kernel, the gate gradient in one
+    # sequential pass (the few-launch backward), with GQA and padding.
+    "W11-M8-gqa2x4-short-backward": dict(
+        window_size=11, num_slots=8, heads=4, kv_heads=2, padding=True,
+        batch=2, blocks="short_chunks=8"),
     # The window reads the slots' own queries and keys: gradients summed in
     # the kernels (one query head per kv head: written in place).
     "W9-M8-mha-shared-window": dict(window_size=9, num_slots=8, kv_heads=2,
@@ -77,6 +82,13 @@ SEQUENCE_CASES.update({
     "W5-M8-gqa2x4-bf16-states": dict(window_size=5, num_slots=8, heads=4,
                                      kv_heads=2, blocks="low_states=2",
                                      tolerance=1e-2),
+    # The slot-only output stored in bfloat16 (forced for fp32 inputs).
+    "W5-M8-gqa2x4-bf16-slot-output": dict(
+        window_size=5, num_slots=8, heads=4, kv_heads=2,
+        blocks="low_slot_out=2", tolerance=1e-2),
+    "W0-M8-padding-bf16-slot-output": dict(
+        window_size=0, num_slots=8, batch=2, padding=True,
+        blocks="low_slot_out=2"),
     # States and adjoints by the sequential pass (two column tiles, each
     # writing the gates of some of the 12 slots; two kv heads; both
     # recurrences in one program, then in two).
@@ -118,6 +130,10 @@ STEP_CASES = {
 # `triton_nha(..., return_state=False)`: the same output, no state built.
 STATELESS_CASES = {
     "W5-M8-padding": dict(window_size=5, num_slots=8, batch=2, padding=True),
+}
+# A fresh sequence (no initial state) from the loader's cached zero state.
+FRESH_CASES = {
+    "W5-M8-gqa2x4": dict(window_size=5, num_slots=8, heads=4, kv_heads=2),
 }
 _SHAPE_KEYS = ("batch", "heads", "kv_heads", "key_dim", "value_dim",
                "num_slots", "separate_window", "padding", "gate_scale")
@@ -257,6 +273,44 @@ def _stateless_case(case, seed):
             "vs_return_state": float(np.abs(outputs[0] - outputs[1]).max())}
 
 
+def _fresh_case(case, seed):
+    """A fresh sequence through the public op twice: the loader's cached
+    zero state serves both calls, stays zero, and the returned state shares
+    none of its tensors."""
+    import keras_nha
+    from keras import ops
+    from nha_numpy_reference import nha_numpy
+    from nha_testing import cast_inputs
+
+    from keras_nha.backends import torch as torch_backend
+
+    torch_backend._ZERO_STATES.clear()
+    inputs = random_inputs_for(case, LENGTH, seed)
+    inputs.pop("padding_mask", None)
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], case["window_size"],
+                         qw=inputs.get("window_query"),
+                         kw=inputs.get("window_key"))
+    results = []
+    for _ in range(2):
+        out, state = keras_nha.ops.native_hybrid_attention(
+            window_size=case["window_size"], return_state=True,
+            implementation="triton", **cast_inputs(inputs, "float32"))
+        results.append((ops.convert_to_numpy(out), state))
+    (cached,) = torch_backend._ZERO_STATES.values()
+    storages = {x.untyped_storage().data_ptr() for x in cached.values()
+                if x.numel()}
+    shared = [n for _, state in results for n, x in state.items()
+              if x.numel() and x.untyped_storage().data_ptr() in storages]
+    return {"output_vs_numpy": _error(results[0][0], expected),
+            "vs_first_call": float(np.abs(results[0][0]
+                                          - results[1][0]).max()),
+            "cached_zero_state_max": max(float(x.abs().max())
+                                         for x in cached.values()
+                                         if x.numel()),
+            "tensors_shared_with_the_cache": float(len(shared))}
+
+
 def _prefix_states(inputs, case, prefix):
     """States after `prefix` tokens (reference path), in fp32 and fp64."""
     import keras_nha
@@ -339,7 +393,8 @@ def _worker():
     groups = (("sequence", SEQUENCE_CASES, _sequence_case),
               ("stream", STREAM_CASES, _stream_case),
               ("step", STEP_CASES, _step_case),
-              ("stateless", STATELESS_CASES, _stateless_case))
+              ("stateless", STATELESS_CASES, _stateless_case),
+              ("fresh", FRESH_CASES, _fresh_case))
     for group, cases, run in groups:
         for seed, (name, case) in enumerate(cases.items()):
             only = os.environ.get("NHA_TRITON_TEST_ONLY")
@@ -405,6 +460,12 @@ def test_streaming_from_a_state(report, case):
 def test_without_returned_state(report, case):
     _check(report, f"stateless/{case}")
     assert "vs_return_state" in report[f"stateless/{case}"]["errors"]
+
+
+@pytest.mark.parametrize("case", sorted(FRESH_CASES))
+def test_fresh_sequence_from_the_cached_zero_state(report, case):
+    _check(report, f"fresh/{case}")
+    assert "cached_zero_state_max" in report[f"fresh/{case}"]["errors"]
 
 
 @pytest.mark.parametrize("case", sorted(STEP_CASES))

@@ -1,9 +1,12 @@
 """Launching compiled Triton kernels with less CPU time per call.
 
 At short sequences an NHA forward+backward is bound by the CPU: each of its
-~19 Triton launches spends tens of microseconds in Triton's JIT (binding the
+~18 Triton launches spends tens of microseconds in Triton's JIT (binding the
 arguments, specialising them, building the cache key) before the driver
-call. `CachedLauncher` does that work once per call signature.
+call. `CachedLauncher` does that work once per call signature (and device).
+It is the default since session 5 (bit-identical results on Triton 3.6 in
+every GPU round of session 4); KERAS_NHA_TRITON_FAST_LAUNCH=0 restores
+Triton's own launch path.
 """
 
 import os
@@ -39,8 +42,10 @@ class CachedLauncher:
     def _launch(self, grid, args, kwargs):
         from triton.runtime import driver
 
-        # Each call site passes its keywords in one order: no sorting.
-        key = (tuple(map(_signature, args)), tuple(kwargs.items()))
+        device = driver.active.get_current_device()
+        # Each call site passes its keywords in one order: no sorting. A
+        # compiled kernel's handle belongs to one device's context.
+        key = (device, tuple(map(_signature, args)), tuple(kwargs.items()))
         found = self.compiled.get(key)
         if found is None:
             kernel = self.fn[grid](*args, **kwargs)
@@ -48,7 +53,6 @@ class CachedLauncher:
             self.compiled[key] = (kernel, kernel.run, rest)
             return kernel
         kernel, run, rest = found
-        device = driver.active.get_current_device()
         run(grid[0], grid[1] if len(grid) > 1 else 1,
             grid[2] if len(grid) > 2 else 1,
             driver.active.get_current_stream(device), kernel.function,
@@ -63,9 +67,10 @@ _FAST = [False]
 
 def refresh():
     """Reads KERAS_NHA_TRITON_FAST_LAUNCH (once per NHA call, not per
-    launch: an environment lookup costs microseconds)."""
+    launch: an environment lookup costs microseconds); "0" turns the cached
+    launches off."""
     _FAST[0] = (not interpreting() and os.environ.get(
-        "KERAS_NHA_TRITON_FAST_LAUNCH") == "1")
+        "KERAS_NHA_TRITON_FAST_LAUNCH", "1") != "0")
 
 
 def launcher(fn):
@@ -75,8 +80,9 @@ def launcher(fn):
         fn: a `triton.jit` kernel.
 
     Returns:
-        `fn` itself, or with KERAS_NHA_TRITON_FAST_LAUNCH=1 (not under the
-        interpreter; as read by the last `refresh()`) its `CachedLauncher`.
+        `fn`'s `CachedLauncher`, or `fn` itself under the interpreter or
+        with KERAS_NHA_TRITON_FAST_LAUNCH=0 (as read by the last
+        `refresh()`).
 
     Example:
 

@@ -56,6 +56,16 @@ class _Config:
             return torch.bfloat16
         return torch.float32
 
+    def slot_output_dtype(self, dtype):
+        """Storage dtype of the slot-only output the window kernel starts
+        from: the input's with 16-bit inputs (`low_slot_out`)."""
+        low = self.blocks.low_slot_out
+        if low == 2 and self.capacity:  # W = 0: it is the output itself
+            return torch.bfloat16
+        if low and dtype in (torch.bfloat16, torch.float16):
+            return dtype
+        return torch.float32
+
     @property
     def feeds(self):
         """Tokens leave the window into the slots only when the ring holds
@@ -263,7 +273,7 @@ def _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position, slot_keys,
         state = _slot_states(s, cfg, k, v, g, ring, mask, position,
                              slot_keys, slot_values)
         o_slot = torch.empty(s.B, s.T, s.H, s.V, device=dev,
-                             dtype=torch.float32)
+                             dtype=cfg.slot_output_dtype(q.dtype))
         lse_slot = torch.empty(s.B, s.T, s.H, device=dev, dtype=torch.float32)
         logits = torch.empty(s.B, s.T, s.H, s.M, device=dev,
                              dtype=torch.float32)
@@ -409,6 +419,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             WALK=bool(blocks.scan_walk))
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
     fed = s.T - cfg.capacity
+    short = nt <= blocks.short_chunks  # fewer launches (CPU-bound)
     # With one query head per kv head the kernels write token gradients
     # directly (the value side onto the window's); else per query head,
     # summed over each group below.
@@ -433,7 +444,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
         else:
             dx = torch.empty(s.B, s.T, s.H, width, **f32)
         parts = ((True, False), (False, True)) if (
-            blocks.split and not blocks.fused_dx) else ((True, True),)
+            blocks.split and not blocks.fused_dx and not short) else (
+                (True, True),)
         for want_ds, want_dx in parts:
             launcher(slots.slot_dx_kernel)[(nt, s.B * s.H)](
                 y, coef, x, state.gates, state.strengths, position, adjoint,
@@ -448,7 +460,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
 
     dg = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots
-    if blocks.sequential:
+    if blocks.sequential or short:
         launcher(state_pass.gate_grad_pass_kernel)[
             (s.B * s.HKV, common.cdiv(s.M, 16))](
             dg_read, ds, state.strengths, mask, dg, s.T, cfg.capacity, nt,

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from keras_nha.kernels.triton import common
+from keras_nha.kernels.triton import launch
+from keras_nha.kernels.triton.launch import launcher
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -250,6 +252,7 @@ def triton_nha_step(query, key, value, log_forget_gate, state, *, window_size,
     >>> out, state = triton_nha_step(q, k, v, g, state, window_size=512,
     ...     scale=0.125, window_query=q, window_key=k, padding_mask=None)
     """
+    launch.refresh()
     batch, heads, key_dim = query.shape
     kv_heads, value_dim = key.shape[1], value.shape[-1]
     num_slots = log_forget_gate.shape[-1]
@@ -293,14 +296,14 @@ def triton_nha_step(query, key, value, log_forget_gate, state, *, window_size,
                        BV=bv, RB=rows, HAS_PM=has_mask)
     warps = 1 if common.interpreting() else 4
     if updates + batch * heads * splits:
-        step_prepare_kernel[(updates + batch * heads * splits,)](
+        launcher(step_prepare_kernel)[(updates + batch * heads * splits,)](
             k, v, g, qw, mask, position, slot_keys, slot_values,
             ring["keys"], ring["window_keys"], ring["values"],
             ring["log_forget_gates"], ring["mask"], new_keys, new_values,
             parts, capacity, float(scale), heads, kv_heads, updates, KT=kt,
             VT=vt, SOURCE=source, num_warps=2 * warps, **common_args)
     out = torch.empty(batch, heads, value_dim, device=dev, dtype=query.dtype)
-    step_attend_kernel[(batch * heads,)](
+    launcher(step_attend_kernel)[(batch * heads,)](
         q, qw, k, kw, v, g, mask, position, new_keys, new_values, ring["keys"],
         ring["window_keys"], ring["values"], ring["log_forget_gates"],
         ring["mask"], parts, out, capacity, float(scale), heads, kv_heads,

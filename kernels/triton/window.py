@@ -163,7 +163,8 @@ def window_forward_kernel(
         m_i = tl.load(LS + row, mask=t_ok, other=0.0)
         l_i = tl.full([BM], 1.0, tl.float32)
         acc = tl.load(OS + row[:, None] * DV + dv[None, :],
-                      mask=t_ok[:, None] & (dv < DV)[None, :], other=0.0)
+                      mask=t_ok[:, None] & (dv < DV)[None, :],
+                      other=0.0).to(tl.float32)
     else:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
