@@ -2,7 +2,8 @@
 # GPU round job for the NHA Triton kernels (issue 3): one H200, <= 230 s.
 # Session 5, round 1. New defaults: cached launches (launch.py), a cached
 # zero state for fresh sequences (backends/torch.py), the slot-only output
-# in bf16 for bf16 inputs (low_slot_out; its fp32 variant measured).
+# and the backward's slot probabilities and logit gradients in bf16 for
+# bf16 inputs (low_slot_out; its fp32 variant measured).
 # Phase 1 runs the final check (the shipped defaults, now through the cached launcher)
 # beside warm-ups of NHA (defaults and every variant), Flex and fla.
 # Phase 2 measures every row in one process (with the JIT-launch rows,

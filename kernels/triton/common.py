@@ -89,8 +89,9 @@ class Blocks:
     # 1: one program per column tile runs both recurrences (K == V).
     state_both: int = 0
     # 1: with 16-bit inputs the slot-only output (written by the slot
-    # readout, read by the window kernel as its starting point) is stored in
-    # the input's dtype, not fp32 (2: bfloat16 for any input; tests).
+    # readout, read by the window kernel as its starting point) and the
+    # backward's slot probabilities and logit gradients are stored in the
+    # input's dtype, not fp32 (2: bfloat16 for any input; tests).
     low_slot_out: int = 0
     # Sequences of at most this many chunks take the few-launch backward:
     # ds and dx in one kernel per recurrence (`fused_dx`) and the gate

@@ -56,11 +56,13 @@ class _Config:
             return torch.bfloat16
         return torch.float32
 
-    def slot_output_dtype(self, dtype):
+    def slot_output_dtype(self, dtype, backward=False):
         """Storage dtype of the slot-only output the window kernel starts
-        from: the input's with 16-bit inputs (`low_slot_out`)."""
+        from (or with `backward` of the slot probabilities and logit
+        gradients): the input's with 16-bit inputs (`low_slot_out`)."""
         low = self.blocks.low_slot_out
-        if low == 2 and self.capacity:  # W = 0: it is the output itself
+        if low == 2 and (self.capacity or backward):
+            # With W = 0 the slot output is the output itself: kept.
             return torch.bfloat16
         if low and dtype in (torch.bfloat16, torch.float16):
             return dtype
@@ -361,9 +363,11 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     nt = common.cdiv(s.T, blocks.chunk)
     mp = common.pow2(s.M)
     dq = torch.empty(s.B, s.T, s.H, s.K, device=dev, dtype=q.dtype)
-    dz = torch.empty(s.B, s.T, s.H, s.M, **f32)
+    # dz and p: read by four and three kernels (16-bit with low_slot_out).
+    dz = torch.empty(s.B, s.T, s.H, s.M, device=dev,
+                     dtype=cfg.slot_output_dtype(q.dtype, backward=True))
     probs = torch.empty_like(dz)
-    dg_read = torch.empty_like(dz)
+    dg_read = torch.empty(s.B, s.T, s.H, s.M, **f32)
     launcher(slots.slot_dq_kernel)[(nt, s.B * s.H)](
         q, do, k, v, state.gates, state.strengths, position, state.keys,
         state.values, lse, delta, logits, dq, dz, probs, dg_read, s.T,

@@ -502,7 +502,7 @@ def slot_readout_kernel(CF, ZS, LS, XN, GC, SS, POS, S, OUT, T, C, out_scale,
         c = tl.where(ok, tl.exp2(tl.where(ok, z * LOG2E - lse[:, None], 0.0)),
                      0.0)
     else:
-        c = tl.load(CF + at, mask=ok, other=0.0)
+        c = tl.load(CF + at, mask=ok, other=0.0).to(tl.float32)
     if FEEDS:
         G, s = _gates(gc, ss, rows, cols, T, HKV, M)
         coef = c * tl.exp(G)
