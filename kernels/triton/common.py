@@ -67,9 +67,14 @@ class Blocks:
     fused_dx: int = 0
     # Register cap of the slot kernels (0: none).
     slot_regs: int = 0
-    # Chunk scans: state elements per program, chunks per scan step.
+    # Chunk scans: state elements per program, chunks per scan step, warps.
+    # The scan runs along the chunk axis of a [scan_unroll, scan] tile: it
+    # stays in each thread's registers only when `scan` spans every thread
+    # of every warp (scan = scan_warps x 32 x 8 for bf16 states, x 4 for
+    # fp32); else it crosses warps through shared memory.
     scan: int = 256
     scan_unroll: int = 16
+    scan_warps: int = 4
     # 1: the scans walk the chunks one by one per thread (no log-depth
     # scan across threads); `scan_unroll` then does not matter.
     scan_walk: int = 0

@@ -217,7 +217,8 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
             out, decay, slot_keys, slot_values, final_keys, final_values, nt,
             s.HKV, 1, s.B * s.HKV, first, D=width, M=s.M,
             BLOCK=cfg.blocks.scan, UNROLL=cfg.blocks.scan_unroll,
-            REVERSE=False, WALK=bool(cfg.blocks.scan_walk))
+            REVERSE=False, WALK=bool(cfg.blocks.scan_walk),
+            num_warps=cfg.blocks.scan_warps)
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1, final_keys,
                   final_values)
 
@@ -420,7 +421,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             adjoint, state.decay, *(state.decay,) * 4, nt, s.H, s.group,
             s.B * s.H, 0, D=width, M=s.M, BLOCK=blocks.scan,
             UNROLL=blocks.scan_unroll, REVERSE=True,
-            WALK=bool(blocks.scan_walk))
+            WALK=bool(blocks.scan_walk), num_warps=blocks.scan_warps)
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
     fed = s.T - cfg.capacity
     short = nt <= blocks.short_chunks  # fewer launches (CPU-bound)
