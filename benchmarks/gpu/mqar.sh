@@ -9,7 +9,8 @@
 #
 # Session 5: the issue's five settings at their literal sizes (nha-M64-W64,
 # gsa-M64, swa-W64, full, hybrid-M64) at T = 512 on this GPU (T = 1024 on
-# the second one: mqar2.sh), two seeds each, trained over rounds 1 and 2
+# the second one: mqar2.sh), two seeds each, and at T = 512 also NHA at the
+# state of gsa-M64 and swa-W64 (nha-M32-W32), trained over rounds 1 and 2
 # (planned, checkpointed, resumed), plus a lever for NHA's slots at T = 256
 # (--window-off-steps 1000 and 3000) on seeds paired with session 4's
 # round 3.
@@ -56,6 +57,7 @@ queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
        swa-W64:chunked:1e-3:16:-:0,1:75
        full:chunked:3e-3:16:-:0,1:75
        hybrid-M64:chunked:1e-3:16:-:0,1:75
+       nha-M32-W32:chunked:3e-3:16:-:0,1:75
        nha-M16-W16:chunked:3e-3:16:8000:2,3,4,5:75:$lever,--window-off-steps,1000
        nha-M16-W16:chunked:3e-3:16:8000:2,3,4,5:75:$lever,--window-off-steps,3000})
 # Throughput probes beside the queue (no tests, no checkpoint), e.g. round
