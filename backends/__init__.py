@@ -10,6 +10,11 @@ Each backend module (`jax`, `tensorflow`, `torch`) exposes
 - `is_concrete(x)`: True when `x` holds values (eager), False under tracing.
 - `portable(kernel)`: the portable kernel as this backend runs it best (JAX
   compiles it with `jax.jit`; eager op-by-op dispatch is slow there).
+
+`call["state"]` is None for a fresh sequence. The portable kernels take that
+as is (and skip the empty ring); a loader that sets `takes_fresh_state =
+True` gets it too, every other loader gets (and its kernel is bound to) the
+zero state.
 """
 
 import functools
@@ -18,6 +23,7 @@ import inspect
 
 import keras
 
+from keras_nha.kernels import state as state_lib
 from keras_nha.kernels.chunked import chunked_nha
 from keras_nha.kernels.reference import reference_nha
 from keras_nha.kernels.step import nha_step
@@ -48,10 +54,20 @@ def _skips_state(kernel):
 
 def _fast(loader, call, return_state):
     """`loader(call)`, told to skip the state when nobody reads it."""
+    fresh = call["state"] is None and not getattr(loader, "takes_fresh_state",
+                                                  False)
+    if fresh:
+        call = {**call, "state": state_lib.fresh_state(**call)}
     kernel = loader(call)
-    if return_state or not _skips_state(kernel):
-        return kernel
-    return functools.partial(kernel, return_state=False)
+    if not return_state and _skips_state(kernel):
+        kernel = functools.partial(kernel, return_state=False)
+    if fresh:
+        kernel = functools.partial(_run_with_state, kernel, call["state"])
+    return kernel
+
+
+def _run_with_state(kernel, state, /, **call):
+    return kernel(**{**call, "state": state})
 
 
 def _select(implementation, call, portable, fast, chunk_size=None,

@@ -5,7 +5,6 @@ tokens that left a sliding window of W tokens, both read with ONE softmax.
 """
 
 from keras import KerasTensor
-from keras import ops
 from keras.src.backend import any_symbolic_tensors
 from keras.src.ops.operation import Operation
 
@@ -162,11 +161,7 @@ def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
         return NativeHybridAttention(window_size, return_state).symbolic_call(
             query, key, value, log_forget_gate)
     validation.check_gates_nonpositive(log_forget_gate)
-    if initial_state is None:
-        initial_state = state_lib.zero_state(
-            ops.shape(query)[0], kv_heads, key_dim, value_dim, num_slots,
-            min(window_size, time), key.dtype)
-    else:
+    if initial_state is not None:
         validation.check_state(initial_state, batch, kv_heads, key_dim,
                                value_dim, num_slots, window_size, time)
     call = dict(query=query, key=key, value=value,

@@ -3,10 +3,11 @@
 Two observations make the step recurrence parallel:
 
 1. Token shift. At step t the slots hold the tokens up to t - W. Put the
-   window's history (the state's ring, oldest first) in front of the new
-   tokens; then row t of that history is exactly the token that enters the
-   slots at step t. The slot memory becomes a plain GSA recurrence over this
-   shifted stream, and the window of query t is history rows t+1 .. t+W.
+   window's history (the state's ring, oldest first; nothing for a fresh
+   sequence) in front of the new tokens; delayed by W rows, that history
+   gives the token that enters the slots at step t. The slot memory becomes
+   a plain GSA recurrence over this shifted stream, and the window of query
+   t is the W history rows ending at the new token t.
 2. Slot memory in chunks of C tokens. With G the in-chunk cumulative log gate
    and s = 1 - exp(g), a query at in-chunk row t sees
 
@@ -29,11 +30,20 @@ from keras_nha.kernels.step import MASKED_LOGIT
 from keras_nha.kernels.step import read_with_one_softmax
 
 
-def _pad_time(x, length):
-    pad = length - x.shape[1]
-    if pad == 0:
+def _pad_time(x, length, before=0):
+    """Zero rows: `before` in front, then up to `length` rows in all."""
+    after = length - before - x.shape[1]
+    if before == after == 0:
         return x
-    return ops.pad(x, [[0, 0], [0, pad]] + [[0, 0]] * (ops.ndim(x) - 2))
+    return ops.pad(x, [[0, 0], [before, after]] + [[0, 0]] * (ops.ndim(x) - 2))
+
+
+def _delayed(x, delay, length):
+    """Rows t - delay of `x` for t < length, zero where t < delay."""
+    if delay >= length:
+        return ops.zeros((ops.shape(x)[0], length) + tuple(x.shape[2:]),
+                         x.dtype)
+    return _pad_time(x[:, :length - delay], length, before=delay)
 
 
 def _chunks(x, size):
@@ -120,30 +130,36 @@ def _slot_pass(q, keys, values, log_gates, slot_keys, slot_values, scale,
             (all_keys[:, -1], all_values[:, -1]))
 
 
-def _window_pass(qw, history_keys, history_values, history_mask, window, scale,
-                 chunk):
+def _window_pass(qw, history_keys, history_values, history_mask, lead,
+                 window, scale, chunk):
     """Banded window logits and a readout closure.
 
-    Query row t sees history rows t+1 .. t+window (history = ring + new).
+    The history is `lead` ring rows, then the new tokens: query t sees
+    history rows lead + t - window + 1 .. lead + t.
     """
     length = qw.shape[1]
     block = min(max(window, chunk), length)
     blocks = -(-length // block)
-    span = block + window - 1
+    # Block n needs the rows ending at its last query; no block needs more
+    # than `span` of them, and a fresh global layer (lead 0, one block)
+    # needs exactly the new tokens: plain causal attention, no masked ring.
+    span = min(block + window - 1, blocks * block + lead)
+    before = max(0, span - block - lead)
     index = ops.reshape(
-        ops.arange(blocks, dtype="int32")[:, None] * block + 1
+        ops.arange(blocks, dtype="int32")[:, None] * block
+        + (before + block + lead - span)
         + ops.arange(span, dtype="int32")[None, :], (-1,))
 
     def gather(x):
-        x = _pad_time(x, blocks * block + window)
+        x = _pad_time(x, before + lead + blocks * block, before)
         return ops.reshape(ops.take(x, index, axis=1),
                            (-1, blocks, span) + tuple(x.shape[2:]))
 
     keys, values, key_mask = map(gather, (history_keys, history_values,
                                           history_mask))
-    rows = ops.arange(block)[:, None]
+    rows = ops.arange(block)[:, None] + (span - block)
     cols = ops.arange(span)[None, :]
-    band = ops.logical_and(cols >= rows, cols < rows + window)
+    band = ops.logical_and(cols <= rows, cols > rows - window)
     valid = ops.logical_and(band[None, None, :, None, None, :],
                             key_mask[:, :, None, None, None, :] > 0)
     logits = scale * ops.einsum("bnchgk,bnlhk->bnchgl", _chunks(qw, block),
@@ -158,13 +174,26 @@ def _window_pass(qw, history_keys, history_values, history_mask, window, scale,
 
 
 def chunked_nha(query, key, value, log_forget_gate, *, window_size, scale,
-                window_query, window_key, padding_mask, state, chunk_size=32):
-    """Inputs `[B, T, ...]` and a state; returns `(output [B, T, H, V], state)`."""
-    acc = backend.standardize_dtype(state["slot_keys"].dtype)
+                window_query, window_key, padding_mask, state=None,
+                chunk_size=32):
+    """Inputs `[B, T, ...]` and a state (None: a fresh sequence); returns
+    `(output [B, T, H, V], state)`."""
     length, num_heads, key_dim = query.shape[1:]
     num_kv_heads, num_slots = key.shape[2], log_forget_gate.shape[-1]
-    capacity = state_lib.capacity_of(state)
-    start = state["position"]
+    if state is None:
+        acc = state_lib.state_dtype(key.dtype)
+        ring_dtypes = state_lib.ring_dtypes(key.dtype)
+        capacity, start, lead = min(window_size, length), 0, 0
+        slot_keys = ops.zeros((ops.shape(query)[0], num_kv_heads, key_dim,
+                               num_slots), acc)
+        slot_values = ops.zeros((ops.shape(query)[0], num_kv_heads, num_slots,
+                                 value.shape[-1]), acc)
+    else:
+        acc = backend.standardize_dtype(state["slot_keys"].dtype)
+        ring_dtypes = {n: state[n].dtype for n in state_lib.RING_NAMES}
+        capacity = state_lib.capacity_of(state)
+        start, lead = state["position"], capacity
+        slot_keys, slot_values = state["slot_keys"], state["slot_values"]
 
     real = (ops.ones(ops.shape(query)[:2], acc) if padding_mask is None
             else ops.cast(padding_mask, acc))
@@ -175,7 +204,7 @@ def chunked_nha(query, key, value, log_forget_gate, *, window_size, scale,
     history = {
         n: ops.concatenate([
             ops.cast(state_lib.ring_to_chronological(state[n], start), acc),
-            ops.cast(new[n], acc)], axis=1)
+            ops.cast(new[n], acc)], axis=1) if lead else ops.cast(new[n], acc)
         for n in state_lib.RING_NAMES}
 
     def grouped(x):
@@ -184,13 +213,10 @@ def chunked_nha(query, key, value, log_forget_gate, *, window_size, scale,
                                               key_dim))
 
     parts = []
-    slot_keys, slot_values = state["slot_keys"], state["slot_values"]
     if num_slots:
-        # History row t is the token leaving the window at step t. With a
-        # capacity below W nothing leaves (the sequence fits the ring).
-        feeds = capacity == window_size
-        fed = {n: history[n][:, :length] if feeds
-               else ops.zeros_like(ops.cast(new[n], acc))
+        # The token fed at step t is the one leaving the window then; ring
+        # rows and never-written entries feed nothing (gate 0, strength 0).
+        fed = {n: _delayed(history[n], window_size - lead, length)
                for n in ("keys", "values", "log_forget_gates")}
         slot_logits, slot_readout, (slot_keys, slot_values) = _slot_pass(
             grouped(query), fed["keys"], fed["values"],
@@ -200,15 +226,15 @@ def chunked_nha(query, key, value, log_forget_gate, *, window_size, scale,
     if capacity:
         parts.append(_window_pass(
             grouped(window_query), history["window_keys"], history["values"],
-            history["mask"], capacity, scale, chunk_size))
+            history["mask"], lead, capacity, scale, chunk_size))
     output = read_with_one_softmax(parts)
     output = ops.reshape(output, (-1, length, num_heads, output.shape[-1]))
 
-    end = start + length
+    end = ops.cast(start + length, "int32")
     new_state = {"slot_keys": slot_keys, "slot_values": slot_values,
                  "position": end}
     for n in state_lib.RING_NAMES:
-        last = history[n][:, length:]
+        last = history[n][:, lead + length - capacity:]
         new_state[n] = ops.cast(state_lib.chronological_to_ring(last, end),
-                                state[n].dtype)
+                                ring_dtypes[n])
     return ops.cast(output, query.dtype), new_state

@@ -7,12 +7,17 @@ Differentiable by each backend's autodiff.
 
 from keras import ops
 
+from keras_nha.kernels import state as state_lib
 from keras_nha.kernels.step import nha_step
 
 
 def reference_nha(query, key, value, log_forget_gate, *, window_size, scale,
-                  window_query, window_key, padding_mask, state):
-    """Inputs `[B, T, ...]` and a state; returns `(output [B, T, H, V], state)`."""
+                  window_query, window_key, padding_mask, state=None):
+    """Inputs `[B, T, ...]` and a state (None: a fresh sequence); returns
+    `(output [B, T, H, V], state)`."""
+    if state is None:
+        state = state_lib.fresh_state(query, key, value, log_forget_gate,
+                                      window_size)
     outputs = []
     for t in range(query.shape[1]):
         output, state = nha_step(

@@ -15,6 +15,10 @@ The state is a dict of tensors, so it passes through `jit`, `tf.function` and
 
 The capacity C is the window size W, or less when the caller promises that
 the whole sequence fits (a global layer with W >= max_length).
+
+A sequence kernel also accepts `state=None`: a fresh sequence. It then skips
+the empty ring instead of attending over C masked rows (for a global layer,
+C = T of them) and returns a state of capacity min(W, T).
 """
 
 from keras import backend
@@ -30,21 +34,38 @@ def state_dtype(dtype):
         "float32")
 
 
+def ring_dtypes(dtype):
+    """The dtype of each ring entry for inputs of `dtype`."""
+    acc = state_dtype(dtype)
+    return {"keys": dtype, "window_keys": dtype, "values": dtype,
+            "log_forget_gates": acc, "mask": acc}
+
+
 def zero_state(batch_size, num_kv_heads, key_dim, value_dim, num_slots,
                capacity, dtype):
     """An all-zero state with room for `capacity` window tokens."""
     b, h = batch_size, num_kv_heads
     acc = state_dtype(dtype)
+    ring = ring_dtypes(dtype)
     return {
         "slot_keys": ops.zeros((b, h, key_dim, num_slots), acc),
         "slot_values": ops.zeros((b, h, num_slots, value_dim), acc),
-        "keys": ops.zeros((b, capacity, h, key_dim), dtype),
-        "window_keys": ops.zeros((b, capacity, h, key_dim), dtype),
-        "values": ops.zeros((b, capacity, h, value_dim), dtype),
-        "log_forget_gates": ops.zeros((b, capacity, h, num_slots), acc),
-        "mask": ops.zeros((b, capacity), acc),
+        "keys": ops.zeros((b, capacity, h, key_dim), ring["keys"]),
+        "window_keys": ops.zeros((b, capacity, h, key_dim),
+                                 ring["window_keys"]),
+        "values": ops.zeros((b, capacity, h, value_dim), ring["values"]),
+        "log_forget_gates": ops.zeros((b, capacity, h, num_slots),
+                                      ring["log_forget_gates"]),
+        "mask": ops.zeros((b, capacity), ring["mask"]),
         "position": ops.zeros((), "int32"),
     }
+
+
+def fresh_state(query, key, value, log_forget_gate, window_size, **unused):
+    """The zero state a fresh sequence of these inputs starts from."""
+    return zero_state(ops.shape(query)[0], key.shape[2], key.shape[3],
+                      value.shape[3], log_forget_gate.shape[-1],
+                      min(window_size, query.shape[1]), key.dtype)
 
 
 def capacity_of(state):

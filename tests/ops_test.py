@@ -322,3 +322,49 @@ def test_a_kernel_that_can_skip_the_state_is_told_to(monkeypatch):
     assert state is not None
     np.testing.assert_array_equal(ops.convert_to_numpy(plain),
                                   ops.convert_to_numpy(output))
+
+
+@pytest.mark.parametrize("window_size", [0, 1, 5, 20, 36, 37, 111])
+@pytest.mark.parametrize("num_slots", [0, 4])
+def test_fresh_sequence_equals_zero_state(window_size, num_slots):
+    """`state=None` skips the empty ring; numbers and state stay the same."""
+    from keras_nha.kernels.chunked import chunked_nha
+    from keras_nha.kernels.state import fresh_state
+
+    if window_size == num_slots == 0:
+        pytest.skip("no memory at all")
+    inputs = cast_inputs(random_inputs(window_size + 11, length=37,
+                                       kv_heads=2, num_slots=num_slots,
+                                       padding=True), "float64")
+    call = dict(window_size=window_size, scale=0.3, **inputs)
+    fresh = chunked_nha(state=None, chunk_size=8, **call)
+    zero = chunked_nha(state=fresh_state(**call), chunk_size=8, **call)
+    np.testing.assert_allclose(ops.convert_to_numpy(fresh[0]),
+                               ops.convert_to_numpy(zero[0]), atol=1e-12)
+    for name, value in zero[1].items():
+        assert fresh[1][name].dtype == value.dtype, name
+        np.testing.assert_allclose(ops.convert_to_numpy(fresh[1][name]),
+                                   ops.convert_to_numpy(value), atol=1e-12,
+                                   err_msg=name)
+
+
+def test_a_loader_that_takes_fresh_states_gets_none(monkeypatch):
+    from keras_nha import backends
+    from keras_nha.kernels.chunked import chunked_nha
+
+    seen = []
+
+    def kernel(**call):
+        seen.append(call["state"])
+        return chunked_nha(**call)
+
+    def loader(call):
+        return kernel
+
+    loader.takes_fresh_state = True
+    module = backends.backend_module()
+    monkeypatch.setattr(module, "fast_paths", lambda: {"fake": loader})
+    inputs = cast_inputs(random_inputs(3, length=6, kv_heads=2, num_slots=4),
+                         "float32")
+    native_hybrid_attention(window_size=3, **inputs)
+    assert seen == [None]
