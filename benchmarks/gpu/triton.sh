@@ -3,7 +3,7 @@
 # Session 5, round 1. New defaults: cached launches (launch.py), a cached
 # zero state for fresh sequences (backends/torch.py), the slot-only output
 # and the backward's slot probabilities and logit gradients in bf16 for
-# bf16 inputs (low_slot_out; its fp32 variant measured).
+# bf16 inputs (low_slot_out, low_slot_grads; fp32 variants measured).
 # Phase 1 runs the final check (the shipped defaults, now through the cached launcher)
 # beside warm-ups of NHA (defaults and every variant), Flex and fla.
 # Phase 2 measures every row in one process (with the JIT-launch rows,
@@ -23,10 +23,15 @@ short="short_chunks=64;short_chunks=64,scan=1024,scan_unroll=8;short_chunks=64,s
 # Chunk-scan layouts at 64k: walked per thread, and log-depth tiles wide
 # enough (1024 = 4 warps x 32 threads x 8) that each thread holds whole
 # columns, so the scan along the chunk axis stays in its registers.
-walk="scan=1024,scan_unroll=8;scan=512,scan_unroll=16,scan_warps=2;scan=1024,scan_unroll=16;scan=256,scan_unroll=16,scan_warps=1;scan_walk=1;low_slot_out=0"
+walk="scan=1024,scan_unroll=8;low_slot_out=0,low_slot_grads=0;scan=512,scan_unroll=16,scan_warps=2;scan=1024,scan_unroll=16;low_slot_grads=0;scan=256,scan_unroll=16,scan_warps=1;scan_walk=1"
 
 TRITON_FINAL_S=95 JOB_OUT="$out/check" bash benchmarks/gpu/triton_final.sh \
   > "$out/check.log" 2>&1 &
+# The bf16 GQA check again with fp32 slot probabilities and logit
+# gradients: their share of the gate gradient's error (1.6e-2 in s4r2).
+KERAS_NHA_TRITON_BLOCKS=low_slot_grads=0 timeout 95 python3 \
+  tests/triton_gpu_check.py --part kernels --only 0 \
+  > "$out/check_fp32_slot_grads.log" 2>&1 &
 timeout 95 python3 benchmarks/triton_benchmark.py --warm nha \
   --tune "$short;$walk" > "$out/warm_nha.log" 2>&1 &
 timeout 95 python3 benchmarks/triton_benchmark.py --warm flex \

@@ -94,10 +94,12 @@ class Blocks:
     # 1: one program per column tile runs both recurrences (K == V).
     state_both: int = 0
     # 1: with 16-bit inputs the slot-only output (written by the slot
-    # readout, read by the window kernel as its starting point) and the
-    # backward's slot probabilities and logit gradients are stored in the
-    # input's dtype, not fp32 (2: bfloat16 for any input; tests).
+    # readout, read by the window kernel as its starting point) is stored in
+    # the input's dtype, not fp32 (2: bfloat16 for any input; tests).
     low_slot_out: int = 0
+    # The same for the backward's slot probabilities and logit gradients
+    # (each read by three or four kernels).
+    low_slot_grads: int = 0
     # Sequences of at most this many chunks take the few-launch backward:
     # ds and dx in one kernel per recurrence (`fused_dx`) and the gate
     # gradient in one sequential pass instead of three launches (short
@@ -131,13 +133,14 @@ def _blocks(wide, override):
         # tiles on 4 warps, dk/dv over 128-key blocks on 8 warps and split
         # slot kernels on 4 warps beat the previous tiles by 25% at T=16384;
         # bf16 chunk states with 32 chunks per scan step took 3% off at 64k.
-        # The slot-only output in bf16 for bf16 inputs (session 5, as the
-        # Pallas kernels do): half its traffic, ~0.5 GB at 64k.
+        # The slot-only output, probabilities and logit gradients in bf16
+        # for bf16 inputs (session 5, as the Pallas kernels do): ~1.7 GB
+        # less traffic at 64k.
         blocks = Blocks(chunk=64, query=64, key=32, query_bwd=64,
                         key_bwd=32, dkdv_query=32, dkdv_key=128,
                         dkdv_warps=8, warps=4, window_warps=4, stages=2,
                         split=1, low_states=1, scan_unroll=32,
-                        low_slot_out=1)
+                        low_slot_out=1, low_slot_grads=1)
     if override:
         fields = dict(item.split("=") for item in override.split(","))
         blocks = dataclasses.replace(

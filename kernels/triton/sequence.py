@@ -58,9 +58,11 @@ class _Config:
 
     def slot_output_dtype(self, dtype, backward=False):
         """Storage dtype of the slot-only output the window kernel starts
-        from (or with `backward` of the slot probabilities and logit
-        gradients): the input's with 16-bit inputs (`low_slot_out`)."""
-        low = self.blocks.low_slot_out
+        from (`low_slot_out`), or with `backward` of the slot probabilities
+        and logit gradients (`low_slot_grads`): the input's with 16-bit
+        inputs."""
+        low = (self.blocks.low_slot_grads if backward
+               else self.blocks.low_slot_out)
         if low == 2 and (self.capacity or backward):
             # With W = 0 the slot output is the output itself: kept.
             return torch.bfloat16
@@ -364,7 +366,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     nt = common.cdiv(s.T, blocks.chunk)
     mp = common.pow2(s.M)
     dq = torch.empty(s.B, s.T, s.H, s.K, device=dev, dtype=q.dtype)
-    # dz and p: read by four and three kernels (16-bit with low_slot_out).
+    # dz and p: read by four and three kernels (16-bit: low_slot_grads).
     dz = torch.empty(s.B, s.T, s.H, s.M, device=dev,
                      dtype=cfg.slot_output_dtype(q.dtype, backward=True))
     probs = torch.empty_like(dz)
