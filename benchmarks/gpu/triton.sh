@@ -4,12 +4,13 @@
 # zero state for fresh sequences (backends/torch.py), the slot-only output
 # and the backward's slot probabilities and logit gradients in bf16 for
 # bf16 inputs (low_slot_out, low_slot_grads; fp32 variants measured).
-# Phase 1 runs the final check (the shipped defaults, now through the cached launcher)
-# beside warm-ups of NHA (defaults and every variant), Flex and fla.
-# Phase 2 measures every row in one process (with the JIT-launch rows,
-# checked bit-identical to the cached ones first, and the CPU split at
-# T=4096), the few-launch backward for short sequences at T=4096 as tune
-# rows; phase 3 chunk-scan layouts at T=65536 (walked: never measured there).
+# Phase 1 runs the final check (the shipped defaults, now through the
+# cached launcher) beside warm-ups of NHA (defaults and every variant),
+# Flex and fla. Phase 2 measures every row in one process (with the
+# JIT-launch rows, checked bit-identical to the cached ones first, the CPU
+# split at T=4096, decode, now through the cached launcher too), and the
+# few-launch backward for short sequences at T=4096 as tune rows; phase 3
+# chunk-scan layouts at T=65536 (walked: never measured there).
 set -u
 export KERAS_BACKEND=torch
 out=${JOB_OUT:-/tmp/triton_job}
@@ -45,7 +46,7 @@ echo "phase 1 done at ${SECONDS}s"
 
 NHA_BENCH_GRAPHS=1 NHA_BENCH_JIT_LAUNCH=1 python3 \
   benchmarks/triton_benchmark.py \
-  --lengths 4096,16384,65536 --peers sdpa,flex,tune,fla --no-decode \
+  --lengths 4096,16384,65536 --peers sdpa,flex,tune,fla \
   --tune "$short" --tune-length 4096 \
   --breakdown 65536,4096 --host-profile 4096 --deadline $((185 - SECONDS)) \
   --json "$out/triton_benchmark.json" --plot "$out/triton_benchmark.png"
