@@ -36,6 +36,7 @@ import sys
 import time
 
 BATCH, HEADS, DIM, SLOTS, WINDOW, CHUNK = 1, 16, 128, 64, 512, 64
+_SAME_JOB_TRITON = "triton (same job)"
 DECODE_BATCH, DECODE_CONTEXT = 8, 65536
 
 
@@ -105,8 +106,10 @@ def run_jax(lengths, steps=None):
     Steps: "main:T" (NHA and cuDNN, fwd and fwd+bwd), "nha:T" (NHA
     only), "candidates:T[:N]" (NHA under each of the first N
     `_CANDIDATES`, default all), "breakdown:T" (passes and kernels alone),
-    "variants:T" / "tuning:T" (passes alone under `_VARIANTS` and
-    `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`), "decode".
+    "variants:T[:N]" / "tuning:T[:N]" (passes alone under `_VARIANTS` and
+    `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`; with N only the
+    first N slot-pass tilings), "decode", "triton:T" (the NHA Triton
+    kernel under torch, in a subprocess on the same card).
     """
     os.environ.setdefault("KERAS_BACKEND", "jax")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -178,9 +181,16 @@ def run_jax(lengths, steps=None):
                                                               99),
                       kind == "main")
         elif kind in ("breakdown", "variants", "tuning"):
-            _breakdown(rows, int(length), card, sync, kind)
+            _breakdown(rows, int(length), card, sync, kind,
+                       int(count) if count else None)
         elif kind == "decode":
             _decode(rows, card, sync)
+        elif kind == "triton":
+            # Its own process (torch wants the GPU's memory too), on the
+            # card this job's rows run on: the ratio of record.
+            for row in _in_subprocess("torch", [int(length)]):
+                _emit(rows, dict(row, impl=row["impl"].replace(
+                    "triton (torch)", _SAME_JOB_TRITON)))
         else:
             raise ValueError(f"Unknown step {step!r}")
     return rows
@@ -276,11 +286,13 @@ def _tiling(changes):
         jax.clear_caches()
 
 
-def _breakdown(rows, length, card, sync, kind="breakdown"):
+def _breakdown(rows, length, card, sync, kind="breakdown", count=None):
     """The two Pallas passes alone (no history assembly, no merge), and the
     slot pass's kernels one by one (chunk walks, readers, XLA cumsums).
 
-    `kind` "variants" / "tuning": the passes under other tilings instead.
+    `kind` "variants" / "tuning": the passes under other tilings instead
+    (with `count`, only the first `count` slot-pass tilings, no window
+    tilings).
     """
     import dataclasses
     import functools
@@ -389,6 +401,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
     slot_variants, window_variants = (
         (_VARIANTS, _WINDOW_VARIANTS) if kind == "variants"
         else (_TUNING, _WINDOW_TUNING))
+    if count is not None:
+        slot_variants, window_variants = slot_variants[:count], ()
     for name, changes, by_kernel in slot_variants:
         config = dataclasses.replace(base, **changes)
         if by_kernel:
@@ -405,6 +419,11 @@ def _breakdown(rows, length, card, sync, kind="breakdown"):
 _S3 = dict(walk="scan", gate_kernels=False, narrow_slot_out=False,
            narrow_probs=False, split_dkv=False)
 _CANDIDATES = (
+    ("exact pass", dict(exact_pass=True)),
+    ("split history", dict(split_history=True)),
+    ("exact pass, split history", dict(exact_pass=True, split_history=True)),
+    ("exact pass, split history, dk/dv 4 warps",
+     dict(exact_pass=True, split_history=True, dkv_warps=4)),
     ("session 3 defaults", _S3),
     ("4 state tiles", dict(state_tiles=4)),
     ("split dk/dv, 4 warps", dict(dkv_warps=4)),
@@ -414,6 +433,8 @@ _CANDIDATES = (
 # Slot-pass tilings timed by the "variants" step: (name, config changes,
 # whether to time its kernels one by one too).
 _VARIANTS = (
+    ("exact pass", dict(exact_pass=True), True),
+    ("exact pass, dk/dv 4 warps", dict(exact_pass=True, dkv_warps=4), True),
     ("session 3 defaults", _S3, True),
 )
 # The backward tiles stay (64, 64) in the forward-only variants.
@@ -552,7 +573,10 @@ def ratios(rows):
         for mode in ("fwd", "fwd+bwd"):
             mine = ms.get(("pallas", mode, length))
             cudnn = ms.get(("cudnn causal", mode, length))
-            triton = ms.get(("triton (torch)", mode, length))
+            # The Triton rows timed by this job (same card, same call)
+            # when present, else the Triton job's.
+            triton = ms.get((_SAME_JOB_TRITON, mode, length), ms.get(
+                ("triton (torch)", mode, length)))
             graph = ms.get(("triton (CUDA graph)", mode, length))
             fmt = lambda x: "-" if x is None else f"{x:.3f}"
             over = lambda a, b: "-" if None in (a, b) else f"{a / b:.2f}x"

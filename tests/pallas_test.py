@@ -112,7 +112,34 @@ CASES = {
         window_size=9, kv_heads=4,
         config=dict(walk="fused", gate_kernels=True, split_dkv=True)),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
+    # Factored chunks first, then chunks too strong for them: each of the
+    # two calls per kernel (`exact_pass`) must serve its own chunks.
+    "w5_mixed_gates_exact_pass": dict(
+        window_size=5, strong_from=20,
+        config=dict(exact_pass=True, chunk=16, rows=16, segment=3)),
+    # The window reading the ring (front-padded) and the new tokens apart.
+    "w5_padding_split_history": dict(window_size=5, padding=True,
+                                     config=dict(split_history=True)),
+    "w_3x_length_no_slots_split_history": dict(
+        window_size=3 * LENGTH, num_slots=0, kv_heads=1,
+        config=dict(split_history=True, dkv_blocks=(16, 32))),
 }
+
+
+def _use_config(changes, monkeypatch, request):
+    """Every Pallas call of the test gets the default config changed by
+    `changes` (`KernelConfig` fields)."""
+    import dataclasses
+
+    import jax
+
+    from keras_nha.kernels.pallas import sequence
+    default = sequence.default_config
+    monkeypatch.setattr(sequence, "default_config", lambda *a, **k: (
+        dataclasses.replace(default(*a, **k), **changes)))
+    # A cached trace of the same shapes would keep the other tiling.
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -121,20 +148,13 @@ def test_outputs_and_gradients(case, monkeypatch, request):
     window_size = options.pop("window_size")
     changes = options.pop("config", None)
     if changes:
-        import dataclasses
-
-        import jax
-
-        from keras_nha.kernels.pallas import sequence
-        default = sequence.default_config
-        monkeypatch.setattr(sequence, "default_config", lambda *a, **k: (
-            dataclasses.replace(default(*a, **k), **changes)))
-        # A cached trace of the same shapes would keep the other tiling.
-        jax.clear_caches()
-        request.addfinalizer(jax.clear_caches)
+        _use_config(changes, monkeypatch, request)
     options.setdefault("num_slots", 8)
     options.setdefault("kv_heads", 2)
+    strong_from = options.pop("strong_from", None)
     inputs = random_inputs(len(case), length=LENGTH, heads=4, **options)
+    if strong_from is not None:  # gates from this token on decay 40x faster
+        inputs["log_forget_gate"][:, strong_from:] *= 40.0
     _check_against_references(inputs, window_size)
 
 
@@ -163,8 +183,12 @@ def _decode_step(inputs, t, state, window_size, mask=None):
         implementation="pallas")
 
 
-@pytest.mark.parametrize("window_size", [0, 6])
-def test_streaming_and_decode_match_one_call(window_size):
+@pytest.mark.parametrize("window_size, split_history",
+                         [(0, False), (6, False), (6, True)])
+def test_streaming_and_decode_match_one_call(window_size, split_history,
+                                             monkeypatch, request):
+    if split_history:  # the second call's ring holds real tokens
+        _use_config(dict(split_history=True), monkeypatch, request)
     length, prefix, steps = 30, 17, 4
     inputs = random_inputs(20 + window_size, length=length, num_slots=8)
     expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
@@ -286,6 +310,13 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     from nha_numpy_reference import nha_numpy
     from nha_testing import random_inputs
 
+    changes = {changes!r}
+    if changes:  # KernelConfig fields changed from the default
+        import dataclasses
+        from keras_nha.kernels.pallas import sequence
+        default = sequence.default_config
+        sequence.default_config = lambda *a, **k: dataclasses.replace(
+            default(*a, **k), **changes)
     x = random_inputs(60, batch=2, length=21, heads=8, kv_heads=4,
                       num_slots=8)
     expected = nha_numpy(x["query"], x["key"], x["value"],
@@ -324,10 +355,12 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_over_batch_and_heads_runs_per_shard():
+@pytest.mark.parametrize("changes", [{}, dict(split_history=True)])
+def test_sharded_over_batch_and_heads_runs_per_shard(changes):
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_ENABLE_X64="0")
     tests = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=tests)],
+        [sys.executable, "-c", _SHARDED_SCRIPT.format(tests=tests,
+                                                      changes=changes)],
         env=env, capture_output=True, text=True, timeout=600)
     assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]

@@ -16,7 +16,9 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 cases=${PALLAS_CASES:-gqa strong padded fp16 streaming w0 d96 fp32 fit m0 d256}
-check_s=${PALLAS_CHECK_S:-105}
+# Session 5, round 1: the default kernels are unchanged (s4r3 checked
+# them); only the candidate below is checked.
+check_s=${PALLAS_CHECK_S:-0}
 if [ "$check_s" -gt 0 ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "$check_s" python3 tests/pallas_gpu_check.py --cases $cases \
@@ -26,17 +28,21 @@ if [ "$check_s" -gt 0 ]; then
 fi
 # A KernelConfig change to check (a Python dict expression), e.g.
 # PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
-candidate=${PALLAS_CANDIDATE:-}
+candidate=${PALLAS_CANDIDATE-dict(exact_pass=True, split_history=True)}
 if [ -n "$candidate" ]; then
-  timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
-    --config "$candidate" --cases gqa strong \
+  # shellcheck disable=SC2086  # the cases are words
+  timeout -k 5 "${PALLAS_CANDIDATE_S:-55}" python3 tests/pallas_gpu_check.py \
+    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-gqa strong padded streaming} \
     > "$out/pallas_gpu_check_candidate.log" 2>&1
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 nha:16384 nha:4096 breakdown:65536 candidates:65536:1 candidates:16384 decode}
+steps=${PALLAS_STEPS:-main:65536 candidates:65536:4 variants:65536:1 breakdown:65536 triton:65536 nha:16384 candidates:16384:3 nha:4096 candidates:4096:3}
+# What is left of the job's limit, less ~25 s for the table and plot.
+bench_s=${PALLAS_BENCH_S:-$(( ${JOB_LIMIT_S:-230} - SECONDS - 25 ))}
+echo "benchmark budget ${bench_s}s"
 # shellcheck disable=SC2086  # the steps are words
-timeout -k 5 "${PALLAS_BENCH_S:-105}" python3 benchmarks/pallas_benchmark.py \
+timeout -k 5 "$bench_s" python3 benchmarks/pallas_benchmark.py \
   --part jax --steps $steps --jsonl "$out/rows.jsonl" > /dev/null
 echo "benchmark rc=$?"
 # The Triton job runs right before this one on the same GPU.

@@ -113,6 +113,13 @@ class KernelConfig:
             keys' side (dk and its part of ds), one for the values'.
         gate_kernels: the slot pass's gate cumsums and gate gradient as
             Pallas kernels (`gates.py`) instead of XLA products.
+        exact_pass: with factored products, the slot reader, dq and
+            dk/dv kernels as two calls each: the factored products alone
+            (chunks whose gates allow them), then the exact terms alone
+            (the other chunks), instead of one kernel holding both.
+        split_history: the window kernels read the state's ring and the
+            new tokens as two parts (`window.py`) instead of one
+            concatenated copy of both.
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -138,6 +145,8 @@ class KernelConfig:
     narrow_probs: bool = False
     split_dkv: bool = False
     gate_kernels: bool = False
+    exact_pass: bool = False
+    split_history: bool = False
     interpret: bool = False
 
 

@@ -32,9 +32,11 @@ def joint_attention(q, qw, k, v, g, sk0, sv0, kw, history_values, mask,
         k, v, g: `[B, T, Hkv, ...]` keys, values and float32 log gates fed
             to the slots (g is 0 where nothing is fed).
         sk0, sv0: float32 slot memory before the first step.
-        kw: `[B, L, Hkv, K]` history window keys (L >= T + capacity).
-        history_values: `[B, L, Hkv, V]` history values.
-        mask: `[B, L]` float, 1 where the history row is a real token.
+        kw: `[B, L, Hkv, K]` history window keys (L >= T + capacity), or
+            `(ring, new)` parts (`window.py`).
+        history_values: `[B, L, Hkv, V]` history values, parted as `kw`.
+        mask: `[B, L]` float, 1 where the history row is a real token,
+            parted as `kw`.
         scale: logit scale.
         capacity: the window C (query t sees history rows t+1 .. t+C).
         num_slots: the real slot count (columns past it are padding).
@@ -64,13 +66,14 @@ def _joint_bwd(scale, capacity, num_slots, config, saved, cotangents):
     f32 = jnp.float32
     delta = jnp.einsum("bthv,bthv->bht", out.astype(f32), dout.astype(f32))
     # Cast once: every kernel feeds it to the tensor cores in this dtype.
-    dout = dout.astype(history_values.dtype)
+    dout = dout.astype(jax.tree.leaves(history_values)[0].dtype)
     dqw, dkw, dvw = window_gradients(qw, kw, history_values, mask, dout, lse,
                                      delta, scale, capacity, config)
     dq, dk, dv, dg, dsk0, dsv0 = slot_gradients(
         slot_residuals, dout, lse, delta, dsk_end, dsv_end, scale, num_slots,
         config)
-    return (dq, dqw, dk, dv, dg, dsk0, dsv0, dkw, dvw, jnp.zeros_like(mask))
+    return (dq, dqw, dk, dv, dg, dsk0, dsv0, dkw, dvw,
+            jax.tree.map(jnp.zeros_like, mask))
 
 
 joint_attention.defvjp(_joint_fwd, _joint_bwd)

@@ -75,10 +75,14 @@ def _core(query, window_query, history, slot_keys, slot_values, *,
     query dtype when there is a window, else float32.
     """
     padded = query.shape[1]
+    if "ring_mask" in history:  # `split_history`: the fed stream is apart
+        window = [(history["ring_" + n], history["window_" + n])
+                  for n in ("keys", "values", "mask")]
+    else:
+        window = [history[n] for n in ("window_keys", "values", "mask")]
     if not num_slots:
-        out, _ = window_attention(window_query, history["window_keys"],
-                                  history["values"], history["mask"], scale,
-                                  capacity, config)
+        out, _ = window_attention(window_query, *window, scale, capacity,
+                                  config)
         return out, slot_keys, slot_values
     if capacity == window_size:
         fed = [history[n][:, :padded] for n in ("keys", "values",
@@ -96,9 +100,7 @@ def _core(query, window_query, history, slot_keys, slot_values, *,
             query, *fed, slot_keys, slot_values, scale, num_slots, config)
         return out, slot_keys, slot_values
     return joint_attention(query, window_query, *fed, slot_keys, slot_values,
-                           history["window_keys"], history["values"],
-                           history["mask"], scale, capacity, num_slots,
-                           config)
+                           *window, scale, capacity, num_slots, config)
 
 
 def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
@@ -144,28 +146,30 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
            "log_forget_gates": log_forget_gate.astype(f32)
            * real[:, :, None, None],
            "mask": real}
-    history = {
-        n: jnp.concatenate([
-            jnp.asarray(state_lib.ring_to_chronological(state[n], start)
-                        ).astype(new[n].dtype), new[n]], axis=1)
-        for n in state_lib.RING_NAMES}
+    ring = {n: jnp.asarray(state_lib.ring_to_chronological(state[n], start)
+                           ).astype(new[n].dtype)
+            for n in state_lib.RING_NAMES}
 
     key_pad, value_pad = padded_size(key_dim), padded_size(value_dim)
     slot_pad = padded_size(num_slots) if num_slots else 0
     # Block sizes are powers of two: the largest is a multiple of the rest.
     blocks = window_blocks(config)
+    history_block = max(cols for _, cols in blocks)
     step = max(config.chunk, *(rows for rows, _ in blocks))
-    padded_length = round_up(length, step)
-    padded_history = round_up(max(capacity + length, padded_length),
-                              max(cols for _, cols in blocks))
     widths = {"keys": key_pad, "window_keys": key_pad, "values": value_pad,
               "log_forget_gates": slot_pad}
-    streams = {}
-    for n, x in history.items():
-        x = pad_axis(x, 1, padded_history)
-        if n in widths:
-            x = pad_axis(x, 3, widths[n])
-        streams[n] = x
+    pad_width = lambda n, x: pad_axis(x, 3, widths[n]) if n in widths else x
+    if config.split_history and capacity:
+        padded_length = round_up(length, max(step, history_block))
+        streams = _split_streams(ring, new, padded_length,
+                                 round_up(capacity, history_block), pad_width)
+    else:
+        padded_length = round_up(length, step)
+        padded_history = round_up(max(capacity + length, padded_length),
+                                  history_block)
+        streams = {n: pad_width(n, pad_axis(jnp.concatenate(
+            [ring[n], new[n]], axis=1), 1, padded_history))
+            for n in state_lib.RING_NAMES}
     queries = [pad_axis(pad_axis(x, 1, padded_length), 3, key_pad)
                for x in (query, window_query)]
     slot_keys = pad_axis(pad_axis(state["slot_keys"].astype(f32), 2,
@@ -189,7 +193,35 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
         "position": end,
     }
     for n in state_lib.RING_NAMES:
-        last = history[n][:, length:]
+        # The last C rows of ring ++ new.
+        last = jnp.concatenate([ring[n][:, min(length, capacity):],
+                                new[n][:, max(length - capacity, 0):]],
+                               axis=1)
         new_state[n] = jnp.asarray(state_lib.chronological_to_ring(
             last, end)).astype(state[n].dtype)
     return output, new_state
+
+
+def _split_streams(ring, new, padded_length, ring_rows, pad_width):
+    """`pallas_nha`'s streams with `KernelConfig.split_history`.
+
+    The slots' fed stream (ring ++ new, its first `padded_length` rows:
+    "keys", "values", "log_forget_gates") is one copy; the window reads the
+    new tokens in place ("window_keys", "window_values", "mask", padded to
+    `padded_length` rows: no copy when T is a whole number of blocks) and
+    the ring apart ("ring_keys", "ring_values", "ring_mask"), front-padded
+    to `ring_rows` rows (masked) so that both parts are whole blocks.
+    """
+    streams = {}
+    for n in ("keys", "values", "log_forget_gates"):
+        fed = jnp.concatenate([ring[n], new[n]], axis=1)[:, :padded_length]
+        streams[n] = pad_width(n, pad_axis(fed, 1, padded_length))
+    for n, name in (("window_keys", "keys"), ("values", "values"),
+                    ("mask", "mask")):
+        front = ring_rows - ring[n].shape[1]
+        widths = [(0, 0)] * ring[n].ndim
+        widths[1] = (front, 0)
+        streams["ring_" + name] = pad_width(n, jnp.pad(ring[n], widths))
+        streams["window_" + name] = pad_width(n, pad_axis(new[n], 1,
+                                                          padded_length))
+    return streams

@@ -23,20 +23,30 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-_HISTORY = ("keys", "window_keys", "values", "log_forget_gates", "mask")
-# Shardy factors of each operand and result of the flat core: "b" batch,
-# "c" kv heads (both split as the first operand is); the rest replicated.
-_ARG_FACTORS = ("b t c g k", "b t c g k", "b l c k", "b l c k", "b l c v",
-                "b l c m", "b l", "b c k m", "b c m v")
+# Shardy factors of each history stream the core may take (`sequence.py`):
+# "b" batch, "c" kv heads (both split as the first operand is); the rest
+# replicated ("l" the history or fed stream, "r" the ring part's rows).
+_HISTORY = {"keys": "b l c k", "window_keys": "b l c k", "values": "b l c v",
+            "log_forget_gates": "b l c m", "mask": "b l",
+            "window_values": "b l c v", "ring_keys": "b r c k",
+            "ring_values": "b r c v", "ring_mask": "b r"}
 _OUT_FACTORS = ("b t c g v", "b c k m", "b c m v")
 
 
-def _flat(core, static):
-    """The core on flat, grouped operands: `(q, qw, *history, sk, sv)`."""
-    def run(q, qw, k, kw, v, g, mask, sk, sv):
+def _arg_factors(names):
+    """Factors of the flat core's operands: queries, `names`, memory."""
+    return (("b t c g k", "b t c g k") + tuple(_HISTORY[n] for n in names)
+            + ("b c k m", "b c m v"))
+
+
+def _flat(core, static, names):
+    """The core on flat, grouped operands: `(q, qw, *history, sk, sv)`, the
+    history streams being `names` in order."""
+    def run(q, qw, *operands):
+        *streams, sk, sv = operands
         batch, length, kv_heads, groups, key_dim = q.shape
         heads = (batch, length, kv_heads * groups, key_dim)
-        history = dict(zip(_HISTORY, (k, kw, v, g, mask)))
+        history = dict(zip(names, streams))
         out, sk, sv = core(q.reshape(heads), qw.reshape(heads), history, sk,
                            sv, **static)
         return out.reshape(q.shape[:4] + out.shape[-1:]), sk, sv
@@ -123,32 +133,37 @@ def per_shard(core, **static):
     """
     if jax.device_count() == 1:
         return functools.partial(core, **static)
-    run = _flat(core, static)
-    forward = _partitioned(run, _ARG_FACTORS, _OUT_FACTORS)
-    num_args = len(_ARG_FACTORS)
 
-    def backward_fn(*operands):
-        primals, cotangents = operands[:num_args], operands[num_args:]
-        return jax.vjp(run, *primals)[1](tuple(cotangents))
+    def sharded_core(names):
+        run = _flat(core, static, names)
+        arg_factors = _arg_factors(names)
+        forward = _partitioned(run, arg_factors, _OUT_FACTORS)
+        num_args = len(arg_factors)
 
-    backward = _partitioned(backward_fn, _ARG_FACTORS + _OUT_FACTORS,
-                            _ARG_FACTORS)
+        def backward_fn(*operands):
+            primals, cotangents = operands[:num_args], operands[num_args:]
+            return jax.vjp(run, *primals)[1](tuple(cotangents))
 
-    @jax.custom_vjp
-    def sharded(*operands):
-        return forward(*operands)
+        backward = _partitioned(backward_fn, arg_factors + _OUT_FACTORS,
+                                arg_factors)
 
-    sharded.defvjp(lambda *operands: (forward(*operands), operands),
-                   lambda operands, cotangents: backward(*operands,
-                                                         *cotangents))
+        @jax.custom_vjp
+        def sharded(*operands):
+            return forward(*operands)
+
+        sharded.defvjp(lambda *operands: (forward(*operands), operands),
+                       lambda operands, cotangents: backward(*operands,
+                                                             *cotangents))
+        return sharded
 
     def call(query, window_query, history, slot_keys, slot_values):
         batch, length, heads, key_dim = query.shape
         kv_heads = history["keys"].shape[2]
         grouped = (batch, length, kv_heads, heads // kv_heads, key_dim)
-        out, slot_keys, slot_values = sharded(
+        names = tuple(n for n in _HISTORY if n in history)
+        out, slot_keys, slot_values = sharded_core(names)(
             query.reshape(grouped), window_query.reshape(grouped),
-            *[history[n] for n in _HISTORY], slot_keys, slot_values)
+            *[history[n] for n in names], slot_keys, slot_values)
         return (out.reshape(batch, length, heads, out.shape[-1]), slot_keys,
                 slot_values)
 

@@ -225,16 +225,25 @@ def _slot_softmax(z, num_slots, scale):
     return weights / total[:, None], top + jnp.log(total)
 
 
-def _branch(factored, ok, fast, exact):
-    """`fast()` where `ok` allows it (a traced scalar), else `exact()`."""
+def _branch(factored, ok, fast, exact, branch="both"):
+    """`fast()` where `ok` allows it (a traced scalar), else `exact()`.
+
+    `branch` "fast" / "exact" runs only that side (for the chunks it
+    serves): the two halves of `KernelConfig.exact_pass`.
+    """
     if not factored:
         exact()
-        return
-    lax.cond(ok, fast, exact)
+    elif branch == "both":
+        lax.cond(ok, fast, exact)
+    elif branch == "fast":
+        pl.when(ok)(fast)
+    else:
+        pl.when(jnp.logical_not(ok))(exact)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
-                    lse_ref, *, scale, num_slots, chunk, sub, diag, factored):
+                    lse_ref, *, scale, num_slots, chunk, sub, diag, factored,
+                    branch="both"):
     program = pl.program_id(0)
     blocks = q_ref.shape[0] // sub
     dtype = v_ref.dtype
@@ -269,12 +278,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
                             dtype)).astype(o_ref.dtype)
 
     _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
-            fast, exact)
+            fast, exact, branch)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
                lse_ref, delta_ref, dq_ref, dz_ref, p_ref, x_ref, *, scale,
-               num_slots, chunk, sub, diag, factored):
+               num_slots, chunk, sub, diag, factored, branch="both"):
     program = pl.program_id(0)
     blocks = q_ref.shape[0] // sub
     dtype = q_ref.dtype
@@ -325,12 +334,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
         dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
     _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
-            fast, exact)
+            fast, exact, branch)
 
 
 def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
                 dz_ref, p_ref, do_ref, dk_ref, dv_ref, ds_ref, *, scale, chunk,
-                sub, groups, diag, factored):
+                sub, groups, diag, factored, branch="both"):
     program = pl.program_id(0)
     blocks = k_ref.shape[0] // sub
 
@@ -384,7 +393,7 @@ def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
         ds_ref[...] = ds + inside * jnp.exp(-gc)
 
     _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
-            fast, exact)
+            fast, exact, branch)
 
 
 def _dkv_block(k, v, gcb, s, start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
@@ -456,7 +465,8 @@ def _dkv_block(k, v, gcb, s, start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
 
 
 def _side_kernel(x_ref, gcb_ref, s_ref, gc_ref, l_ref, r_ref, w_ref, dx_ref,
-                 ds_ref, *, scale, chunk, sub, groups, diag, factored, keys):
+                 ds_ref, *, scale, chunk, sub, groups, diag, factored, keys,
+                 branch="both"):
     """One side of `_dkv_kernel` (`split_dkv`): the keys (x = k, l = dL/dSk
     `[K, M]`, readers q, weights scale * dz) or the values (x = v, l =
     dL/dSv `[M, V]`, readers dout, weights p). Gives dx and that side's
@@ -547,7 +557,7 @@ def _side_kernel(x_ref, gcb_ref, s_ref, gc_ref, l_ref, r_ref, w_ref, dx_ref,
         ds_ref[...] = ds + inside * jnp.exp(-gc)
 
     _branch(factored, _factored_ok(gc_ref, chunk) if factored else None,
-            fast, exact)
+            fast, exact, branch)
 
 
 def _chunk_gates(gc_ref, s_ref, n, chunk):
@@ -1007,12 +1017,42 @@ def _factored(config, dtype):
             and dtype != jnp.float16)
 
 
-def _reader_kernel(kernel, q, scale, num_slots, config):
-    """A reader-side kernel (forward or dq) bound to its static options."""
+def _reader_kernel(kernel, scale, num_slots, config):
+    """A reader-side kernel (forward or dq) bound to its static options
+    (but `factored`, which `_slot_call` passes)."""
     return functools.partial(kernel, scale=scale, num_slots=num_slots,
                              chunk=config.chunk, sub=config.sub,
-                             diag=config.diag,
-                             factored=_factored(config, q.dtype))
+                             diag=config.diag)
+
+
+def _slot_call(kernel, args, *, factored, config, out_specs, out_shape,
+               in_specs, **options):
+    """`pl.pallas_call` of a chunk-program kernel (its `branch` option free).
+
+    With `config.exact_pass` and factored products, two calls: one runs
+    the factored products in the chunks that allow them, a second (which
+    takes the first's outputs as its own, aliased) the exact terms in the
+    rest. Each kernel then holds one side's registers and shared memory
+    instead of both; the second call's programs mostly return at once.
+    """
+    kernel = functools.partial(kernel, factored=factored)
+    if not (factored and config.exact_pass):
+        return pl.pallas_call(
+            functools.partial(kernel, branch="both"), in_specs=in_specs,
+            out_specs=out_specs, out_shape=out_shape, **options)(*args)
+    first = pl.pallas_call(
+        functools.partial(kernel, branch="fast"), in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, **options)(*args)
+    count = len(args)
+
+    def exact(*refs):  # refs: args, the aliased outputs as inputs, outputs
+        kernel(*refs[:count], *refs[count + len(first):], branch="exact")
+
+    return pl.pallas_call(
+        exact, in_specs=list(in_specs) + list(out_specs),
+        out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases={count + i: i for i in range(len(first))},
+        **options)(*args, *first)
 
 
 def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
@@ -1021,8 +1061,10 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
     groups, rows = heads // kv_heads, _program_rows(config)
-    return pl.pallas_call(
-        _reader_kernel(_forward_kernel, q, scale, num_slots, config),
+    return _slot_call(
+        _reader_kernel(_forward_kernel, scale, num_slots, config),
+        (q, k, v, gc, s, sk, sv), factored=_factored(config, q.dtype),
+        config=config,
         grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
         out_specs=[_rows(rows, value_dim),
@@ -1035,8 +1077,7 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
             jax.ShapeDtypeStruct((batch, heads, length), _F32)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
-        name="nha_slot_forward",
-    )(q, k, v, gc, s, sk, sv)
+        name="nha_slot_forward")
 
 
 def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
@@ -1095,8 +1136,10 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
     per_query = lambda dim, dtype=_F32: jax.ShapeDtypeStruct(
         (batch, length, heads, dim), dtype)
     by_rows = pl.BlockSpec((None, None, rows), lambda j, b, h: (b, h, j))
-    return pl.pallas_call(
-        _reader_kernel(_dq_kernel, q, scale, num_slots, config),
+    return _slot_call(
+        _reader_kernel(_dq_kernel, scale, num_slots, config),
+        (q, k, v, gc, s, sk, sv, dout, lse, delta),
+        factored=_factored(config, q.dtype), config=config,
         grid=(length // rows, batch, heads),
         in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
         + [_rows(rows, value_dim), by_rows, by_rows],
@@ -1110,8 +1153,7 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
         + [per_query(slots)],
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
-        name="nha_slot_dq",
-    )(q, k, v, gc, s, sk, sv, dout, lse, delta)
+        name="nha_slot_dq")
 
 
 def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
@@ -1135,14 +1177,15 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
         (batch, length, kv_heads, dim), dtype)
     params = compiler_params(config.dkv_warps or config.num_warps,
                              config.num_stages)
+    factored = _factored(config, k.dtype)
     if config.split_dkv:
         def side(x, l, r, w, keys):
             dim = x.shape[-1]
-            return pl.pallas_call(
+            return _slot_call(
                 functools.partial(
                     _side_kernel, scale=scale, chunk=chunk, sub=config.sub,
-                    groups=groups, diag=config.diag,
-                    factored=_factored(config, k.dtype), keys=keys),
+                    groups=groups, diag=config.diag, keys=keys),
+                (x, gc, s, gc, l, r, w), factored=factored, config=config,
                 grid=(length // rows, batch, kv_heads),
                 in_specs=[_rows(rows, dim), _rows(rows, slots),
                           _rows(rows, slots), _rows(chunk, slots, per=per),
@@ -1152,16 +1195,16 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
                 out_shape=[per_kv(dim, x.dtype), per_kv(slots)],
                 compiler_params=params,
                 interpret=config.interpret,
-                name="nha_slot_dk" if keys else "nha_slot_dv",
-            )(x, gc, s, gc, l, r, w)
+                name="nha_slot_dk" if keys else "nha_slot_dv")
 
         dk, ds_keys = side(k, lk, q, dz, True)
         dv, ds_values = side(v, lv, dout, p, False)
         return dk, dv, (ds_keys, ds_values)
-    return pl.pallas_call(
+    return _slot_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
-                          sub=config.sub, groups=groups, diag=config.diag,
-                          factored=_factored(config, k.dtype)),
+                          sub=config.sub, groups=groups, diag=config.diag),
+        (k, v, gc, s, gc, lk, lv, q, dz, p, dout), factored=factored,
+        config=config,
         grid=(length // rows, batch, kv_heads),
         in_specs=[_rows(rows, key_dim), _rows(rows, value_dim),
                   _rows(rows, slots), _rows(rows, slots),
@@ -1175,8 +1218,7 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
                    per_kv(slots)],
         compiler_params=params,
         interpret=config.interpret,
-        name="nha_slot_dkv",
-    )(k, v, gc, s, gc, lk, lv, q, dz, p, dout)
+        name="nha_slot_dkv")
 
 
 def _slot_bwd(scale, num_slots, config, saved, cotangents):

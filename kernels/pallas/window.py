@@ -8,6 +8,13 @@ returns NHA's joint output and lse directly (no merge pass); its VJP is
 flash attention's over the joint softmax (`delta = rowsum(o * do) - dlse`)
 plus the cotangents of the seed.
 
+The history may come in two parts (`kw`, `v` and `mask` as `(ring, new)`
+tuples, `KernelConfig.split_history`): the ring, front-padded to a whole
+number of blocks, and the new tokens themselves, so that no copy of the
+new keys and values is ever made. Query t then sees history rows t+s+1 ..
+t+s+C with s the ring part's front padding; the kernels walk each part's
+blocks with that part's refs.
+
 Layouts stay Keras' `[B, T, H, D]`; the kv head of query head h is
 `h // groups` through the index maps (no repeated keys or values). Inputs
 must already be padded: T to a multiple of every query block size of
@@ -39,24 +46,39 @@ def _visible(rows, cols, capacity, key_mask):
             & (key_mask[None, :] > 0))
 
 
+def _part_blocks(parts, block_k):
+    """`(first history block, block count)` of each history part."""
+    spans, first = [], 0
+    for rows in parts:
+        spans.append((first, rows // block_k))
+        first += rows // block_k
+    return tuple(spans)
+
+
 class _QueryBlock:
     """A program's query rows and the history blocks inside their windows.
+
+    `refs` holds `(k_ref, v_ref, mask_ref)` per history part, `spans` each
+    part's `(first block, block count)`, `shift` the rows by which query t's
+    window starts after history row t.
     """
 
-    def __init__(self, k_ref, v_ref, mask_ref, *, scale, capacity, block_q,
-                 block_k, key_blocks):
+    def __init__(self, refs, spans, *, scale, capacity, shift, block_q,
+                 block_k):
         start = pl.program_id(0) * block_q
-        self.refs = (k_ref, v_ref, mask_ref)
-        self.rows = start + irange(block_q)
+        self.refs, self.spans = refs, spans
+        self.rows = start + shift + irange(block_q)
         self.scale, self.capacity, self.block_k = scale, capacity, block_k
-        self.first = idiv(start + 1, block_k)
-        self.last = jnp.minimum(idiv(start + block_q + capacity + block_k - 1,
-                                     block_k), key_blocks)
+        self.first = idiv(start + shift + 1, block_k)
+        self.last = jnp.minimum(
+            idiv(start + shift + block_q + capacity + block_k - 1, block_k),
+            spans[-1][0] + spans[-1][1])
 
-    def scores(self, q, j):
-        """History block j: keys, values, base-2 logits, visibility."""
-        k_ref, v_ref, mask_ref = self.refs
-        keys = pl.ds(j * self.block_k, self.block_k)
+    def scores(self, q, j, part):
+        """History block j (of part `part`): keys, values, base-2 logits,
+        visibility."""
+        k_ref, v_ref, mask_ref = self.refs[part]
+        keys = pl.ds((j - self.spans[part][0]) * self.block_k, self.block_k)
         k = k_ref[keys, :]
         v = v_ref[keys, :]
         logits = dot(q, k, trans_b=True) * (self.scale * LOG2E)
@@ -64,21 +86,35 @@ class _QueryBlock:
                            self.capacity, mask_ref[keys])
         return k, v, logits, visible
 
+    def loop(self, body, carry):
+        """`body(j, part, carry)` over the visible blocks, part by part."""
+        for part, (first, count) in enumerate(self.spans):
+            carry = loop(jnp.maximum(self.first, first),
+                         jnp.minimum(self.last, first + count),
+                         functools.partial(body, part=part), carry)
+        return carry
 
-def _forward_kernel(q_ref, k_ref, v_ref, mask_ref, *refs, scale, capacity,
-                    block_q, block_k, key_blocks, seeded):
+
+def _split_refs(refs, parts):
+    """`((k_ref, v_ref, mask_ref) per part, the other refs)`."""
+    grouped = tuple(tuple(refs[3 * i:3 * i + 3]) for i in range(parts))
+    return grouped, refs[3 * parts:]
+
+
+def _forward_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
+                    spans, seeded):
+    history, refs = _split_refs(refs, len(spans))
     if seeded:
         prior_o_ref, prior_lse_ref, o_ref, lse_ref = refs
     else:
         o_ref, lse_ref = refs
     q = q_ref[...]
-    block = _QueryBlock(k_ref, v_ref, mask_ref, scale=scale,
-                        capacity=capacity, block_q=block_q, block_k=block_k,
-                        key_blocks=key_blocks)
+    block = _QueryBlock(history, spans, scale=scale, capacity=capacity,
+                        shift=shift, block_q=block_q, block_k=block_k)
 
-    def body(j, carry):
+    def body(j, carry, part):
         acc, top, total = carry
-        _, v, logits, visible = block.scores(q, j)
+        _, v, logits, visible = block.scores(q, j, part)
         logits = jnp.where(visible, logits, MASKED)
         new_top = jnp.maximum(top, jnp.max(logits, axis=1))
         correction = jnp.exp2(top - new_top)
@@ -92,48 +128,50 @@ def _forward_kernel(q_ref, k_ref, v_ref, mask_ref, *refs, scale, capacity,
         top = prior_lse_ref[...] * LOG2E
         total = jnp.ones((block_q,), jnp.float32)
     else:
-        acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
+        acc = jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32)
         top = jnp.full((block_q,), -jnp.inf, jnp.float32)
         total = jnp.zeros((block_q,), jnp.float32)
-    acc, top, total = loop(block.first, block.last, body, (acc, top, total))
+    acc, top, total = block.loop(body, (acc, top, total))
     o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (top + jnp.log2(total)) * LN2
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, scale, capacity, block_q, block_k, key_blocks):
+def _dq_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
+               spans):
+    history, (do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(refs,
+                                                                len(spans))
     q = q_ref[...]
     do = do_ref[...].astype(q.dtype)
     lse = lse_ref[...] * LOG2E
     delta = delta_ref[...]
-    block = _QueryBlock(k_ref, v_ref, mask_ref, scale=scale,
-                        capacity=capacity, block_q=block_q, block_k=block_k,
-                        key_blocks=key_blocks)
+    block = _QueryBlock(history, spans, scale=scale, capacity=capacity,
+                        shift=shift, block_q=block_q, block_k=block_k)
 
-    def body(j, dq):
-        k, v, logits, visible = block.scores(q, j)
+    def body(j, dq, part):
+        k, v, logits, visible = block.scores(q, j, part)
         probs = jnp.where(visible, jnp.exp2(logits - lse[:, None]), 0.0)
         dprobs = dot(do, v.astype(do.dtype), trans_b=True)
         dlogits = probs * (dprobs - delta[:, None])
         return dq + dot(dlogits.astype(k.dtype), k)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = loop(block.first, block.last, body, dq)
+    dq = block.loop(body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, scale, capacity, block_q, block_k,
-                query_blocks, groups):
-    start = pl.program_id(0) * block_k
+                dk_ref, dv_ref, *, scale, capacity, shift, block_q, block_k,
+                first_block, query_blocks, groups):
+    # The program's history rows, counted from the first part's first row.
+    start = (pl.program_id(0) + first_block) * block_k
     k = k_ref[...]
     v = v_ref[...]
     cols = start + irange(block_k)
     key_mask = mask_ref[...]
-    # Queries t with t + 1 <= col <= t + capacity.
-    first = idiv(jnp.maximum(start - capacity, 0), block_q)
-    last = jnp.minimum(idiv(start + block_k - 1 + block_q - 1, block_q),
-                       query_blocks)
+    # Queries t with t + shift + 1 <= col <= t + shift + capacity (none
+    # for the ring's front padding: the last bound's division truncates).
+    first = idiv(jnp.maximum(start - shift - capacity, 0), block_q)
+    last = jnp.minimum(idiv(start - shift + block_k - 1 + block_q - 1,
+                            block_q), query_blocks)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     for g in range(groups):
@@ -144,7 +182,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
             do = do_ref[queries, g, :].astype(q.dtype)
             lse = lse_ref[g, queries] * LOG2E
             delta = delta_ref[g, queries]
-            rows = i * block_q + irange(block_q)
+            rows = i * block_q + shift + irange(block_q)
             logits = dot(k, q, trans_b=True) * (scale * LOG2E)  # [keys, q]
             visible = ((cols[:, None] > rows[None, :])
                        & (cols[:, None] <= rows[None, :] + capacity)
@@ -160,34 +198,58 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _query_block_specs(block_q, history, key_dim, value_dim, groups):
+def _parts(x):
+    """The history parts of `x`: a `(ring, new)` tuple or one array."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _shift(kw, capacity):
+    """Rows between query t's own history row and t + capacity: the ring
+    part's front padding (0 for one part)."""
+    parts = _parts(kw)
+    return parts[0].shape[1] - capacity if len(parts) > 1 else 0
+
+
+def _history_inputs(kw, v, mask):
+    """`(k, v, mask)` per part, flat, and each part's row count."""
+    parts = list(zip(_parts(kw), _parts(v), _parts(mask)))
+    return [x for part in parts for x in part], [k.shape[1] for k, _, _ in
+                                                 parts]
+
+
+def _query_block_specs(block_q, rows_per_part, key_dim, value_dim, groups):
     """Specs for programs (query block, batch, head): `rows(dim)` (the
     block's rows of a `[B, T, H, dim]` array), `per_row` (its entries of a
-    `[B, H, T]` array) and the inputs `[q, k, v, mask]` (the whole history
-    of the head's kv head)."""
+    `[B, H, T]` array) and the inputs `[q, (k, v, mask) per part]` (each
+    part's whole history of the head's kv head)."""
     rows = lambda dim: pl.BlockSpec((None, block_q, None, dim),
                                     lambda i, b, h: (b, i, h, 0))
-    history_rows = lambda dim: pl.BlockSpec(
+    history_rows = lambda history, dim: pl.BlockSpec(
         (None, history, None, dim), lambda i, b, h: (b, 0, h // groups, 0))
     per_row = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
-    inputs = [rows(key_dim), history_rows(key_dim), history_rows(value_dim),
-              pl.BlockSpec((None, history), lambda i, b, h: (b, 0))]
+    inputs = [rows(key_dim)]
+    for history in rows_per_part:
+        inputs += [history_rows(history, key_dim),
+                   history_rows(history, value_dim),
+                   pl.BlockSpec((None, history), lambda i, b, h: (b, 0))]
     return rows, per_row, inputs
 
 
 def window_forward(qw, kw, v, mask, prior, scale, capacity, config):
     """The forward kernel: `(out in qw's dtype, lse f32)`; `prior`, if given,
-    is `(out_s f32, lse_s f32)` seeding the online softmax."""
+    is `(out_s f32, lse_s f32)` seeding the online softmax. `kw`, `v` and
+    `mask` are arrays or `(ring, new)` tuples (module docstring)."""
     batch, length, heads, key_dim = qw.shape
-    history, kv_heads, value_dim = kw.shape[1], kw.shape[2], v.shape[-1]
+    history, rows_per_part = _history_inputs(kw, v, mask)
+    kv_heads, value_dim = history[0].shape[2], history[1].shape[-1]
     groups = heads // kv_heads
     block_q, block_k = config.block_q, config.block_k
     kernel = functools.partial(
-        _forward_kernel, scale=scale, capacity=capacity, block_q=block_q,
-        block_k=block_k, key_blocks=history // block_k,
-        seeded=prior is not None)
-    rows, per_row, inputs = _query_block_specs(block_q, history, key_dim,
-                                               value_dim, groups)
+        _forward_kernel, scale=scale, capacity=capacity,
+        shift=_shift(kw, capacity), block_q=block_q, block_k=block_k,
+        spans=_part_blocks(rows_per_part, block_k), seeded=prior is not None)
+    rows, per_row, inputs = _query_block_specs(block_q, rows_per_part,
+                                               key_dim, value_dim, groups)
     return pl.pallas_call(
         kernel,
         grid=(length // block_q, batch, heads),
@@ -202,29 +264,32 @@ def window_forward(qw, kw, v, mask, prior, scale, capacity, config):
         compiler_params=compiler_params(config.num_warps, config.num_stages),
         interpret=config.interpret,
         name="nha_window_forward",
-    )(qw, kw, v, mask, *(() if prior is None else prior))
+    )(qw, *history, *(() if prior is None else prior))
 
 
 def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
                      config):
-    """dq, dk, dv in the inputs' dtypes (accumulated in float32; storing
-    them narrow saves a float32 round trip through memory).
+    """dq, dk, dv in the inputs' dtypes (accumulated in f32 inside; storing
+    them narrow saves a float32 round trip through memory); dk and dv are
+    `(ring, new)` tuples when the history is.
 
     Probabilities are exp(logit - lse) and logit gradients p * (dp - delta)
     with dp from `do` (in the inputs' dtype): with the joint NHA lse, delta
     and output cotangent, this is the joint softmax's gradient.
     """
     batch, length, heads, key_dim = qw.shape
-    history, kv_heads, value_dim = kw.shape[1], kw.shape[2], v.shape[-1]
+    history, rows_per_part = _history_inputs(kw, v, mask)
+    kv_heads, value_dim = history[0].shape[2], history[1].shape[-1]
     groups = heads // kv_heads
+    shift = _shift(kw, capacity)
     _, (block_q, block_k), (dkv_block_q, dkv_block_k) = window_blocks(config)
     params = compiler_params(config.num_warps, config.num_stages)
-    rows, per_row, inputs = _query_block_specs(block_q, history, key_dim,
-                                               value_dim, groups)
+    rows, per_row, inputs = _query_block_specs(block_q, rows_per_part,
+                                               key_dim, value_dim, groups)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, capacity=capacity,
-                          block_q=block_q, block_k=block_k,
-                          key_blocks=history // block_k),
+                          shift=shift, block_q=block_q, block_k=block_k,
+                          spans=_part_blocks(rows_per_part, block_k)),
         grid=(length // block_q, batch, heads),
         in_specs=inputs + [rows(value_dim), per_row, per_row],
         out_specs=rows(key_dim),
@@ -232,39 +297,37 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
         compiler_params=params,
         interpret=config.interpret,
         name="nha_window_dq",
-    )(qw, kw, v, mask, do, lse, delta)
+    )(qw, *history, do, lse, delta)
     block_q, block_k = dkv_block_q, dkv_block_k
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, capacity=capacity,
-                          block_q=block_q, block_k=block_k,
-                          query_blocks=length // block_q, groups=groups),
-        grid=(history // block_k, batch, kv_heads),
-        in_specs=[
-            pl.BlockSpec((None, length, groups, key_dim),
-                         lambda j, b, c: (b, 0, c, 0)),
-            pl.BlockSpec((None, block_k, None, key_dim),
-                         lambda j, b, c: (b, j, c, 0)),
-            pl.BlockSpec((None, block_k, None, value_dim),
-                         lambda j, b, c: (b, j, c, 0)),
-            pl.BlockSpec((None, block_k), lambda j, b, c: (b, j)),
-            pl.BlockSpec((None, length, groups, value_dim),
-                         lambda j, b, c: (b, 0, c, 0)),
-            pl.BlockSpec((None, groups, length), lambda j, b, c: (b, c, 0)),
-            pl.BlockSpec((None, groups, length), lambda j, b, c: (b, c, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, block_k, None, key_dim),
-                         lambda j, b, c: (b, j, c, 0)),
-            pl.BlockSpec((None, block_k, None, value_dim),
-                         lambda j, b, c: (b, j, c, 0)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(kw.shape, kw.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params,
-        interpret=config.interpret,
-        name="nha_window_dkv",
-    )(qw, kw, v, mask, do, lse, delta)
-    return dq, dk, dv
+    by_group = lambda dim: pl.BlockSpec((None, length, groups, dim),
+                                        lambda j, b, c: (b, 0, c, 0))
+    per_group = pl.BlockSpec((None, groups, length), lambda j, b, c: (b, c, 0))
+    by_block = lambda dim: pl.BlockSpec((None, block_k, None, dim),
+                                        lambda j, b, c: (b, j, c, 0))
+    grads = []
+    for (first, count), (part_k, part_v, part_mask) in zip(
+            _part_blocks(rows_per_part, block_k),
+            zip(history[0::3], history[1::3], history[2::3])):
+        grads.append(pl.pallas_call(
+            functools.partial(_dkv_kernel, scale=scale, capacity=capacity,
+                              shift=shift, block_q=block_q, block_k=block_k,
+                              first_block=first,
+                              query_blocks=length // block_q, groups=groups),
+            grid=(count, batch, kv_heads),
+            in_specs=[by_group(key_dim), by_block(key_dim),
+                      by_block(value_dim),
+                      pl.BlockSpec((None, block_k), lambda j, b, c: (b, j)),
+                      by_group(value_dim), per_group, per_group],
+            out_specs=[by_block(key_dim), by_block(value_dim)],
+            out_shape=[jax.ShapeDtypeStruct(part_k.shape, part_k.dtype),
+                       jax.ShapeDtypeStruct(part_v.shape, part_v.dtype)],
+            compiler_params=params,
+            interpret=config.interpret,
+            name="nha_window_dkv",
+        )(qw, part_k, part_v, part_mask, do, lse, delta))
+    if len(grads) == 1:
+        return (dq,) + tuple(grads[0])
+    return dq, tuple(dk for dk, _ in grads), tuple(dv for _, dv in grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -273,11 +336,14 @@ def window_attention(qw, kw, v, mask, scale, capacity, config):
 
     Args:
         qw: `[B, T, H, K]` window queries.
-        kw: `[B, L, Hkv, K]` history window keys (L >= T + capacity).
-        v: `[B, L, Hkv, V]` history values.
-        mask: `[B, L]` float, 1 where the history row is a real token.
+        kw: `[B, L, Hkv, K]` history window keys (L >= T + capacity), or
+            `(ring, new)` parts (module docstring).
+        v: `[B, L, Hkv, V]` history values, parted as `kw`.
+        mask: `[B, L]` float, 1 where the history row is a real token,
+            parted as `kw`.
         scale: logit scale.
-        capacity: the window C (query t sees rows t+1 .. t+C).
+        capacity: the window C (query t sees rows t+1 .. t+C, after the
+            ring part's front padding with parts).
         config: a `KernelConfig` (block sizes, warps, interpret).
 
     Returns:
@@ -298,9 +364,10 @@ def _window_bwd(scale, capacity, config, residuals, cotangents):
                        dout.astype(jnp.float32)) - dlse
     # The kernels feed dout to the tensor cores in the input dtype: casting
     # once here halves what every program that re-reads it loads.
-    dq, dk, dv = window_gradients(qw, kw, v, mask, dout.astype(v.dtype), lse,
+    dq, dk, dv = window_gradients(qw, kw, v, mask,
+                                  dout.astype(_parts(v)[0].dtype), lse,
                                   delta, scale, capacity, config)
-    return dq, dk, dv, jnp.zeros_like(mask)
+    return dq, dk, dv, jax.tree.map(jnp.zeros_like, mask)
 
 
 window_attention.defvjp(_window_fwd, _window_bwd)
