@@ -3,11 +3,12 @@
 #
 # Most important rows first, each appended to $JOB_OUT/rows.jsonl as soon as
 # it is measured, so a job cut off by the round's time limit keeps them.
-# 1. The GPU check, cases named in PALLAS_CASES (default: those the
-#    session-4 defaults change first), for at most PALLAS_CHECK_S seconds
-#    (0: skip).
-# 2. Its bf16 GQA and strong-gates cases under PALLAS_CANDIDATE, if set.
-# 3. The benchmark steps PALLAS_STEPS for at most PALLAS_BENCH_S seconds.
+# 1. The GPU check, cases named in PALLAS_CASES, for at most PALLAS_CHECK_S
+#    seconds (0: skip).
+# 2. Its cases PALLAS_CANDIDATE_CASES under the KernelConfig changes
+#    PALLAS_CANDIDATE (default: this session's new switches), if set.
+# 3. The benchmark steps PALLAS_STEPS for the rest of the job's time
+#    ($JOB_LIMIT_S), or PALLAS_BENCH_S seconds.
 # The table and plot can be redrawn from rows.jsonl if the job is cut off.
 set -u
 export KERAS_BACKEND=jax
@@ -45,7 +46,8 @@ echo "benchmark budget ${bench_s}s"
 timeout -k 5 "$bench_s" python3 benchmarks/pallas_benchmark.py \
   --part jax --steps $steps --jsonl "$out/rows.jsonl" > /dev/null
 echo "benchmark rc=$?"
-# The Triton job runs right before this one on the same GPU.
+# The Triton job's own rows (another GPU of the same host since s4r2); the
+# "triton (same job)" rows above are the ratio of record.
 triton_json=$out/../triton/triton_benchmark.json
 extra=()
 [ -f "$triton_json" ] && extra=(--triton-json "$triton_json")
