@@ -59,16 +59,18 @@ class _Config:
     def slot_output_dtype(self, dtype, backward=False):
         """Storage dtype of the slot-only output the window kernel starts
         from (`low_slot_out`), or with `backward` of the slot probabilities
-        and logit gradients (`low_slot_grads`): the input's with 16-bit
-        inputs."""
+        and logit gradients (`low_slot_grads`): the input's dtype for
+        bfloat16 inputs, and for float16 ones the output's."""
         low = (self.blocks.low_slot_grads if backward
                else self.blocks.low_slot_out)
         if low == 2 and (self.capacity or backward):
             # With W = 0 the slot output is the output itself: kept.
             return torch.bfloat16
-        if low and dtype in (torch.bfloat16, torch.float16):
-            return dtype
-        return torch.float32
+        # Gradients stay fp32 for float16 inputs: a loss-scaled dz could
+        # pass float16's range (bfloat16 has float32's).
+        sixteen = (torch.bfloat16,) if backward else (torch.bfloat16,
+                                                      torch.float16)
+        return dtype if low and dtype in sixteen else torch.float32
 
     @property
     def feeds(self):
