@@ -58,6 +58,9 @@ SEQUENCE_CASES.update({
     # walked chunk by chunk (GQA: the adjoints' decays per kv head).
     "W11-M8-scan-steps": dict(window_size=11, num_slots=8,
                               blocks="chunk=16,scan=64,scan_unroll=2"),
+    "W11-M8-scan-steps-auto-block": dict(
+        window_size=11, num_slots=8, heads=4, kv_heads=2,
+        blocks="chunk=16,scan=0,scan_unroll=2,scan_warps=1"),
     "W11-M8-gqa2x4-scan-walk": dict(window_size=11, num_slots=8, heads=4,
                                     kv_heads=2, padding=True, batch=2,
                                     blocks="chunk=16,scan=64,scan_walk=1"),

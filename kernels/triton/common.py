@@ -71,7 +71,7 @@ class Blocks:
     # The scan runs along the chunk axis of a [scan_unroll, scan] tile: it
     # stays in each thread's registers only when `scan` spans every thread
     # of every warp (scan = scan_warps x 32 x 8 for bf16 states, x 4 for
-    # fp32); else it crosses warps through shared memory.
+    # fp32); else it crosses warps through shared memory. 0: that size.
     scan: int = 256
     scan_unroll: int = 16
     scan_warps: int = 4

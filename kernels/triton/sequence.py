@@ -108,6 +108,15 @@ def _tile(width, num_slots):
     return min(full, max(16, 8192 // common.pow2(num_slots)))
 
 
+def _scan_block(blocks, states):
+    """State elements per chunk-scan program: `blocks.scan`, or with 0 one
+    16-byte vector per thread of every warp (the scan along the chunk axis
+    then stays in each thread's registers)."""
+    if blocks.scan:
+        return blocks.scan
+    return 32 * blocks.scan_warps * (16 // states.element_size())
+
+
 def _inner(width):
     """Column tile of the loops over a state's rows (keeps registers low)."""
     return min(common.pow2(width), 64)
@@ -215,12 +224,13 @@ def _slot_states(s, cfg, key, value, gate, ring, mask, position, slot_keys,
     final_values = torch.empty_like(slot_values)
     stacks = [(sk, s.K, 2, 0)] if s.K == s.V else [(sk, s.K, 1, 0),
                                                    (sv, s.V, 1, 1)]
+    scan = _scan_block(cfg.blocks, sk)
     for out, width, count, first in stacks:
         launcher(slots.chunk_scan_kernel)[(count * s.B * s.HKV,
-                                 common.cdiv(width * s.M, cfg.blocks.scan))](
+                                 common.cdiv(width * s.M, scan))](
             out, decay, slot_keys, slot_values, final_keys, final_values, nt,
             s.HKV, 1, s.B * s.HKV, first, D=width, M=s.M,
-            BLOCK=cfg.blocks.scan, UNROLL=cfg.blocks.scan_unroll,
+            BLOCK=scan, UNROLL=cfg.blocks.scan_unroll,
             REVERSE=False, WALK=bool(cfg.blocks.scan_walk),
             num_warps=cfg.blocks.scan_warps)
     return _Slots(sk, sv, decay, gates, strengths, nt + 1, 1, final_keys,
@@ -419,11 +429,12 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             y, coef, y2, coef2, state.gates, adjoint, adjoint2, s.T, s.H,
             s.HKV, D=width, M=s.M, DT=dt, MP=mp, BT=blocks.chunk,
             BOTH=other is not None, PRECISION=prec, **_slot_options(blocks))
+    scan = _scan_block(blocks, adjoints[0])
     for adjoint, width, count in stacks:
         launcher(slots.chunk_scan_kernel)[(count * s.B * s.H,
-                                 common.cdiv(width * s.M, blocks.scan))](
+                                 common.cdiv(width * s.M, scan))](
             adjoint, state.decay, *(state.decay,) * 4, nt, s.H, s.group,
-            s.B * s.H, 0, D=width, M=s.M, BLOCK=blocks.scan,
+            s.B * s.H, 0, D=width, M=s.M, BLOCK=scan,
             UNROLL=blocks.scan_unroll, REVERSE=True,
             WALK=bool(blocks.scan_walk), num_warps=blocks.scan_warps)
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
