@@ -422,6 +422,10 @@ _CANDIDATES = (
     ("exact pass", dict(exact_pass=True)),
     ("split history", dict(split_history=True)),
     ("exact pass, split history", dict(exact_pass=True, split_history=True)),
+    ("exact pass, split history, 4 chunks per program",
+     dict(exact_pass=True, split_history=True, fast_chunks=4)),
+    ("exact pass, split history, 2 chunks per program",
+     dict(exact_pass=True, split_history=True, fast_chunks=2)),
     ("exact pass, split history, dk/dv 4 warps",
      dict(exact_pass=True, split_history=True, dkv_warps=4)),
     ("session 3 defaults", _S3),
@@ -434,6 +438,8 @@ _CANDIDATES = (
 # whether to time its kernels one by one too).
 _VARIANTS = (
     ("exact pass", dict(exact_pass=True), True),
+    ("exact pass, 4 chunks per program", dict(exact_pass=True,
+                                              fast_chunks=4), True),
     ("exact pass, dk/dv 4 warps", dict(exact_pass=True, dkv_warps=4), True),
     ("session 3 defaults", _S3, True),
 )

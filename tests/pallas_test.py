@@ -113,13 +113,17 @@ CASES = {
         config=dict(walk="fused", gate_kernels=True, split_dkv=True)),
     "w_3x_length_no_slots": dict(window_size=3 * LENGTH, num_slots=0),
     # Factored chunks first, then chunks too strong for them: each of the
-    # two calls per kernel (`exact_pass`) must serve its own chunks.
-    "w5_mixed_gates_exact_pass": dict(
+    # two calls per kernel (`exact_pass`) must serve its own chunks; the
+    # factored call walks two chunks per program (four, T padded to 64).
+    "w5_mixed_gates_exact_pass_2_chunk_programs": dict(
         window_size=5, strong_from=20,
-        config=dict(exact_pass=True, chunk=16, rows=16, segment=3)),
-    # The window reading the ring (front-padded) and the new tokens apart.
-    "w5_padding_split_history": dict(window_size=5, padding=True,
-                                     config=dict(split_history=True)),
+        config=dict(exact_pass=True, fast_chunks=2, chunk=16, rows=16,
+                    segment=3)),
+    # The window reading the ring (front-padded) and the new tokens apart;
+    # the slot kernels as two calls with one chunk per program.
+    "w5_padding_split_history_exact_pass": dict(
+        window_size=5, padding=True,
+        config=dict(split_history=True, exact_pass=True)),
     "w_3x_length_no_slots_split_history": dict(
         window_size=3 * LENGTH, num_slots=0, kv_heads=1,
         config=dict(split_history=True, dkv_blocks=(16, 32))),

@@ -29,16 +29,16 @@ if [ "$check_s" -gt 0 ]; then
 fi
 # A KernelConfig change to check (a Python dict expression), e.g.
 # PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
-candidate=${PALLAS_CANDIDATE-dict(exact_pass=True, split_history=True)}
+candidate=${PALLAS_CANDIDATE-dict(exact_pass=True, split_history=True, fast_chunks=4)}
 if [ -n "$candidate" ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "${PALLAS_CANDIDATE_S:-55}" python3 tests/pallas_gpu_check.py \
-    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-gqa strong padded streaming} \
+    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-w0 strong streaming padded} \
     > "$out/pallas_gpu_check_candidate.log" 2>&1
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 candidates:65536:4 variants:65536:1 breakdown:65536 triton:65536 nha:16384 candidates:16384:3 nha:4096 candidates:4096:3}
+steps=${PALLAS_STEPS:-main:65536 candidates:65536:5 variants:65536:2 breakdown:65536 triton:65536 nha:16384 candidates:16384:5 nha:4096 candidates:4096:5}
 # What is left of the job's limit, less ~25 s for the table and plot.
 bench_s=${PALLAS_BENCH_S:-$(( ${JOB_LIMIT_S:-230} - SECONDS - 25 ))}
 echo "benchmark budget ${bench_s}s"

@@ -117,6 +117,9 @@ class KernelConfig:
             dk/dv kernels as two calls each: the factored products alone
             (chunks whose gates allow them), then the exact terms alone
             (the other chunks), instead of one kernel holding both.
+        fast_chunks: with `exact_pass`, chunks per program of the call
+            with the factored products (a loop: the next chunk's loads can
+            overlap this one's products).
         split_history: the window kernels read the state's ring and the
             new tokens as two parts (`window.py`) instead of one
             concatenated copy of both.
@@ -146,6 +149,7 @@ class KernelConfig:
     split_dkv: bool = False
     gate_kernels: bool = False
     exact_pass: bool = False
+    fast_chunks: int = 1
     split_history: bool = False
     interpret: bool = False
 

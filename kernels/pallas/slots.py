@@ -228,23 +228,23 @@ def _slot_softmax(z, num_slots, scale):
 def _branch(factored, ok, fast, exact, branch="both"):
     """`fast()` where `ok` allows it (a traced scalar), else `exact()`.
 
-    `branch` "fast" / "exact" runs only that side (for the chunks it
-    serves): the two halves of `KernelConfig.exact_pass`.
+    `branch` "fast" runs the factored side everywhere, "exact" the exact
+    side where `ok` is False: the two calls of `KernelConfig.exact_pass`.
     """
     if not factored:
         exact()
     elif branch == "both":
         lax.cond(ok, fast, exact)
-    elif branch == "fast":
-        pl.when(ok)(fast)
+    elif branch == "fast":  # the exact call overwrites the other chunks
+        fast()
     else:
         pl.when(jnp.logical_not(ok))(exact)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
                     lse_ref, *, scale, num_slots, chunk, sub, diag, factored,
-                    branch="both"):
-    program = pl.program_id(0)
+                    branch="both", program=None):
+    program = pl.program_id(0) if program is None else program
     blocks = q_ref.shape[0] // sub
     dtype = v_ref.dtype
 
@@ -283,8 +283,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, o_ref,
 
 def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
                lse_ref, delta_ref, dq_ref, dz_ref, p_ref, x_ref, *, scale,
-               num_slots, chunk, sub, diag, factored, branch="both"):
-    program = pl.program_id(0)
+               num_slots, chunk, sub, diag, factored, branch="both",
+               program=None):
+    program = pl.program_id(0) if program is None else program
     blocks = q_ref.shape[0] // sub
     dtype = q_ref.dtype
 
@@ -339,8 +340,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, gc_ref, s_ref, sk_ref, sv_ref, do_ref,
 
 def _dkv_kernel(k_ref, v_ref, gcb_ref, s_ref, gc_ref, lk_ref, lv_ref, q_ref,
                 dz_ref, p_ref, do_ref, dk_ref, dv_ref, ds_ref, *, scale, chunk,
-                sub, groups, diag, factored, branch="both"):
-    program = pl.program_id(0)
+                sub, groups, diag, factored, branch="both", program=None):
+    program = pl.program_id(0) if program is None else program
     blocks = k_ref.shape[0] // sub
 
     def exact():
@@ -466,12 +467,12 @@ def _dkv_block(k, v, gcb, s, start, gc_ref, lk, lv, q_ref, dz_ref, p_ref,
 
 def _side_kernel(x_ref, gcb_ref, s_ref, gc_ref, l_ref, r_ref, w_ref, dx_ref,
                  ds_ref, *, scale, chunk, sub, groups, diag, factored, keys,
-                 branch="both"):
+                 branch="both", program=None):
     """One side of `_dkv_kernel` (`split_dkv`): the keys (x = k, l = dL/dSk
     `[K, M]`, readers q, weights scale * dz) or the values (x = v, l =
     dL/dSv `[M, V]`, readers dout, weights p). Gives dx and that side's
     part of dL/ds. Half the products per program of the joint kernel."""
-    program = pl.program_id(0)
+    program = pl.program_id(0) if program is None else program
     blocks = x_ref.shape[0] // sub
     dtype = x_ref.dtype
     weight_scale = scale if keys else 1.0
@@ -986,21 +987,99 @@ def _rows(size, dim, groups=None, per=1):
                         lambda j, b, h: (b, j // per, head(h), 0))
 
 
-def _chunk_state(shape, groups, per):
-    return pl.BlockSpec((None, None, None) + shape,
-                        lambda j, b, h: (b, h // groups, j // per, 0, 0))
+class _Programs:
+    """How slot programs tile the sequence: `rows` query (or fed) rows per
+    program, `span` rows of the whole chunk(s) it reads, `per` programs per
+    chunk, `chunks` chunks per program (more than one: `fast_chunks`)."""
+
+    def __init__(self, config, chunks=1):
+        self.chunks = chunks
+        self.rows = _program_rows(config) * chunks
+        self.span = max(self.rows, config.chunk)
+        self.per = max(config.chunk // self.rows, 1)
+
+    def own(self, dim, groups=None):
+        """The program's rows of a `[B, T, H, dim]` array."""
+        return _rows(self.rows, dim, groups)
+
+    def whole(self, dim, groups=None):
+        """Its whole chunks' rows (of the kv head with `groups`)."""
+        return _rows(self.span, dim, groups, self.per)
+
+    def group(self, dim, groups):
+        """Its whole chunks' rows for every query head of a kv head."""
+        return pl.BlockSpec((None, self.span, groups, dim),
+                            lambda j, b, c: (b, j // self.per, c, 0))
+
+    def per_row(self):
+        """Its entries of a `[B, H, T]` array."""
+        return pl.BlockSpec((None, None, self.rows),
+                            lambda j, b, h: (b, h, j))
+
+    def memory(self, shape, groups=1):
+        """The stored memory (or adjoint) of its chunk(s), `[B, Hkv, N,
+        ...]`; several chunks keep a leading chunk axis."""
+        chunks = self.chunks if self.chunks > 1 else None
+        return pl.BlockSpec((None, None, chunks) + tuple(shape),
+                            lambda j, b, h: (b, h // groups, j // self.per,
+                                             0, 0))
 
 
-def _reader_specs(config, key_dim, value_dim, slots, groups):
-    chunk, rows = config.chunk, _program_rows(config)
-    per = chunk // rows
-    return [_rows(rows, key_dim),
-            _rows(chunk, key_dim, groups, per),
-            _rows(chunk, value_dim, groups, per),
-            _rows(chunk, slots, groups, per),
-            _rows(chunk, slots, groups, per),
-            _chunk_state((key_dim, slots), groups, per),
-            _chunk_state((slots, value_dim), groups, per)]
+def _reader_specs(programs, key_dim, value_dim, slots, groups):
+    return [programs.own(key_dim)] + [
+        programs.whole(dim, groups)
+        for dim in (key_dim, value_dim, slots, slots)] + [
+        programs.memory((key_dim, slots), groups),
+        programs.memory((slots, value_dim), groups)]
+
+
+class _ChunkView:
+    """Chunk `c` of a ref holding several chunks, indexed as a one-chunk
+    ref: rows along the first axis (`rows` per chunk), or with `rows`
+    None a leading chunk axis (the stored memories)."""
+
+    def __init__(self, ref, c, rows):
+        self.ref, self.c, self.rows = ref, c, rows
+        self.dtype = ref.dtype
+        self.shape = (tuple(ref.shape[1:]) if rows is None
+                      else (rows,) + tuple(ref.shape[1:]))
+
+    def _index(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        if self.rows is None:
+            return (self.c,) + index
+        first, rest = index[0], index[1:]
+        start = self.c * self.rows
+        if first is Ellipsis:
+            return (pl.ds(start, self.rows), Ellipsis) + rest
+        if isinstance(first, slice):
+            assert first == slice(None), first
+            return (pl.ds(start, self.rows),) + rest
+        if isinstance(first, type(pl.ds(0, 1))):
+            return (pl.ds(start + first.start, first.size),) + rest
+        return (start + first,) + rest
+
+    def __getitem__(self, index):
+        return self.ref[self._index(index)]
+
+    def __setitem__(self, index, value):
+        self.ref[self._index(index)] = value
+
+
+def _over_chunks(kernel, chunks, chunk, memory_args):
+    """`kernel` (for one chunk) run on each of a program's `chunks` chunks
+    in turn; refs at `memory_args` have a leading chunk axis."""
+    def run(*refs):
+        # Read here: the interpreter cannot read it inside the loop.
+        program = pl.program_id(0)
+
+        def body(c, carry):
+            kernel(*[_ChunkView(ref, c, None if i in memory_args else chunk)
+                     for i, ref in enumerate(refs)],
+                   program=program * chunks + c)
+            return carry
+        loop(0, chunks, body, 0)
+    return run
 
 
 def _program_rows(config):
@@ -1025,32 +1104,44 @@ def _reader_kernel(kernel, scale, num_slots, config):
                              diag=config.diag)
 
 
-def _slot_call(kernel, args, *, factored, config, out_specs, out_shape,
-               in_specs, **options):
+def _slot_call(kernel, args, specs, *, factored, config, memory_args,
+               **options):
     """`pl.pallas_call` of a chunk-program kernel (its `branch` option free).
 
-    With `config.exact_pass` and factored products, two calls: one runs
-    the factored products in the chunks that allow them, a second (which
-    takes the first's outputs as its own, aliased) the exact terms in the
-    rest. Each kernel then holds one side's registers and shared memory
-    instead of both; the second call's programs mostly return at once.
+    `specs(programs)` gives `(grid, in_specs, out_specs)` for a
+    `_Programs` tiling; `memory_args` are the positions of the stored
+    memories among `args`. With `config.exact_pass` and factored products,
+    two calls: one runs the factored products everywhere (over
+    `config.fast_chunks` chunks per program, when they divide the chunk
+    count), a second (which takes the first's outputs as its own, aliased)
+    overwrites the chunks whose gates do not allow them with the exact
+    terms. Each kernel then holds one side's registers and shared memory
+    instead of both, the first has no branch, and the second's programs
+    mostly return at once.
     """
     kernel = functools.partial(kernel, factored=factored)
+    grid, in_specs, out_specs = specs(_Programs(config))
     if not (factored and config.exact_pass):
         return pl.pallas_call(
-            functools.partial(kernel, branch="both"), in_specs=in_specs,
-            out_specs=out_specs, out_shape=out_shape, **options)(*args)
-    first = pl.pallas_call(
-        functools.partial(kernel, branch="fast"), in_specs=in_specs,
-        out_specs=out_specs, out_shape=out_shape, **options)(*args)
+            functools.partial(kernel, branch="both"), grid=grid,
+            in_specs=in_specs, out_specs=out_specs, **options)(*args)
+    chunks = config.fast_chunks
+    if grid[0] % chunks:
+        chunks = 1
+    fast = functools.partial(kernel, branch="fast")
+    if chunks > 1:
+        fast = _over_chunks(fast, chunks, config.chunk, memory_args)
+    fast_grid, fast_in, fast_out = specs(_Programs(config, chunks))
+    first = pl.pallas_call(fast, grid=fast_grid, in_specs=fast_in,
+                           out_specs=fast_out, **options)(*args)
     count = len(args)
 
     def exact(*refs):  # refs: args, the aliased outputs as inputs, outputs
         kernel(*refs[:count], *refs[count + len(first):], branch="exact")
 
     return pl.pallas_call(
-        exact, in_specs=list(in_specs) + list(out_specs),
-        out_specs=out_specs, out_shape=out_shape,
+        exact, grid=grid, in_specs=list(in_specs) + list(out_specs),
+        out_specs=out_specs,
         input_output_aliases={count + i: i for i in range(len(first))},
         **options)(*args, *first)
 
@@ -1060,16 +1151,17 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
     dtype with `config.narrow_slot_out`) and lse per query row."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
-    groups, rows = heads // kv_heads, _program_rows(config)
+    groups = heads // kv_heads
+
+    def specs(programs):
+        return ((length // programs.rows, batch, heads),
+                _reader_specs(programs, key_dim, value_dim, slots, groups),
+                [programs.own(value_dim), programs.per_row()])
+
     return _slot_call(
         _reader_kernel(_forward_kernel, scale, num_slots, config),
-        (q, k, v, gc, s, sk, sv), factored=_factored(config, q.dtype),
-        config=config,
-        grid=(length // rows, batch, heads),
-        in_specs=_reader_specs(config, key_dim, value_dim, slots, groups),
-        out_specs=[_rows(rows, value_dim),
-                   pl.BlockSpec((None, None, rows),
-                                lambda j, b, h: (b, h, j))],
+        (q, k, v, gc, s, sk, sv), specs, factored=_factored(config, q.dtype),
+        config=config, memory_args=(5, 6),
         out_shape=[
             jax.ShapeDtypeStruct((batch, length, heads, value_dim),
                                  q.dtype if config.narrow_slot_out
@@ -1132,19 +1224,23 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
     """Reader backward: dq (scaled), dz, p and the readers' dL/dG terms."""
     batch, length, heads, key_dim = q.shape
     kv_heads, value_dim, slots = k.shape[2], v.shape[-1], gc.shape[-1]
-    groups, rows = heads // kv_heads, _program_rows(config)
+    groups = heads // kv_heads
     per_query = lambda dim, dtype=_F32: jax.ShapeDtypeStruct(
         (batch, length, heads, dim), dtype)
-    by_rows = pl.BlockSpec((None, None, rows), lambda j, b, h: (b, h, j))
+
+    def specs(programs):
+        return ((length // programs.rows, batch, heads),
+                _reader_specs(programs, key_dim, value_dim, slots, groups)
+                + [programs.own(value_dim), programs.per_row(),
+                   programs.per_row()],
+                [programs.own(dim) for dim in (key_dim, slots, slots,
+                                               slots)])
+
     return _slot_call(
         _reader_kernel(_dq_kernel, scale, num_slots, config),
-        (q, k, v, gc, s, sk, sv, dout, lse, delta),
+        (q, k, v, gc, s, sk, sv, dout, lse, delta), specs,
         factored=_factored(config, q.dtype), config=config,
-        grid=(length // rows, batch, heads),
-        in_specs=_reader_specs(config, key_dim, value_dim, slots, groups)
-        + [_rows(rows, value_dim), by_rows, by_rows],
-        out_specs=[_rows(rows, key_dim), _rows(rows, slots),
-                   _rows(rows, slots), _rows(rows, slots)],
+        memory_args=(5, 6),
         # dq in the input dtype (the caller casts it there at once); dz
         # and p too with `narrow_probs` (every product that reads them
         # takes them in that dtype).
@@ -1166,13 +1262,7 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
         # more shared memory than an H200 has (GPU check, d=128, 2 query
         # heads per kv head): 16-row programs with the exact terms.
         config = dataclasses.replace(config, rows=config.sub, factor=False)
-    groups, chunk, rows = (heads // kv_heads, config.chunk,
-                           _program_rows(config))
-    per = chunk // rows
-    group_chunk = lambda dim: pl.BlockSpec(
-        (None, chunk, groups, dim), lambda j, b, c: (b, j // per, c, 0))
-    adjoint = lambda shape: pl.BlockSpec(
-        (None, None, None) + shape, lambda j, b, c: (b, c, j // per, 0, 0))
+    groups, chunk = heads // kv_heads, config.chunk
     per_kv = lambda dim, dtype=_F32: jax.ShapeDtypeStruct(
         (batch, length, kv_heads, dim), dtype)
     params = compiler_params(config.dkv_warps or config.num_warps,
@@ -1181,17 +1271,21 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
     if config.split_dkv:
         def side(x, l, r, w, keys):
             dim = x.shape[-1]
+            def specs(programs):
+                return ((length // programs.rows, batch, kv_heads),
+                        [programs.own(dim), programs.own(slots),
+                         programs.own(slots), programs.whole(slots),
+                         programs.memory(l.shape[-2:]),
+                         programs.group(dim, groups),
+                         programs.group(slots, groups)],
+                        [programs.own(dim), programs.own(slots)])
+
             return _slot_call(
                 functools.partial(
                     _side_kernel, scale=scale, chunk=chunk, sub=config.sub,
                     groups=groups, diag=config.diag, keys=keys),
-                (x, gc, s, gc, l, r, w), factored=factored, config=config,
-                grid=(length // rows, batch, kv_heads),
-                in_specs=[_rows(rows, dim), _rows(rows, slots),
-                          _rows(rows, slots), _rows(chunk, slots, per=per),
-                          adjoint(l.shape[-2:]), group_chunk(dim),
-                          group_chunk(slots)],
-                out_specs=[_rows(rows, dim), _rows(rows, slots)],
+                (x, gc, s, gc, l, r, w), specs, factored=factored,
+                config=config, memory_args=(4,),
                 out_shape=[per_kv(dim, x.dtype), per_kv(slots)],
                 compiler_params=params,
                 interpret=config.interpret,
@@ -1200,20 +1294,21 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
         dk, ds_keys = side(k, lk, q, dz, True)
         dv, ds_values = side(v, lv, dout, p, False)
         return dk, dv, (ds_keys, ds_values)
+    def specs(programs):
+        return ((length // programs.rows, batch, kv_heads),
+                [programs.own(key_dim), programs.own(value_dim),
+                 programs.own(slots), programs.own(slots),
+                 programs.whole(slots), programs.memory((key_dim, slots)),
+                 programs.memory((slots, value_dim))]
+                + [programs.group(dim, groups)
+                   for dim in (key_dim, slots, slots, value_dim)],
+                [programs.own(dim) for dim in (key_dim, value_dim, slots)])
+
     return _slot_call(
         functools.partial(_dkv_kernel, scale=scale, chunk=chunk,
                           sub=config.sub, groups=groups, diag=config.diag),
-        (k, v, gc, s, gc, lk, lv, q, dz, p, dout), factored=factored,
-        config=config,
-        grid=(length // rows, batch, kv_heads),
-        in_specs=[_rows(rows, key_dim), _rows(rows, value_dim),
-                  _rows(rows, slots), _rows(rows, slots),
-                  _rows(chunk, slots, per=per),
-                  adjoint((key_dim, slots)), adjoint((slots, value_dim)),
-                  group_chunk(key_dim), group_chunk(slots),
-                  group_chunk(slots), group_chunk(value_dim)],
-        out_specs=[_rows(rows, key_dim), _rows(rows, value_dim),
-                   _rows(rows, slots)],
+        (k, v, gc, s, gc, lk, lv, q, dz, p, dout), specs, factored=factored,
+        config=config, memory_args=(5, 6),
         out_shape=[per_kv(key_dim, k.dtype), per_kv(value_dim, v.dtype),
                    per_kv(slots)],
         compiler_params=params,
