@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec
 # replicated ("l" the history or fed stream, "r" the ring part's rows).
 _HISTORY = {"keys": "b l c k", "window_keys": "b l c k", "values": "b l c v",
             "log_forget_gates": "b l c m", "mask": "b l",
-            "window_values": "b l c v", "ring_keys": "b r c k",
+            "window_values": "b l c v", "window_mask": "b l",
+            "ring_keys": "b r c k",
             "ring_values": "b r c v", "ring_mask": "b r"}
 _OUT_FACTORS = ("b t c g v", "b c k m", "b c m v")
 
