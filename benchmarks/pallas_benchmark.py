@@ -108,8 +108,9 @@ def run_jax(lengths, steps=None):
     `_CANDIDATES`, default all), "breakdown:T" (passes and kernels alone),
     "variants:T[:N]" / "tuning:T[:N]" (passes alone under `_VARIANTS` and
     `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`; with N only the
-    first N slot-pass tilings), "decode", "triton:T" (the NHA Triton
-    kernel under torch, in a subprocess on the same card).
+    first N slot-pass tilings and the first window tiling), "decode",
+    "triton:T" (the NHA Triton kernel under torch, in a subprocess on the
+    same card).
     """
     os.environ.setdefault("KERAS_BACKEND", "jax")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -291,8 +292,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown", count=None):
     slot pass's kernels one by one (chunk walks, readers, XLA cumsums).
 
     `kind` "variants" / "tuning": the passes under other tilings instead
-    (with `count`, only the first `count` slot-pass tilings, no window
-    tilings).
+    (with `count`, only the first `count` slot-pass tilings and the first
+    window tiling).
     """
     import dataclasses
     import functools
@@ -402,7 +403,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown", count=None):
         (_VARIANTS, _WINDOW_VARIANTS) if kind == "variants"
         else (_TUNING, _WINDOW_TUNING))
     if count is not None:
-        slot_variants, window_variants = slot_variants[:count], ()
+        slot_variants, window_variants = (slot_variants[:count],
+                                          window_variants[:1])
     for name, changes, by_kernel in slot_variants:
         config = dataclasses.replace(base, **changes)
         if by_kernel:
@@ -418,12 +420,16 @@ def _breakdown(rows, length, card, sync, kind="breakdown", count=None):
 # XLA gate sums, float32 slot output / dz / p, one dk/dv/ds kernel).
 _S3 = dict(walk="scan", gate_kernels=False, narrow_slot_out=False,
            narrow_probs=False, split_dkv=False)
+_ALL_S5 = dict(exact_pass=True, split_history=True, fast_chunks=4,
+               window_interior=True)
 _CANDIDATES = (
+    ("session 5 switches", _ALL_S5),
     ("exact pass", dict(exact_pass=True)),
     ("split history", dict(split_history=True)),
     ("exact pass, split history", dict(exact_pass=True, split_history=True)),
     ("exact pass, split history, 4 chunks per program",
      dict(exact_pass=True, split_history=True, fast_chunks=4)),
+    ("window interior", dict(window_interior=True)),
     ("exact pass, split history, 2 chunks per program",
      dict(exact_pass=True, split_history=True, fast_chunks=2)),
     ("exact pass, split history, dk/dv 4 warps",
@@ -445,6 +451,7 @@ _VARIANTS = (
 )
 # The backward tiles stay (64, 64) in the forward-only variants.
 _WINDOW_VARIANTS = (
+    ("interior", dict(window_interior=True)),
     ("fwd 128x64", dict(block_q=128, dq_blocks=(64, 64),
                         dkv_blocks=(64, 64))),
     ("dq 128x32 dkv 32x128", dict(dq_blocks=(128, 32),

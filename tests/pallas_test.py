@@ -124,6 +124,11 @@ CASES = {
     "w5_padding_split_history_exact_pass": dict(
         window_size=5, padding=True,
         config=dict(split_history=True, exact_pass=True)),
+    # 16-row window blocks: some lie inside every query row's window.
+    "w_length_window_interior_split_history": dict(
+        window_size=LENGTH,
+        config=dict(window_interior=True, split_history=True, block_q=16,
+                    block_k=16, dkv_blocks=(16, 16))),
     "w_3x_length_no_slots_split_history": dict(
         window_size=3 * LENGTH, num_slots=0, kv_heads=1,
         config=dict(split_history=True, dkv_blocks=(16, 32))),

@@ -29,7 +29,7 @@ if [ "$check_s" -gt 0 ]; then
 fi
 # A KernelConfig change to check (a Python dict expression), e.g.
 # PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
-candidate=${PALLAS_CANDIDATE-dict(exact_pass=True, split_history=True, fast_chunks=4)}
+candidate=${PALLAS_CANDIDATE-dict(exact_pass=True, split_history=True, fast_chunks=4, window_interior=True)}
 if [ -n "$candidate" ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "${PALLAS_CANDIDATE_S:-55}" python3 tests/pallas_gpu_check.py \
@@ -38,7 +38,7 @@ if [ -n "$candidate" ]; then
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 candidates:65536:5 variants:65536:2 breakdown:65536 triton:65536 nha:16384 candidates:16384:5 nha:4096 candidates:4096:5}
+steps=${PALLAS_STEPS:-main:65536 candidates:65536:7 variants:65536:2 breakdown:65536 triton:65536 nha:16384 candidates:16384:6 nha:4096 candidates:4096:6}
 # What is left of the job's limit, less ~25 s for the table and plot.
 bench_s=${PALLAS_BENCH_S:-$(( ${JOB_LIMIT_S:-230} - SECONDS - 25 ))}
 echo "benchmark budget ${bench_s}s"

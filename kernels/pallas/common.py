@@ -120,6 +120,9 @@ class KernelConfig:
         fast_chunks: with `exact_pass`, chunks per program of the call
             with the factored products (a loop: the next chunk's loads can
             overlap this one's products).
+        window_interior: the window kernels walk the history blocks
+            inside every query row's window in a loop of their own, which
+            applies only the key mask (no window bounds per element).
         split_history: the window kernels read the state's ring and the
             new tokens as two parts (`window.py`) instead of one
             concatenated copy of both.
@@ -151,6 +154,7 @@ class KernelConfig:
     exact_pass: bool = False
     fast_chunks: int = 1
     split_history: bool = False
+    window_interior: bool = False
     interpret: bool = False
 
 

@@ -64,35 +64,62 @@ class _QueryBlock:
     """
 
     def __init__(self, refs, spans, *, scale, capacity, shift, block_q,
-                 block_k):
-        start = pl.program_id(0) * block_q
-        self.refs, self.spans = refs, spans
-        self.rows = start + shift + irange(block_q)
+                 block_k, interior=False):
+        start = pl.program_id(0) * block_q + shift
+        self.refs, self.spans, self.interior = refs, spans, interior
+        self.rows = start + irange(block_q)
         self.scale, self.capacity, self.block_k = scale, capacity, block_k
-        self.first = idiv(start + shift + 1, block_k)
+        self.first = idiv(start + 1, block_k)
         self.last = jnp.minimum(
-            idiv(start + shift + block_q + capacity + block_k - 1, block_k),
+            idiv(start + block_q + capacity + block_k - 1, block_k),
             spans[-1][0] + spans[-1][1])
+        # Blocks inside every row's window: start + block_q <= j * block_k
+        # and (j + 1) * block_k - 1 <= start + capacity.
+        self.inner = _interior_range(
+            start + block_q + block_k - 1, start + capacity - block_k + 1,
+            block_k, self.first, self.last)
 
-    def scores(self, q, j, part):
+    def scores(self, q, j, part, inner=False):
         """History block j (of part `part`): keys, values, base-2 logits,
-        visibility."""
+        visibility (`inner`: a block inside every row's window, where only
+        the key mask applies)."""
         k_ref, v_ref, mask_ref = self.refs[part]
         keys = pl.ds((j - self.spans[part][0]) * self.block_k, self.block_k)
         k = k_ref[keys, :]
         v = v_ref[keys, :]
         logits = dot(q, k, trans_b=True) * (self.scale * LOG2E)
+        if inner:
+            return k, v, logits, mask_ref[keys][None, :] > 0
         visible = _visible(self.rows, j * self.block_k + irange(self.block_k),
                            self.capacity, mask_ref[keys])
         return k, v, logits, visible
 
     def loop(self, body, carry):
-        """`body(j, part, carry)` over the visible blocks, part by part."""
+        """`body(j, carry, part=, inner=)` over the visible blocks, part by
+        part; with `interior`, the inner blocks in a loop of their own."""
+        if self.interior:
+            low, high = self.inner
+            ranges = ((self.first, low, False), (low, high, True),
+                      (high, self.last, False))
+        else:
+            ranges = ((self.first, self.last, False),)
         for part, (first, count) in enumerate(self.spans):
-            carry = loop(jnp.maximum(self.first, first),
-                         jnp.minimum(self.last, first + count),
-                         functools.partial(body, part=part), carry)
+            for lower, upper, inner in ranges:
+                carry = loop(jnp.maximum(lower, first),
+                             jnp.minimum(upper, first + count),
+                             functools.partial(body, part=part, inner=inner),
+                             carry)
         return carry
+
+
+def _interior_range(lowest, highest, block, first, last):
+    """Blocks `[low, high)` with `lowest // block <= j <= highest // block`
+    (callers round `lowest` up), clipped to `[first, last)`; empty when
+    `highest` < 0."""
+    low = jnp.minimum(jnp.maximum(idiv(lowest, block), first), last)
+    high = jnp.where(highest >= 0, idiv(jnp.maximum(highest, 0), block) + 1,
+                     low)
+    return low, jnp.minimum(jnp.maximum(high, low), last)
 
 
 def _split_refs(refs, parts):
@@ -102,7 +129,7 @@ def _split_refs(refs, parts):
 
 
 def _forward_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
-                    spans, seeded):
+                    spans, seeded, interior):
     history, refs = _split_refs(refs, len(spans))
     if seeded:
         prior_o_ref, prior_lse_ref, o_ref, lse_ref = refs
@@ -110,11 +137,12 @@ def _forward_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
         o_ref, lse_ref = refs
     q = q_ref[...]
     block = _QueryBlock(history, spans, scale=scale, capacity=capacity,
-                        shift=shift, block_q=block_q, block_k=block_k)
+                        shift=shift, block_q=block_q, block_k=block_k,
+                        interior=interior)
 
-    def body(j, carry, part):
+    def body(j, carry, part, inner):
         acc, top, total = carry
-        _, v, logits, visible = block.scores(q, j, part)
+        _, v, logits, visible = block.scores(q, j, part, inner)
         logits = jnp.where(visible, logits, MASKED)
         new_top = jnp.maximum(top, jnp.max(logits, axis=1))
         correction = jnp.exp2(top - new_top)
@@ -137,7 +165,7 @@ def _forward_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
 
 
 def _dq_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
-               spans):
+               spans, interior):
     history, (do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(refs,
                                                                 len(spans))
     q = q_ref[...]
@@ -145,10 +173,11 @@ def _dq_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
     lse = lse_ref[...] * LOG2E
     delta = delta_ref[...]
     block = _QueryBlock(history, spans, scale=scale, capacity=capacity,
-                        shift=shift, block_q=block_q, block_k=block_k)
+                        shift=shift, block_q=block_q, block_k=block_k,
+                        interior=interior)
 
-    def body(j, dq, part):
-        k, v, logits, visible = block.scores(q, j, part)
+    def body(j, dq, part, inner):
+        k, v, logits, visible = block.scores(q, j, part, inner)
         probs = jnp.where(visible, jnp.exp2(logits - lse[:, None]), 0.0)
         dprobs = dot(do, v.astype(do.dtype), trans_b=True)
         dlogits = probs * (dprobs - delta[:, None])
@@ -160,7 +189,7 @@ def _dq_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
 
 def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, *, scale, capacity, shift, block_q, block_k,
-                first_block, query_blocks, groups):
+                first_block, query_blocks, groups, interior):
     # The program's history rows, counted from the first part's first row.
     start = (pl.program_id(0) + first_block) * block_k
     k = k_ref[...]
@@ -172,10 +201,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
     first = idiv(jnp.maximum(start - shift - capacity, 0), block_q)
     last = jnp.minimum(idiv(start - shift + block_k - 1 + block_q - 1,
                             block_q), query_blocks)
+    if interior:  # query blocks whose every row sees every column
+        low, high = _interior_range(
+            start + block_k - 1 - capacity - shift + block_q - 1,
+            start - shift - block_q, block_q, first, last)
+        ranges = ((first, low, False), (low, high, True), (high, last, False))
+    else:
+        ranges = ((first, last, False),)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     for g in range(groups):
-        def body(i, carry, g=g):
+        def body(i, carry, g, inner):
             dk, dv = carry
             queries = pl.ds(i * block_q, block_q)
             q = q_ref[queries, g, :]
@@ -184,16 +220,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
             delta = delta_ref[g, queries]
             rows = i * block_q + shift + irange(block_q)
             logits = dot(k, q, trans_b=True) * (scale * LOG2E)  # [keys, q]
-            visible = ((cols[:, None] > rows[None, :])
-                       & (cols[:, None] <= rows[None, :] + capacity)
-                       & (key_mask[:, None] > 0))
+            visible = key_mask[:, None] > 0
+            if not inner:
+                visible = (visible & (cols[:, None] > rows[None, :])
+                           & (cols[:, None] <= rows[None, :] + capacity))
             probs = jnp.where(visible, jnp.exp2(logits - lse[None, :]), 0.0)
             dv = dv + dot(probs.astype(do.dtype), do)
             dprobs = dot(v.astype(do.dtype), do, trans_b=True)
             dlogits = probs * (dprobs - delta[None, :])
             dk = dk + dot(dlogits.astype(q.dtype), q)
             return dk, dv
-        dk, dv = loop(first, last, body, (dk, dv))
+        for lower, upper, inner in ranges:
+            dk, dv = loop(lower, upper, functools.partial(
+                body, g=g, inner=inner), (dk, dv))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -247,7 +286,8 @@ def window_forward(qw, kw, v, mask, prior, scale, capacity, config):
     kernel = functools.partial(
         _forward_kernel, scale=scale, capacity=capacity,
         shift=_shift(kw, capacity), block_q=block_q, block_k=block_k,
-        spans=_part_blocks(rows_per_part, block_k), seeded=prior is not None)
+        spans=_part_blocks(rows_per_part, block_k), seeded=prior is not None,
+        interior=config.window_interior)
     rows, per_row, inputs = _query_block_specs(block_q, rows_per_part,
                                                key_dim, value_dim, groups)
     return pl.pallas_call(
@@ -289,7 +329,8 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, capacity=capacity,
                           shift=shift, block_q=block_q, block_k=block_k,
-                          spans=_part_blocks(rows_per_part, block_k)),
+                          spans=_part_blocks(rows_per_part, block_k),
+                          interior=config.window_interior),
         grid=(length // block_q, batch, heads),
         in_specs=inputs + [rows(value_dim), per_row, per_row],
         out_specs=rows(key_dim),
@@ -312,7 +353,8 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
             functools.partial(_dkv_kernel, scale=scale, capacity=capacity,
                               shift=shift, block_q=block_q, block_k=block_k,
                               first_block=first,
-                              query_blocks=length // block_q, groups=groups),
+                              query_blocks=length // block_q, groups=groups,
+                              interior=config.window_interior),
             grid=(count, batch, kv_heads),
             in_specs=[by_group(key_dim), by_block(key_dim),
                       by_block(value_dim),
