@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv \
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
 export FLA_TUNED_CONFIGS=benchmarks/results/triton_fla_configs_h200.json,benchmarks/results/triton_fla_configs_h200_s4r1.json
 export FLA_UNTUNED_FALLBACK=1
-short="short_chunks=64;short_chunks=64,scan=1024,scan_unroll=8;short_chunks=64,scan=512,scan_unroll=16,scan_warps=2"
+short="short_chunks=64;short_chunks=64,scan=1024,scan_unroll=8;short_chunks=64,short_gates=0,scan=1024,scan_unroll=8;scan=1024,scan_unroll=8"
 # Chunk-scan layouts at 64k: walked per thread, and log-depth tiles wide
 # enough (1024 = 4 warps x 32 threads x 8) that each thread holds whole
 # columns, so the scan along the chunk axis stays in its registers.

@@ -105,6 +105,8 @@ class Blocks:
     # gradient in one sequential pass instead of three launches (short
     # sequences are bound by the CPU's launch time, not the GPU).
     short_chunks: int = 0
+    # 0: short sequences keep the three-launch gate gradient (fused dx only).
+    short_gates: int = 1
 
 
 # The interpreter walks every program in Python: small tiles keep it quick

@@ -480,7 +480,7 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
 
     dg = torch.empty(s.B, s.T, s.HKV, s.M, **f32)
     dg[:, max(s.T - cfg.capacity, 0):].zero_()  # never entered the slots
-    if blocks.sequential or short:
+    if blocks.sequential or (short and blocks.short_gates):
         launcher(state_pass.gate_grad_pass_kernel)[
             (s.B * s.HKV, common.cdiv(s.M, 16))](
             dg_read, ds, state.strengths, mask, dg, s.T, cfg.capacity, nt,
