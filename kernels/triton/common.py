@@ -75,6 +75,10 @@ class Blocks:
     scan: int = 256
     scan_unroll: int = 16
     scan_warps: int = 4
+    # The gates' reverse sum over chunks (M elements per sequence): chunks
+    # per step (0: scan_unroll) and warps.
+    gate_scan_unroll: int = 0
+    gate_scan_warps: int = 4
     # 1: the scans walk the chunks one by one per thread (no log-depth
     # scan across threads); `scan_unroll` then does not matter.
     scan_walk: int = 0
@@ -135,14 +139,17 @@ def _blocks(wide, override):
         # tiles on 4 warps, dk/dv over 128-key blocks on 8 warps and split
         # slot kernels on 4 warps beat the previous tiles by 25% at T=16384;
         # bf16 chunk states with 32 chunks per scan step took 3% off at 64k.
-        # The slot-only output, probabilities and logit gradients in bf16
-        # for bf16 inputs (session 5, as the Pallas kernels do): ~1.7 GB
-        # less traffic at 64k.
+        # Session 5 (s5r1): chunk-scan programs of 1024 bf16 elements, 8
+        # chunks a step (the scan stays in registers: states and adjoints
+        # 3.91 -> 2.48 ms at 64k), and the slot-only output in bf16 (-0.16
+        # ms). bf16 probabilities and logit gradients (low_slot_grads) saved
+        # 0.13 ms more but raised the gate gradient's error from 1.6e-2 to
+        # 5.4e-2 at T=16384: off.
         blocks = Blocks(chunk=64, query=64, key=32, query_bwd=64,
                         key_bwd=32, dkdv_query=32, dkdv_key=128,
                         dkdv_warps=8, warps=4, window_warps=4, stages=2,
-                        split=1, low_states=1, scan_unroll=32,
-                        low_slot_out=1, low_slot_grads=1)
+                        split=1, low_states=1, scan=0, scan_unroll=8,
+                        gate_scan_unroll=32, low_slot_out=1)
     if override:
         fields = dict(item.split("=") for item in override.split(","))
         blocks = dataclasses.replace(

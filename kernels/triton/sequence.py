@@ -517,8 +517,9 @@ def _gate_grad(s, cfg, dg_read, ds, state, mask, dg, nt):
     # In place: each chunk's total becomes the sum over the chunks after it.
     launcher(slots.chunk_scan_kernel)[(s.B * s.HKV, 1)](
         totals, *(totals,) * 5, nt, s.HKV, 1, s.B * s.HKV, 0, D=1, M=s.M,
-        BLOCK=mp, UNROLL=blocks.scan_unroll, REVERSE=True, DECAYS=False,
-        WALK=bool(blocks.scan_walk))
+        BLOCK=mp, UNROLL=blocks.gate_scan_unroll or blocks.scan_unroll,
+        REVERSE=True, DECAYS=False, WALK=bool(blocks.scan_walk),
+        num_warps=blocks.gate_scan_warps)
     launcher(slots.gate_grad_kernel)[(nt, s.B * s.HKV)](
         dg_read, ds, state.strengths, totals, mask, dg, s.T,
         cfg.capacity, s.H, s.HKV, M=s.M, MP=mp, BT=blocks.chunk,
