@@ -86,6 +86,7 @@ def run_backend(lengths, repeats, reference_limit):
     import keras
     from keras import ops
 
+    from keras_nha.ops import initial_state
     from keras_nha.ops import native_hybrid_attention
 
     rows = []
@@ -100,6 +101,18 @@ def run_backend(lengths, repeats, reference_limit):
                 q, k, v, g, SHAPE["window_size"], implementation="chunked"),
             "full causal attention": lambda q, k, v, g:
                 ops.dot_product_attention(q, k, v, is_causal=True),
+            # A global layer (W >= T) on a fresh sequence, and the same call
+            # handed an explicit zero state (its empty ring is then attended
+            # as masked rows: what every fresh call cost before).
+            "chunked W=T": lambda q, k, v, g: native_hybrid_attention(
+                q, k, v, g, length, implementation="chunked"),
+            "chunked W=T, zero state": lambda q, k, v, g:
+                native_hybrid_attention(
+                    q, k, v, g, length, implementation="chunked",
+                    initial_state=initial_state(
+                        SHAPE["batch"], SHAPE["heads"], SHAPE["key_dim"],
+                        SHAPE["key_dim"], SHAPE["num_slots"], length,
+                        max_length=length)),
         }
         for name, fn in variants.items():
             if name == "reference" and length > reference_limit:
@@ -122,10 +135,10 @@ def run_backend(lengths, repeats, reference_limit):
 
 
 def print_table(rows):
-    print(f"{'backend':<11} {'T':>6} {'path':<22} {'fwd ms':>9} "
+    print(f"{'backend':<11} {'T':>6} {'path':<24} {'fwd ms':>9} "
           f"{'fwd+bwd ms':>11} {'fwd+bwd us/token':>17}")
     for r in rows:
-        print(f"{r['backend']:<11} {r['length']:>6} {r['path']:<22} "
+        print(f"{r['backend']:<11} {r['length']:>6} {r['path']:<24} "
               f"{r['forward_ms']:>9.1f} {r['train_ms']:>11.1f} "
               f"{1e3 * r['train_ms'] / r['length']:>17.1f}")
 
@@ -136,7 +149,8 @@ def plot(rows, path):
     figure, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends),
                                                            4), squeeze=False)
     for axis, backend in zip(axes[0], backends):
-        for name in ("reference", "chunked", "full causal attention"):
+        for name in ("reference", "chunked", "full causal attention",
+                     "chunked W=T", "chunked W=T, zero state"):
             points = [(r["length"], r["train_ms"]) for r in rows
                       if r["backend"] == backend and r["path"] == name]
             if points:
