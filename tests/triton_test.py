@@ -69,6 +69,8 @@ SEQUENCE_CASES.update({
     "W11-M8-gqa2x4-short-backward": dict(
         window_size=11, num_slots=8, heads=4, kv_heads=2, padding=True,
         batch=2, blocks="short_chunks=8"),
+    "W5-M8-short-backward-gates-by-scan": dict(
+        window_size=5, num_slots=8, blocks="short_chunks=8,short_gates=0"),
     # The window reads the slots' own queries and keys: gradients summed in
     # the kernels (one query head per kv head: written in place).
     "W9-M8-mha-shared-window": dict(window_size=9, num_slots=8, kv_heads=2,

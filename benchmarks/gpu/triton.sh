@@ -4,7 +4,8 @@
 # one 16-byte vector per thread (scan=0: 1024 bf16 elements), 8 chunks per
 # step, the gates' scan as before (32 chunks per step), the slot-only
 # output in bf16 for bf16 inputs; bf16 slot gradients off (they failed the
-# gate-gradient tolerance in s5r1). Phase 1: the final check (the shipped
+# gate-gradient tolerance in s5r1); up to 64 chunks ds and dx fused (two
+# launches fewer); cheaper cache keys in the cached launcher. Phase 1: the final check (the shipped
 # defaults; 125 s, in s5r1 four of seven checks ran out of 95 s beside the
 # warm-ups) and warm-ups of NHA (defaults and variants), Flex and fla.
 # Phase 2: every row in one process (cached launches; the JIT-launch rows

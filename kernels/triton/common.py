@@ -144,12 +144,16 @@ def _blocks(wide, override):
         # 3.91 -> 2.48 ms at 64k), and the slot-only output in bf16 (-0.16
         # ms). bf16 probabilities and logit gradients (low_slot_grads) saved
         # 0.13 ms more but raised the gate gradient's error from 1.6e-2 to
-        # 5.4e-2 at T=16384: off.
+        # 5.4e-2 at T=16384: off. Up to 64 chunks (T <= 4096, where the CPU
+        # is the bound) ds and dx in one kernel per recurrence: two launches
+        # fewer, same GPU time at 4096 (the sequential gate pass cost 0.1 ms
+        # of GPU there: off).
         blocks = Blocks(chunk=64, query=64, key=32, query_bwd=64,
                         key_bwd=32, dkdv_query=32, dkdv_key=128,
                         dkdv_warps=8, warps=4, window_warps=4, stages=2,
                         split=1, low_states=1, scan=0, scan_unroll=8,
-                        gate_scan_unroll=32, low_slot_out=1)
+                        gate_scan_unroll=32, low_slot_out=1,
+                        short_chunks=64, short_gates=0)
     if override:
         fields = dict(item.split("=") for item in override.split(","))
         blocks = dataclasses.replace(

@@ -11,6 +11,8 @@ Triton's own launch path.
 
 import os
 
+from triton.runtime import driver
+
 from keras_nha.kernels.triton.common import interpreting
 
 
@@ -22,6 +24,22 @@ def _signature(arg):
     if isinstance(arg, bool) or not isinstance(arg, int):
         return type(arg), arg if isinstance(arg, bool) else None
     return int, arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31
+
+
+def _key(args, tensor=None):
+    """`_signature` of every argument, with the two common kinds (plain
+    tensors and ints) inlined: this runs for every launch."""
+    out = []
+    for arg in args:
+        kind = type(arg)
+        if kind is tensor:
+            out.append((arg.dtype, arg.data_ptr() & 15 == 0))
+        elif kind is int:
+            out.append((arg == 1, arg & 15 == 0,
+                        -2 ** 31 <= arg < 2 ** 31))
+        else:  # tensor subclasses, bools, floats, strings, None
+            out.append(_signature(arg))
+    return tuple(out)
 
 
 class CachedLauncher:
@@ -40,29 +58,30 @@ class CachedLauncher:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        from triton.runtime import driver
-
         device = driver.active.get_current_device()
         # Each call site passes its keywords in one order: no sorting. A
         # compiled kernel's handle belongs to one device's context.
-        key = (device, tuple(map(_signature, args)), tuple(kwargs.items()))
+        key = (device, _key(args, _TENSOR[0]), tuple(kwargs.items()))
         found = self.compiled.get(key)
         if found is None:
             kernel = self.fn[grid](*args, **kwargs)
-            rest = [(p.name, p.default) for p in self.fn.params[len(args):]]
+            # The parameters after the positional ones, as the key fixes
+            # them (constexprs given by keyword, or their defaults).
+            rest = tuple(kwargs.get(p.name, p.default)
+                         for p in self.fn.params[len(args):])
             self.compiled[key] = (kernel, kernel.run, rest)
             return kernel
         kernel, run, rest = found
         run(grid[0], grid[1] if len(grid) > 1 else 1,
             grid[2] if len(grid) > 2 else 1,
             driver.active.get_current_stream(device), kernel.function,
-            kernel.packed_metadata, None, None, None, *args,
-            *[kwargs.get(name, default) for name, default in rest])
+            kernel.packed_metadata, None, None, None, *args, *rest)
         return kernel
 
 
 _LAUNCHERS = {}
 _FAST = [False]
+_TENSOR = [None]  # torch.Tensor, set by `refresh` (no torch import here)
 
 
 def refresh():
@@ -71,6 +90,9 @@ def refresh():
     launches off."""
     _FAST[0] = (not interpreting() and os.environ.get(
         "KERAS_NHA_TRITON_FAST_LAUNCH", "1") != "0")
+    if _TENSOR[0] is None:
+        import torch
+        _TENSOR[0] = torch.Tensor
 
 
 def launcher(fn):
