@@ -16,10 +16,10 @@ out=${JOB_OUT:-/tmp/pallas_job}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-cases=${PALLAS_CASES:-gqa strong padded fp16 streaming w0 d96 fp32 fit m0 d256}
-# Session 5, round 1: the default kernels are unchanged (s4r3 checked
-# them); only the candidate below is checked.
-check_s=${PALLAS_CHECK_S:-0}
+# Session 5, round 2: the new defaults (split history, exact pass) on the
+# cases that exercise them first.
+cases=${PALLAS_CASES:-padded streaming w0 gqa strong fp16 d96 fp32 fit m0 d256}
+check_s=${PALLAS_CHECK_S:-65}
 if [ "$check_s" -gt 0 ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "$check_s" python3 tests/pallas_gpu_check.py --cases $cases \
@@ -29,16 +29,16 @@ if [ "$check_s" -gt 0 ]; then
 fi
 # A KernelConfig change to check (a Python dict expression), e.g.
 # PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
-candidate=${PALLAS_CANDIDATE-dict(exact_pass=True, split_history=True, fast_chunks=4, window_interior=True)}
+candidate=${PALLAS_CANDIDATE-dict(dkv_warps=4, reader_warps=8)}
 if [ -n "$candidate" ]; then
   # shellcheck disable=SC2086  # the cases are words
-  timeout -k 5 "${PALLAS_CANDIDATE_S:-55}" python3 tests/pallas_gpu_check.py \
-    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-w0 strong streaming padded} \
+  timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
+    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-w0 padded} \
     > "$out/pallas_gpu_check_candidate.log" 2>&1
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 candidates:65536:7 variants:65536:2 breakdown:65536 triton:65536 nha:16384 candidates:16384:6 nha:4096 candidates:4096:6}
+steps=${PALLAS_STEPS:-main:65536 candidates:65536:3 breakdown:65536 nha:16384 nha:4096 triton:65536 variants:65536:1 candidates:16384:3 triton:16384 triton:4096}
 # What is left of the job's limit, less ~25 s for the table and plot.
 bench_s=${PALLAS_BENCH_S:-$(( ${JOB_LIMIT_S:-230} - SECONDS - 25 ))}
 echo "benchmark budget ${bench_s}s"

@@ -82,6 +82,8 @@ class KernelConfig:
         tile: state columns per program of the sequential slot kernels.
         num_warps: Triton warps per program.
         dkv_warps: warps of the slot dk/dv/ds kernel (0: `num_warps`).
+        reader_warps: warps of the slot reader and dq kernels (0:
+            `num_warps`).
         num_stages: Triton software-pipelining stages.
         sequential_stages: pipelining stages of the chunk-walking kernels.
         diag: how slot programs add the writers of their own 16 rows:
@@ -139,6 +141,7 @@ class KernelConfig:
     tile: int = 32
     num_warps: int = 4
     dkv_warps: int = 0
+    reader_warps: int = 0
     num_stages: int = 2
     sequential_stages: int = 1
     diag: str = "tensor"

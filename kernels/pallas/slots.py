@@ -1096,6 +1096,11 @@ def _factored(config, dtype):
             and dtype != jnp.float16)
 
 
+def _reader_params(config):
+    return compiler_params(config.reader_warps or config.num_warps,
+                           config.num_stages)
+
+
 def _reader_kernel(kernel, scale, num_slots, config):
     """A reader-side kernel (forward or dq) bound to its static options
     (but `factored`, which `_slot_call` passes)."""
@@ -1167,7 +1172,7 @@ def _read(q, k, v, gc, s, sk, sv, scale, num_slots, config):
                                  q.dtype if config.narrow_slot_out
                                  else _F32),
             jax.ShapeDtypeStruct((batch, heads, length), _F32)],
-        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        compiler_params=_reader_params(config),
         interpret=config.interpret,
         name="nha_slot_forward")
 
@@ -1247,7 +1252,7 @@ def _dq(q, k, v, gc, s, sk, sv, dout, lse, delta, scale, num_slots,
         out_shape=[per_query(key_dim, q.dtype)]
         + [per_query(slots, q.dtype if config.narrow_probs else _F32)] * 2
         + [per_query(slots)],
-        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        compiler_params=_reader_params(config),
         interpret=config.interpret,
         name="nha_slot_dq")
 
