@@ -126,6 +126,11 @@ def main(argv=None):
     parser.add_argument("--plan-margin", type=float, default=0.85,
                         help="with --plan-seconds: the share of the measured "
                              "rate x seconds left that the plan takes")
+    parser.add_argument("--replan", action="store_true",
+                        help="with --resume and --plan-seconds: plan the "
+                             "schedule again from the rate measured now "
+                             "(it only grows: the runs use the time of the "
+                             "rounds that follow)")
     parser.add_argument("--window-off-steps", type=int, default=0,
                         help="train the first N steps with the window of "
                              "every slot layer closed (W=0: GSA), then open "

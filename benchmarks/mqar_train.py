@@ -242,8 +242,11 @@ def train_setting(setting, runs, args, emit):
     last = (np.full(len(runs), np.nan),) * 2
     step = first_step
     stop = min(args.steps, args.stop_at or args.steps)
-    # A resumed run keeps its plan, unless it stopped before planning.
-    planning = bool(args.plan_seconds) and first_step < args.warmup
+    # A resumed run keeps its plan, unless it stopped before planning or
+    # --replan lets it plan again (only ever longer).
+    planning = bool(args.plan_seconds) and (first_step < args.warmup
+                                            or args.replan)
+    planned_before = args.steps
     plan_after = max(args.warmup, first_step)
     timed_steps = train_seconds = 0.0
     train_started = time.time()
@@ -282,9 +285,12 @@ def train_setting(setting, runs, args, emit):
             # --steps upper bound, i.e. stayed within a few % of the peak).
             planning = False
             left = args.plan_seconds - (time.time() - started)
-            args.steps = min(args.steps, step + max(
-                args.log_every, int(args.plan_margin * rate * left) // args.log_every
-                * args.log_every))
+            fits = step + max(args.log_every, int(
+                args.plan_margin * rate * left) // args.log_every
+                * args.log_every)
+            args.steps = (max(planned_before, fits)
+                          if first_step >= args.warmup
+                          else min(args.steps, fits))
             stop = min(args.steps, args.stop_at or args.steps)
             print(f"[{label}] planned {args.steps} steps ({rate:.1f} "
                   f"steps/s, {left:.0f} s planned)", flush=True)

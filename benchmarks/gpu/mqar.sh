@@ -19,12 +19,12 @@ set -u
 export KERAS_BACKEND=jax
 out=${JOB_OUT:-/tmp/mqar_out}
 mkdir -p "$out/resume"
-deadline=${MQAR_DEADLINE:-430}
+deadline=${MQAR_DEADLINE:-$((${JOB_LIMIT_S:-460} - 30))}
 resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s5_resume}
 # The MQAR_* variables also serve a quick CPU dry run of this script.
 steps=${MQAR_STEPS:-200000}        # upper bound; the plan sets the length
 warmup=${MQAR_WARMUP:-300}
-next_round=${MQAR_NEXT_S:-330}   # seconds of training a next round adds
+next_round=${MQAR_NEXT_S:-150}   # seconds of training a next round adds
 seq_len=${MQAR_SEQ_LEN:-512}
 vocab=${MQAR_VOCAB:-1024}
 hidden=${MQAR_HIDDEN:-128}
@@ -50,7 +50,13 @@ monitor=$!
 # each setting's best of session 3 (3e-3; 1e-3 for the window and the
 # hybrid), warmup 75 (what full attention needs; session 4, round 2).
 # Session 4 (T = 256): rounds at e3dda3d, 60f39b5 and ceccb7b.
-lever=--seq-len,256,--vocab,512,--pairs,8,16,32,64
+# Round 1 (commit 767c6a8) ran the sweep with the lever on seeds 2-5
+# (--window-off-steps 1000 and 3000, 8000-step schedules, stopped at 3300
+# and 3800 steps by the time limit). Round 2: the sweep resumed (and planned
+# again over round 2 and the final round: --replan), the lever with 3000
+# steps on new seeds 6-9 beside the same runs without it (compared at equal
+# steps; not checkpointed: the returned files' limit).
+t256=--seq-len,256,--vocab,512,--pairs,8,16,32,64
 # shellcheck disable=SC2206
 queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
        gsa-M64:chunked:3e-3:16:-:0,1:75
@@ -58,8 +64,8 @@ queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
        full:chunked:3e-3:16:-:0,1:75
        hybrid-M64:chunked:1e-3:16:-:0,1:75
        nha-M32-W32:chunked:3e-3:16:-:0,1:75
-       nha-M16-W16:chunked:3e-3:16:8000:2,3,4,5:75:$lever,--window-off-steps,1000
-       nha-M16-W16:chunked:3e-3:16:8000:2,3,4,5:75:$lever,--window-off-steps,3000})
+       nha-M16-W16:chunked:3e-3:16:8000:6,7,8,9:75:$t256
+       nha-M16-W16:chunked:3e-3:16:8000:6,7,8,9:75:$t256,--window-off-steps,3000})
 # Throughput probes beside the queue (no tests, no checkpoint), e.g. round
 # 1's: nha-M16-W16:chunked:3e-3:8 (also :16, :32), nha-M16-W16:pallas:3e-3:16,
 # nha-M16-W16:chunked:3e-3:16:noautotune (XLA without GEMM autotuning),
@@ -84,21 +90,23 @@ for entry in "${queue[@]}"; do
   [ -n "${run_warmup:-}" ] && args+=(--warmup "$run_warmup")
   # shellcheck disable=SC2206
   [ -n "${extra:-}" ] && args+=(${extra//,/ })
+  # Planned entries (and fixed ones with MQAR_SAVE=1) are checkpointed (int8:
+  # two jobs of ten runs or more fit the round's returned files) and resumed
+  # from $resume_dir when there.
+  name=
   if [ "$length" = - ]; then
-    # int8 checkpoints: two jobs of ten runs fit the round's returned files
     name=${setting}_T$seq_len.npz
     args+=(--steps "$steps" --eval-every "${MQAR_EVAL_EVERY:-500}"
-           --checkpoint "$out/resume/$name" --checkpoint-bits 8)
-    # (a resumed run plans only if it stopped before the end of warmup)
-    [ -f "$resume_dir/$name" ] && args+=(--resume "$resume_dir/$name")
-    args+=(--plan-seconds "$((deadline - SECONDS - 30 + next_round))"
-           --plan-after "${MQAR_PLAN_AFTER:-100}")
+           --plan-seconds "$((deadline - SECONDS - 30 + next_round))"
+           --plan-after "${MQAR_PLAN_AFTER:-150}" --replan)
   else
     args+=(--steps "$length" --eval-every "$((length / 8))")
-    # the constant-state runs' weights, for mqar_diagnose.py (~0.8 MB a run)
-    # (round 2 saved them; round 3's would pass the 10 MB output limit)
-    [ "$setting" != full ] && [ "${MQAR_SAVE:-0}" = 1 ] &&
-      args+=(--checkpoint "$out/resume/$setting.npz")
+    [ "${MQAR_SAVE:-0}" = 1 ] &&
+      name=${setting}_s${run_seeds//,/}_$(tr -cd 'a-z0-9' <<< "$extra").npz
+  fi
+  if [ -n "$name" ]; then
+    args+=(--checkpoint "$out/resume/$name" --checkpoint-bits 8)
+    [ -f "$resume_dir/$name" ] && args+=(--resume "$resume_dir/$name")
   fi
   echo "start $entry at ${SECONDS}s"
   python3 benchmarks/mqar.py "${args[@]}" \
@@ -130,15 +138,24 @@ while [ $SECONDS -lt "$((deadline + 15))" ]; do
 done
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
 kill "$monitor" 2>/dev/null
-grep -h "planned\|resumed\|time limit\|Error" "$out"/train_*.log "$out"/probe_*.log
+# The JSON lines are in the result files: the logs keep the rest.
+for log in "$out"/train_*.log "$out"/probe_*.log; do
+  [ -f "$log" ] && grep -v '^PROGRESS \|^RESULT ' "$log" > "$log.tmp" &&
+    mv "$log.tmp" "$log"
+done
+grep -h "planned\|resumed\|time limit\|Error" "$out"/train_*.log
 grep -h "steps/s" "$out"/probe_*.log | tail -n 6
 cat "$out"/mqar_runs_*.jsonl > "$out/mqar_runs.jsonl" 2>/dev/null
-cat "$out"/mqar_runs_*.jsonl.progress > "$out/mqar_progress.jsonl" 2>/dev/null
+cat "$out"/mqar_runs_*.jsonl.progress 2>/dev/null |
+  gzip > "$out/mqar_progress.jsonl.gz"
 cat "$out"/probe_*.jsonl > "$out/mqar_probes.jsonl" 2>/dev/null
+rm -f "$out"/mqar_runs_*.jsonl "$out"/mqar_runs_*.jsonl.progress
+# Figures only with MQAR_PLOTS=1 (they are drawn again from the JSON lines
+# where the results arrive; the returned files are limited).
+figures=()
+[ "${MQAR_PLOTS:-0}" = 1 ] && figures=(--plot "$out/mqar.png")
 python3 benchmarks/mqar.py --report "$out/mqar_runs.jsonl" \
-  --table "$out/mqar_table.md" --plot "$out/mqar.png" \
-  --curves "$out/mqar_progress.jsonl" "$out/mqar_curves.png" \
-  --seed-curves "$out/mqar_seed_curves.png"
+  --table "$out/mqar_table.md" "${figures[@]}"
 python3 benchmarks/mqar.py --report "$out/mqar_probes.jsonl" \
   --table "$out/mqar_probes_table.md"
 du -sh "$out"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # MQAR on a second GPU: benchmarks/gpu/mqar.sh's sweep at T = 1024 (pairs 32
 # to 256; vocabulary 1024 as at T = 512), the issue's five settings at their
-# literal sizes, seeds 0 and 1, trained over rounds 1 and 2 (planned,
-# checkpointed, resumed). Tests every 500 steps, log lines (and time-limit
-# checks) every 50.
+# literal sizes, seeds 0 and 1, trained over all three rounds (planned,
+# checkpointed, resumed and planned again: mqar.sh). Tests every 500 steps,
+# log lines (and time-limit checks) every 50.
 # Session 4's job (more seeds at T = 256): this file at 02d975b.
 # $JOB_OUT is the output folder, $JOB_LIMIT_S the seconds before the kill.
 set -u
