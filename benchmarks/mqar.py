@@ -164,6 +164,11 @@ def main(argv=None):
     parser.add_argument("--seed-curves",
                         help="with --curves: PNG path of the curves of "
                              "every seed")
+    parser.add_argument("--panels", nargs="+",
+                        help="with --seed-curves: the panels to draw, as "
+                             "T:pairs (default: every one)")
+    parser.add_argument("--curve-settings", nargs="+",
+                        help="with --seed-curves: only these settings")
     args = parser.parse_args(argv)
     if args.report:
         from mqar_report import seed_table
@@ -189,8 +194,11 @@ def main(argv=None):
             if args.seed_curves:
                 from mqar_report import plot_seed_curves
 
+                panels = [tuple(int(n) for n in panel.split(":"))
+                          for panel in args.panels or []]
                 plot_seed_curves(args.curves[:-1] + args.report,
-                                 args.seed_curves)
+                                 args.seed_curves, panels,
+                                 args.curve_settings)
             table = equal_step_table(args.curves[:-1] + args.report)
             if args.table:
                 with open(args.table, "a") as handle:

@@ -327,22 +327,30 @@ def throughput_table(paths):
     return table
 
 
-def plot_seed_curves(paths, path):
+def plot_seed_curves(paths, path, panels=None, settings=None):
     """Test accuracy against training step, one line per setting, seed and
     learning rate (checkpoints and final tests; runs that stalled on the
     starting plateau and runs that learned stay apart, which a mean over
-    seeds would hide). One panel per pair count."""
+    seeds would hide). One panel per (T, pair count): every one, or the
+    `panels` given as a list of `(T, pairs)`; every setting, or those named
+    in `settings`."""
     points = collections.defaultdict(dict)
     for record in load_all_lines(p for p in paths if os.path.exists(p)):
+        if settings and record["setting"] not in settings:
+            continue
         points[(record["seq_len"], record["pairs"], record["setting"],
                 record["seed"], record["lr"])][record["step"]] = (
                     record["test_accuracy"])
-    panels = sorted({key[:2] for key in points})
+    panels = [tuple(p) for p in panels] if panels else sorted(
+        {key[:2] for key in points})
     if not panels:
         print("no checkpoints to plot")
         return
     figure, axes = _panel_figure(len(panels))
     styles = ("-", "--", ":", "-.")
+    variants = sorted({key[2] for key in points if "+" in key[2]})
+    colors = {name: ("black", "tab:orange", "tab:purple", "tab:brown")[
+        i % 4] for i, name in enumerate(variants)}
     for axis, panel in zip(axes[0], panels):
         labelled = set()
         for key in sorted((k for k in points if k[:2] == panel),
@@ -351,9 +359,13 @@ def plot_seed_curves(paths, path):
             x, y = zip(*sorted(points[key].items()))
             label = None if setting in labelled else f"{setting} lr={lr:g}"
             labelled.add(setting)
+            # A variant of a setting (name with "+") is drawn thicker, in
+            # a colour of its own.
             axis.plot(x, y, label=label, linestyle=styles[seed % 4],
-                      color=_COLORS.get(setting.split("-")[0], "gray"),
-                      linewidth=1.2)
+                      color=colors.get(setting, _COLORS.get(
+                          setting.split("-")[0], "gray")),
+                      linewidth=2.2 if "+" in setting else 1.0,
+                      alpha=1.0 if "+" in setting else 0.6)
         axis.set_title(f"T={panel[0]}, {panel[1]} pairs (line style: seed)")
     _finish_curves(figure, axes, path)
 
