@@ -18,8 +18,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 # Session 5, round 2: the new defaults (split history, exact pass) on the
 # cases that exercise them first.
-cases=${PALLAS_CASES:-padded streaming w0 gqa strong fp16 d96 fp32 fit m0 d256}
-check_s=${PALLAS_CHECK_S:-65}
+cases=${PALLAS_CASES:-padded strong streaming w0 gqa fp16 d96 fp32 fit m0 d256}
+check_s=${PALLAS_CHECK_S:-75}
 if [ "$check_s" -gt 0 ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "$check_s" python3 tests/pallas_gpu_check.py --cases $cases \
@@ -32,7 +32,7 @@ fi
 candidate=${PALLAS_CANDIDATE-dict(dkv_warps=4, reader_warps=8)}
 if [ -n "$candidate" ]; then
   # shellcheck disable=SC2086  # the cases are words
-  timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
+  timeout -k 5 "${PALLAS_CANDIDATE_S:-25}" python3 tests/pallas_gpu_check.py \
     --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-w0 padded} \
     > "$out/pallas_gpu_check_candidate.log" 2>&1
   echo "candidate check rc=$?"
