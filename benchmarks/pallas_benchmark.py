@@ -108,7 +108,7 @@ def run_jax(lengths, steps=None):
     `_CANDIDATES`, default all), "breakdown:T" (passes and kernels alone),
     "variants:T[:N]" / "tuning:T[:N]" (passes alone under `_VARIANTS` and
     `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`; with N only the
-    first N slot-pass tilings and the first window tiling), "decode",
+    first N of each, at least one window tiling), "decode",
     "triton:T" (the NHA Triton kernel under torch, in a subprocess on the
     same card).
     """
@@ -292,8 +292,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown", count=None):
     slot pass's kernels one by one (chunk walks, readers, XLA cumsums).
 
     `kind` "variants" / "tuning": the passes under other tilings instead
-    (with `count`, only the first `count` slot-pass tilings and the first
-    window tiling).
+    (with `count`, only the first `count` slot-pass and window tilings,
+    at least one window tiling).
     """
     import dataclasses
     import functools
@@ -344,10 +344,14 @@ def _breakdown(rows, length, card, sync, kind="breakdown", count=None):
         forward = jax.jit(fn)
         both = jax.jit(jax.grad(lambda q, k, v, *e: jnp.sum(fn(q, k, v, *e)),
                                 argnums=(0, 1, 2)))
+        # Counted FLOPs of the pass (module docstring), for its TFLOP/s.
+        per_token = (4 * WINDOW * DIM if "window" in name
+                     else 8 * SLOTS * DIM + 4 * CHUNK * (DIM + SLOTS))
+        flops = BATCH * HEADS * length * per_token
         _timed(rows, name, "fwd (pass alone)", length,
-               lambda: forward(q, k, v, *extra), card, sync)
+               lambda: forward(q, k, v, *extra), card, sync, flops)
         _timed(rows, name, "fwd+bwd (pass alone)", length,
-               lambda: both(q, k, v, *extra), card, sync)
+               lambda: both(q, k, v, *extra), card, sync, 3.5 * flops)
 
     def bound(fn, *args):
         """`fn(*args)` jitted with the arrays as arguments (closed-over
@@ -412,8 +416,8 @@ def _breakdown(rows, length, card, sync, kind="breakdown", count=None):
         (_VARIANTS, _WINDOW_VARIANTS) if kind == "variants"
         else (_TUNING, _WINDOW_TUNING))
     if count is not None:
-        slot_variants, window_variants = (slot_variants[:count],
-                                          window_variants[:1])
+        slot_variants = slot_variants[:count]
+        window_variants = window_variants[:max(count, 1)]
     for name, changes, by_kernel in slot_variants:
         config = dataclasses.replace(base, **changes)
         if by_kernel:
@@ -459,11 +463,14 @@ _WINDOW_VARIANTS = (
     ("stages=3", dict(num_stages=3)),
 )
 # Further slot- and window-pass tilings, timed by the "tuning" step.
-_TUNING = (
-    ("warps=8", dict(num_warps=8), False),
-    ("c=32", dict(chunk=32, rows=32), False),
-)
+_TUNING = ()
 _WINDOW_TUNING = (
+    ("fwd 128x64, dq 128x64, dkv 64x128, 8 warps",
+     dict(block_q=128, dq_blocks=(128, 64), dkv_blocks=(64, 128),
+          window_warps=8)),
+    ("fwd 128x64, 8 warps", dict(block_q=128, dq_blocks=(64, 64),
+                                 dkv_blocks=(64, 64), window_warps=8)),
+    ("dkv 64x128, 8 warps", dict(dkv_blocks=(64, 128), window_warps=8)),
     ("fwd 128x128", dict(block_q=128, block_k=128, dq_blocks=(64, 64),
                          dkv_blocks=(64, 64))),
     ("dq 128x64", dict(dq_blocks=(128, 64))),

@@ -6,7 +6,7 @@
 # 1. The GPU check, cases named in PALLAS_CASES, for at most PALLAS_CHECK_S
 #    seconds (0: skip).
 # 2. Its cases PALLAS_CANDIDATE_CASES under the KernelConfig changes
-#    PALLAS_CANDIDATE (default: this session's new switches), if set.
+#    PALLAS_CANDIDATE (empty: skip).
 # 3. The benchmark steps PALLAS_STEPS for the rest of the job's time
 #    ($JOB_LIMIT_S), or PALLAS_BENCH_S seconds.
 # The table and plot can be redrawn from rows.jsonl if the job is cut off.
@@ -29,7 +29,7 @@ if [ "$check_s" -gt 0 ]; then
 fi
 # A KernelConfig change to check (a Python dict expression), e.g.
 # PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
-candidate=${PALLAS_CANDIDATE-dict(dkv_warps=4, reader_warps=8)}
+candidate=${PALLAS_CANDIDATE-}
 if [ -n "$candidate" ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "${PALLAS_CANDIDATE_S:-25}" python3 tests/pallas_gpu_check.py \
@@ -38,7 +38,7 @@ if [ -n "$candidate" ]; then
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
-steps=${PALLAS_STEPS:-main:65536 candidates:65536:3 breakdown:65536 nha:16384 nha:4096 triton:65536 variants:65536:1 candidates:16384:3 triton:16384 triton:4096}
+steps=${PALLAS_STEPS:-main:65536 nha:16384 nha:4096 candidates:65536:3 tuning:65536:3 breakdown:65536 triton:65536 candidates:16384:3 triton:16384 triton:4096}
 # What is left of the job's limit, less ~25 s for the table and plot.
 bench_s=${PALLAS_BENCH_S:-$(( ${JOB_LIMIT_S:-230} - SECONDS - 25 ))}
 echo "benchmark budget ${bench_s}s"

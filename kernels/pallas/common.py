@@ -84,6 +84,7 @@ class KernelConfig:
         dkv_warps: warps of the slot dk/dv/ds kernel (0: `num_warps`).
         reader_warps: warps of the slot reader and dq kernels (0:
             `num_warps`).
+        window_warps: warps of the window kernels (0: `num_warps`).
         num_stages: Triton software-pipelining stages.
         sequential_stages: pipelining stages of the chunk-walking kernels.
         diag: how slot programs add the writers of their own 16 rows:
@@ -142,6 +143,7 @@ class KernelConfig:
     num_warps: int = 4
     dkv_warps: int = 0
     reader_warps: int = 0
+    window_warps: int = 0
     num_stages: int = 2
     sequential_stages: int = 1
     diag: str = "tensor"

@@ -237,6 +237,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _params(config):
+    return compiler_params(config.window_warps or config.num_warps,
+                           config.num_stages)
+
+
 def _parts(x):
     """The history parts of `x`: a `(ring, new)` tuple or one array."""
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
@@ -301,7 +306,7 @@ def window_forward(qw, kw, v, mask, prior, scale, capacity, config):
                                  qw.dtype),
             jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
         ],
-        compiler_params=compiler_params(config.num_warps, config.num_stages),
+        compiler_params=_params(config),
         interpret=config.interpret,
         name="nha_window_forward",
     )(qw, *history, *(() if prior is None else prior))
@@ -323,7 +328,7 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
     groups = heads // kv_heads
     shift = _shift(kw, capacity)
     _, (block_q, block_k), (dkv_block_q, dkv_block_k) = window_blocks(config)
-    params = compiler_params(config.num_warps, config.num_stages)
+    params = _params(config)
     rows, per_row, inputs = _query_block_specs(block_q, rows_per_part,
                                                key_dim, value_dim, groups)
     dq = pl.pallas_call(
