@@ -73,11 +73,12 @@ class _QueryBlock:
         self.last = jnp.minimum(
             idiv(start + block_q + capacity + block_k - 1, block_k),
             spans[-1][0] + spans[-1][1])
-        # Blocks inside every row's window: start + block_q <= j * block_k
-        # and (j + 1) * block_k - 1 <= start + capacity.
-        self.inner = _interior_range(
-            start + block_q + block_k - 1, start + capacity - block_k + 1,
-            block_k, self.first, self.last)
+        if interior:
+            # Blocks inside every row's window: start + block_q <= j *
+            # block_k and (j + 1) * block_k - 1 <= start + capacity.
+            self.inner = _interior_range(
+                start + block_q + block_k - 1, start + capacity - block_k + 1,
+                block_k, self.first, self.last)
 
     def scores(self, q, j, part, inner=False):
         """History block j (of part `part`): keys, values, base-2 logits,
