@@ -9,6 +9,7 @@ fixed test stream (`mqar_data`, stream 1), identical for every setting.
 """
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -173,6 +174,19 @@ def train_setting(setting, runs, args, emit):
         return loss, accuracy
 
     evaluate = jax.jit(jax.vmap(test_step))
+    # The test step compiles in a thread while the training starts (on a
+    # GPU it took as long as the training step: 40-150 s of a round).
+    compiled_test = {}
+
+    def compile_test():
+        shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        batch = next(_test_batches(runs, args, max(args.pairs)))
+        compiled_test["call"] = evaluate.lower(
+            jax.tree.map(shape, trainable), jax.tree.map(shape, non_trainable),
+            *batch).compile()
+
+    compiling = threading.Thread(target=compile_test, daemon=True)
+    compiling.start()
     peaks = jnp.array([lr for _, _, lr in runs], "float32")
     # Both learning rates of a seed see the same batches (as on the host).
     data_keys = jax.vmap(jax.random.key)(
@@ -185,8 +199,9 @@ def train_setting(setting, runs, args, emit):
             batches = _test_batches(runs, args, pairs)
             totals = np.zeros((2, len(runs)))
             for _ in range(count):
-                loss, accuracy = evaluate(trainable, non_trainable,
-                                          *next(batches))
+                compiling.join()
+                loss, accuracy = compiled_test.get("call", evaluate)(
+                    trainable, non_trainable, *next(batches))
                 totals += np.stack([np.asarray(loss), np.asarray(accuracy)])
             results[pairs] = totals / count
         return results
