@@ -91,11 +91,15 @@ def _load_sequence(call):
 # A fresh sequence's zero state per (shapes, dtype, device): building it
 # took 8 torch.zeros per call (~0.1 ms of CPU at short lengths, where the
 # GPU waits for the CPU). The kernels only read it, and the state they
-# return never shares its tensors.
+# return never shares its tensors. Only small states are kept (a global
+# layer's ring holds T tokens: ~1 GB at T=65536); larger ones are built per
+# call, where the GPU's time dwarfs the CPU's anyway.
 _ZERO_STATES = {}
 _MAX_ZERO_STATES = 16
+_MAX_CACHED_BYTES = 64 << 20
 
 
+# Under torch.compile this is a graph break, as `triton_nha` is anyway.
 @torch.compiler.disable  # the cache must hold real tensors, not traced ones
 def _from_zero_state(*, query, key, value, log_forget_gate, window_size,
                      state, return_state=True, **call):
@@ -108,9 +112,11 @@ def _from_zero_state(*, query, key, value, log_forget_gate, window_size,
                  log_forget_gate.shape[-1], capacity, key.dtype, key.device)
     zeros = _ZERO_STATES.get(signature)
     if zeros is None:
-        if len(_ZERO_STATES) >= _MAX_ZERO_STATES:
-            _ZERO_STATES.clear()
-        zeros = _ZERO_STATES[signature] = _zero_state(*signature)
+        zeros = _zero_state(*signature)
+        if sum(x.nbytes for x in zeros.values()) <= _MAX_CACHED_BYTES:
+            if len(_ZERO_STATES) >= _MAX_ZERO_STATES:
+                _ZERO_STATES.clear()
+            _ZERO_STATES[signature] = zeros
     return triton_nha(query, key, value, log_forget_gate,
                       window_size=window_size, state=zeros,
                       return_state=return_state, **call)

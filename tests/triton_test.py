@@ -140,6 +140,7 @@ STATELESS_CASES = {
 # A fresh sequence (no initial state) from the loader's cached zero state.
 FRESH_CASES = {
     "W5-M8-gqa2x4": dict(window_size=5, num_slots=8, heads=4, kv_heads=2),
+    "W40-M8-uncached": dict(window_size=40, num_slots=8, uncached=True),
 }
 _SHAPE_KEYS = ("batch", "heads", "kv_heads", "key_dim", "value_dim",
                "num_slots", "separate_window", "padding", "gate_scale")
@@ -282,7 +283,7 @@ def _stateless_case(case, seed):
 def _fresh_case(case, seed):
     """A fresh sequence through the public op twice: the loader's cached
     zero state serves both calls, stays zero, and the returned state shares
-    none of its tensors."""
+    none of its tensors (with `uncached`, too large to keep: none kept)."""
     import keras_nha
     from keras import ops
     from nha_numpy_reference import nha_numpy
@@ -291,6 +292,8 @@ def _fresh_case(case, seed):
     from keras_nha.backends import torch as torch_backend
 
     torch_backend._ZERO_STATES.clear()
+    if case.get("uncached"):  # too large to keep: built per call
+        torch_backend._MAX_CACHED_BYTES = 0
     inputs = random_inputs_for(case, LENGTH, seed)
     inputs.pop("padding_mask", None)
     expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
@@ -303,18 +306,23 @@ def _fresh_case(case, seed):
             window_size=case["window_size"], return_state=True,
             implementation="triton", **cast_inputs(inputs, "float32"))
         results.append((ops.convert_to_numpy(out), state))
+    errors = {"output_vs_numpy": _error(results[0][0], expected),
+              "vs_first_call": float(np.abs(results[0][0]
+                                            - results[1][0]).max())}
+    if case.get("uncached"):
+        errors["states_kept"] = float(len(torch_backend._ZERO_STATES))
+        torch_backend._MAX_CACHED_BYTES = 64 << 20
+        return errors
     (cached,) = torch_backend._ZERO_STATES.values()
     storages = {x.untyped_storage().data_ptr() for x in cached.values()
                 if x.numel()}
     shared = [n for _, state in results for n, x in state.items()
               if x.numel() and x.untyped_storage().data_ptr() in storages]
-    return {"output_vs_numpy": _error(results[0][0], expected),
-            "vs_first_call": float(np.abs(results[0][0]
-                                          - results[1][0]).max()),
-            "cached_zero_state_max": max(float(x.abs().max())
-                                         for x in cached.values()
-                                         if x.numel()),
-            "tensors_shared_with_the_cache": float(len(shared))}
+    errors["cached_zero_state_max"] = max(float(x.abs().max())
+                                          for x in cached.values()
+                                          if x.numel())
+    errors["tensors_shared_with_the_cache"] = float(len(shared))
+    return errors
 
 
 def _prefix_states(inputs, case, prefix):
@@ -471,7 +479,9 @@ def test_without_returned_state(report, case):
 @pytest.mark.parametrize("case", sorted(FRESH_CASES))
 def test_fresh_sequence_from_the_cached_zero_state(report, case):
     _check(report, f"fresh/{case}")
-    assert "cached_zero_state_max" in report[f"fresh/{case}"]["errors"]
+    kept = "states_kept" if FRESH_CASES[case].get("uncached") else (
+        "cached_zero_state_max")
+    assert kept in report[f"fresh/{case}"]["errors"]
 
 
 @pytest.mark.parametrize("case", sorted(STEP_CASES))
