@@ -292,6 +292,7 @@ def _fresh_case(case, seed):
     from keras_nha.backends import torch as torch_backend
 
     torch_backend._ZERO_STATES.clear()
+    limit = torch_backend._MAX_CACHED_BYTES
     if case.get("uncached"):  # too large to keep: built per call
         torch_backend._MAX_CACHED_BYTES = 0
     inputs = random_inputs_for(case, LENGTH, seed)
@@ -311,7 +312,7 @@ def _fresh_case(case, seed):
                                             - results[1][0]).max())}
     if case.get("uncached"):
         errors["states_kept"] = float(len(torch_backend._ZERO_STATES))
-        torch_backend._MAX_CACHED_BYTES = 64 << 20
+        torch_backend._MAX_CACHED_BYTES = limit
         return errors
     (cached,) = torch_backend._ZERO_STATES.values()
     storages = {x.untyped_storage().data_ptr() for x in cached.values()
