@@ -24,7 +24,7 @@ resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s5_resume}
 # The MQAR_* variables also serve a quick CPU dry run of this script.
 steps=${MQAR_STEPS:-200000}        # upper bound; the plan sets the length
 warmup=${MQAR_WARMUP:-300}
-next_round=${MQAR_NEXT_S:-150}   # seconds of training a next round adds
+next_round=${MQAR_NEXT_S:-0}   # seconds of training a next round adds
 seq_len=${MQAR_SEQ_LEN:-512}
 vocab=${MQAR_VOCAB:-1024}
 hidden=${MQAR_HIDDEN:-128}
@@ -55,7 +55,8 @@ monitor=$!
 # and 3800 steps by the time limit). Round 2: the sweep resumed (and planned
 # again over round 2 and the final round: --replan), the lever with 3000
 # steps on new seeds 6-9 beside the same runs without it (compared at equal
-# steps; not checkpointed: the returned files' limit).
+# steps; not checkpointed: the returned files' limit), at commit c40134c.
+# Final round (s5r3): the sweep alone, resumed, to the end of its plan.
 t256=--seq-len,256,--vocab,512,--pairs,8,16,32,64
 # shellcheck disable=SC2206
 queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
@@ -63,9 +64,7 @@ queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
        swa-W64:chunked:1e-3:16:-:0,1:75
        full:chunked:3e-3:16:-:0,1:75
        hybrid-M64:chunked:1e-3:16:-:0,1:75
-       nha-M32-W32:chunked:3e-3:16:-:0,1:75
-       nha-M16-W16:chunked:3e-3:16:8000:6,7,8,9:75:$t256
-       nha-M16-W16:chunked:3e-3:16:8000:6,7,8,9:75:$t256,--window-off-steps,3000})
+       nha-M32-W32:chunked:3e-3:16:-:0,1:75})
 # Throughput probes beside the queue (no tests, no checkpoint), e.g. round
 # 1's: nha-M16-W16:chunked:3e-3:8 (also :16, :32), nha-M16-W16:pallas:3e-3:16,
 # nha-M16-W16:chunked:3e-3:16:noautotune (XLA without GEMM autotuning),
