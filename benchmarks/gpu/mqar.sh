@@ -20,7 +20,11 @@ export KERAS_BACKEND=jax
 out=${JOB_OUT:-/tmp/mqar_out}
 mkdir -p "$out/resume"
 deadline=${MQAR_DEADLINE:-$((${JOB_LIMIT_S:-460} - 30))}
-resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s5_resume}
+# (s5r2 found no checkpoints: the git-ignored mqar_s5_resume did not travel
+# with the working tree, so the final round reads an untracked, never
+# committed copy of round 1's checkpoints in mqar_s5_carry.)
+resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s5_carry}
+[ -d "$resume_dir" ] || resume_dir=benchmarks/results/mqar_s5_resume
 # The MQAR_* variables also serve a quick CPU dry run of this script.
 steps=${MQAR_STEPS:-200000}        # upper bound; the plan sets the length
 warmup=${MQAR_WARMUP:-300}
