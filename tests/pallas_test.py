@@ -80,8 +80,8 @@ LENGTH = 37
 # default factored products are refused for such gates). `config` changes
 # the kernel tiling (`KernelConfig` fields) from the default (one slot
 # program per chunk, factored products, fused segmented walks, gate
-# kernels, split dk/dv kernels, the window reading the ring and the new
-# tokens apart, factored and exact slot programs as two calls): the 16-row
+# kernels, split dk/dv kernels, factored and exact slot programs as two
+# calls): the 16-row
 # design GPUs use for float32,
 # d > 128 or M > 64 (sequential chunk walks, XLA gate sums, one dk/dv
 # kernel), chunk programs without factored products on session 3's XLA-fed
@@ -121,11 +121,11 @@ CASES = {
         window_size=5, strong_from=20,
         config=dict(exact_pass=True, fast_chunks=2, chunk=16, rows=16,
                     segment=3)),
-    # Session 4's defaults: the window over one concatenated history copy,
-    # the slot kernels' factored and exact sides in one call.
-    "w5_padding_concatenated_history_one_slot_call": dict(
+    # The window reading the ring (front-padded) and the new tokens apart;
+    # the slot kernels' factored and exact sides in one call (session 4).
+    "w5_padding_split_history_one_slot_call": dict(
         window_size=5, padding=True,
-        config=dict(split_history=False, exact_pass=False)),
+        config=dict(split_history=True, exact_pass=False)),
     # 16-row window blocks: some lie inside every query row's window.
     "w_length_window_interior_split_history": dict(
         window_size=LENGTH,
@@ -194,14 +194,14 @@ def _decode_step(inputs, t, state, window_size, mask=None):
         implementation="pallas")
 
 
-@pytest.mark.parametrize("window_size, concatenated",
+@pytest.mark.parametrize("window_size, split_history",
                          [(0, False), (6, False), (6, True)])
-def test_streaming_and_decode_match_one_call(window_size, concatenated,
+def test_streaming_and_decode_match_one_call(window_size, split_history,
                                              monkeypatch, request):
-    # The second call's ring holds real tokens: read apart from the new
-    # tokens (default) or concatenated with them.
-    if concatenated:
-        _use_config(dict(split_history=False), monkeypatch, request)
+    # The second call's ring holds real tokens: concatenated with the new
+    # tokens (default) or read apart from them.
+    if split_history:
+        _use_config(dict(split_history=True), monkeypatch, request)
     length, prefix, steps = 30, 17, 4
     inputs = random_inputs(20 + window_size, length=length, num_slots=8)
     expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
@@ -368,7 +368,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("changes", [{}, dict(split_history=False)])
+@pytest.mark.parametrize("changes", [{}, dict(split_history=True)])
 def test_sharded_over_batch_and_heads_runs_per_shard(changes):
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_ENABLE_X64="0")
     tests = os.path.dirname(os.path.abspath(__file__))
