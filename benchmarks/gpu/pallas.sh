@@ -16,8 +16,8 @@ out=${JOB_OUT:-/tmp/pallas_job}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-# Session 5, round 2: the new defaults (split history, exact pass) on the
-# cases that exercise them first.
+# The cases the session-5 switches change most first (round s5r2 stalled
+# in the first, padded GQA, with `split_history` on).
 cases=${PALLAS_CASES:-padded strong streaming w0 gqa fp16 d96 fp32 fit m0 d256}
 check_s=${PALLAS_CHECK_S:-75}
 if [ "$check_s" -gt 0 ]; then
