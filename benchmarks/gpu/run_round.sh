@@ -11,6 +11,7 @@
 #   SKIP="lm_study mqar" bash benchmarks/gpu/run_round.sh  # leave jobs out
 #   FINAL=1 bash benchmarks/gpu/run_round.sh  # only the *_final.sh checks
 #   FOUR_GPUS=1 bash benchmarks/gpu/run_round.sh  # a job per GPU, mqar2 too
+#   FINAL=1 FOUR_GPUS=1 ONE_GPU=1 ...  # all four final jobs sharing GPU 0
 #
 # Each job also gets $JOB_LIMIT_S, the seconds it has before it is killed.
 set -u
@@ -40,11 +41,13 @@ run_job() {  # name gpus seconds
 }
 
 if [ -n "${FINAL:-}" ]; then  # the kernels' final GPU checks, side by side
-  run_job triton_final 0 "${FINAL_S:-170}" &
-  run_job pallas_final 1 "${FINAL_S:-170}" &
+  # ONE_GPU=1 shares GPU 0 between them (and the recall jobs, if asked).
+  gpu() { if [ -n "${ONE_GPU:-}" ]; then echo 0; else echo "$1"; fi; }
+  run_job triton_final "$(gpu 0)" "${FINAL_S:-170}" &
+  run_job pallas_final "$(gpu 1)" "${FINAL_S:-170}" &
   if [ -n "${FOUR_GPUS:-}" ]; then  # and the recall study beside them
-    run_job mqar 2 "${MQAR_S:-280}" &
-    run_job mqar2 3 "${MQAR_S:-280}" &
+    run_job mqar "$(gpu 2)" "${MQAR_S:-280}" &
+    run_job mqar2 "$(gpu 3)" "${MQAR_S:-280}" &
   fi
   wait
 elif [ -n "${FOUR_GPUS:-}" ]; then
