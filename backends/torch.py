@@ -124,21 +124,12 @@ def _from_zero_state(*, query, key, value, log_forget_gate, window_size,
 
 def _zero_state(batch, kv_heads, key_dim, value_dim, num_slots, capacity,
                 dtype, device):
-    """`kernels.state.zero_state` in torch, on `device`."""
-    acc = torch.float32
-    b, h = batch, kv_heads
+    """`kernels.state.zero_state` on `device` (keras allocates on its own)."""
+    from keras_nha.kernels import state as state_lib
 
-    def zeros(*shape, kind=acc):
-        return torch.zeros(shape, dtype=kind, device=device)
-
-    return {"slot_keys": zeros(b, h, key_dim, num_slots),
-            "slot_values": zeros(b, h, num_slots, value_dim),
-            "keys": zeros(b, capacity, h, key_dim, kind=dtype),
-            "window_keys": zeros(b, capacity, h, key_dim, kind=dtype),
-            "values": zeros(b, capacity, h, value_dim, kind=dtype),
-            "log_forget_gates": zeros(b, capacity, h, num_slots),
-            "mask": zeros(b, capacity),
-            "position": zeros(kind=torch.int32)}
+    state = state_lib.zero_state(batch, kv_heads, key_dim, value_dim,
+                                 num_slots, capacity, dtype)
+    return {name: x.to(device) for name, x in state.items()}
 
 
 # `backends._fast` hands this loader `state=None` for a fresh sequence.
