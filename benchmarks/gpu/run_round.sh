@@ -12,6 +12,7 @@
 #   FINAL=1 bash benchmarks/gpu/run_round.sh  # only the *_final.sh checks
 #   FOUR_GPUS=1 bash benchmarks/gpu/run_round.sh  # a job per GPU, mqar2 too
 #   FINAL=1 FOUR_GPUS=1 ONE_GPU=1 ...  # all four final jobs sharing GPU 0
+#   FINAL=1 SERIAL=1 ...  # the two final checks one after the other on GPU 0
 #
 # Each job also gets $JOB_LIMIT_S, the seconds it has before it is killed.
 set -u
@@ -40,7 +41,9 @@ run_job() {  # name gpus seconds
   echo "$name rc=$? $((SECONDS - start))s gpus=$gpus" | tee -a "$results/summary.txt"
 }
 
-if [ -n "${FINAL:-}" ]; then  # the kernels' final GPU checks, side by side
+if [ -n "${FINAL:-}" ] && [ -n "${SERIAL:-}" ]; then
+  run_job triton_final 0 "${FINAL_S:-170}"; run_job pallas_final 0 "${FINAL_S:-170}"
+elif [ -n "${FINAL:-}" ]; then  # the kernels' final GPU checks, side by side
   # ONE_GPU=1 shares GPU 0 between them (and the recall jobs, if asked).
   gpu() { if [ -n "${ONE_GPU:-}" ]; then echo 0; else echo "$1"; fi; }
   run_job triton_final "$(gpu 0)" "${FINAL_S:-170}" &
