@@ -19,6 +19,7 @@ happens to execute.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -557,11 +558,12 @@ def host_profile(length, steps=20, top=30):
                 if line.strip()))
 
 
-def host_split(step, steps=20):
-    """CPU ms to enqueue one step, without a profiler: as is (cached
-    launches), with every launch through Triton's JIT, and with every
-    Triton launch replaced by a no-op (torch ops and Python only); the
-    differences over the launch count are the CPU cost of one launch."""
+def host_numbers(step, steps=10, jit=True):
+    """CPU ms to enqueue one step, without a profiler: "cached" as is,
+    "jit" with every launch through Triton's JIT, "stubbed" with every
+    Triton launch replaced by a no-op (torch ops, autograd and Python
+    only), and "launches" per step. Each the best of three rounds of
+    `steps` steps (short rounds: the GPU's queue must not fill up)."""
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -580,24 +582,181 @@ def host_split(step, steps=20):
     def counted(self, *args, **kwargs):
         launches[0] += 1
 
-    full = min(enqueue_ms() for _ in range(3))
+    found = {"cached": min(enqueue_ms() for _ in range(3))}
     os.environ["KERAS_NHA_TRITON_FAST_LAUNCH"] = "0"
     try:
-        jit = min(enqueue_ms() for _ in range(3))
+        if jit:
+            found["jit"] = min(enqueue_ms() for _ in range(3))
         JITFunction.run = counted
         try:
-            bare = min(enqueue_ms() for _ in range(3))
+            found["stubbed"] = min(enqueue_ms() for _ in range(3))
         finally:
             JITFunction.run = run
     finally:
         os.environ.pop("KERAS_NHA_TRITON_FAST_LAUNCH")
-    count = max(launches[0] / (3 * steps), 1)
+    found["launches"] = launches[0] / (3 * steps)
+    return found
+
+
+def host_split(step, steps=20):
+    """`host_numbers` as one line of text, with the CPU cost per launch."""
+    found = host_numbers(step, min(steps, 10))
+    full, jit, bare = found["cached"], found["jit"], found["stubbed"]
+    count = max(found["launches"], 1)
     return (f"CPU per fwd+bwd step: {full:.3f} ms (cached launches); "
             f"{jit:.3f} ms with Triton's JIT launches "
             f"(KERAS_NHA_TRITON_FAST_LAUNCH=0); without the Triton launches "
             f"{bare:.3f} ms; {count:.0f} launches, "
             f"{(full - bare) / count * 1000:.1f} us each cached, "
             f"{(jit - bare) / count * 1000:.1f} us through the JIT")
+
+
+def three_ways(step, calls=50):
+    """fwd+bwd ms of `step` timed three ways, so that no verdict hangs on
+    one method: "do_bench" (median, Triton's, L2 flushed before each
+    call), "events" (median of CUDA events around each of `calls`
+    back-to-back calls) and "loop" (`calls` calls, one event pair and one
+    sync around all of them: ms per call). When the CPU enqueues faster
+    than the GPU runs, all three are GPU time; else they include the
+    GPU's wait for the CPU."""
+    import statistics
+
+    import torch
+
+    found = {"do_bench": _bench(step)}
+    pairs = [(torch.cuda.Event(enable_timing=True),
+              torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    torch.cuda.synchronize()
+    for start, end in pairs:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    found["events"] = statistics.median(s.elapsed_time(e) for s, e in pairs)
+    first, last = pairs[0][0], pairs[0][1]
+    torch.cuda.synchronize()
+    first.record()
+    for _ in range(calls):
+        step()
+    last.record()
+    torch.cuda.synchronize()
+    found["loop"] = first.elapsed_time(last) / calls
+    return found
+
+
+def eager_rows(length=4096, trace=None):
+    """The fwd+bwd comparison at T=`length` as a user runs it, eagerly:
+    SDPA causal, the public op (no returned state: what a user gets), the
+    public op with return_state, the kernels called directly, and CUDA
+    graphs; each timed by `three_ways`, with the CPU time to enqueue one
+    call ("cpu") and for NHA the same with every Triton launch stubbed
+    ("cpu_stubbed"). Rows are yielded one by one (a killed job keeps the
+    ones it measured). With `trace`, a Chrome trace of three steps of the
+    public op is written there."""
+    import torch
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel
+
+    import keras_nha
+    from keras_nha.kernels import state as state_lib
+    from keras_nha.kernels.triton.sequence import triton_nha
+
+    q, k, v, g = _inputs(length)
+    nha_inputs = (q, k, v, g)
+    state = state_lib.zero_state(B, H, D, D, M, min(W, length), "bfloat16")
+    heads = _heads_first(length)
+
+    def sdpa(flash):
+        def forward():
+            if not flash:
+                return torch.nn.functional.scaled_dot_product_attention(
+                    *heads, is_causal=True)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    *heads, is_causal=True)
+        return forward
+
+    def public(**options):
+        def forward():
+            out = keras_nha.ops.native_hybrid_attention(q, k, v, g, W,
+                                                        **options)
+            return out[0] if options.get("return_state") else out
+        return forward
+
+    def kernels(return_state):
+        def forward():
+            return triton_nha(q, k, v, g, window_size=W, scale=D ** -0.5,
+                              window_query=q, window_key=k, padding_mask=None,
+                              state=state, return_state=return_state)[0]
+        return forward
+
+    variants = (
+        ("SDPA causal (flash)", sdpa(True), heads, False),
+        ("NHA public op (auto, no state)", public(), nha_inputs, True),
+        ("SDPA causal (torch picks the backend)", sdpa(False), heads, False),
+        ("NHA public op (triton)", public(implementation="triton"),
+         nha_inputs, True),
+        ("NHA public op, return_state", public(return_state=True),
+         nha_inputs, True),
+        ("NHA kernels, no returned state", kernels(False), nha_inputs, True),
+        ("NHA kernels, returned state", kernels(True), nha_inputs, True),
+    )
+    for name, forward, inputs, is_nha in variants:
+        step = _fwd_bwd(forward, inputs)
+        found = three_ways(step)
+        if is_nha:
+            cpu = host_numbers(step, jit=False)
+            found.update(cpu=cpu["cached"], cpu_stubbed=cpu["stubbed"],
+                         launches=cpu["launches"])
+        else:
+            found["cpu"] = host_numbers(step, jit=False)["cached"]
+        yield name, found
+    for name, forward in (("NHA public op, CUDA graph", public()),
+                          ("SDPA causal (flash), CUDA graph", sdpa(True))):
+        inputs = heads if name.startswith("SDPA") else nha_inputs
+        replay = _graphed(_fwd_bwd(forward, inputs))
+        yield name, three_ways(replay)
+    if trace:
+        step = _fwd_bwd(public(), nha_inputs)
+        with torch.profiler.profile(activities=[
+                torch.profiler.ProfilerActivity.CPU,
+                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(trace)
+
+
+def eager_table(found, length=4096):
+    """`eager_rows`' results as text, with the verdict against SDPA."""
+    lines = [f"fwd+bwd at T={length}, eager as a user runs it (ms per call; "
+             "do_bench: median, L2 flushed; events: median per call, "
+             "back to back; loop: 50 calls, one sync; cpu: CPU time to "
+             "enqueue one call; stubbed: the same with every Triton launch "
+             "a no-op)",
+             f"{'row':40s} {'do_bench':>9s} {'events':>8s} {'loop':>8s} "
+             f"{'cpu':>7s} {'stubbed':>8s} {'launches':>8s}"]
+    for name, row in found.items():
+        cells = [f"{row[key]:9.3f}" if key in row else f"{'':9s}"
+                 for key in ("do_bench",)]
+        cells += [f"{row[key]:8.3f}" if key in row else f"{'':8s}"
+                  for key in ("events", "loop")]
+        cells += [f"{row[key]:7.3f}" if key in row else f"{'':7s}"
+                  for key in ("cpu",)]
+        cells += [f"{row[key]:8.3f}" if key in row else f"{'':8s}"
+                  for key in ("cpu_stubbed",)]
+        cells += [f"{row['launches']:8.0f}" if "launches" in row
+                  else f"{'':8s}"]
+        lines.append(f"{name:40s} " + " ".join(cells))
+    sdpa = found.get("SDPA causal (flash)")
+    for name in ("NHA public op (auto, no state)", "NHA public op (triton)",
+                 "NHA public op, CUDA graph"):
+        if sdpa and name in found:
+            ratios = ", ".join(
+                f"{key} {found[name][key] / sdpa[key]:.2f}x"
+                for key in ("do_bench", "events", "loop"))
+            lines.append(f"{name} / SDPA causal (flash): {ratios}")
+    return "\n".join(lines)
 
 
 def decode_rows(batch=8, contexts=(4096, 65536)):
@@ -746,6 +905,12 @@ def _table(result):
     lines.append(f"B={B} H={H} K=V={D} M={M} W={W} bf16; median ms; TFLOP/s "
                  "on counted FLOPs (fwd+bwd = 3.5 x fwd); NHA tile overrides: "
                  f"[{result.get('blocks') or 'none'}]")
+    if result.get("eager"):
+        lines.append(eager_table(result["eager"]))
+    for config, found in result.get("tuning_short", {}).items():
+        lines.append(f"  short tuning [{config}]: CUDA graph "
+                     f"{found['graph']:.3f} ms, eager {found['eager']:.3f} "
+                     "ms")
     for config, found in result.get("tuning", {}).items():
         if isinstance(found, list):  # older files: (fwd, fwd+bwd)
             found = {"fwd": found[0], "fwd+bwd": found[1], "parts": {}}
@@ -905,6 +1070,10 @@ def _measure(args, tuning):
                   for n, (f, b, _) in rows.items()), flush=True)
         save()
 
+    if args.eager:
+        _eager_first(args, result, save)
+    if args.tune_short and not late("short tuning"):
+        _tune_short(args, result, late, save)
     lengths = [int(t) for t in args.lengths.split(",")]
     for length in lengths:
         run_rows(nha_rows, length)
@@ -949,6 +1118,54 @@ def _measure(args, tuning):
     return result
 
 
+def _eager_first(args, result, save):
+    """`eager_rows` at --eager, printed and saved row by row."""
+    found = result.setdefault("eager", {})
+    began = time.time()
+    try:
+        for name, row in eager_rows(args.eager, args.trace):
+            found[name] = row
+            print(f"[eager T={args.eager}, {time.time() - began:.0f}s] "
+                  f"{name}: " + ", ".join(f"{k} {v:.3f}"
+                                          for k, v in row.items()),
+                  flush=True)
+            save()
+    except Exception as error:  # the rows after it still count
+        result["skipped"]["eager"] = f"{type(error).__name__}: {error}"[:300]
+        print(f"eager rows failed: {error!r}"[:300], flush=True)
+    print(eager_table(found, args.eager), flush=True)
+
+
+def _tune_short(args, result, late, save):
+    """Tile variants at --eager T (default 4096): fwd+bwd of the kernels
+    replayed from a CUDA graph (their GPU time) and of the public op
+    eagerly, under each KERAS_NHA_TRITON_BLOCKS value of --tune-short."""
+    import keras_nha
+
+    length = args.eager or 4096
+    q, k, v, g = _inputs(length)
+    found = result.setdefault("tuning_short", {})
+    for config in [""] + [c for c in args.tune_short.split(";") if c]:
+        if late(f"short tune [{config}]"):
+            continue
+
+        def forward():
+            return keras_nha.ops.native_hybrid_attention(q, k, v, g, W)
+        try:
+            with _switched(config):
+                step = _fwd_bwd(forward, (q, k, v, g))
+                graph = _bench(_graphed(step))
+                eager = _bench(step)
+        except Exception as error:  # a config that does not compile
+            print(f"short tune [{config}]: {error!r}"[:300], flush=True)
+            continue
+        found[config or "defaults"] = {"graph": graph, "eager": eager}
+        print(f"[short tune T={length} [{config or 'defaults'}]] CUDA graph "
+              f"{graph:.3f} ms, eager {eager:.3f} ms (fwd+bwd, public op)",
+              flush=True)
+        save()
+
+
 def _tune(args, result, late, save):
     """NHA fwd+bwd at --tune-length under each KERAS_NHA_TRITON_BLOCKS value
     of --tune, with the per-part breakdown (parts are independent, so the
@@ -957,22 +1174,14 @@ def _tune(args, result, late, save):
         if late(f"tune [{config}]"):
             continue
         began = time.time()
-        switches = _config_env(config)
-        saved = {name: os.environ.get(name) for name in switches}
-        os.environ.update(switches)
         try:
-            rows = nha_rows(args.tune_length, graphs=False)
-            fwd, both, _ = rows["NHA Triton (M=64, W=512)"]
-            parts = nha_breakdown(args.tune_length)["parts"]
+            with _switched(config):
+                rows = nha_rows(args.tune_length, graphs=False)
+                fwd, both, _ = rows["NHA Triton (M=64, W=512)"]
+                parts = nha_breakdown(args.tune_length)["parts"]
         except Exception as error:  # a config that does not compile
             print(f"tune [{config}]: {error!r}"[:300], flush=True)
             continue
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name)
-                else:
-                    os.environ[name] = value
         result["tuning"][config] = {"fwd": fwd, "fwd+bwd": both,
                                     "parts": parts}
         print(f"[tune T={args.tune_length} [{config}]: "
@@ -980,6 +1189,22 @@ def _tune(args, result, late, save):
               f"{both:.3f} ms; " + ", ".join(
                   f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
         save()
+
+
+@contextlib.contextmanager
+def _switched(config):
+    """The environment of one --tune value (`_config_env`) while inside."""
+    switches = _config_env(config)
+    saved = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def _config_env(config):
@@ -1079,6 +1304,15 @@ def main():
                         "NHA fwd+bwd and its parts at --tune-length under "
                         "each, where 'tune' stands in --peers")
     parser.add_argument("--tune-length", type=int, default=16384)
+    parser.add_argument("--eager", type=int, default=0,
+                        help="T of the eager fwd+bwd comparison run first "
+                        "(SDPA, the public op, the kernels, CUDA graphs; "
+                        "three timing methods and the CPU split; 0: none)")
+    parser.add_argument("--trace", help="with --eager: write a Chrome trace "
+                        "of three public-op steps here")
+    parser.add_argument("--tune-short", default="",
+                        help="';'-separated KERAS_NHA_TRITON_BLOCKS values "
+                        "timed at --eager T (CUDA graph and eager)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG of time vs T here")
     parser.add_argument("--from-json", help="re-print/plot saved results")
