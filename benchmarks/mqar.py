@@ -50,15 +50,23 @@ def run_training(args):
     # One model per (seed, lr), trained on the mixture of all pair counts.
     runs = [(tuple(args.pairs), seed, lr) for seed in args.seeds
             for lr in args.lr]
-    if args.resume and len(args.settings) > 1:
-        raise SystemExit("--resume takes one setting (--settings X).")
+    if (args.resume or args.init_from) and len(args.settings) > 1:
+        raise SystemExit("--resume and --init-from take one setting "
+                         "(--settings X).")
+
+    if args.test_only and not (args.resume or args.init_from):
+        raise SystemExit("--test-only needs --resume or --init-from.")
 
     def emit(record, final):
-        """Final runs go to --output, checkpoints to --output.progress."""
+        """Final runs go to --output, checkpoints to --output.progress,
+        length-transfer tests (final="transfer") to --output.transfer."""
         line = json.dumps(record)
-        print(("RESULT " if final else "PROGRESS ") + line, flush=True)
+        suffix = {True: "", False: ".progress", "transfer": ".transfer"}[
+            final]
+        print({True: "RESULT ", False: "PROGRESS ",
+               "transfer": "TRANSFER "}[final] + line, flush=True)
         if args.output:
-            path = args.output if final else args.output + ".progress"
+            path = args.output + suffix
             with open(path, "a") as handle:
                 handle.write(line + "\n")
 
@@ -153,6 +161,25 @@ def main(argv=None):
                         help="continue the runs saved in this .npz (same "
                              "setting, runs and recipe; --steps is the total "
                              "of the learning-rate schedule)")
+    parser.add_argument("--init-from",
+                        help="start from the weights of these seeds' runs "
+                             "in this .npz (same setting, vocabulary and "
+                             "width; any T, pairs or schedule): fine-tuning "
+                             "at another length, or --test-only")
+    parser.add_argument("--test-only", action="store_true",
+                        help="no training: test the --resume or "
+                             "--init-from weights (and --transfer-lengths)")
+    parser.add_argument("--transfer-lengths", type=int, nargs="+",
+                        help="after the final test, test the same weights "
+                             "at these sequence lengths too (JSON to "
+                             "OUTPUT.transfer)")
+    parser.add_argument("--transfer-pairs", type=int, nargs="+",
+                        default=[16, 32, 64, 128, 255],
+                        help="pair counts of the length-transfer tests "
+                             "(those that fit T and the vocabulary)")
+    parser.add_argument("--transfer-sequences", type=int, default=256,
+                        help="test sequences per run, length and pair count "
+                             "of the length-transfer tests")
     parser.add_argument("--output", help="JSON lines file (appended)")
     parser.add_argument("--report", nargs="+",
                         help="result files to tabulate/plot (no training)")

@@ -82,13 +82,7 @@ def load_checkpoint(path, setting, runs, args):
         ValueError: naming what differs, if the checkpoint is of another
             setting, other runs or another recipe.
     """
-    with np.load(path) as data:
-        meta = json.loads(str(data["meta"]))
-        trainable = [data[f"trainable_{i}"].astype(np.float32) * (
-            data[f"scale_{i}"] if f"scale_{i}" in data.files else 1.0)
-                     for i in range(_count(data, "trainable_"))]
-        non_trainable = [data[f"non_trainable_{i}"]
-                         for i in range(_count(data, "non_trainable_"))]
+    meta, trainable, non_trainable = _read(path)
     expected = [[list(p) if isinstance(p, tuple) else p, s, lr]
                 for p, s, lr in runs]
     if meta["setting"] != setting:
@@ -105,6 +99,106 @@ def load_checkpoint(path, setting, runs, args):
     return meta["step"], meta["steps"], trainable, non_trainable
 
 
+def _read(path):
+    """`(meta, float32 trainable arrays, non-trainable arrays)` of a file."""
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        trainable = [data[f"trainable_{i}"].astype(np.float32) * (
+            data[f"scale_{i}"] if f"scale_{i}" in data.files else 1.0)
+                     for i in range(_count(data, "trainable_"))]
+        non_trainable = [data[f"non_trainable_{i}"]
+                         for i in range(_count(data, "non_trainable_"))]
+    return meta, trainable, non_trainable
+
+
+def _rows_of_seeds(path, meta, seeds):
+    """The stored run index of each seed (each must be there once)."""
+    stored_seeds = [seed for _, seed, _ in meta["runs"]]
+    rows = []
+    for seed in seeds:
+        if stored_seeds.count(seed) != 1:
+            raise ValueError(f"`seeds`: {path} holds seeds {stored_seeds}; "
+                             f"seed {seed} is not there exactly once.")
+        rows.append(stored_seeds.index(seed))
+    return rows
+
+
 def _count(data, prefix):
     return sum(1 for name in data.files if name.startswith(prefix)
                and name[len(prefix):].isdigit())
+
+
+# What a model's weights depend on: a checkpoint's weights initialise runs
+# of another sequence length, pair mixture or schedule if these match.
+SHAPE_RECIPE = ("vocab", "hidden", "heads", "short_conv")
+
+
+def load_weights(path, setting, seeds, args):
+    """The weights of some runs of a checkpoint, to start other runs from.
+
+    Unlike `load_checkpoint`, the sequence length, pairs and schedule may
+    differ (fine-tuning at a longer T, or testing only): the runs are
+    matched by seed.
+
+    Args:
+        path: an `.npz` written by `save_checkpoint`.
+        setting: the setting name; must be the stored one.
+        seeds: one seed per run to start, each stored exactly once.
+        args: the parsed command line (its `SHAPE_RECIPE` fields must match).
+
+    Returns:
+        `(trainable, non_trainable, step)`: lists of arrays stacked over
+        `seeds` in their order, and the step the checkpoint had reached.
+
+    Raises:
+        ValueError: naming what differs or which seed is missing.
+    """
+    meta, trainable, non_trainable = _read(path)
+    if meta["setting"] != setting:
+        raise ValueError(f"`init_from`: {path} holds {meta['setting']!r}, "
+                         f"not {setting!r}.")
+    for name in SHAPE_RECIPE:
+        stored, given = meta["recipe"][name], getattr(args, name)
+        if given != stored:
+            raise ValueError(f"`init_from`: {path} was trained with {name}="
+                             f"{stored!r}, this run has {given!r}.")
+    rows = _rows_of_seeds(path, meta, seeds)
+    pick = lambda arrays: [np.asarray(a)[rows] for a in arrays]
+    return pick(trainable), pick(non_trainable), meta["step"]
+
+
+def keep_runs(path, seeds, output=None):
+    """Rewrites a checkpoint with only the runs of `seeds` (in their order).
+
+    The stored values are copied as they are (no second rounding).
+
+    Args:
+        path: an `.npz` written by `save_checkpoint`.
+        seeds: the seeds of the runs to keep, each stored exactly once.
+        output: where to write (default: over `path`).
+    """
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        arrays = {name: data[name] for name in data.files if name != "meta"}
+    rows = _rows_of_seeds(path, meta, seeds)
+    meta["runs"] = [meta["runs"][row] for row in rows]
+    arrays = {name: value[rows] if name.startswith(("trainable_", "scale_",
+                                                    "non_trainable_"))
+              else value for name, value in arrays.items()}
+    with open(output or path, "wb") as handle:
+        np.savez_compressed(handle, meta=json.dumps(meta), **arrays)
+
+
+def best_seeds(results_path, setting, count, pairs):
+    """The `count` seeds of `setting` with the best final test accuracy at
+    `pairs` pairs in a `mqar.py` result file (best first)."""
+    scores = {}
+    with open(results_path) as handle:
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                if (record["setting"] == setting
+                        and record["pairs"] == pairs
+                        and not record.get("transfer")):
+                    scores[record["seed"]] = record["test_accuracy"]
+    return sorted(scores, key=lambda seed: -scores[seed])[:count]

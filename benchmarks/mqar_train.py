@@ -23,19 +23,44 @@ from mqar_model import state_floats
 TEST_STREAM = 1
 
 
-def _test_batches(runs, args, pairs):
+def _test_batches(runs, args, pairs, seq_len=None, most=None,
+                  batch_size=None):
     """Test batches of every run (its seed's test stream) at one pair count,
-    stacked on a leading run axis, answers padded to the most pairs."""
-    streams = [mqar_batches(seed, args.batch_size, args.seq_len, pairs,
-                            args.vocab, TEST_STREAM, args.placement)
+    stacked on a leading run axis, answers padded to `most` pairs (default:
+    the most of `args.pairs`); `seq_len` and `batch_size` default to the
+    training ones."""
+    streams = [mqar_batches(seed, batch_size or args.batch_size,
+                            seq_len or args.seq_len, pairs, args.vocab,
+                            TEST_STREAM, args.placement)
                for _, seed, _ in runs]
-    most = max(args.pairs)
+    most = most or max(args.pairs)
     pad = lambda a: np.pad(a, ((0, 0), (0, most - a.shape[1])))
     while True:
         batches = [next(stream) for stream in streams]
         yield (np.stack([b["tokens"] for b in batches]),) + tuple(
             np.stack([pad(b[name]) for b in batches])
             for name in ("positions", "answers", "weights"))
+
+
+def transfer_cells(lengths, pairs, vocab, trained_seq_len):
+    """The length-transfer tests a model can take: `[(T, [pairs...])]` for
+    every `T` in `lengths` other than the trained one, with the pair counts
+    that fit (`T >= 4 * pairs` and `pairs` distinct keys in the vocabulary,
+    as `mqar_data.check_mqar_arguments` requires); lengths where none fits
+    are left out."""
+    cells = []
+    for length in lengths:
+        fits = [count for count in pairs
+                if length >= 4 * count and vocab // 2 - 1 >= count]
+        if length != trained_seq_len and fits:
+            cells.append((length, fits))
+    return cells
+
+
+def transfer_batch_size(seq_len, tokens=16384):
+    """Test sequences per run and call at length `seq_len` (about `tokens`
+    tokens, 4 to 64 sequences: a global layer's scores grow with T^2)."""
+    return int(min(64, max(4, tokens // seq_len)))
 
 
 def learning_rate(peak, step, warmup, total):
@@ -106,6 +131,19 @@ def train_setting(setting, runs, args, emit):
     stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
     trainable, non_trainable = stack(trainable), stack(non_trainable)
     first_step = 0
+    if args.init_from:
+        # Another run's weights (e.g. trained at a shorter T), then a
+        # schedule of its own from step 0.
+        from mqar_checkpoint import load_weights
+
+        loaded, loaded_fixed, init_step = load_weights(
+            args.init_from, setting, [seed for _, seed, _ in runs], args)
+        trainable = [jnp.asarray(v) for v in loaded]
+        non_trainable = [jnp.asarray(v) for v in loaded_fixed]
+        print(f"[{setting}] weights of step {init_step} from "
+              f"{args.init_from}", flush=True)
+        if args.test_only:   # the records name the step tested
+            first_step = init_step
     if args.resume:
         first_step, args.steps, trainable, non_trainable = load_checkpoint(
             args.resume, setting, runs, args)
@@ -177,13 +215,20 @@ def train_setting(setting, runs, args, emit):
     # The test step compiles in a thread while the training starts (on a
     # GPU it took as long as the training step: 40-150 s of a round).
     compiled_test = {}
+    cells = transfer_cells(args.transfer_lengths or [], args.transfer_pairs,
+                           args.vocab, args.seq_len)
 
     def compile_test():
         shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        shapes = (jax.tree.map(shape, trainable),
+                  jax.tree.map(shape, non_trainable))
         batch = next(_test_batches(runs, args, max(args.pairs)))
-        compiled_test["call"] = evaluate.lower(
-            jax.tree.map(shape, trainable), jax.tree.map(shape, non_trainable),
-            *batch).compile()
+        compiled_test["call"] = evaluate.lower(*shapes, *batch).compile()
+        for length, counts in cells:   # the length-transfer tests too
+            batch = next(_test_batches(runs, args, counts[0], length,
+                                       max(counts),
+                                       transfer_batch_size(length)))
+            compiled_test[length] = evaluate.lower(*shapes, *batch).compile()
 
     compiling = threading.Thread(target=compile_test, daemon=True)
     compiling.start()
@@ -192,16 +237,21 @@ def train_setting(setting, runs, args, emit):
     data_keys = jax.vmap(jax.random.key)(
         jnp.array([seed for _, seed, _ in runs]))
 
-    def test(count):
-        """`{pairs: [2, runs] mean (loss, accuracy)}` on the test stream."""
+    def test(count, length=None, counts=None):
+        """`{pairs: [2, runs] mean (loss, accuracy)}` on the test stream
+        (`count` batches per pair count; at the training length and pairs,
+        or at `length` with the pair counts `counts`)."""
         results = {}
-        for pairs in args.pairs:
-            batches = _test_batches(runs, args, pairs)
+        compiling.join()
+        call = compiled_test.get(length or "call", evaluate)
+        for pairs in counts or args.pairs:
+            batches = (_test_batches(runs, args, pairs, length, max(counts),
+                                     transfer_batch_size(length))
+                       if length else _test_batches(runs, args, pairs))
             totals = np.zeros((2, len(runs)))
             for _ in range(count):
-                compiling.join()
-                loss, accuracy = compiled_test.get("call", evaluate)(
-                    trainable, non_trainable, *next(batches))
+                loss, accuracy = call(trainable, non_trainable,
+                                      *next(batches))
                 totals += np.stack([np.asarray(loss), np.asarray(accuracy)])
             results[pairs] = totals / count
         return results
@@ -244,7 +294,8 @@ def train_setting(setting, runs, args, emit):
                     steps_per_call=args.steps_per_call,
                     window_off_steps=args.window_off_steps,
                     resume_warmup=args.resume_warmup,
-                    runs_vmapped=len(runs),
+                    runs_vmapped=len(runs), trained_seq_len=args.seq_len,
+                    init_from=args.init_from,
                     compile_s=round(compile_seconds or 0.0, 2),
                     steps_per_s=round(rate, 2),
                     train_s=round(time.time() - train_started, 2),
@@ -256,7 +307,8 @@ def train_setting(setting, runs, args, emit):
     compile_seconds, rate, phases_seen = None, 0.0, set()
     last = (np.full(len(runs), np.nan),) * 2
     step = first_step
-    stop = min(args.steps, args.stop_at or args.steps)
+    stop = step if args.test_only else min(args.steps,
+                                           args.stop_at or args.steps)
     # A resumed run keeps its plan, unless it stopped before planning or
     # --replan lets it plan again (only ever longer).
     planning = bool(args.plan_seconds) and (first_step < args.warmup
@@ -329,10 +381,25 @@ def train_setting(setting, runs, args, emit):
                                 trainable, non_trainable, args,
                                 args.checkpoint_bits)
     jax.block_until_ready(trainable)
-    if args.checkpoint:
+    if args.checkpoint and not args.test_only:
         save_checkpoint(args.checkpoint, setting, runs, step, trainable,
                         non_trainable, args, args.checkpoint_bits)
     for line in records(test(args.eval_batches), step):
         line["test_sequences"] = args.eval_batches * args.batch_size
         emit(line, final=True)
+    # Length transfer: the same weights tested at other lengths (no
+    # training there; one compiled test per length).
+    for length, counts in cells:
+        batch = transfer_batch_size(length)
+        calls = max(1, args.transfer_sequences // batch)
+        tested = time.time()
+        for line in records(test(calls, length, counts), step):
+            line.update(seq_len=length, transfer=True,
+                        test_sequences=calls * batch,
+                        state_floats=state_floats(
+                            setting, length, args.heads,
+                            args.hidden // args.heads))
+            emit(line, final="transfer")
+        print(f"[{label}] tested at T={length} ({time.time() - tested:.0f}"
+              f" s)", flush=True)
 

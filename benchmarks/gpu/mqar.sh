@@ -1,138 +1,110 @@
 #!/usr/bin/env bash
 # MQAR on one GPU (run by benchmarks/gpu/run_round.sh; $JOB_OUT is the output
-# folder). One training process per setting, all sharing the GPU; each trains
-# its seeds (x learning rates) vmapped, many steps per jitted call with the
-# batches generated on the device, on a mixture of pair counts, tests at
-# every count and appends a JSON line per run and count (checkpoints in
-# *.progress). Every process stops itself at $MQAR_DEADLINE seconds after
-# this script started, then tests and writes its lines.
+# folder, $JOB_LIMIT_S the seconds before the job is killed).
 #
-# Session 5: the issue's five settings at their literal sizes (nha-M64-W64,
-# gsa-M64, swa-W64, full, hybrid-M64) at T = 512 on this GPU (T = 1024 on
-# the second one: mqar2.sh), two seeds each, and at T = 512 also NHA at the
-# state of gsa-M64 and swa-W64 (nha-M32-W32), trained over rounds 1 and 2
-# (planned, checkpointed, resumed), plus a lever for NHA's slots at T = 256
-# (--window-off-steps 1000 and 3000) on seeds paired with session 4's
-# round 3.
-# Session 4's job (T = 256, 32 and 64 tokens per layer): this file at 02d975b.
+# Session 6 (one H200 alone, rounds s6m1 and s6m2): at T = 256, the lever
+# for NHA's slots (window closed for the first 3000 steps) on seeds 2-13,
+# NHA without it and GSA at the same state on seeds 6-13 (seeds 2-5 of
+# both: session 4's round 3), all on the full 8000-step schedule, plus full
+# attention and the sliding window (seeds 2-5) and the lever at 64 tokens
+# per layer; every model is then tested at T = 512, 1024 and 2048 with up
+# to 255 pairs (--transfer-lengths: no training at those lengths), as are
+# the checkpoints of sessions 4 and 5 that learned. Round s6m2 resumes
+# what s6m1 did not finish and fine-tunes the best runs at a longer T.
+# Sessions 4 and 5's jobs: this file at 02d975b (T = 256) and 7d808c7.
 set -u
 export KERAS_BACKEND=jax
 out=${JOB_OUT:-/tmp/mqar_out}
 mkdir -p "$out/resume"
-deadline=${MQAR_DEADLINE:-$((${JOB_LIMIT_S:-460} - 30))}
-# (s5r2 found no checkpoints: the git-ignored mqar_s5_resume did not travel
-# with the working tree, so the final round reads an untracked, never
-# committed copy of round 1's checkpoints in mqar_s5_carry.)
-resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s5_carry}
-[ -d "$resume_dir" ] || resume_dir=benchmarks/results/mqar_s5_resume
+deadline=${MQAR_DEADLINE:-$((${JOB_LIMIT_S:-480} - 30))}
+# Git-ignored: the lead carries this folder to the GPU machine.
+resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s6_resume}
 # The MQAR_* variables also serve a quick CPU dry run of this script.
-steps=${MQAR_STEPS:-200000}        # upper bound; the plan sets the length
-warmup=${MQAR_WARMUP:-300}
-next_round=${MQAR_NEXT_S:-0}   # seconds of training a next round adds
-seq_len=${MQAR_SEQ_LEN:-512}
-vocab=${MQAR_VOCAB:-1024}
-hidden=${MQAR_HIDDEN:-128}
+per_call=${MQAR_PER_CALL:-100}
+eval_every=${MQAR_EVAL_EVERY:-1000}
+margin=${MQAR_MARGIN:-50}   # seconds left for the final tests
 # shellcheck disable=SC2206
-pairs=(${MQAR_PAIRS:-16 32 64 128})
+lengths=(${MQAR_TRANSFER_LENGTHS:-512 1024 2048})
 # shellcheck disable=SC2206
-seeds=(${MQAR_SEEDS:-0 1})
-common=(--seq-len "$seq_len" --vocab "$vocab" --hidden "$hidden"
-        --pairs "${pairs[@]}" --placement power --short-conv 3
-        --seeds "${seeds[@]}" --weight-decay 0.1 --batch-size 64
-        --warmup "$warmup" --log-every "${MQAR_LOG_EVERY:-100}"
-        --steps-per-call "${MQAR_PER_CALL:-100}"
-        --resume-warmup "${MQAR_REWARM:-100}")
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/gpu.txt"
+transfer_pairs=(${MQAR_TRANSFER_PAIRS:-16 32 64 128 255})
+t256=(--seq-len "${MQAR_SEQ_LEN:-256}" --vocab "${MQAR_VOCAB:-512}"
+      --pairs ${MQAR_PAIRS:-8 16 32 64})
+common=(--hidden "${MQAR_HIDDEN:-128}" --placement power --short-conv 3
+        --weight-decay 0.1 --batch-size "${MQAR_BATCH:-64}" --warmup 75
+        --log-every "${MQAR_LOG_EVERY:-100}" --steps-per-call "$per_call"
+        --resume-warmup 100 --implementation chunked
+        --chunk-size "${MQAR_CHUNK:-16}" --eval-batches "${MQAR_EVAL_BATCHES:-8}"
+        --transfer-lengths "${lengths[@]}"
+        --transfer-pairs "${transfer_pairs[@]}"
+        --transfer-sequences "${MQAR_TRANSFER_SEQUENCES:-256}")
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader \
+  > "$out/gpu.txt" 2>/dev/null
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
   --format=csv -l 5 > "$out/gpu_usage.csv" 2>/dev/null &
 monitor=$!
 
-# setting:kernel:lr[,lr]:chunk_size:steps[:seeds[:warmup[:extra]]] ("-" for
-# steps: planned, checkpointed and resumed from $resume_dir when there; seeds
-# comma-separated, default $MQAR_SEEDS; extra: more mqar.py arguments,
-# commas for spaces, later ones replacing the common ones). Learning rates:
-# each setting's best of session 3 (3e-3; 1e-3 for the window and the
-# hybrid), warmup 75 (what full attention needs; session 4, round 2).
-# Session 4 (T = 256): rounds at e3dda3d, 60f39b5 and ceccb7b.
-# Round 1 (commit 767c6a8) ran the sweep with the lever on seeds 2-5
-# (--window-off-steps 1000 and 3000, 8000-step schedules, stopped at 3300
-# and 3800 steps by the time limit). Round 2: the sweep resumed (and planned
-# again over round 2 and the final round: --replan), the lever with 3000
-# steps on new seeds 6-9 beside the same runs without it (compared at equal
-# steps; not checkpointed: the returned files' limit), at commit c40134c.
-# Final round (s5r3): the sweep alone, resumed, to the end of its plan.
-t256=--seq-len,256,--vocab,512,--pairs,8,16,32,64
+# Training: name:setting:lr:steps:seeds[:extra] (seeds and extra mqar.py
+# arguments with commas for spaces; extra ones replace the common ones).
+# Each is checkpointed to $out/resume/<name>.npz and resumed from
+# $resume_dir/<name>.npz when there (to the end of its schedule).
+steps=${MQAR_STEPS:-8000}
+woff=--window-off-steps,${MQAR_WOFF:-3000}
 # shellcheck disable=SC2206
-queue=(${MQAR_SETTINGS:-nha-M64-W64:chunked:3e-3:16:-:0,1:75
-       gsa-M64:chunked:3e-3:16:-:0,1:75
-       swa-W64:chunked:1e-3:16:-:0,1:75
-       full:chunked:3e-3:16:-:0,1:75
-       hybrid-M64:chunked:1e-3:16:-:0,1:75
-       nha-M32-W32:chunked:3e-3:16:-:0,1:75})
-# Throughput probes beside the queue (no tests, no checkpoint), e.g. round
-# 1's: nha-M16-W16:chunked:3e-3:8 (also :16, :32), nha-M16-W16:pallas:3e-3:16,
-# nha-M16-W16:chunked:3e-3:16:noautotune (XLA without GEMM autotuning),
-# nha-M16-W16:chunked:3e-3:16:bf16 (bfloat16 compute), gsa-M32:chunked:3e-3:16.
-# setting:kernel:lr:chunk_size[:noautotune|bf16]
+queue=(${MQAR_QUEUE:-lever_a:nha-M16-W16:3e-3:$steps:2,3,4,5,6,7:$woff
+       lever_b:nha-M16-W16:3e-3:$steps:8,9,10,11,12,13:$woff
+       nolever:nha-M16-W16:3e-3:$steps:6,7,8,9,10,11,12,13
+       gsa:gsa-M32:3e-3:$steps:6,7,8,9,10,11,12,13
+       lever64:nha-M32-W32:3e-3:$steps:2,3,4,5:$woff
+       full:full:3e-3:${MQAR_FULL_STEPS:-4000}:2,3,4,5
+       swa:swa-W32:1e-3:$steps:2,3,4,5})
+# Tests only (one after the other, beside the training): name:setting:
+# checkpoint in $resume_dir:seeds:its recipe (commas for spaces).
+t256c=--seq-len,256,--vocab,512,--pairs,8,16,32,64
+t512c=--seq-len,512,--vocab,1024,--pairs,16,32,64,128,--transfer-pairs,16,32,64,128,256
 # shellcheck disable=SC2206
-probes=(${MQAR_PROBES:-})
+tests=(${MQAR_TESTS:-s4_nha:nha-M16-W16:s4_nha-M16-W16.npz:0,1:$t256c
+       s4_gsa:gsa-M32:s4_gsa-M32.npz:0,1:$t256c
+       s4_swa:swa-W32:s4_swa-W32.npz:0,1:$t256c
+       s4_hybrid:hybrid-M32:s4_hybrid-M32.npz:0,1:$t256c
+       s5_full512:full:s5_full_T512.npz:0,1:$t512c
+       s5_swa512:swa-W64:s5_swa-W64_T512.npz:0,1:$t512c
+       s5_hybrid512:hybrid-M64:s5_hybrid-M64_T512.npz:0,1:$t512c})
+
 pids=()
-index=0
+: > "$out/resume/labels.txt"
 for entry in "${queue[@]}"; do
-  index=$((index + 1))
-  IFS=: read -r setting kernel rates chunk length run_seeds run_warmup extra \
-    <<< "$entry"
+  IFS=: read -r name setting rate length seeds extra <<< "$entry"
+  label=$setting
+  [[ ${extra:-} =~ --window-off-steps,([0-9]+) ]] &&
+    label=$setting+woff${BASH_REMATCH[1]}
   # shellcheck disable=SC2206
-  rates=(${rates//,/ })
-  args=(--settings "$setting" "${common[@]}" --implementation "$kernel"
-        --lr "${rates[@]}" --chunk-size "$chunk"
-        --time-limit "$((deadline - SECONDS - 30))"
-        --output "$out/mqar_runs_$setting${extra:+_extra$index}.jsonl")
-  # shellcheck disable=SC2206
-  [ -n "${run_seeds:-}" ] && args+=(--seeds ${run_seeds//,/ })
-  [ -n "${run_warmup:-}" ] && args+=(--warmup "$run_warmup")
+  args=(--settings "$setting" "${t256[@]}" "${common[@]}" --lr "$rate"
+        --steps "$length" --seeds ${seeds//,/ } --eval-every "$eval_every"
+        --time-limit "$((deadline - SECONDS - margin))"
+        --checkpoint "$out/resume/$name.npz" --checkpoint-bits 8
+        --output "$out/mqar_runs_$name.jsonl")
   # shellcheck disable=SC2206
   [ -n "${extra:-}" ] && args+=(${extra//,/ })
-  # Planned entries (and fixed ones with MQAR_SAVE=1) are checkpointed (int8:
-  # two jobs of ten runs or more fit the round's returned files) and resumed
-  # from $resume_dir when there.
-  name=
-  if [ "$length" = - ]; then
-    name=${setting}_T$seq_len.npz
-    args+=(--steps "$steps" --eval-every "${MQAR_EVAL_EVERY:-500}"
-           --plan-seconds "$((deadline - SECONDS - 30 + next_round))"
-           --plan-after "${MQAR_PLAN_AFTER:-150}" --replan)
-  else
-    args+=(--steps "$length" --eval-every "$((length / 8))")
-    [ "${MQAR_SAVE:-0}" = 1 ] &&
-      name=${setting}_s${run_seeds//,/}_$(tr -cd 'a-z0-9' <<< "$extra").npz
-  fi
-  if [ -n "$name" ]; then
-    args+=(--checkpoint "$out/resume/$name" --checkpoint-bits 8)
-    [ -f "$resume_dir/$name" ] && args+=(--resume "$resume_dir/$name")
-  fi
+  [ -f "$resume_dir/$name.npz" ] && args+=(--resume "$resume_dir/$name.npz")
+  echo "$out/resume/$name.npz:$label" >> "$out/resume/labels.txt"
   echo "start $entry at ${SECONDS}s"
-  python3 benchmarks/mqar.py "${args[@]}" \
-    > "$out/train_$setting${extra:+_extra$index}.log" 2>&1 &
+  python3 benchmarks/mqar.py "${args[@]}" > "$out/train_$name.log" 2>&1 &
   pids+=($!)
 done
-index=0
-for entry in "${probes[@]}"; do
-  IFS=: read -r setting kernel rates chunk flags <<< "$entry"
-  index=$((index + 1))
-  xla_flags=${XLA_FLAGS:-}
-  [ "$flags" = noautotune ] && xla_flags="$xla_flags --xla_gpu_autotune_level=0"
-  policy=float32
-  [ "$flags" = bf16 ] && policy=mixed_bfloat16
-  echo "probe $entry at ${SECONDS}s"
-  XLA_FLAGS=$xla_flags python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
-    --implementation "$kernel" --lr "${rates//,/ }" --chunk-size "$chunk" \
-    --dtype-policy "$policy" \
-    --steps "$steps" --stop-at "${MQAR_PROBE_STEPS:-1000}" --eval-every 0 \
-    --eval-batches 1 --time-limit "$((deadline / 2))" \
-    --output "$out/probe_$index.jsonl" > "$out/probe_$index.log" 2>&1 &
-  pids+=($!)
-done
+(
+  for entry in "${tests[@]}"; do
+    IFS=: read -r name setting file seeds trained <<< "$entry"
+    [ -f "$resume_dir/$file" ] || { echo "no $resume_dir/$file"; continue; }
+    [ $SECONDS -lt "$((deadline - 40))" ] || break
+    echo "test $entry at ${SECONDS}s"
+    # shellcheck disable=SC2206
+    python3 benchmarks/mqar.py --settings "$setting" "${common[@]}" \
+      ${trained//,/ } --seeds ${seeds//,/ } --test-only \
+      --init-from "$resume_dir/$file" --output "$out/mqar_runs_$name.jsonl" \
+      > "$out/test_$name.log" 2>&1
+  done
+) &
+pids+=($!)
 while [ $SECONDS -lt "$((deadline + 15))" ]; do
   alive=0
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
@@ -142,24 +114,23 @@ done
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
 kill "$monitor" 2>/dev/null
 # The JSON lines are in the result files: the logs keep the rest.
-for log in "$out"/train_*.log "$out"/probe_*.log; do
-  [ -f "$log" ] && grep -v '^PROGRESS \|^RESULT ' "$log" > "$log.tmp" &&
-    mv "$log.tmp" "$log"
+for log in "$out"/train_*.log "$out"/test_*.log; do
+  [ -f "$log" ] && grep -v '^PROGRESS \|^RESULT \|^TRANSFER ' "$log" \
+    > "$log.tmp" && mv "$log.tmp" "$log"
 done
-grep -h "planned\|resumed\|time limit\|Error" "$out"/train_*.log
-grep -h "steps/s" "$out"/probe_*.log | tail -n 6
+grep -h "resumed\|weights of\|time limit\|tested at\|Error" \
+  "$out"/train_*.log "$out"/test_*.log
 cat "$out"/mqar_runs_*.jsonl > "$out/mqar_runs.jsonl" 2>/dev/null
+cat "$out"/mqar_runs_*.jsonl.transfer > "$out/mqar_transfer.jsonl" 2>/dev/null
 cat "$out"/mqar_runs_*.jsonl.progress 2>/dev/null |
   gzip > "$out/mqar_progress.jsonl.gz"
-cat "$out"/probe_*.jsonl > "$out/mqar_probes.jsonl" 2>/dev/null
-rm -f "$out"/mqar_runs_*.jsonl "$out"/mqar_runs_*.jsonl.progress
-# Figures only with MQAR_PLOTS=1 (they are drawn again from the JSON lines
-# where the results arrive; the returned files are limited).
-figures=()
-[ "${MQAR_PLOTS:-0}" = 1 ] && figures=(--plot "$out/mqar.png")
+rm -f "$out"/mqar_runs_*.jsonl*
+# A round returns about 10 MB: finished checkpoints keep their best run.
+# shellcheck disable=SC2046
+python3 benchmarks/mqar_keep.py --results "$out/mqar_runs.jsonl" \
+  --keep "${MQAR_KEEP:-1}" --budget-mb "${MQAR_BUDGET_MB:-7}" \
+  $(cat "$out/resume/labels.txt")
 python3 benchmarks/mqar.py --report "$out/mqar_runs.jsonl" \
-  --table "$out/mqar_table.md" "${figures[@]}"
-python3 benchmarks/mqar.py --report "$out/mqar_probes.jsonl" \
-  --table "$out/mqar_probes_table.md"
+  --table "$out/mqar_table.md"
 du -sh "$out"
 echo "mqar job done at ${SECONDS}s"
