@@ -83,6 +83,11 @@ def _load_sequence(call):
     return _compiled(pallas_nha)
 
 
+# `backends._fast` hands this loader `state=None` for a fresh sequence:
+# `pallas_nha` then reads the new tokens in place (no empty ring to join).
+_load_sequence.takes_fresh_state = True
+
+
 def _load_step(call):
     _check(call)
     from keras_nha.kernels.pallas.decode import pallas_step

@@ -104,7 +104,8 @@ def run_jax(lengths, steps=None):
     the breakdown at the largest, then decode.
 
     Steps: "main:T" (NHA and cuDNN, fwd and fwd+bwd), "nha:T" (NHA
-    only), "candidates:T[:N]" (NHA under each of the first N
+    only), "given:T" (NHA from an explicit zero state: the kernels join
+    its empty ring to the new tokens), "candidates:T[:N]" (NHA under each of the first N
     `_CANDIDATES`, default all), "breakdown:T" (passes and kernels alone),
     "variants:T[:N]" / "tuning:T[:N]" (passes alone under `_VARIANTS` and
     `_WINDOW_VARIANTS` / `_TUNING` and `_WINDOW_TUNING`; with N only the
@@ -139,16 +140,30 @@ def run_jax(lengths, steps=None):
         return keras_nha.ops.native_hybrid_attention(
             q, k, v, gate, WINDOW, implementation="pallas")
 
+    def nha_given_state(q, k, v, gate):
+        # An explicit zero state: the kernels join its (empty) ring to the
+        # new tokens, as every fresh call did before session 6.
+        state = keras_nha.ops.initial_state(
+            q.shape[0], k.shape[2], DIM, DIM, SLOTS, WINDOW,
+            max_length=q.shape[1], dtype=q.dtype)
+        return keras_nha.ops.native_hybrid_attention(
+            q, k, v, gate, WINDOW, initial_state=state,
+            implementation="pallas")
+
     def cudnn(q, k, v, gate):
         del gate
         return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                             implementation="cudnn")
 
-    def main_rows(length, candidates=False, with_cudnn=True):
+    def main_rows(length, candidates=False, with_cudnn=True,
+                  given_state=False):
         q, k, v, gate, ct = inputs(length, length)
         impls = (("pallas", nha, nha_flops),
                  ("cudnn causal", cudnn, causal_flops))[:2 if with_cudnn
                                                          else 1]
+        if given_state:
+            impls = (("pallas, zero state given", nha_given_state,
+                      nha_flops),)
         if candidates:
             for name, changes in _CANDIDATES[:candidates]:
                 with _tiling(changes):
@@ -177,10 +192,10 @@ def run_jax(lengths, steps=None):
     for step in steps:
         kind, _, length = step.partition(":")
         length, _, count = length.partition(":")
-        if kind in ("main", "candidates", "nha"):
+        if kind in ("main", "candidates", "nha", "given"):
             main_rows(int(length), kind == "candidates" and int(count or
                                                               99),
-                      kind == "main")
+                      kind == "main", kind == "given")
         elif kind in ("breakdown", "variants", "tuning"):
             _breakdown(rows, int(length), card, sync, kind,
                        int(count) if count else None)

@@ -246,6 +246,10 @@ def _guarded(check, *args, **kwargs):
 CHECKS = {
     # seed, B, T, H, Hkv, d, M, W, padding
     "gqa": (check_case, (1, 2, 2048, 8, 4, 128, 64, 512, False), {}),
+    # A fresh sequence with W a multiple of the chunk (the slot kernels
+    # read the new keys and values in place, W rows behind), padding,
+    # GQA 4:1, T not a multiple of the chunk.
+    "lag": (check_case, (12, 2, 1500, 8, 2, 128, 64, 256, True), {}),
     "padded": (check_case, (3, 2, 1500, 8, 2, 128, 64, 100, True), {}),
     "strong": (check_case, STRONG_CASE,
                dict(gate_scale=STRONG_GATES, diagnose=True)),

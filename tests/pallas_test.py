@@ -131,6 +131,14 @@ CASES = {
         window_size=LENGTH,
         config=dict(window_interior=True, split_history=True, block_q=16,
                     block_k=16, dkv_blocks=(16, 16))),
+    # A fresh sequence (no state given) with W a multiple of the chunk:
+    # the slot kernels read the new keys and values in place, W rows
+    # behind (`fed_lag`); the last fed rows lie past T (masked). The
+    # second case: 16-token chunks, two per factored program, padding.
+    "w32_fresh_keys_values_in_place": dict(window_size=32),
+    "w32_padding_fresh_in_place_2_chunk_programs": dict(
+        window_size=32, padding=True, strong_from=30,
+        config=dict(fast_chunks=2, chunk=16, rows=16, segment=3)),
     "w_3x_length_no_slots_groups4": dict(
         window_size=3 * LENGTH, num_slots=0, kv_heads=1,
         config=dict(dkv_blocks=(16, 32))),
@@ -224,6 +232,50 @@ def test_streaming_and_decode_match_one_call(window_size, split_history,
     for name, value in ref_state.items():
         if name != "position" and np.size(value):
             assert relative_error(state[name], value) < TOLERANCE, name
+
+
+@pytest.mark.parametrize("window_size", [32, 6, 0])
+def test_fresh_sequence_returns_the_state(window_size):
+    # No state given: the returned state (slot memory after T, ring of the
+    # last W tokens) must be what the float64 chunked path returns.
+    inputs = random_inputs(60 + window_size, length=LENGTH, heads=4,
+                           num_slots=8)
+    expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
+                         inputs["log_forget_gate"], window_size,
+                         qw=inputs["window_query"], kw=inputs["window_key"])
+    out, state = _run(inputs, window_size, "pallas")
+    assert relative_error(out, expected) < TOLERANCE
+    _, ref_state = _run(inputs, window_size, "chunked", dtype="float64")
+    assert int(state["position"]) == LENGTH
+    for name, value in ref_state.items():
+        if name != "position" and np.size(value):
+            assert relative_error(state[name], value) < TOLERANCE, name
+
+
+def test_fresh_streams_read_new_tokens_in_place():
+    import jax.numpy as jnp
+
+    from keras_nha.kernels.pallas import sequence
+
+    new = {n: jnp.ones((1, 128, 2, 16)) for n in ("keys", "window_keys",
+                                                  "values",
+                                                  "log_forget_gates")}
+    new["mask"] = jnp.ones((1, 128))
+    base = sequence.default_config(128, 16, True, 16)
+    same = lambda n, x: x
+    # W = 64, two 32-token chunks: keys and values in place, 64 rows behind.
+    config, streams = sequence._fresh_streams(new, 128, 64, True, base, same)
+    assert config.fed_lag == 64
+    for name in ("keys", "values", "window_keys", "window_values"):
+        assert streams[name] is new[name.removeprefix("window_")
+                                    if name != "window_keys" else name]
+    gates = np.asarray(streams["log_forget_gates"])
+    assert gates[:, :64].max() == 0 and gates[:, 64:].min() == 1
+    # W = 40 is no whole number of chunks: a delayed copy, no lag.
+    config, streams = sequence._fresh_streams(new, 128, 40, True, base, same)
+    assert config.fed_lag == 0
+    keys = np.asarray(streams["keys"])
+    assert keys[:, :40].max() == 0 and keys[:, 40:].min() == 1
 
 
 def test_decode_with_padding_and_groups():

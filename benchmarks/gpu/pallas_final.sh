@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Final GPU correctness check of the Pallas kernels (FINAL=1 run_round.sh):
-# every case once, most important first: the cases the session-5 defaults
-# (factored and exact slot programs as two calls, slot dk/dv with 4 warps)
-# change most: W=0 (the factored dk/dv kernels), strong gates (chunks of
-# both kinds, GQA dk/dv), padded GQA, bf16 GQA at real sizes, streaming;
-# then fp16, d=96/M=17, the 16-row design (float32, model.fit) and the
-# rest, so a cut-off run keeps the important ones.
+# Final GPU correctness check of the Pallas kernels (FINAL=1 run_round.sh,
+# ~170 s): every case once, most important first: session 6's fresh
+# sequences (no state given: the window and the slots read the new tokens
+# in place; "lag" and "gqa" have W a multiple of the chunk, so the slot
+# keys and values are read W rows behind), then the session-5 defaults'
+# cases (strong gates: chunks of both kinds, GQA dk/dv), streaming from a
+# given state, fp16, d=96/M=17, W=0, the 16-row design (float32,
+# model.fit) and the rest, so a cut-off run keeps the important ones.
+# With the time left, the T=65536 fwd / fwd+bwd rows against cuDNN (a
+# second measurement of the shipped defaults).
 set -u
 export KERAS_BACKEND=jax
-python3 tests/pallas_gpu_check.py --cases w0 strong padded gqa streaming \
-  fp16 d96 fp32 fit m0 d256
+limit=${JOB_LIMIT_S:-170}
+timeout -k 5 $(( limit - 45 )) python3 tests/pallas_gpu_check.py --cases \
+  lag gqa padded strong streaming d96 w0 fp16 fp32 fit m0 d256
+echo "gpu check rc=$?"
+out=${JOB_OUT:-/tmp/pallas_final}
+mkdir -p "$out"
+left=$(( limit - SECONDS - 8 ))
+if [ "$left" -gt 20 ]; then
+  timeout -k 5 "$left" python3 benchmarks/pallas_benchmark.py --part jax \
+    --steps main:65536 --jsonl "$out/rows.jsonl" > /dev/null
+  echo "benchmark rc=$?"
+  [ -f "$out/rows.jsonl" ] && cat "$out/rows.jsonl"
+fi

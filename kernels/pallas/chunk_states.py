@@ -130,15 +130,21 @@ def _segment_walk(gc_ref, local, starts, outs, *, chunk, chunks, length,
         out_v[...] = xv
 
 
-def _states_kernel(k_ref, v_ref, writes_ref, gc_ref, *refs, **walk_options):
-    """The memory's chunk writes: k^T w and w^T v, w = s exp(total - G)."""
+def _states_kernel(k_ref, v_ref, writes_ref, gc_ref, *refs, lag,
+                   **walk_options):
+    """The memory's chunk writes: k^T w and w^T v, w = s exp(total - G).
+
+    Keys and values lag the fed stream by `lag` rows (chunks before it
+    have no writes, w = 0: any rows do)."""
     dtype = k_ref.dtype
 
     def local(rows, total):
         del total
         weights = writes_ref[rows, :]
-        return (dot_ta(k_ref[rows, :], weights),
-                dot_ta(weights, v_ref[rows, :].astype(dtype)))
+        fed = (pl.ds(jnp.maximum(rows.start - lag, 0), rows.size) if lag
+               else rows)
+        return (dot_ta(k_ref[fed, :], weights),
+                dot_ta(weights, v_ref[fed, :].astype(dtype)))
 
     _segment_walk(gc_ref, local, refs[:-2], refs[-2:], **walk_options)
 
@@ -244,7 +250,8 @@ def fused_states(k, v, gc, writes, sk0, sv0, config, segment):
     gates = pl.BlockSpec((None, length, None, slots),
                          lambda b, c, j, g: (b, 0, c, 0))
     return _fused_scan(
-        _states_kernel, (k, v, writes, gc),
+        functools.partial(_states_kernel, lag=config.fed_lag),
+        (k, v, writes, gc),
         lambda tk, tv: [tiled(tk), tiled(tv), gates, gates],
         gc, sk0, sv0, config, segment=segment, dtype=k.dtype, reverse=False)
 

@@ -129,6 +129,12 @@ class KernelConfig:
         split_history: the window kernels read the state's ring and the
             new tokens as two parts (`window.py`) instead of one
             concatenated copy of both.
+        fed_lag: rows by which the slots' fed stream lags the keys and
+            values the slot kernels are given (a fresh sequence: fed row t
+            is token t - fed_lag, read in place; earlier rows carry no
+            writes, their gates are 0). A multiple of the chunk (times
+            `fast_chunks`); set per call by `sequence.py`, 0: the keys
+            and values are the fed stream itself.
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -160,6 +166,7 @@ class KernelConfig:
     fast_chunks: int = 1
     split_history: bool = False
     window_interior: bool = False
+    fed_lag: int = 0
     interpret: bool = False
 
 

@@ -10,6 +10,8 @@ puts both under one VJP (`slots.slot_attention` and
 `window.window_attention` serve a call without a window or without slots).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -86,6 +88,9 @@ def _core(query, window_query, history, slot_keys, slot_values, *,
     if "ring_mask" in history:  # `split_history`: the fed stream is apart
         window = [(history["ring_" + n], history["window_" + n])
                   for n in ("keys", "values", "mask")]
+    elif "window_mask" in history:  # a fresh sequence: the new tokens only
+        window = [(history["window_" + n],) for n in ("keys", "values",
+                                                      "mask")]
     else:
         window = [history[n] for n in ("window_keys", "values", "mask")]
     if not num_slots:
@@ -120,7 +125,8 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
             padding_mask: validated inputs, `[B, T, ...]`.
         window_size: W.
         scale: logit scale.
-        state: the state to start from (zeros for a fresh sequence).
+        state: the state to start from; None: a fresh sequence (the
+            window and the slots then read the new tokens in place).
         config: a `KernelConfig`; by default from the length and device.
 
     Returns:
@@ -139,6 +145,10 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     f32 = jnp.float32
     batch, length, heads, key_dim = query.shape
     value_dim, num_slots = value.shape[-1], log_forget_gate.shape[-1]
+    fresh = state is None
+    if fresh:  # its ring is empty; the zeros only shape the returned state
+        state = state_lib.fresh_state(query, key, value, log_forget_gate,
+                                      window_size)
     capacity = state_lib.capacity_of(state)
     if config is None:
         config = default_config(length, max(padded_size(key_dim),
@@ -167,7 +177,12 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     widths = {"keys": key_pad, "window_keys": key_pad, "values": value_pad,
               "log_forget_gates": slot_pad}
     pad_width = lambda n, x: pad_axis(x, 3, widths[n]) if n in widths else x
-    if config.split_history and capacity:
+    if fresh and capacity:
+        padded_length = round_up(length, max(step, history_block))
+        config, streams = _fresh_streams(new, padded_length, capacity,
+                                         capacity == window_size, config,
+                                         pad_width)
+    elif config.split_history and capacity:
         padded_length = round_up(length, max(step, history_block))
         streams = _split_streams(ring, new, padded_length,
                                  round_up(capacity, history_block), pad_width)
@@ -208,6 +223,38 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
         new_state[n] = jnp.asarray(state_lib.chronological_to_ring(
             last, end)).astype(state[n].dtype)
     return output, new_state
+
+
+def _fresh_streams(new, padded_length, capacity, feeds, config,
+                   pad_width):
+    """`pallas_nha`'s config and streams for a fresh sequence (empty ring).
+
+    The window reads the new tokens in place ("window_keys",
+    "window_values", "window_mask", padded to `padded_length` rows: no copy
+    when T is a whole number of blocks). The slots' fed stream is the new
+    tokens delayed by C rows (`feeds`: C is the window; else nothing
+    leaves it): with C a multiple of the chunk and the fused walks, the
+    slot kernels read the new keys and values in place, `fed_lag` = C rows
+    behind ("keys", "values"); otherwise, as ever, a delayed copy. The fed
+    gates ("log_forget_gates", float32) are always a delayed copy.
+    """
+    delayed = lambda n: pad_width(n, pad_axis(jnp.pad(
+        new[n], [(0, 0), (capacity, 0)] + [(0, 0)] * (new[n].ndim - 2)
+    )[:, :padded_length], 1, padded_length))
+    streams = {"log_forget_gates": delayed("log_forget_gates")}
+    in_place = (feeds and config.walk == "fused"
+                and capacity % (config.chunk * config.fast_chunks) == 0)
+    for n in ("keys", "values"):
+        # (Without `feeds`, `_core` feeds zeros of this shape.)
+        streams[n] = (delayed(n) if feeds and not in_place else
+                      pad_width(n, pad_axis(new[n], 1, padded_length)))
+    for n, name in (("window_keys", "keys"), ("values", "values"),
+                    ("mask", "mask")):
+        streams["window_" + name] = pad_width(n, pad_axis(new[n], 1,
+                                                          padded_length))
+    if in_place:
+        config = dataclasses.replace(config, fed_lag=capacity)
+    return config, streams
 
 
 def _split_streams(ring, new, padded_length, ring_rows, pad_width):

@@ -62,6 +62,7 @@ from keras_nha.kernels.pallas.common import dot
 from keras_nha.kernels.pallas.common import dot_ta
 from keras_nha.kernels.pallas.common import irange
 from keras_nha.kernels.pallas.common import loop
+from keras_nha.kernels.pallas.common import pad_axis
 
 _F32 = jnp.float32
 
@@ -959,6 +960,8 @@ def chunk_states(k, v, gc, s, sk0, sv0, config, writes=None):
         return fused_states(k, v, gc, writes, sk0, sv0, config,
                             _segment_length(gc.shape[1] // config.chunk,
                                             config))
+    # Only the fused walks read lagging keys and values (`sequence.py`).
+    assert not config.fed_lag, config.walk
     if config.walk == "scan":
         return _states_scan(k, v, gc, s, sk0, sv0, config)
     sk, sv = _states(k, v, gc, s, sk0, sv0, config)
@@ -976,15 +979,21 @@ def chunk_adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config):
     return adjoints(q, dz, p, dout, gc, dsk_end, dsv_end, scale, config)
 
 
-def _rows(size, dim, groups=None, per=1):
+def _rows(size, dim, groups=None, per=1, lag=0):
     """`size` rows of `[B, T, H, dim]` for programs (block, b, head).
 
     With `groups`, the head is the query head's kv head; with `per`, the
-    block is the chunk holding `per` consecutive program blocks.
+    block is the chunk holding `per` consecutive program blocks; with
+    `lag` (rows, a multiple of `size`), the block that many rows earlier
+    (the first block for blocks before it, whose rows carry no writes).
     """
     head = (lambda h: h) if groups is None else (lambda h: h // groups)
-    return pl.BlockSpec((None, size, None, dim),
-                        lambda j, b, h: (b, j // per, head(h), 0))
+    if not lag:
+        return pl.BlockSpec((None, size, None, dim),
+                            lambda j, b, h: (b, j // per, head(h), 0))
+    assert lag % size == 0, (lag, size)
+    return pl.BlockSpec((None, size, None, dim), lambda j, b, h: (
+        b, jnp.maximum(j // per - lag // size, 0), head(h), 0))
 
 
 class _Programs:
@@ -997,14 +1006,17 @@ class _Programs:
         self.rows = _program_rows(config) * chunks
         self.span = max(self.rows, config.chunk)
         self.per = max(config.chunk // self.rows, 1)
+        self.lag = config.fed_lag
 
-    def own(self, dim, groups=None):
-        """The program's rows of a `[B, T, H, dim]` array."""
-        return _rows(self.rows, dim, groups)
+    def own(self, dim, groups=None, fed=False):
+        """The program's rows of a `[B, T, H, dim]` array (`fed`: of the
+        fed keys or values, `config.fed_lag` rows earlier)."""
+        return _rows(self.rows, dim, groups, lag=self.lag if fed else 0)
 
-    def whole(self, dim, groups=None):
+    def whole(self, dim, groups=None, fed=False):
         """Its whole chunks' rows (of the kv head with `groups`)."""
-        return _rows(self.span, dim, groups, self.per)
+        return _rows(self.span, dim, groups, self.per,
+                     self.lag if fed else 0)
 
     def group(self, dim, groups):
         """Its whole chunks' rows for every query head of a kv head."""
@@ -1027,8 +1039,8 @@ class _Programs:
 
 def _reader_specs(programs, key_dim, value_dim, slots, groups):
     return [programs.own(key_dim)] + [
-        programs.whole(dim, groups)
-        for dim in (key_dim, value_dim, slots, slots)] + [
+        programs.whole(dim, groups, fed=True) for dim in (key_dim, value_dim)
+    ] + [programs.whole(slots, groups)] * 2 + [
         programs.memory((key_dim, slots), groups),
         programs.memory((slots, value_dim), groups)]
 
@@ -1278,7 +1290,7 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
             dim = x.shape[-1]
             def specs(programs):
                 return ((length // programs.rows, batch, kv_heads),
-                        [programs.own(dim), programs.own(slots),
+                        [programs.own(dim, fed=True), programs.own(slots),
                          programs.own(slots), programs.whole(slots),
                          programs.memory(l.shape[-2:]),
                          programs.group(dim, groups),
@@ -1301,7 +1313,8 @@ def _dkv(k, v, gc, s, lk, lv, q, dz, p, dout, scale, config):
         return dk, dv, (ds_keys, ds_values)
     def specs(programs):
         return ((length // programs.rows, batch, kv_heads),
-                [programs.own(key_dim), programs.own(value_dim),
+                [programs.own(key_dim, fed=True),
+                 programs.own(value_dim, fed=True),
                  programs.own(slots), programs.own(slots),
                  programs.whole(slots), programs.memory((key_dim, slots)),
                  programs.memory((slots, value_dim))]
@@ -1386,6 +1399,8 @@ def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
         dg = (_by_chunk(_in_chunk_sums(x, config.chunk, reverse=True),
                         config.chunk) + after[:, :, None])
         dg = dg.reshape(x.shape) - ds * jnp.exp(g)
+    if config.fed_lag:  # the lagging inputs' own rows
+        dk, dv = (pad_axis(x[:, config.fed_lag:], 1, length) for x in (dk, dv))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             dg.astype(g.dtype), dsk0, dsv0)
 

@@ -13,7 +13,9 @@ tuples, `KernelConfig.split_history`): the ring, front-padded to a whole
 number of blocks, and the new tokens themselves, so that no copy of the
 new keys and values is ever made. Query t then sees history rows t+s+1 ..
 t+s+C with s the ring part's front padding; the kernels walk each part's
-blocks with that part's refs.
+blocks with that part's refs. A one-part tuple `(new,)` is a fresh
+sequence's history (an empty ring): s = -C, query t sees new rows
+t-C+1 .. t.
 
 Layouts stay Keras' `[B, T, H, D]`; the kv head of query head h is
 `h // groups` through the index maps (no repeated keys or values). Inputs
@@ -250,9 +252,12 @@ def _parts(x):
 
 def _shift(kw, capacity):
     """Rows between query t's own history row and t + capacity: the ring
-    part's front padding (0 for one part)."""
-    parts = _parts(kw)
-    return parts[0].shape[1] - capacity if len(parts) > 1 else 0
+    part's front padding (0 for one array; -capacity for a one-part tuple,
+    the new tokens of a fresh sequence, whose ring is empty)."""
+    if not isinstance(kw, (tuple, list)):
+        return 0
+    ring_rows = kw[0].shape[1] if len(kw) > 1 else 0
+    return ring_rows - capacity
 
 
 def _history_inputs(kw, v, mask):
@@ -373,7 +378,7 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
             interpret=config.interpret,
             name="nha_window_dkv",
         )(qw, part_k, part_v, part_mask, do, lse, delta))
-    if len(grads) == 1:
+    if not isinstance(kw, (tuple, list)):
         return (dq,) + tuple(grads[0])
     return dq, tuple(dk for dk, _ in grads), tuple(dv for _, dv in grads)
 
