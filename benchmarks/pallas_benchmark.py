@@ -452,6 +452,9 @@ _S3 = dict(walk="scan", gate_kernels=False, narrow_slot_out=False,
 # slot programs' factored and exact sides in one call).
 _S4 = dict(split_history=False, exact_pass=False)
 _CANDIDATES = (
+    # Segments of the chunk walks: 32 chunks at T=65536 by default.
+    ("walk segments of 16 chunks", dict(segment=16)),
+    ("walk segments of 64 chunks", dict(segment=64)),
     ("dk/dv 4 warps", dict(dkv_warps=4)),
     ("reader/dq 8 warps", dict(reader_warps=8)),
     ("dk/dv 4 warps, reader/dq 8 warps", dict(dkv_warps=4, reader_warps=8)),
