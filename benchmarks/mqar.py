@@ -166,6 +166,9 @@ def main(argv=None):
                              "in this .npz (same setting, vocabulary and "
                              "width; any T, pairs or schedule): fine-tuning "
                              "at another length, or --test-only")
+    parser.add_argument("--tag",
+                        help="appended to the setting's name in the results "
+                             "(e.g. ft1024 for a fine-tuned run)")
     parser.add_argument("--test-only", action="store_true",
                         help="no training: test the --resume or "
                              "--init-from weights (and --transfer-lengths)")

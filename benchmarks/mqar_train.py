@@ -217,6 +217,8 @@ def train_setting(setting, runs, args, emit):
     compiled_test = {}
     cells = transfer_cells(args.transfer_lengths or [], args.transfer_pairs,
                            args.vocab, args.seq_len)
+    transfer_batch = lambda length: min(transfer_batch_size(length),
+                                        args.transfer_sequences)
 
     def compile_test():
         shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
@@ -227,7 +229,7 @@ def train_setting(setting, runs, args, emit):
         for length, counts in cells:   # the length-transfer tests too
             batch = next(_test_batches(runs, args, counts[0], length,
                                        max(counts),
-                                       transfer_batch_size(length)))
+                                       transfer_batch(length)))
             compiled_test[length] = evaluate.lower(*shapes, *batch).compile()
 
     compiling = threading.Thread(target=compile_test, daemon=True)
@@ -246,7 +248,7 @@ def train_setting(setting, runs, args, emit):
         call = compiled_test.get(length or "call", evaluate)
         for pairs in counts or args.pairs:
             batches = (_test_batches(runs, args, pairs, length, max(counts),
-                                     transfer_batch_size(length))
+                                     transfer_batch(length))
                        if length else _test_batches(runs, args, pairs))
             totals = np.zeros((2, len(runs)))
             for _ in range(count):
@@ -262,7 +264,8 @@ def train_setting(setting, runs, args, emit):
     windows, slots = parse_setting(setting)
     # A variant of the recipe is part of the name the report groups by.
     label_name = setting + (f"+woff{args.window_off_steps}"
-                            if args.window_off_steps else "")
+                            if args.window_off_steps else "") + (
+        f"+{args.tag}" if args.tag else "")
     label = f"{label_name} T={args.seq_len} runs={[r[1:] for r in runs]}"
     print(f"[{label}] start: {params} params, state {floats} floats",
           flush=True)
@@ -390,7 +393,7 @@ def train_setting(setting, runs, args, emit):
     # Length transfer: the same weights tested at other lengths (no
     # training there; one compiled test per length).
     for length, counts in cells:
-        batch = transfer_batch_size(length)
+        batch = transfer_batch(length)
         calls = max(1, args.transfer_sequences // batch)
         tested = time.time()
         for line in records(test(calls, length, counts), step):

@@ -422,3 +422,126 @@ def test_training_opens_the_window_and_resumes_from_int8(tmp_path):
     for record in (first, resumed):
         assert np.isfinite(record["test_loss"])
         assert 0.0 <= record["test_accuracy"] <= 1.0
+
+
+def test_transfer_cells_keep_the_pair_counts_that_fit():
+    train = _load_with_benchmarks_on_path("mqar_train")
+    cells = train.transfer_cells([256, 512, 1024, 2048], [16, 64, 128, 255],
+                                 512, 256)
+    # The trained length is left out; T >= 4 P; at most vocab / 2 - 1 keys.
+    assert cells == [(512, [16, 64, 128]), (1024, [16, 64, 128, 255]),
+                     (2048, [16, 64, 128, 255])]
+    assert train.transfer_cells([2048], [256], 512, 256) == []
+    assert train.transfer_cells([64], [16, 32], 1024, 256) == [(64, [16])]
+    sizes = [train.transfer_batch_size(t) for t in (128, 512, 2048, 65536)]
+    assert sizes == [64, 32, 8, 4]
+
+
+def _two_run_checkpoint(tmp_path, steps_done=7, steps=7):
+    checkpoint = _load_with_benchmarks_on_path("mqar_checkpoint")
+    rng = np.random.default_rng(2)
+    runs = [((4, 8), 5, 1e-3), ((4, 8), 9, 1e-3), ((4, 8), 7, 1e-3)]
+    trainable = [rng.normal(size=(3, 6, 4)).astype("float32"),
+                 rng.normal(size=(3, 4)).astype("float32")]
+    non_trainable = [np.arange(6, dtype="int32").reshape(3, 2)]
+    path = str(tmp_path / "runs.npz")
+    checkpoint.save_checkpoint(path, "gsa-M4", runs, steps_done, trainable,
+                               non_trainable, _recipe(steps=steps), 8)
+    return checkpoint, path, trainable, non_trainable
+
+
+def test_weights_of_chosen_seeds_start_runs_of_another_length(tmp_path):
+    checkpoint, path, trainable, non_trainable = _two_run_checkpoint(tmp_path)
+    # Another T, pairs and schedule are fine: only the shapes must match.
+    loaded, fixed, step = checkpoint.load_weights(
+        path, "gsa-M4", [7, 5], _recipe(seq_len=512, pairs=[16], steps=3))
+    assert step == 7
+    np.testing.assert_allclose(loaded[0], trainable[0][[2, 0]], atol=0.05)
+    np.testing.assert_allclose(loaded[1], trainable[1][[2, 0]], rtol=1e-3,
+                               atol=1e-3)
+    np.testing.assert_array_equal(fixed[0], non_trainable[0][[2, 0]])
+    for setting, seeds, recipe, name in (
+            ("nha-M4-W4", [5], _recipe(), "nha-M4-W4"),
+            ("gsa-M4", [6], _recipe(), "seed 6"),
+            ("gsa-M4", [5], _recipe(hidden=32), "hidden")):
+        with pytest.raises(ValueError, match=name):
+            checkpoint.load_weights(path, setting, seeds, recipe)
+
+
+def test_keeping_runs_copies_their_stored_values(tmp_path):
+    checkpoint, path, _, _ = _two_run_checkpoint(tmp_path)
+    before = checkpoint.load_weights(path, "gsa-M4", [9, 7], _recipe())
+    smaller = str(tmp_path / "kept.npz")
+    checkpoint.keep_runs(path, [9, 7], smaller)
+    after = checkpoint.load_weights(smaller, "gsa-M4", [9, 7], _recipe())
+    for old, new in zip(before[0] + before[1], after[0] + after[1]):
+        np.testing.assert_array_equal(old, new)   # no second rounding
+    runs = [((4, 8), 9, 1e-3), ((4, 8), 7, 1e-3)]
+    assert checkpoint.load_checkpoint(smaller, "gsa-M4", runs,
+                                      _recipe())[0] == 7
+    with pytest.raises(ValueError, match="seed 5"):
+        checkpoint.load_weights(smaller, "gsa-M4", [5], _recipe())
+
+
+def test_shrinking_keeps_best_finished_runs_and_all_unfinished(tmp_path):
+    import json
+
+    keep = _load_with_benchmarks_on_path("mqar_keep")
+    checkpoint, done, _, _ = _two_run_checkpoint(tmp_path)
+    results = tmp_path / "runs.jsonl"
+    with open(results, "w") as handle:
+        for seed, accuracy in ((5, 0.2), (9, 0.9), (7, 0.5)):
+            for pairs in (4, 8):
+                handle.write(json.dumps(dict(
+                    setting="gsa-M4", pairs=pairs, seed=seed,
+                    test_accuracy=accuracy if pairs == 4 else 1 - accuracy))
+                    + "\n")
+    (tmp_path / "open").mkdir()
+    _, unfinished, _, _ = _two_run_checkpoint(tmp_path / "open", 3, 7)
+    lines = keep.shrink([(done, "gsa-M4"), (unfinished, "gsa-M4")],
+                        str(results), 2, 4, 1e9)
+    assert "kept seeds [9, 7] (finished)" in lines[0]
+    assert "kept seeds [5, 9, 7] (unfinished" in lines[1]
+    assert checkpoint.load_weights(done, "gsa-M4", [9, 7], _recipe())
+    with pytest.raises(ValueError, match="seed 5"):
+        checkpoint.load_weights(done, "gsa-M4", [5], _recipe())
+    # Over the byte budget, an unfinished file keeps its best run too.
+    lines = keep.shrink([(unfinished, "gsa-M4")], str(results), 1, 8, 10)
+    assert "kept seeds [5] (over the budget)" in lines[0]
+
+
+@_needs_jax
+def test_test_only_repeats_the_final_test_and_transfers(tmp_path):
+    import json
+
+    mqar = _load_with_benchmarks_on_path("mqar")
+    output, saved = tmp_path / "runs.jsonl", tmp_path / "runs.npz"
+    recipe = ["--settings", "nha-M4-W4", "--seq-len", "32", "--vocab", "64",
+              "--hidden", "8", "--pairs", "4", "8", "--placement", "power",
+              "--short-conv", "3", "--batch-size", "4",
+              "--eval-batches", "2", "--implementation", "chunked",
+              "--chunk-size", "8", "--transfer-lengths", "32", "64",
+              "--transfer-pairs", "8", "16", "31", "64",
+              "--transfer-sequences", "8"]
+    mqar.main(recipe + ["--seeds", "3", "4", "--warmup", "1", "--steps", "4",
+                        "--steps-per-call", "2", "--log-every", "2",
+                        "--checkpoint", str(saved),
+                        "--output", str(output)])
+    mqar.main(recipe + ["--seeds", "4", "--test-only", "--init-from",
+                        str(saved), "--output", str(tmp_path / "again")])
+    trained = [json.loads(line) for line in open(output)]
+    again = [json.loads(line) for line in open(tmp_path / "again")]
+    moved = [json.loads(line) for line in open(tmp_path / "again.transfer")]
+    assert [(r["seed"], r["pairs"], r["step"]) for r in again] == [
+        (4, 4, 4), (4, 8, 4)]
+    for record in again:   # the same test stream, float16-rounded weights
+        first = next(r for r in trained if (r["seed"], r["pairs"]) == (
+            4, record["pairs"]))
+        assert record["test_loss"] == pytest.approx(first["test_loss"],
+                                                    rel=1e-2)
+    # Only T = 64 (32 is the trained length), with the counts that fit.
+    assert [(r["seq_len"], r["trained_seq_len"], r["pairs"]) for r in
+            moved] == [(64, 32, 8), (64, 32, 16)]
+    assert all(r["transfer"] and r["test_sequences"] == 8 and
+               0.0 <= r["test_accuracy"] <= 1.0 for r in moved)
+    assert moved[0]["state_floats"] == trained[0]["state_floats"]

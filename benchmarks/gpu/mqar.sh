@@ -44,7 +44,8 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
 monitor=$!
 
 # Training: name:setting:lr:steps:seeds[:extra] (seeds and extra mqar.py
-# arguments with commas for spaces; extra ones replace the common ones).
+# arguments with commas for spaces; extra ones replace the common ones,
+# e.g. --init-from,FILE,--seq-len,1024,--tag,ft1024 to fine-tune).
 # Each is checkpointed to $out/resume/<name>.npz and resumed from
 # $resume_dir/<name>.npz when there (to the end of its schedule).
 steps=${MQAR_STEPS:-8000}
@@ -77,9 +78,15 @@ for entry in "${queue[@]}"; do
   label=$setting
   [[ ${extra:-} =~ --window-off-steps,([0-9]+) ]] &&
     label=$setting+woff${BASH_REMATCH[1]}
+  [[ ${extra:-} =~ --tag,([A-Za-z0-9_]+) ]] && label=$label+${BASH_REMATCH[1]}
+  # Steps "-": the schedule's length is what the rate measured after
+  # --plan-after seconds fits into the time left.
+  schedule=(--steps "$length")
+  [ "$length" = - ] && schedule=(--steps 200000 --plan-after
+    "${MQAR_PLAN_AFTER:-90}" --plan-seconds "$((deadline - SECONDS - margin))")
   # shellcheck disable=SC2206
   args=(--settings "$setting" "${t256[@]}" "${common[@]}" --lr "$rate"
-        --steps "$length" --seeds ${seeds//,/ } --eval-every "$eval_every"
+        "${schedule[@]}" --seeds ${seeds//,/ } --eval-every "$eval_every"
         --time-limit "$((deadline - SECONDS - margin))"
         --checkpoint "$out/resume/$name.npz" --checkpoint-bits 8
         --output "$out/mqar_runs_$name.jsonl")
