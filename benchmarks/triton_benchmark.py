@@ -906,7 +906,8 @@ def _table(result):
                  "on counted FLOPs (fwd+bwd = 3.5 x fwd); NHA tile overrides: "
                  f"[{result.get('blocks') or 'none'}]")
     if result.get("eager"):
-        lines.append(eager_table(result["eager"]))
+        lines.append(eager_table(result["eager"],
+                                 result.get("eager_length", 4096)))
     for config, found in result.get("tuning_short", {}).items():
         lines.append(f"  short tuning [{config}]: CUDA graph "
                      f"{found['graph']:.3f} ms, eager {found['eager']:.3f} "
@@ -1074,7 +1075,7 @@ def _measure(args, tuning):
         _eager_first(args, result, save)
     if args.tune_short and not late("short tuning"):
         _tune_short(args, result, late, save)
-    lengths = [int(t) for t in args.lengths.split(",")]
+    lengths = [int(t) for t in args.lengths.split(",") if t]
     for length in lengths:
         run_rows(nha_rows, length)
     for length in (int(t) for t in args.breakdown.split(",") if t):
@@ -1121,6 +1122,7 @@ def _measure(args, tuning):
 def _eager_first(args, result, save):
     """`eager_rows` at --eager, printed and saved row by row."""
     found = result.setdefault("eager", {})
+    result["eager_length"] = args.eager
     began = time.time()
     try:
         for name, row in eager_rows(args.eager, args.trace):

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Final GPU correctness check of the shipped Triton kernels (FINAL=1
-# run_round.sh, one GPU, ~150 s). Seven processes side by side, most
+# Final GPU check of the shipped Triton kernels (FINAL=1 run_round.sh,
+# one GPU, ~170 s): correctness first (~50 s alone on an H200 in s5r4),
+# then, with what time is left, the T=4096 eager comparison again (SDPA,
+# the public op, the kernels, CUDA graphs; a second measurement of the
+# issue's last open target). The checks: seven processes side by side, most
 # important check first in each (round s4r1 started 21 processes at once
 # and none of them finished in 80 s: compiling is CPU-bound; in s4r2 each
 # check took 14-76 s next to seven other processes).
@@ -13,7 +16,7 @@ export KERAS_BACKEND=torch
 out=${JOB_OUT:-/tmp/triton_final}
 mkdir -p "$out"
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
-limit=${TRITON_FINAL_S:-145}
+limit=${TRITON_FINAL_S:-110}
 check() {  # log-name part indices
   timeout "$limit" python3 tests/triton_gpu_check.py --part "$2" \
     --only "$3" > "$out/$1.log" 2>&1
@@ -32,3 +35,12 @@ for log in "$out"/*.log; do
     echo "$(basename "$log" .log): did not finish (timed out or crashed)"
 done
 echo "final check done at ${SECONDS}s"
+[ -n "${TRITON_FINAL_S:-}" ] && exit 0  # the checks alone (round job)
+left=$(( ${JOB_LIMIT_S:-170} - 12 - SECONDS ))
+if [ "$left" -gt 25 ]; then
+  timeout "$left" python3 benchmarks/triton_benchmark.py --eager 4096 --lengths "" \
+    --peers none --breakdown "" --no-decode --deadline "$left" \
+    --json "$out/eager_4096.json" > "$out/eager_4096.log" 2>&1
+  grep "^\[eager\|^fwd+bwd at\|^row\|^NHA \|^SDPA " "$out/eager_4096.log"
+fi
+echo "job done at ${SECONDS}s"
