@@ -22,7 +22,7 @@ resume_dir=${MQAR_RESUME_DIR:-benchmarks/results/mqar_s6_resume}
 # The MQAR_* variables also serve a quick CPU dry run of this script.
 per_call=${MQAR_PER_CALL:-100}
 eval_every=${MQAR_EVAL_EVERY:-1000}
-margin=${MQAR_MARGIN:-50}   # seconds left for the final tests
+margin=${MQAR_MARGIN:-60}   # seconds left for the final tests
 # shellcheck disable=SC2206
 lengths=(${MQAR_TRANSFER_LENGTHS:-512 1024 2048})
 # shellcheck disable=SC2206
@@ -135,7 +135,7 @@ rm -f "$out"/mqar_runs_*.jsonl*
 # A round returns about 10 MB: finished checkpoints keep their best run.
 # shellcheck disable=SC2046
 python3 benchmarks/mqar_keep.py --results "$out/mqar_runs.jsonl" \
-  --keep "${MQAR_KEEP:-1}" --budget-mb "${MQAR_BUDGET_MB:-7}" \
+  --keep "${MQAR_KEEP:-1}" --budget-mb "${MQAR_BUDGET_MB:-8.5}" \
   $(cat "$out/resume/labels.txt")
 python3 benchmarks/mqar.py --report "$out/mqar_runs.jsonl" \
   --table "$out/mqar_table.md"
