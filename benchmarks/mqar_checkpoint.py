@@ -202,3 +202,35 @@ def best_seeds(results_path, setting, count, pairs):
                         and not record.get("transfer")):
                     scores[record["seed"]] = record["test_accuracy"]
     return sorted(scores, key=lambda seed: -scores[seed])[:count]
+
+
+def merge_checkpoints(paths, output):
+    """Writes the runs of several checkpoints of one setting and recipe as
+    one (in the order given), e.g. the best runs of two processes, to be
+    fine-tuned together in one vmapped process.
+
+    Raises:
+        ValueError: if the settings or recipes differ, or a seed repeats.
+    """
+    metas, parts = [], []
+    for path in paths:
+        with np.load(path) as data:
+            metas.append(json.loads(str(data["meta"])))
+            parts.append({name: data[name] for name in data.files
+                          if name != "meta"})
+    first = metas[0]
+    for path, meta in zip(paths, metas):
+        if (meta["setting"], meta["recipe"]) != (first["setting"],
+                                                 first["recipe"]):
+            raise ValueError(f"`paths`: {path} holds another setting or "
+                             f"recipe than {paths[0]}.")
+    runs = [run for meta in metas for run in meta["runs"]]
+    seeds = [seed for _, seed, _ in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"`paths`: seeds {seeds} repeat.")
+    meta = dict(first, runs=runs, step=min(m["step"] for m in metas),
+                steps=max(m["steps"] for m in metas))
+    arrays = {name: np.concatenate([part[name] for part in parts])
+              for name in parts[0]}
+    with open(output, "wb") as handle:
+        np.savez_compressed(handle, meta=json.dumps(meta), **arrays)

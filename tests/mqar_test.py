@@ -545,3 +545,18 @@ def test_test_only_repeats_the_final_test_and_transfers(tmp_path):
     assert all(r["transfer"] and r["test_sequences"] == 8 and
                0.0 <= r["test_accuracy"] <= 1.0 for r in moved)
     assert moved[0]["state_floats"] == trained[0]["state_floats"]
+
+
+def test_merged_checkpoints_hold_every_run_in_order(tmp_path):
+    checkpoint, path, trainable, _ = _two_run_checkpoint(tmp_path)
+    first, second = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    checkpoint.keep_runs(path, [9], first)
+    checkpoint.keep_runs(path, [5, 7], second)
+    merged = str(tmp_path / "merged.npz")
+    checkpoint.merge_checkpoints([first, second], merged)
+    loaded, _, _ = checkpoint.load_weights(merged, "gsa-M4", [9, 5, 7],
+                                           _recipe())
+    np.testing.assert_allclose(loaded[1], trainable[1][[1, 0, 2]],
+                               rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="repeat"):
+        checkpoint.merge_checkpoints([first, first], merged)
