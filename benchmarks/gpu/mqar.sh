@@ -6,11 +6,12 @@
 # for NHA's slots (window closed for the first 3000 steps) on seeds 2-13,
 # NHA without it and GSA at the same state on seeds 6-13 (seeds 2-5 of
 # both: session 4's round 3), all on the full 8000-step schedule, plus full
-# attention and the sliding window (seeds 2-5) and the lever at 64 tokens
-# per layer; every model is then tested at T = 512, 1024 and 2048 with up
-# to 255 pairs (--transfer-lengths: no training at those lengths), as are
-# the checkpoints of sessions 4 and 5 that learned. Round s6m2 resumes
-# what s6m1 did not finish and fine-tunes the best runs at a longer T.
+# attention (seeds 2-5) and the lever at 64 tokens per layer; every model
+# is then tested at T = 512, 1024 and 2048 with up to 255 pairs
+# (--transfer-lengths: no training at those lengths), as are the
+# checkpoints of sessions 4 and 5 that learned; session 4's NHA and GSA
+# runs that learned are fine-tuned at T = 1024. Round s6m2 resumes what
+# s6m1 did not finish and fine-tunes the best runs at a longer T.
 # Sessions 4 and 5's jobs: this file at 02d975b (T = 256) and 7d808c7.
 set -u
 export KERAS_BACKEND=jax
@@ -49,6 +50,9 @@ monitor=$!
 # Each is checkpointed to $out/resume/<name>.npz and resumed from
 # $resume_dir/<name>.npz when there (to the end of its schedule).
 steps=${MQAR_STEPS:-8000}
+# Fine-tuning at T = 1024 (then tested at 512 and 2048): a learned run's
+# weights, a schedule of its own planned over the time left.
+ft1024=--seq-len,1024,--pairs,16,32,64,128,255,--tag,ft1024,--init-from
 woff=--window-off-steps,${MQAR_WOFF:-3000}
 # shellcheck disable=SC2206
 queue=(${MQAR_QUEUE:-lever_a:nha-M16-W16:3e-3:$steps:2,3,4,5,6,7:$woff
@@ -57,11 +61,12 @@ queue=(${MQAR_QUEUE:-lever_a:nha-M16-W16:3e-3:$steps:2,3,4,5,6,7:$woff
        gsa:gsa-M32:3e-3:$steps:6,7,8,9,10,11,12,13
        lever64:nha-M32-W32:3e-3:$steps:2,3,4,5:$woff
        full:full:3e-3:${MQAR_FULL_STEPS:-4000}:2,3,4,5
-       swa:swa-W32:1e-3:$steps:2,3,4,5})
+       ft1024_s4nha:nha-M16-W16:1e-3:-:0:$ft1024,$resume_dir/s4_nha-M16-W16.npz
+       ft1024_s4gsa:gsa-M32:1e-3:-:1:$ft1024,$resume_dir/s4_gsa-M32.npz})
 # Tests only (one after the other, beside the training): name:setting:
 # checkpoint in $resume_dir:seeds:its recipe (commas for spaces).
-t256c=--seq-len,256,--vocab,512,--pairs,8,16,32,64
-t512c=--seq-len,512,--vocab,1024,--pairs,16,32,64,128,--transfer-pairs,16,32,64,128,256
+t256c=--seq-len,256,--vocab,512,--pairs,8,16,32,64,--tag,s4
+t512c=--seq-len,512,--vocab,1024,--pairs,16,32,64,128,--transfer-pairs,16,32,64,128,256,--tag,s5
 # shellcheck disable=SC2206
 tests=(${MQAR_TESTS:-s4_nha:nha-M16-W16:s4_nha-M16-W16.npz:0,1:$t256c
        s4_gsa:gsa-M32:s4_gsa-M32.npz:0,1:$t256c
