@@ -52,7 +52,7 @@ monitor=$!
 steps=${MQAR_STEPS:-8000}
 # Fine-tuning at T = 1024 (then tested at 512 and 2048): a learned run's
 # weights, a schedule of its own planned over the time left.
-ft1024=--seq-len,1024,--pairs,16,32,64,128,255,--tag,ft1024,--init-from
+ft1024=--seq-len,1024,--pairs,16,32,64,128,255,--init-from
 woff=--window-off-steps,${MQAR_WOFF:-3000}
 # shellcheck disable=SC2206
 queue=(${MQAR_QUEUE:-lever_a:nha-M16-W16:3e-3:$steps:2,3,4,5,6,7:$woff
@@ -61,8 +61,8 @@ queue=(${MQAR_QUEUE:-lever_a:nha-M16-W16:3e-3:$steps:2,3,4,5,6,7:$woff
        gsa:gsa-M32:3e-3:$steps:6,7,8,9,10,11,12,13
        lever64:nha-M32-W32:3e-3:$steps:2,3,4,5:$woff
        full:full:3e-3:${MQAR_FULL_STEPS:-4000}:2,3,4,5
-       ft1024_s4nha:nha-M16-W16:1e-3:-:0:$ft1024,$resume_dir/s4_nha-M16-W16.npz
-       ft1024_s4gsa:gsa-M32:1e-3:-:1:$ft1024,$resume_dir/s4_gsa-M32.npz})
+       ft1024_s4nha:nha-M16-W16:1e-3:-:0:$ft1024,$resume_dir/s4_nha-M16-W16.npz,--tag,s4ft1024
+       ft1024_s4gsa:gsa-M32:1e-3:-:1:$ft1024,$resume_dir/s4_gsa-M32.npz,--tag,s4ft1024})
 # Tests only (one after the other, beside the training): name:setting:
 # checkpoint in $resume_dir:seeds:its recipe (commas for spaces).
 t256c=--seq-len,256,--vocab,512,--pairs,8,16,32,64,--tag,s4
