@@ -28,16 +28,31 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Per CUDA device: None when the kernels can serve it, else the reason
+# (asked once: a capability lookup per call costs microseconds).
+_CUDA_REFUSALS = {}
+
+
+def _cuda_refusal(device):
+    if device not in _CUDA_REFUSALS:
+        reason = None
+        if torch.version.hip is not None:
+            reason = "the kernels are tuned for NVIDIA GPUs"
+        elif torch.cuda.get_device_capability(device) < (8, 0):
+            reason = "needs an Ampere or newer GPU"
+        _CUDA_REFUSALS[device] = reason
+    return _CUDA_REFUSALS[device]
+
+
 def _check_device(tensors):
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise NotImplementedError(f"tensors on several devices: {devices}")
     device = devices.pop()
     if device.type == "cuda":
-        if torch.version.hip is not None:
-            raise NotImplementedError("the kernels are tuned for NVIDIA GPUs")
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            raise NotImplementedError("needs an Ampere or newer GPU")
+        reason = _cuda_refusal(device)
+        if reason:
+            raise NotImplementedError(reason)
     elif device.type == "cpu":
         if not _interpreting():
             raise NotImplementedError(

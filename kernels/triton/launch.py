@@ -58,7 +58,8 @@ class CachedLauncher:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        device = driver.active.get_current_device()
+        current_device, current_stream = _DRIVER[0]
+        device = current_device()
         # Each call site passes its keywords in one order: no sorting. A
         # compiled kernel's handle belongs to one device's context.
         key = (device, _key(args, _TENSOR[0]), tuple(kwargs.items()))
@@ -74,7 +75,7 @@ class CachedLauncher:
         kernel, run, rest = found
         run(grid[0], grid[1] if len(grid) > 1 else 1,
             grid[2] if len(grid) > 2 else 1,
-            driver.active.get_current_stream(device), kernel.function,
+            current_stream(device), kernel.function,
             kernel.packed_metadata, None, None, None, *args, *rest)
         return kernel
 
@@ -82,6 +83,9 @@ class CachedLauncher:
 _LAUNCHERS = {}
 _FAST = [False]
 _TENSOR = [None]  # torch.Tensor, set by `refresh` (no torch import here)
+# The driver's current-device and current-stream functions, looked up once
+# (`driver.active` is a property chain: microseconds per launch).
+_DRIVER = [None]
 
 
 def refresh():
@@ -93,6 +97,9 @@ def refresh():
     if _TENSOR[0] is None:
         import torch
         _TENSOR[0] = torch.Tensor
+    if _FAST[0] and _DRIVER[0] is None:
+        active = driver.active
+        _DRIVER[0] = (active.get_current_device, active.get_current_stream)
 
 
 def launcher(fn):
