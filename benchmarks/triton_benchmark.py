@@ -911,7 +911,7 @@ def _table(result):
     for config, found in result.get("tuning_short", {}).items():
         lines.append(f"  short tuning [{config}]: CUDA graph "
                      f"{found['graph']:.3f} ms, eager {found['eager']:.3f} "
-                     "ms")
+                     f"ms, change vs defaults {found.get('change', 0):.1e}")
     for config, found in result.get("tuning", {}).items():
         if isinstance(found, list):  # older files: (fwd, fwd+bwd)
             found = {"fwd": found[0], "fwd+bwd": found[1], "parts": {}}
@@ -1144,27 +1144,45 @@ def _tune_short(args, result, late, save):
     eagerly, under each KERAS_NHA_TRITON_BLOCKS value of --tune-short."""
     import keras_nha
 
+    import torch
+
     length = args.eager or 4096
     q, k, v, g = _inputs(length)
     found = result.setdefault("tuning_short", {})
+    upstream = torch.randn_like(q)  # [B, T, H, V]: V = K here
+
+    def forward():
+        return keras_nha.ops.native_hybrid_attention(q, k, v, g, W)
+
+    def outputs():
+        out = forward()
+        return [out.detach()] + list(
+            torch.autograd.grad(out, (q, k, v, g), upstream))
+
+    reference = None
     for config in [""] + [c for c in args.tune_short.split(";") if c]:
         if late(f"short tune [{config}]"):
             continue
-
-        def forward():
-            return keras_nha.ops.native_hybrid_attention(q, k, v, g, W)
         try:
             with _switched(config):
+                got = outputs()
                 step = _fwd_bwd(forward, (q, k, v, g))
                 graph = _bench(_graphed(step))
                 eager = _bench(step)
         except Exception as error:  # a config that does not compile
             print(f"short tune [{config}]: {error!r}"[:300], flush=True)
             continue
-        found[config or "defaults"] = {"graph": graph, "eager": eager}
+        reference = reference or got
+        # Against the defaults: 0 for a pure scheduling change, ~1e-3 for
+        # other tiles (bf16 outputs, another summation order).
+        change = max(float((a.float() - b.float()).abs().max()
+                           / b.float().abs().max().clamp_min(1e-30))
+                     for a, b in zip(got, reference))
+        found[config or "defaults"] = {"graph": graph, "eager": eager,
+                                       "change": change}
         print(f"[short tune T={length} [{config or 'defaults'}]] CUDA graph "
-              f"{graph:.3f} ms, eager {eager:.3f} ms (fwd+bwd, public op)",
-              flush=True)
+              f"{graph:.3f} ms, eager {eager:.3f} ms (fwd+bwd, public op); "
+              f"largest change vs defaults {change:.1e}", flush=True)
         save()
 
 

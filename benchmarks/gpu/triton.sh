@@ -20,7 +20,7 @@ nproc > "$out/cpus.txt"; lscpu > "$out/lscpu.txt" 2>&1
 echo "kernels: $(cat kernels/triton/*.py | sha1sum | cut -c1-12)"
 export FLA_TUNED_CONFIGS=benchmarks/results/triton_fla_configs_h200.json,benchmarks/results/triton_fla_configs_h200_s4r1.json
 export FLA_UNTUNED_FALLBACK=1
-short="dkdv_key=64;dkdv_key=64,dkdv_warps=4;query_bwd=32;query=32;warps=8;short_chunks=0;key=64"
+short="KERAS_NHA_TRITON_OVERLAP=1;dkdv_key=64;dkdv_key=64,dkdv_warps=4;query_bwd=32;query=32;warps=8;short_chunks=0;key=64"
 
 timeout 75 python3 benchmarks/triton_benchmark.py --warm nha \
   --tune "$short" > "$out/warm_nha.log" 2>&1 &

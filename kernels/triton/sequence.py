@@ -20,6 +20,7 @@ loader refuses states that require grad). The returned ring buffers are built
 with torch ops from the inputs, so they stay differentiable.
 """
 
+import contextlib
 import dataclasses
 import os
 
@@ -362,12 +363,14 @@ def _chronological(ring, position):
 
 def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
                    slot_values, do, lse, delta, logits, state=None,
-                   dv_window=None, dq_window=None, dk_window=None):
+                   dv_window=None, dq_window=None, dk_window=None,
+                   join=None):
     """Slot parts of (dq, dk, dv, dg), the last three in new-token rows,
     plus `dv_window` (fp32, updated in place) and, where given (the window
     reads the slots' own queries or keys), `dq_window` and `dk_window`;
     `logits`: the forward's scaled slot logits; `state`: its `_Slots` (None:
-    recompute them). Also returns whether dq and dk include the window's."""
+    recompute them); `join()` (if given) before reading `dv_window` or
+    `dk_window`. Also returns whether dq and dk include the window's."""
     dev = q.device
     blocks = cfg.blocks
     prec = _precision(q.dtype)
@@ -399,6 +402,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
     elif dq_window is not None:
         dq = dq + dq_window
     if not cfg.feeds:
+        if join:
+            join()
         return dq, None, dv_window, None, dq_window is not None, False
 
     # The key side (y = q, c = dz) and the value side (y = do, c = p).
@@ -437,6 +442,8 @@ def _slot_backward(s, cfg, q, k, v, g, mask, ring, position, slot_keys,
             s.B * s.H, 0, D=width, M=s.M, BLOCK=scan,
             UNROLL=blocks.scan_unroll, REVERSE=True,
             WALK=bool(blocks.scan_walk), num_warps=blocks.scan_warps)
+    if join:
+        join()
     ds = torch.empty(s.B, s.T, s.H, s.M, **f32)
     fed = s.T - cfg.capacity
     short = nt <= blocks.short_chunks  # fewer launches (CPU-bound)
@@ -527,8 +534,11 @@ def _gate_grad(s, cfg, dg_read, ds, state, mask, dg, nt):
 
 
 def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
-                     lse, delta):
-    """Window dq, dk, dv (dv in fp32); writes `delta` (rowsum(dO * O))."""
+                     lse, delta, overlap=False):
+    """Window dq, dk, dv (dv in fp32) and a `_Fork` (None without
+    `overlap`); writes `delta` (rowsum(dO * O)). With `overlap`, dk/dv run
+    on the fork's side stream once dq (which writes delta) is done: join
+    before reading them."""
     dev = qw.device
     blocks = cfg.blocks
     prec = _precision(qw.dtype)
@@ -554,10 +564,50 @@ def _window_backward(s, cfg, qw, kw, v, mask, ring, position, do, output,
         dkdv_key = min(dkdv_key, 64)
     common_args["num_warps"] = blocks.dkdv_warps or blocks.window_warps
     grid = (common.cdiv(s.T, dkdv_key), s.B * s.HKV)
-    launcher(window.window_dkdv_kernel)[grid](
-        qw, kw, v, mask, do, lse, delta, dkw, dv, s.T, cfg.visible,
-        cfg.scale, BM=dkdv_query, BN=dkdv_key, **common_args)
-    return dqw, dkw, dv
+    fork = _Fork(qw.device) if overlap else None
+    with fork or contextlib.nullcontext():
+        launcher(window.window_dkdv_kernel)[grid](
+            qw, kw, v, mask, do, lse, delta, dkw, dv, s.T, cfg.visible,
+            cfg.scale, BM=dkdv_query, BN=dkdv_key, **common_args)
+    return dqw, dkw, dv, fork
+
+
+_SIDE_STREAMS = {}
+
+
+def _overlapping(device):
+    """KERAS_NHA_TRITON_OVERLAP=1: the window's dk/dv kernel runs beside
+    the slot backward's first kernels (on a second CUDA stream)."""
+    return device.type == "cuda" and os.environ.get(
+        "KERAS_NHA_TRITON_OVERLAP", "0") == "1"
+
+
+class _Fork:
+    """A side stream that starts after the work queued so far on the
+    current stream; `join()` makes the current stream wait for it. Tensors
+    it uses are allocated before the fork on the current stream and live
+    until after the join (the caching allocator reuses memory in stream
+    order)."""
+
+    def __init__(self, device):
+        self.main = torch.cuda.current_stream(device)
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        self.side = _SIDE_STREAMS[device]
+        self.side.wait_stream(self.main)
+        self.context = torch.cuda.stream(self.side)
+        self.joined = False
+
+    def __enter__(self):
+        self.context.__enter__()
+
+    def __exit__(self, *error):
+        return self.context.__exit__(*error)
+
+    def join(self):
+        if not self.joined:
+            self.main.wait_stream(self.side)
+            self.joined = True
 
 
 class NHAFunction(torch.autograd.Function):
@@ -603,9 +653,11 @@ class NHAFunction(torch.autograd.Function):
         delta = torch.empty(s.B, s.T, s.H, device=q.device,
                             dtype=torch.float32)
         dq = dk = dv = dg = dqw = dkw = None
+        fork = None
         if cfg.capacity:  # its dq kernel writes delta
-            dqw, dkw, dv = _window_backward(s, cfg, qw, kw, v, mask, ring,
-                                            position, do, output, lse, delta)
+            dqw, dkw, dv, fork = _window_backward(
+                s, cfg, qw, kw, v, mask, ring, position, do, output, lse,
+                delta, bool(s.M) and _overlapping(q.device))
         else:
             rows = s.B * s.T * s.H
             launcher(window.row_dot_kernel)[(common.cdiv(rows, 16),)](
@@ -617,8 +669,10 @@ class NHAFunction(torch.autograd.Function):
                 s, cfg, q, k, v, g, mask, ring, position, slot_keys,
                 slot_values, do, lse, delta, ctx.slot_logits,
                 ctx.slot_state, dv, dqw if shared_q else None,
-                dkw if shared_k else None)
+                dkw if shared_k else None, fork and fork.join)
             ctx.slot_state = None
+        if fork:
+            fork.join()
         grads = []
         for grad, x, in_other in ((dq, q, False), (dk, k, False),
                                   (dv, v, False), (dg, g, False),
