@@ -986,6 +986,36 @@ def _plot(result, path):
     fig.savefig(path, dpi=120)
     if result.get("tuning"):
         _plot_tuning(result, path.replace(".png", "_tuning.png"), plt)
+    if result.get("eager"):
+        _plot_eager(result, path.replace(".png", "_eager.png"), plt)
+
+
+def _plot_eager(result, path, plt):
+    """The eager comparison at one T: each row's fwd+bwd ms by the three
+    timing methods, its CPU time per call (and with launches stubbed), and
+    SDPA causal (flash) as a line."""
+    rows = result["eager"]
+    keys = ("do_bench", "events", "loop", "cpu", "cpu_stubbed")
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(names) + 1.8))
+    height = 0.8 / len(keys)
+    for index, key in enumerate(keys):
+        ax.barh([i + index * height for i in range(len(names))],
+                [rows[n].get(key, 0.0) for n in names], height=height,
+                label=key, hatch="//" if key.startswith("cpu") else None)
+    sdpa = rows.get("SDPA causal (flash)", {}).get("do_bench")
+    if sdpa:
+        ax.axvline(sdpa, color="black", linestyle="--", linewidth=1,
+                   label="SDPA causal (flash), do_bench")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(names))], names,
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per fwd+bwd call (cpu: CPU time to enqueue one)")
+    ax.set_title(f"T={result.get('eager_length', 4096)} eager, "
+                 f"{result['device']}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _plot_tuning(result, path, plt):

@@ -40,7 +40,8 @@ left=$(( ${JOB_LIMIT_S:-170} - 12 - SECONDS ))
 if [ "$left" -gt 25 ]; then
   timeout "$left" python3 benchmarks/triton_benchmark.py --eager 4096 --lengths "" \
     --peers none --breakdown "" --no-decode --deadline "$left" \
-    --json "$out/eager_4096.json" > "$out/eager_4096.log" 2>&1
+    --json "$out/eager_4096.json" --plot "$out/eager_4096.png" \
+    > "$out/eager_4096.log" 2>&1
   grep "^\[eager\|^fwd+bwd at\|^row\|^NHA \|^SDPA " "$out/eager_4096.log"
 fi
 echo "job done at ${SECONDS}s"
