@@ -82,7 +82,7 @@ def load_checkpoint(path, setting, runs, args):
         ValueError: naming what differs, if the checkpoint is of another
             setting, other runs or another recipe.
     """
-    meta, trainable, non_trainable = _read(path)
+    meta, trainable, non_trainable = read_checkpoint(path)
     expected = [[list(p) if isinstance(p, tuple) else p, s, lr]
                 for p, s, lr in runs]
     if meta["setting"] != setting:
@@ -99,7 +99,7 @@ def load_checkpoint(path, setting, runs, args):
     return meta["step"], meta["steps"], trainable, non_trainable
 
 
-def _read(path):
+def read_checkpoint(path):
     """`(meta, float32 trainable arrays, non-trainable arrays)` of a file."""
     with np.load(path) as data:
         meta = json.loads(str(data["meta"]))
@@ -153,7 +153,7 @@ def load_weights(path, setting, seeds, args):
     Raises:
         ValueError: naming what differs or which seed is missing.
     """
-    meta, trainable, non_trainable = _read(path)
+    meta, trainable, non_trainable = read_checkpoint(path)
     if meta["setting"] != setting:
         raise ValueError(f"`init_from`: {path} holds {meta['setting']!r}, "
                          f"not {setting!r}.")

@@ -12,7 +12,6 @@ falls off with the distance.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,29 +21,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mqar_data import mqar_batches  # noqa: E402
 
-_EDGES = (0, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_EDGES = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def accuracy_by_distance(path, pairs, batches=4):
+def accuracy_by_distance(path, pairs, batches=4, seq_len=None,
+                         batch_size=None):
     """Per saved run, `{distance bin: (accuracy, answers)}`.
 
     Args:
-        path: a checkpoint `.npz` of `mqar_checkpoint.save_checkpoint`.
+        path: a checkpoint `.npz` of `mqar_checkpoint.save_checkpoint`
+            (float16 or int8).
         pairs: the pair count to test at.
-        batches: test batches of the recipe's batch size.
+        batches: test batches.
+        seq_len: the length to test at (default: the trained one).
+        batch_size: sequences per batch (default: the recipe's).
 
     Returns:
-        A list of `(seed, lr, {(low, high): (accuracy, count)})`.
+        `(meta, [(seed, lr, {(low, high): (accuracy, count)})])`.
     """
     import keras
 
+    from mqar_checkpoint import read_checkpoint
     from mqar_model import build_mqar_model
 
-    with np.load(path) as data:
-        meta = json.loads(str(data["meta"]))
-        trainable = [data[n].astype("float32") for n in sorted(
-            (n for n in data.files if n.startswith("trainable_")),
-            key=lambda n: int(n.split("_")[-1]))]
+    meta, trainable, _ = read_checkpoint(path)
     recipe = meta["recipe"]
     model = build_mqar_model(meta["setting"], recipe["vocab"],
                              recipe["hidden"], recipe["heads"],
@@ -54,8 +54,9 @@ def accuracy_by_distance(path, pairs, batches=4):
     for index, (_, seed, lr) in enumerate(meta["runs"]):
         for variable, value in zip(model.trainable_variables, trainable):
             variable.assign(value[index])
-        stream = mqar_batches(seed, recipe["batch_size"], recipe["seq_len"],
-                              pairs, recipe["vocab"], 1, recipe["placement"])
+        stream = mqar_batches(seed, batch_size or recipe["batch_size"],
+                              seq_len or recipe["seq_len"], pairs,
+                              recipe["vocab"], 1, recipe["placement"])
         hits, counts = np.zeros(len(_EDGES) - 1), np.zeros(len(_EDGES) - 1)
         for _ in range(batches):
             batch = next(stream)
@@ -86,11 +87,18 @@ def main(argv=None):
     parser.add_argument("checkpoint", nargs="+")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--seq-len", type=int,
+                        help="test at this length (default: the trained one)")
+    parser.add_argument("--batch-size", type=int,
+                        help="sequences per batch (default: the recipe's)")
     args = parser.parse_args(argv)
     for path in args.checkpoint:
-        meta, results = accuracy_by_distance(path, args.pairs, args.batches)
-        print(f"{meta['setting']} (step {meta['step']}), {args.pairs} pairs: "
-              f"accuracy by distance from pair to query (tokens)")
+        meta, results = accuracy_by_distance(path, args.pairs, args.batches,
+                                             args.seq_len, args.batch_size)
+        trained = meta["recipe"]["seq_len"]
+        print(f"{meta['setting']} (step {meta['step']}, trained at T="
+              f"{trained}), T={args.seq_len or trained}, {args.pairs} pairs:"
+              f" accuracy by distance from pair to query (tokens)")
         for seed, lr, bins in results:
             print(f"  seed {seed} lr {lr:g}: " + "  ".join(
                 f"[{low},{high}) {accuracy:.2f} (n={count})"

@@ -341,6 +341,12 @@ def test_accuracy_by_distance_counts_every_answer(tmp_path):
     # An untrained model guesses: far from solving the task.
     hits = sum(accuracy * count for accuracy, count in bins.values())
     assert hits / (2 * 4 * 8) < 0.5
+    # At a longer T than trained, with another batch size.
+    _, longer = diagnose.accuracy_by_distance(path, 8, batches=1,
+                                              seq_len=200, batch_size=3)
+    bins = longer[0][2]
+    assert sum(count for _, count in bins.values()) == 3 * 8
+    assert max(high for _, high in bins) > 48   # queries beyond T = 48
 
 
 def test_int8_checkpoint_rounds_each_row_within_its_scale(tmp_path):
