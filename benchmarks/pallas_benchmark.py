@@ -452,6 +452,9 @@ _S3 = dict(walk="scan", gate_kernels=False, narrow_slot_out=False,
 # slot programs' factored and exact sides in one call).
 _S4 = dict(split_history=False, exact_pass=False)
 _CANDIDATES = (
+    # A fresh sequence's log gates as a delayed copy (session 6 reads them
+    # in place, like the keys and values).
+    ("gates copied", dict(gates_in_place=False)),
     # Segments of the chunk walks: 32 chunks at T=65536 by default.
     ("walk segments of 16 chunks", dict(segment=16)),
     ("walk segments of 64 chunks", dict(segment=64)),

@@ -253,6 +253,8 @@ def test_fresh_sequence_returns_the_state(window_size):
 
 
 def test_fresh_streams_read_new_tokens_in_place():
+    import dataclasses
+
     import jax.numpy as jnp
 
     from keras_nha.kernels.pallas import sequence
@@ -264,16 +266,25 @@ def test_fresh_streams_read_new_tokens_in_place():
     base = sequence.default_config(128, 16, True, 16)
     same = lambda n, x: x
     # W = 64, two 32-token chunks: keys and values in place, 64 rows behind.
-    config, streams = sequence._fresh_streams(new, 128, 64, True, base, same)
-    assert config.fed_lag == 64
-    for name in ("keys", "values", "window_keys", "window_values"):
+    config, streams = sequence._fresh_streams(new, 120, 128, 64, True, base,
+                                              same)
+    assert (config.fed_lag, config.fed_length) == (64, 120)
+    for name in ("keys", "values", "log_forget_gates", "window_keys",
+                 "window_values"):
         assert streams[name] is new[name.removeprefix("window_")
                                     if name != "window_keys" else name]
+    # Gates as a copy: delayed by W (`_core` masks the rows past T).
+    changed = dataclasses.replace(base, gates_in_place=False)
+    config, streams = sequence._fresh_streams(new, 120, 128, 64, True,
+                                              changed, same)
+    assert (config.fed_lag, config.fed_length) == (64, 0)
+    assert streams["keys"] is new["keys"]
     gates = np.asarray(streams["log_forget_gates"])
     assert gates[:, :64].max() == 0 and gates[:, 64:].min() == 1
-    # W = 40 is no whole number of chunks: a delayed copy, no lag.
-    config, streams = sequence._fresh_streams(new, 128, 40, True, base, same)
-    assert config.fed_lag == 0
+    # W = 40 is no whole number of chunks: delayed copies, no lag.
+    config, streams = sequence._fresh_streams(new, 120, 128, 40, True, base,
+                                              same)
+    assert (config.fed_lag, config.fed_length) == (0, 0)
     keys = np.asarray(streams["keys"])
     assert keys[:, :40].max() == 0 and keys[:, 40:].min() == 1
 

@@ -135,6 +135,13 @@ class KernelConfig:
             writes, their gates are 0). A multiple of the chunk (times
             `fast_chunks`); set per call by `sequence.py`, 0: the keys
             and values are the fed stream itself.
+        fed_length: with `fed_lag`, nonzero when the gate kernels read
+            the new tokens' log gates in place too, `fed_lag` rows
+            behind: fed rows before `fed_lag` and from `fed_length` (T)
+            on get gate 0 inside the kernels. 0: the gates are the fed
+            stream itself (a delayed, masked copy).
+        gates_in_place: whether `sequence.py` lets the gate kernels read
+            a fresh sequence's gates in place (`fed_length`).
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -167,6 +174,8 @@ class KernelConfig:
     split_history: bool = False
     window_interior: bool = False
     fed_lag: int = 0
+    fed_length: int = 0
+    gates_in_place: bool = True
     interpret: bool = False
 
 

@@ -23,12 +23,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from keras_nha.kernels.pallas.common import compiler_params
+from keras_nha.kernels.pallas.common import irange
 
 _F32 = jnp.float32
 
 
-def _forward_kernel(g_ref, gc_ref, s_ref, *writes_ref):
+def _forward_kernel(g_ref, gc_ref, s_ref, *writes_ref, lag, end):
     g = g_ref[...]
+    if end:  # new tokens' gates, `lag` rows behind: rows outside feed nothing
+        rows = pl.program_id(0) * g.shape[0] + irange(g.shape[0])
+        g = jnp.where(((rows >= lag) & (rows < end))[:, None], g, 0.0)
     gc = jnp.cumsum(g, axis=0)
     s = -jnp.expm1(g)
     gc_ref[...] = gc
@@ -63,9 +67,16 @@ def _gradient_kernel(x_ref, *refs, groups, chunks, parts):
     dg_ref[...] = reverse + after[None, :] - ds * jnp.exp(g_ref[...])
 
 
-def _chunk_rows(chunk, slots):
-    return pl.BlockSpec((None, chunk, None, slots),
-                        lambda n, b, c: (b, n, c, 0))
+def _chunk_rows(chunk, slots, lag=0):
+    """Chunk n's rows; with `lag`, those `lag` rows earlier (the first
+    chunk's for chunks before it)."""
+    return pl.BlockSpec((None, chunk, None, slots), lambda n, b, c: (
+        b, jnp.maximum(n - lag // chunk, 0) if lag else n, c, 0))
+
+
+def _gates_lag(config):
+    """Rows by which the log gates lag the fed stream (`fed_length`)."""
+    return config.fed_lag if config.fed_length else 0
 
 
 def gate_sums(g, config, writes_dtype=None):
@@ -79,9 +90,10 @@ def gate_sums(g, config, writes_dtype=None):
     if writes_dtype is not None:
         outs.append(jax.ShapeDtypeStruct(g.shape, writes_dtype))
     return pl.pallas_call(
-        _forward_kernel,
+        functools.partial(_forward_kernel, lag=config.fed_lag,
+                          end=config.fed_length),
         grid=(length // chunk, batch, kv_heads),
-        in_specs=[rows],
+        in_specs=[_chunk_rows(chunk, slots, _gates_lag(config))],
         out_specs=[rows] * len(outs),
         out_shape=outs,
         compiler_params=compiler_params(config.num_warps, 1),
@@ -121,7 +133,10 @@ def gate_gradient(x, ds, s, g, adjoints, memory, config):
         grid=(chunks, batch, kv_heads),
         in_specs=[pl.BlockSpec((None, chunk, groups, slots),
                                lambda n, b, c: (b, n, c, 0))]
-        + [rows] * (len(ds) + 2)
+        + [rows] * (len(ds) + 1)
+        # (Rows of g outside the fed stream give rows of dg the caller
+        # drops.)
+        + [_chunk_rows(chunk, slots, _gates_lag(config))]
         + [at((key_dim, slots), 0), at((slots, value_dim), 0),
            at((key_dim, slots), 1), at((slots, value_dim), 1),
            final((key_dim, slots)), final((slots, value_dim))],

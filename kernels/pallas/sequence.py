@@ -101,8 +101,11 @@ def _core(query, window_query, history, slot_keys, slot_values, *,
         fed = [history[n][:, :padded] for n in ("keys", "values",
                                                 "log_forget_gates")]
         # History rows past T are tokens still inside the window at the
-        # end: they must not enter the returned slot memory.
-        fed[2] = fed[2] * (jnp.arange(padded) < length)[None, :, None, None]
+        # end: they must not enter the returned slot memory (gates read
+        # in place: the gate kernel masks them).
+        if not config.fed_length:
+            fed[2] = fed[2] * (jnp.arange(padded) < length)[
+                None, :, None, None]
     else:
         # The caller promised the sequence fits the ring: nothing leaves.
         fed = [jnp.zeros(history[n].shape[:1] + (padded,)
@@ -160,10 +163,11 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     start = state["position"]
     real = (jnp.ones((batch, length), f32) if padding_mask is None
             else jnp.asarray(padding_mask).astype(f32))
+    gates = log_forget_gate.astype(f32)
+    if padding_mask is not None:  # (no pass over the gates without one)
+        gates = gates * real[:, :, None, None]
     new = {"keys": key, "window_keys": window_key, "values": value,
-           "log_forget_gates": log_forget_gate.astype(f32)
-           * real[:, :, None, None],
-           "mask": real}
+           "log_forget_gates": gates, "mask": real}
     ring = {n: jnp.asarray(state_lib.ring_to_chronological(state[n], start)
                            ).astype(new[n].dtype)
             for n in state_lib.RING_NAMES}
@@ -179,9 +183,9 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     pad_width = lambda n, x: pad_axis(x, 3, widths[n]) if n in widths else x
     if fresh and capacity:
         padded_length = round_up(length, max(step, history_block))
-        config, streams = _fresh_streams(new, padded_length, capacity,
-                                         capacity == window_size, config,
-                                         pad_width)
+        config, streams = _fresh_streams(new, length, padded_length,
+                                         capacity, capacity == window_size,
+                                         config, pad_width)
     elif config.split_history and capacity:
         padded_length = round_up(length, max(step, history_block))
         streams = _split_streams(ring, new, padded_length,
@@ -225,7 +229,7 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     return output, new_state
 
 
-def _fresh_streams(new, padded_length, capacity, feeds, config,
+def _fresh_streams(new, length, padded_length, capacity, feeds, config,
                    pad_width):
     """`pallas_nha`'s config and streams for a fresh sequence (empty ring).
 
@@ -235,25 +239,30 @@ def _fresh_streams(new, padded_length, capacity, feeds, config,
     tokens delayed by C rows (`feeds`: C is the window; else nothing
     leaves it): with C a multiple of the chunk and the fused walks, the
     slot kernels read the new keys and values in place, `fed_lag` = C rows
-    behind ("keys", "values"); otherwise, as ever, a delayed copy. The fed
-    gates ("log_forget_gates", float32) are always a delayed copy.
+    behind ("keys", "values"), and with the gate kernels and
+    `gates_in_place` the log gates too (`fed_length` = T); otherwise, as
+    ever, a delayed copy.
     """
-    delayed = lambda n: pad_width(n, pad_axis(jnp.pad(
-        new[n], [(0, 0), (capacity, 0)] + [(0, 0)] * (new[n].ndim - 2)
-    )[:, :padded_length], 1, padded_length))
-    streams = {"log_forget_gates": delayed("log_forget_gates")}
     in_place = (feeds and config.walk == "fused"
                 and capacity % (config.chunk * config.fast_chunks) == 0)
-    for n in ("keys", "values"):
+    gates_in_place = (in_place and config.gate_kernels
+                      and config.gates_in_place)
+    streams = {}
+    for n in ("keys", "values", "log_forget_gates"):
         # (Without `feeds`, `_core` feeds zeros of this shape.)
-        streams[n] = (delayed(n) if feeds and not in_place else
-                      pad_width(n, pad_axis(new[n], 1, padded_length)))
+        lagging = in_place if n != "log_forget_gates" else gates_in_place
+        streams[n] = pad_width(n, pad_axis(
+            new[n] if lagging or not feeds else jnp.pad(
+                new[n], [(0, 0), (capacity, 0)] + [(0, 0)] * (new[n].ndim - 2)
+            )[:, :padded_length], 1, padded_length))
     for n, name in (("window_keys", "keys"), ("values", "values"),
                     ("mask", "mask")):
         streams["window_" + name] = pad_width(n, pad_axis(new[n], 1,
                                                           padded_length))
     if in_place:
-        config = dataclasses.replace(config, fed_lag=capacity)
+        config = dataclasses.replace(
+            config, fed_lag=capacity,
+            fed_length=length if gates_in_place else 0)
     return config, streams
 
 

@@ -1196,6 +1196,7 @@ def _forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
             g, config, k.dtype if config.walk == "fused" else None)
         writes = writes[0] if writes else None
     else:
+        assert not config.fed_length  # gates in place need the kernels
         gc = _chunk_cumsum(g, config.chunk)
         s = -jnp.expm1(g)
     sk, sv, sk_end, sv_end = chunk_states(k, v, gc, s, sk0, sv0, config,
@@ -1401,6 +1402,10 @@ def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
         dg = dg.reshape(x.shape) - ds * jnp.exp(g)
     if config.fed_lag:  # the lagging inputs' own rows
         dk, dv = (pad_axis(x[:, config.fed_lag:], 1, length) for x in (dk, dv))
+    if config.fed_length:  # the gates too; fed rows from T on fed nothing
+        fed = jnp.arange(length) < config.fed_length - config.fed_lag
+        dg = pad_axis(dg[:, config.fed_lag:], 1, length) * fed[
+            None, :, None, None]
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             dg.astype(g.dtype), dsk0, dsv0)
 
