@@ -134,11 +134,13 @@ CASES = {
     # A fresh sequence (no state given) with W a multiple of the chunk:
     # the slot kernels read the new keys and values in place, W rows
     # behind (`fed_lag`); the last fed rows lie past T (masked). The
-    # second case: 16-token chunks, two per factored program, padding.
+    # second case: 16-token chunks, two per factored program, padding,
+    # the slots' dv added by the window's dk/dv kernel (16-row blocks).
     "w32_fresh_keys_values_in_place": dict(window_size=32),
-    "w32_padding_fresh_in_place_2_chunk_programs": dict(
+    "w32_padding_fresh_in_place_2_chunk_programs_dv_into_window": dict(
         window_size=32, padding=True, strong_from=30,
-        config=dict(fast_chunks=2, chunk=16, rows=16, segment=3)),
+        config=dict(fast_chunks=2, chunk=16, rows=16, segment=3,
+                    dv_into_window=True, dkv_blocks=(32, 16))),
     "w_3x_length_no_slots_groups4": dict(
         window_size=3 * LENGTH, num_slots=0, kv_heads=1,
         config=dict(dkv_blocks=(16, 32))),

@@ -21,7 +21,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 # read W rows behind), "padded" and "strong" (W=100 / 200: the window in
 # place, the fed stream a delayed copy), all with GQA.
 cases=${PALLAS_CASES:-lag gqa padded strong}
-check_s=${PALLAS_CHECK_S:-70}
+check_s=${PALLAS_CHECK_S:-60}
 if [ "$check_s" -gt 0 ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "$check_s" python3 tests/pallas_gpu_check.py --cases $cases \
@@ -31,18 +31,18 @@ if [ "$check_s" -gt 0 ]; then
 fi
 # A KernelConfig change to check (a Python dict expression), e.g.
 # PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
-candidate=${PALLAS_CANDIDATE-}
+candidate=${PALLAS_CANDIDATE-dict(dv_into_window=True)}
 if [ -n "$candidate" ]; then
   # shellcheck disable=SC2086  # the cases are words
-  timeout -k 5 "${PALLAS_CANDIDATE_S:-25}" python3 tests/pallas_gpu_check.py \
-    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-w0 padded} \
+  timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
+    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-lag} \
     > "$out/pallas_gpu_check_candidate.log" 2>&1
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"
 fi
 # nha:4096 first: the first row a job times reads high (s5r1, s5r2).
 # "given": the same call from an explicit zero state (session 5's path).
-steps=${PALLAS_STEPS:-nha:4096 main:65536 given:65536 nha:16384 candidates:65536:3 breakdown:65536 given:16384}
+steps=${PALLAS_STEPS:-nha:4096 main:65536 given:65536 candidates:65536:3 nha:16384 breakdown:65536 given:16384}
 # What is left of the job's limit, less ~25 s for the table and plot.
 bench_s=${PALLAS_BENCH_S:-$(( ${JOB_LIMIT_S:-230} - SECONDS - 25 ))}
 echo "benchmark budget ${bench_s}s"

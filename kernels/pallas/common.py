@@ -142,6 +142,10 @@ class KernelConfig:
             stream itself (a delayed, masked copy).
         gates_in_place: whether `sequence.py` lets the gate kernels read
             a fresh sequence's gates in place (`fed_length`).
+        dv_into_window: with `fed_lag` (whole window dk/dv blocks), the
+            window's dk/dv kernel adds the slots' dv of the same values
+            (fed `fed_lag` rows later) to its own, instead of XLA adding
+            the two afterwards.
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -176,6 +180,7 @@ class KernelConfig:
     fed_lag: int = 0
     fed_length: int = 0
     gates_in_place: bool = True
+    dv_into_window: bool = False
     interpret: bool = False
 
 

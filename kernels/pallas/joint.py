@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from keras_nha.kernels.pallas.slots import slot_forward
 from keras_nha.kernels.pallas.slots import slot_gradients
+from keras_nha.kernels.pallas.window import accepts_fed_dv
 from keras_nha.kernels.pallas.window import window_forward
 from keras_nha.kernels.pallas.window import window_gradients
 
@@ -67,11 +68,18 @@ def _joint_bwd(scale, capacity, num_slots, config, saved, cotangents):
     delta = jnp.einsum("bthv,bthv->bht", out.astype(f32), dout.astype(f32))
     # Cast once: every kernel feeds it to the tensor cores in this dtype.
     dout = dout.astype(jax.tree.leaves(history_values)[0].dtype)
-    dqw, dkw, dvw = window_gradients(qw, kw, history_values, mask, dout, lse,
-                                     delta, scale, capacity, config)
+    # The fed values are the history's (a fresh sequence, `sequence.py`):
+    # the window kernel can add the slots' dv to its own.
+    into_window = config.dv_into_window and accepts_fed_dv(
+        kw, config.fed_lag, config)
     dq, dk, dv, dg, dsk0, dsv0 = slot_gradients(
         slot_residuals, dout, lse, delta, dsk_end, dsv_end, scale, num_slots,
-        config)
+        config, dv_as_fed=into_window)
+    dqw, dkw, dvw = window_gradients(
+        qw, kw, history_values, mask, dout, lse, delta, scale, capacity,
+        config, *((dv, config.fed_lag) if into_window else ()))
+    if into_window:
+        dv = jnp.zeros_like(dv)
     return (dq, dqw, dk, dv, dg, dsk0, dsv0, dkw, dvw,
             jax.tree.map(jnp.zeros_like, mask))
 

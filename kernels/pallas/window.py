@@ -191,8 +191,12 @@ def _dq_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, scale, capacity, shift, block_q, block_k,
-                first_block, query_blocks, groups, interior):
+                *refs, scale, capacity, shift, block_q, block_k,
+                first_block, query_blocks, groups, interior, fed):
+    # With `fed` = (lag in blocks, blocks), refs start with the slots' dv
+    # (fed coordinates) of this block's values: add it (none where they
+    # were never fed).
+    *fed_ref, dk_ref, dv_ref = refs
     # The program's history rows, counted from the first part's first row.
     start = (pl.program_id(0) + first_block) * block_k
     k = k_ref[...]
@@ -236,6 +240,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
         for lower, upper, inner in ranges:
             dk, dv = loop(lower, upper, functools.partial(
                 body, g=g, inner=inner), (dk, dv))
+    if fed_ref:
+        was_fed = pl.program_id(0) + fed[0] < fed[1]
+        dv = dv + jnp.where(was_fed, fed_ref[0][...].astype(jnp.float32),
+                            0.0)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -318,11 +326,21 @@ def window_forward(qw, kw, v, mask, prior, scale, capacity, config):
     )(qw, *history, *(() if prior is None else prior))
 
 
+def accepts_fed_dv(kw, lag, config):
+    """Whether `window_gradients` can add the slots' dv (`fed_dv`): a
+    fresh sequence's history (one part), `lag` whole dk/dv blocks."""
+    return (isinstance(kw, (tuple, list)) and len(kw) == 1 and lag > 0
+            and lag % window_blocks(config)[2][1] == 0)
+
+
 def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
-                     config):
+                     config, fed_dv=None, lag=0):
     """dq, dk, dv in the inputs' dtypes (accumulated in f32 inside; storing
     them narrow saves a float32 round trip through memory); dk and dv are
     `(ring, new)` tuples when the history is.
+
+    With `fed_dv` (the slots' gradient of the same values, fed `lag` rows
+    later; `accepts_fed_dv`), dv includes it: one pass instead of an add.
 
     Probabilities are exp(logit - lse) and logit gradients p * (dp - delta)
     with dp from `do` (in the inputs' dtype): with the joint NHA lse, delta
@@ -356,6 +374,13 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
     per_group = pl.BlockSpec((None, groups, length), lambda j, b, c: (b, c, 0))
     by_block = lambda dim: pl.BlockSpec((None, block_k, None, dim),
                                         lambda j, b, c: (b, j, c, 0))
+    fed_specs, fed_args, fed = [], [], None
+    if fed_dv is not None:
+        fed = (lag // block_k, fed_dv.shape[1] // block_k)
+        fed_specs = [pl.BlockSpec((None, block_k, None, value_dim),
+                                  lambda j, b, c: (b, jnp.minimum(
+                                      j + fed[0], fed[1] - 1), c, 0))]
+        fed_args = [fed_dv]
     grads = []
     for (first, count), (part_k, part_v, part_mask) in zip(
             _part_blocks(rows_per_part, block_k),
@@ -365,19 +390,21 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
                               shift=shift, block_q=block_q, block_k=block_k,
                               first_block=first,
                               query_blocks=length // block_q, groups=groups,
-                              interior=config.window_interior),
+                              interior=config.window_interior,
+                              fed=fed),
             grid=(count, batch, kv_heads),
             in_specs=[by_group(key_dim), by_block(key_dim),
                       by_block(value_dim),
                       pl.BlockSpec((None, block_k), lambda j, b, c: (b, j)),
-                      by_group(value_dim), per_group, per_group],
+                      by_group(value_dim), per_group, per_group]
+            + fed_specs,
             out_specs=[by_block(key_dim), by_block(value_dim)],
             out_shape=[jax.ShapeDtypeStruct(part_k.shape, part_k.dtype),
                        jax.ShapeDtypeStruct(part_v.shape, part_v.dtype)],
             compiler_params=params,
             interpret=config.interpret,
             name="nha_window_dkv",
-        )(qw, part_k, part_v, part_mask, do, lse, delta))
+        )(qw, part_k, part_v, part_mask, do, lse, delta, *fed_args))
     if not isinstance(kw, (tuple, list)):
         return (dq,) + tuple(grads[0])
     return dq, tuple(dk for dk, _ in grads), tuple(dv for _, dv in grads)
