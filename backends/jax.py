@@ -80,7 +80,22 @@ def _compiled(kernel):
 def _load_sequence(call):
     _check(call)
     from keras_nha.kernels.pallas.sequence import pallas_nha
-    return _compiled(pallas_nha)
+    return _sharing_inputs(_compiled(pallas_nha))
+
+
+def _sharing_inputs(kernel):
+    """`kernel` told (window_query / window_key None) when the window reads
+    the query / key arrays themselves: under `jax.jit` the same array
+    passed twice becomes two tracers, and the kernels can add the two
+    gradients of one array inside (`KernelConfig.grads_into_window`)."""
+    @functools.wraps(kernel)
+    def run(query, key, *args, window_query, window_key, **kwargs):
+        return kernel(query, key, *args, **kwargs,
+                      window_query=None if window_query is query
+                      else window_query,
+                      window_key=None if window_key is key else window_key)
+    run.__wrapped__ = kernel.__wrapped__  # the kernel itself, as before
+    return run
 
 
 # `backends._fast` hands this loader `state=None` for a fresh sequence:

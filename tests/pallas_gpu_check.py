@@ -48,16 +48,18 @@ STRONG_GATES = 0.43
 STRONG_CASE = (10, 1, 1000, 4, 2, 128, 64, 200, False)
 
 
-def _attention(implementation, window, mask):
+def _attention(implementation, window, mask, shared=False):
+    """NHA; `shared`: the window reads query and key themselves."""
     def fn(query, key, value, log_forget_gate, window_query, window_key):
         return keras_nha.ops.native_hybrid_attention(
             query, key, value, log_forget_gate, window,
-            window_query=window_query, window_key=window_key,
+            window_query=None if shared else window_query,
+            window_key=None if shared else window_key,
             padding_mask=mask, implementation=implementation)
     return fn
 
 
-def _grads(implementation, x, dtype, mask, window, cotangent):
+def _grads(implementation, x, dtype, mask, window, cotangent, shared=False):
     """Output and every input's gradient for float64 arrays `x` cast to
     `dtype` (gates stay float32 below float64, as NHALayer feeds them)."""
     wide = dtype == "float64"
@@ -67,8 +69,8 @@ def _grads(implementation, x, dtype, mask, window, cotangent):
     if mask is not None:
         mask = keras.ops.convert_to_tensor(mask, dtype if wide
                                            else "float32")
-    return value_and_grads(_attention(implementation, window, mask), arrays,
-                           INPUT_NAMES, cotangent)
+    return value_and_grads(_attention(implementation, window, mask, shared),
+                           arrays, INPUT_NAMES, cotangent)
 
 
 def _rounded(x, dtype):
@@ -104,7 +106,7 @@ def _line(errors):
 
 def check_case(seed, batch, length, heads, kv_heads, dim, slots, window,
                padding, dtype="bfloat16", tolerance=2e-2, gate_scale=GATES,
-               diagnose=False, implementation="pallas"):
+               diagnose=False, implementation="pallas", shared=False):
     x = random_inputs(seed, batch=batch, length=length, heads=heads,
                       kv_heads=kv_heads, key_dim=dim, value_dim=dim,
                       num_slots=slots, padding=padding,
@@ -119,16 +121,21 @@ def check_case(seed, batch, length, heads, kv_heads, dim, slots, window,
     # references get the same one.
     cotangent = _rounded({"cotangent": cotangent}, dtype)["cotangent"]
     start = time.perf_counter()
-    result = _grads(implementation, x, dtype, mask, window, cotangent)
+    result = _grads(implementation, x, dtype, mask, window, cotangent,
+                    shared)
     seconds = time.perf_counter() - start
     rounded = _rounded(x, dtype)
     reference = _grads("chunked", rounded, "float64", mask, window,
-                       cotangent)
+                       cotangent, shared)
     errors = _errors(result, reference, rows)
+    if shared:  # window_query / window_key are unused: no gradient
+        errors = {n: e for n, e in errors.items()
+                  if n not in ("window_query", "window_key")}
     ok = max(errors.values()) < tolerance
     print(f"{'ok  ' if ok else 'FAIL'} {implementation} B={batch} "
           f"T={length} H={heads} Hkv={kv_heads} d={dim} M={slots} W={window}"
-          f" pad={padding} {dtype} gates x{gate_scale:g}: " + _line(errors)
+          f" pad={padding} {dtype} gates x{gate_scale:g}"
+          f"{' shared q/k' if shared else ''}: " + _line(errors)
           + f" ({seconds:.1f}s incl. compile)", flush=True)
     if diagnose:
         # How much rounding the inputs alone changes, and what the portable
@@ -250,6 +257,10 @@ CHECKS = {
     # read the new keys and values in place, W rows behind), padding,
     # GQA 4:1, T not a multiple of the chunk.
     "lag": (check_case, (12, 2, 1500, 8, 2, 128, 64, 256, True), {}),
+    # The same with the window reading the slot queries and keys (their
+    # gradients added inside with `grads_into_window`).
+    "shared": (check_case, (13, 2, 1500, 8, 2, 128, 64, 256, True),
+               dict(shared=True)),
     "padded": (check_case, (3, 2, 1500, 8, 2, 128, 64, 100, True), {}),
     "strong": (check_case, STRONG_CASE,
                dict(gate_scale=STRONG_GATES, diagnose=True)),

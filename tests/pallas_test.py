@@ -29,16 +29,20 @@ pytestmark = pytest.mark.skipif(keras.config.backend() != "jax",
 TOLERANCE = 2e-5
 
 
-def _attention(implementation, window_size, padding_mask=None):
+def _attention(implementation, window_size, padding_mask=None,
+               shared=False):
+    """NHA of the inputs; `shared`: the window reads query and key
+    themselves (window_query / window_key ignored, get no gradient)."""
     def fn(query, key, value, log_forget_gate, window_query, window_key):
         return keras_nha.ops.native_hybrid_attention(
             query, key, value, log_forget_gate, window_size,
-            window_query=window_query, window_key=window_key,
+            window_query=None if shared else window_query,
+            window_key=None if shared else window_key,
             padding_mask=padding_mask, implementation=implementation)
     return fn
 
 
-def _check_against_references(inputs, window_size):
+def _check_against_references(inputs, window_size, shared=False):
     mask = inputs.get("padding_mask")
     expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
                          inputs["log_forget_gate"], window_size,
@@ -52,12 +56,12 @@ def _check_against_references(inputs, window_size):
                                                                "float32")
     arrays = {n: inputs[n] for n in INPUT_NAMES}
     out, grads = value_and_grads(
-        _attention("pallas", window_size, ops_mask),
+        _attention("pallas", window_size, ops_mask, shared),
         cast_inputs(arrays, "float32"), INPUT_NAMES, cotangent)
     ref_mask = None if mask is None else ops.convert_to_tensor(mask,
                                                                "float64")
     _, ref_grads = value_and_grads(
-        _attention("chunked", window_size, ref_mask),
+        _attention("chunked", window_size, ref_mask, shared),
         cast_inputs(arrays, "float64"), INPUT_NAMES, cotangent)
     assert relative_error(out, expected, mask) < TOLERANCE
     for name in INPUT_NAMES:
@@ -135,12 +139,17 @@ CASES = {
     # the slot kernels read the new keys and values in place, W rows
     # behind (`fed_lag`); the last fed rows lie past T (masked). The
     # second case: 16-token chunks, two per factored program, padding,
-    # the slots' dv added by the window's dk/dv kernel (16-row blocks).
+    # the slots' dv added by the window's dk/dv kernel (16-row blocks);
+    # the third: the slots' dq, dk and dv added by the window's kernels
+    # (the window reads the slot queries and keys themselves).
     "w32_fresh_keys_values_in_place": dict(window_size=32),
-    "w32_padding_fresh_in_place_2_chunk_programs_dv_into_window": dict(
+    "w32_padding_fresh_in_place_2_chunk_programs_grads_into_window": dict(
         window_size=32, padding=True, strong_from=30,
         config=dict(fast_chunks=2, chunk=16, rows=16, segment=3,
-                    dv_into_window=True, dkv_blocks=(32, 16))),
+                    grads_into_window=True, dkv_blocks=(32, 16))),
+    "w32_fresh_shared_query_key_grads_into_window": dict(
+        window_size=32, shared=True, kv_heads=1,
+        config=dict(grads_into_window=True, dkv_blocks=(16, 32))),
     "w_3x_length_no_slots_groups4": dict(
         window_size=3 * LENGTH, num_slots=0, kv_heads=1,
         config=dict(dkv_blocks=(16, 32))),
@@ -173,10 +182,14 @@ def test_outputs_and_gradients(case, monkeypatch, request):
     options.setdefault("num_slots", 8)
     options.setdefault("kv_heads", 2)
     strong_from = options.pop("strong_from", None)
+    shared = options.pop("shared", False)
     inputs = random_inputs(len(case), length=LENGTH, heads=4, **options)
+    if shared:  # the window reads the slot queries and keys
+        inputs["window_query"] = inputs["query"]
+        inputs["window_key"] = inputs["key"]
     if strong_from is not None:  # gates from this token on decay 40x faster
         inputs["log_forget_gate"][:, strong_from:] *= 40.0
-    _check_against_references(inputs, window_size)
+    _check_against_references(inputs, window_size, shared)
 
 
 def _run(inputs, window_size, implementation, state=None, start=0, stop=None,

@@ -21,7 +21,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 # read W rows behind), "padded" and "strong" (W=100 / 200: the window in
 # place, the fed stream a delayed copy), all with GQA.
 cases=${PALLAS_CASES:-lag gqa padded strong}
-check_s=${PALLAS_CHECK_S:-60}
+check_s=${PALLAS_CHECK_S:-55}
 if [ "$check_s" -gt 0 ]; then
   # shellcheck disable=SC2086  # the cases are words
   timeout -k 5 "$check_s" python3 tests/pallas_gpu_check.py --cases $cases \
@@ -31,11 +31,11 @@ if [ "$check_s" -gt 0 ]; then
 fi
 # A KernelConfig change to check (a Python dict expression), e.g.
 # PALLAS_CANDIDATE='dict(state_tiles=4)'; empty: skip.
-candidate=${PALLAS_CANDIDATE-dict(dv_into_window=True)}
+candidate=${PALLAS_CANDIDATE-dict(grads_into_window=True)}
 if [ -n "$candidate" ]; then
   # shellcheck disable=SC2086  # the cases are words
-  timeout -k 5 "${PALLAS_CANDIDATE_S:-30}" python3 tests/pallas_gpu_check.py \
-    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-lag} \
+  timeout -k 5 "${PALLAS_CANDIDATE_S:-40}" python3 tests/pallas_gpu_check.py \
+    --config "$candidate" --cases ${PALLAS_CANDIDATE_CASES:-shared lag} \
     > "$out/pallas_gpu_check_candidate.log" 2>&1
   echo "candidate check rc=$?"
   tail -8 "$out/pallas_gpu_check_candidate.log"

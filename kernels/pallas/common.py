@@ -142,10 +142,14 @@ class KernelConfig:
             stream itself (a delayed, masked copy).
         gates_in_place: whether `sequence.py` lets the gate kernels read
             a fresh sequence's gates in place (`fed_length`).
-        dv_into_window: with `fed_lag` (whole window dk/dv blocks), the
-            window's dk/dv kernel adds the slots' dv of the same values
-            (fed `fed_lag` rows later) to its own, instead of XLA adding
-            the two afterwards.
+        grads_into_window: with `fed_lag` (whole window dk/dv blocks),
+            the window's gradient kernels add the slots' gradients of the
+            arrays both read (dv always; dk with `shared_key`, dq with
+            `shared_query`) to their own, instead of XLA adding them
+            afterwards.
+        shared_query, shared_key: the window reads the slots' queries /
+            keys themselves (no separate window_query / window_key; set
+            per call by `sequence.py`).
         interpret: run the kernels in Pallas' interpreter (CPU).
     """
 
@@ -180,7 +184,9 @@ class KernelConfig:
     fed_lag: int = 0
     fed_length: int = 0
     gates_in_place: bool = True
-    dv_into_window: bool = False
+    grads_into_window: bool = False
+    shared_query: bool = False
+    shared_key: bool = False
     interpret: bool = False
 
 

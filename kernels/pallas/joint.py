@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from keras_nha.kernels.pallas.slots import slot_forward
 from keras_nha.kernels.pallas.slots import slot_gradients
-from keras_nha.kernels.pallas.window import accepts_fed_dv
+from keras_nha.kernels.pallas.window import accepts_slot_grads
 from keras_nha.kernels.pallas.window import window_forward
 from keras_nha.kernels.pallas.window import window_gradients
 
@@ -68,18 +68,23 @@ def _joint_bwd(scale, capacity, num_slots, config, saved, cotangents):
     delta = jnp.einsum("bthv,bthv->bht", out.astype(f32), dout.astype(f32))
     # Cast once: every kernel feeds it to the tensor cores in this dtype.
     dout = dout.astype(jax.tree.leaves(history_values)[0].dtype)
-    # The fed values are the history's (a fresh sequence, `sequence.py`):
-    # the window kernel can add the slots' dv to its own.
-    into_window = config.dv_into_window and accepts_fed_dv(
-        kw, config.fed_lag, config)
+    # A fresh sequence (`sequence.py`): the fed values are the history's
+    # (and so may the keys and queries be): the window's kernels can add
+    # the slots' gradients of them to their own.
+    into_window = ()
+    if config.grads_into_window and accepts_slot_grads(kw, config.fed_lag,
+                                                       config):
+        into_window = ("dv",) + ("dk",) * config.shared_key + (
+            "dq",) * config.shared_query
     dq, dk, dv, dg, dsk0, dsv0 = slot_gradients(
         slot_residuals, dout, lse, delta, dsk_end, dsv_end, scale, num_slots,
-        config, dv_as_fed=into_window)
+        config, as_fed=into_window)
+    slot = {"dq": dq, "dk": dk, "dv": dv}
     dqw, dkw, dvw = window_gradients(
         qw, kw, history_values, mask, dout, lse, delta, scale, capacity,
-        config, *((dv, config.fed_lag) if into_window else ()))
-    if into_window:
-        dv = jnp.zeros_like(dv)
+        config, {n: slot[n] for n in into_window}, config.fed_lag)
+    dq, dk, dv = (jnp.zeros_like(slot[n]) if n in into_window else slot[n]
+                  for n in ("dq", "dk", "dv"))
     return (dq, dqw, dk, dv, dg, dsk0, dsv0, dkw, dvw,
             jax.tree.map(jnp.zeros_like, mask))
 

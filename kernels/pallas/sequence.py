@@ -125,7 +125,8 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
 
     Args:
         query, key, value, log_forget_gate, window_query, window_key,
-            padding_mask: validated inputs, `[B, T, ...]`.
+            padding_mask: validated inputs, `[B, T, ...]`; window_query /
+            window_key None: the window reads `query` / `key` themselves.
         window_size: W.
         scale: logit scale.
         state: the state to start from; None: a fresh sequence (the
@@ -148,6 +149,10 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
     f32 = jnp.float32
     batch, length, heads, key_dim = query.shape
     value_dim, num_slots = value.shape[-1], log_forget_gate.shape[-1]
+    shared = dict(shared_query=window_query is None,
+                  shared_key=window_key is None)
+    window_query = query if window_query is None else window_query
+    window_key = key if window_key is None else window_key
     fresh = state is None
     if fresh:  # its ring is empty; the zeros only shape the returned state
         state = state_lib.fresh_state(query, key, value, log_forget_gate,
@@ -160,6 +165,7 @@ def pallas_nha(query, key, value, log_forget_gate, *, window_size, scale,
                                 padded_size(num_slots),
                                 jnp.dtype(query.dtype).itemsize,
                                 query.dtype == jnp.bfloat16)
+    config = dataclasses.replace(config, **shared)
     start = state["position"]
     real = (jnp.ones((batch, length), f32) if padding_mask is None
             else jnp.asarray(padding_mask).astype(f32))

@@ -1358,7 +1358,7 @@ def slot_forward(q, k, v, g, sk0, sv0, scale, num_slots, config):
 
 
 def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
-                   num_slots, config, dv_as_fed=False):
+                   num_slots, config, as_fed=()):
     """Gradients of the slot pass's inputs.
 
     The readers' probabilities are exp(z - lse) and their logit gradients
@@ -1373,8 +1373,9 @@ def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
         lse, delta: `[B, H, T]` float32.
         dsk_end, dsv_end: cotangents of the returned memory.
         scale, num_slots, config: as in `slot_attention`.
-        dv_as_fed: with `config.fed_lag`, leave dv in the fed stream's
-            rows (the caller adds it where the values are).
+        as_fed: with `config.fed_lag`, the gradients ("dk", "dv") to
+            leave in the fed stream's rows (the caller adds them where the
+            keys / values are).
 
     Returns:
         `(dq, dk, dv, dg, dsk0, dsv0)`.
@@ -1404,7 +1405,8 @@ def slot_gradients(residuals, dout, lse, delta, dsk_end, dsv_end, scale,
         dg = dg.reshape(x.shape) - ds * jnp.exp(g)
     unlag = lambda x: pad_axis(x[:, config.fed_lag:], 1, length)
     if config.fed_lag:  # the lagging inputs' own rows
-        dk, dv = unlag(dk), dv if dv_as_fed else unlag(dv)
+        dk = dk if "dk" in as_fed else unlag(dk)
+        dv = dv if "dv" in as_fed else unlag(dv)
     if config.fed_length:  # the gates too; fed rows from T on fed nothing
         fed = jnp.arange(length) < config.fed_length - config.fed_lag
         dg = unlag(dg) * fed[None, :, None, None]

@@ -169,8 +169,9 @@ def _forward_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
 
 def _dq_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
                spans, interior):
-    history, (do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(refs,
-                                                                len(spans))
+    # After do, lse and delta: the slots' dq of the same queries, if given.
+    history, (do_ref, lse_ref, delta_ref, *slot_dq, dq_ref) = _split_refs(
+        refs, len(spans))
     q = q_ref[...]
     do = do_ref[...].astype(q.dtype)
     lse = lse_ref[...] * LOG2E
@@ -186,17 +187,19 @@ def _dq_kernel(q_ref, *refs, scale, capacity, shift, block_q, block_k,
         dlogits = probs * (dprobs - delta[:, None])
         return dq + dot(dlogits.astype(k.dtype), k)
 
-    dq = block.loop(body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    dq = block.loop(body, jnp.zeros(q.shape, jnp.float32)) * scale
+    if slot_dq:
+        dq = dq + slot_dq[0][...].astype(jnp.float32)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
                 *refs, scale, capacity, shift, block_q, block_k,
                 first_block, query_blocks, groups, interior, fed):
-    # With `fed` = (lag in blocks, blocks), refs start with the slots' dv
-    # (fed coordinates) of this block's values: add it (none where they
-    # were never fed).
-    *fed_ref, dk_ref, dv_ref = refs
+    # With `fed` = (lag in blocks, blocks, names), refs start with the
+    # slots' gradients (fed coordinates: "dk", "dv" as named) of this
+    # block's keys / values: add them (none where they were never fed).
+    *fed_refs, dk_ref, dv_ref = refs
     # The program's history rows, counted from the first part's first row.
     start = (pl.program_id(0) + first_block) * block_k
     k = k_ref[...]
@@ -240,11 +243,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref,
         for lower, upper, inner in ranges:
             dk, dv = loop(lower, upper, functools.partial(
                 body, g=g, inner=inner), (dk, dv))
-    if fed_ref:
+    dk = dk * scale
+    if fed_refs:
         was_fed = pl.program_id(0) + fed[0] < fed[1]
-        dv = dv + jnp.where(was_fed, fed_ref[0][...].astype(jnp.float32),
-                            0.0)
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+        slot = {name: jnp.where(was_fed, ref[...].astype(jnp.float32), 0.0)
+                for name, ref in zip(fed[2], fed_refs)}
+        dk = dk + slot.get("dk", 0.0)
+        dv = dv + slot.get("dv", 0.0)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -326,26 +332,29 @@ def window_forward(qw, kw, v, mask, prior, scale, capacity, config):
     )(qw, *history, *(() if prior is None else prior))
 
 
-def accepts_fed_dv(kw, lag, config):
-    """Whether `window_gradients` can add the slots' dv (`fed_dv`): a
-    fresh sequence's history (one part), `lag` whole dk/dv blocks."""
+def accepts_slot_grads(kw, lag, config):
+    """Whether `window_gradients` can add the slots' gradients
+    (`slot_grads`): a fresh sequence's history (one part), fed `lag` rows
+    later, whole dk/dv blocks."""
     return (isinstance(kw, (tuple, list)) and len(kw) == 1 and lag > 0
             and lag % window_blocks(config)[2][1] == 0)
 
 
 def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
-                     config, fed_dv=None, lag=0):
+                     config, slot_grads=None, lag=0):
     """dq, dk, dv in the inputs' dtypes (accumulated in f32 inside; storing
     them narrow saves a float32 round trip through memory); dk and dv are
     `(ring, new)` tuples when the history is.
 
-    With `fed_dv` (the slots' gradient of the same values, fed `lag` rows
-    later; `accepts_fed_dv`), dv includes it: one pass instead of an add.
+    `slot_grads`: the slots' gradients of the same arrays, added here (one
+    pass instead of an add after): {"dq": in the queries' rows, "dk",
+    "dv": in the fed stream's, `lag` rows later (`accepts_slot_grads`)}.
 
     Probabilities are exp(logit - lse) and logit gradients p * (dp - delta)
     with dp from `do` (in the inputs' dtype): with the joint NHA lse, delta
     and output cotangent, this is the joint softmax's gradient.
     """
+    slot_grads = slot_grads or {}
     batch, length, heads, key_dim = qw.shape
     history, rows_per_part = _history_inputs(kw, v, mask)
     kv_heads, value_dim = history[0].shape[2], history[1].shape[-1]
@@ -361,26 +370,28 @@ def window_gradients(qw, kw, v, mask, do, lse, delta, scale, capacity,
                           spans=_part_blocks(rows_per_part, block_k),
                           interior=config.window_interior),
         grid=(length // block_q, batch, heads),
-        in_specs=inputs + [rows(value_dim), per_row, per_row],
+        in_specs=inputs + [rows(value_dim), per_row, per_row]
+        + [rows(key_dim)] * ("dq" in slot_grads),
         out_specs=rows(key_dim),
         out_shape=jax.ShapeDtypeStruct(qw.shape, qw.dtype),
         compiler_params=params,
         interpret=config.interpret,
         name="nha_window_dq",
-    )(qw, *history, do, lse, delta)
+    )(qw, *history, do, lse, delta, *([slot_grads["dq"]]
+                                      if "dq" in slot_grads else []))
     block_q, block_k = dkv_block_q, dkv_block_k
     by_group = lambda dim: pl.BlockSpec((None, length, groups, dim),
                                         lambda j, b, c: (b, 0, c, 0))
     per_group = pl.BlockSpec((None, groups, length), lambda j, b, c: (b, c, 0))
     by_block = lambda dim: pl.BlockSpec((None, block_k, None, dim),
                                         lambda j, b, c: (b, j, c, 0))
-    fed_specs, fed_args, fed = [], [], None
-    if fed_dv is not None:
-        fed = (lag // block_k, fed_dv.shape[1] // block_k)
-        fed_specs = [pl.BlockSpec((None, block_k, None, value_dim),
-                                  lambda j, b, c: (b, jnp.minimum(
-                                      j + fed[0], fed[1] - 1), c, 0))]
-        fed_args = [fed_dv]
+    names = tuple(n for n in ("dk", "dv") if n in slot_grads)
+    fed = (lag // block_k, length // block_k, names) if names else None
+    fed_specs = [pl.BlockSpec(
+        (None, block_k, None, slot_grads[n].shape[-1]),
+        lambda j, b, c: (b, jnp.minimum(j + fed[0], fed[1] - 1), c, 0))
+        for n in names]
+    fed_args = [slot_grads[n] for n in names]
     grads = []
     for (first, count), (part_k, part_v, part_mask) in zip(
             _part_blocks(rows_per_part, block_k),
