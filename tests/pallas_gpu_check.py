@@ -297,6 +297,9 @@ def main():
     parser.add_argument("--cases", nargs="+", metavar="NAME",
                         help="checks to run, in this order (default: all "
                         f"of {list(CHECKS)})")
+    parser.add_argument("--no-diagnose", action="store_true",
+                        help="skip the strong-gates case's extra reference "
+                        "runs (input rounding alone, chunked in bf16)")
     parser.add_argument("--triton-case", action="store_true",
                         help="only the strong-gates case, Triton kernel "
                         "(KERAS_BACKEND=torch, used by the main run)")
@@ -321,6 +324,9 @@ def main():
     if unknown:
         parser.error(f"unknown --cases {unknown}; known: {list(CHECKS)}")
     checks = [CHECKS[name] for name in names]
+    if args.no_diagnose:
+        checks = [(check, a, dict(k, diagnose=False) if "diagnose" in k
+                   else k) for check, a, k in checks]
     results = [_guarded(check, *a, **k) for check, a, k in checks]
     print(f"{sum(results)}/{len(results)} GPU checks passed", flush=True)
     return 0 if all(results) else 1
