@@ -665,6 +665,45 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def plot_variants(rows, path, length=65536):
+    """Horizontal bars: every whole-attention row at `length` (fwd and
+    fwd+bwd), with the 10x-cuDNN line when cuDNN was timed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = ("fwd", "fwd+bwd")
+    found = {(r["impl"], r["mode"]): r["ms"] for r in rows
+             if r["T"] == length and r["mode"] in modes
+             and r["ms"] is not None and not r["impl"].startswith("cudnn")
+             and r["impl"].startswith(("pallas", "triton"))}
+    impls = sorted({impl for impl, _ in found},
+                   key=lambda i: -found.get((i, "fwd+bwd"), 0))
+    cudnn = {r["mode"]: r["ms"] for r in rows if r["T"] == length
+             and r["impl"] == "cudnn causal" and r["ms"] is not None}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(impls) + 1.5),
+                             sharey=True)
+    for axis, mode in zip(axes, modes):
+        values = [found.get((impl, mode), 0) for impl in impls]
+        axis.barh(impls, values, color=["tab:orange" if i.startswith(
+            "pallas") else "tab:gray" for i in impls])
+        for y, value in enumerate(values):
+            if value:
+                axis.text(value, y, f" {value:.2f}", va="center", fontsize=8)
+        if mode in cudnn:
+            axis.axvline(cudnn[mode] / 10, color="tab:red", linestyle="--",
+                         label=f"cuDNN causal / 10 ({cudnn[mode] / 10:.2f})")
+            axis.legend(loc="lower right", fontsize=8)
+        axis.set_xlabel("ms (median)")
+        axis.set_title(f"{mode}, T={length}")
+        axis.grid(True, axis="x", alpha=0.3)
+    card = next((r["card"] for r in rows if r.get("card")), "")
+    fig.suptitle(f"NHA variants at T={length}, B=1 H=16 d=128 M=64 W=512 "
+                 f"bf16 ({card})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+",
@@ -683,6 +722,9 @@ def main():
                         help="only print/plot the rows of this file")
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--plot-variants",
+                        help="with --from-jsonl: bars of every row at "
+                        "T=65536 (variants, Triton, the 10x-cuDNN line)")
     args = parser.parse_args()
     global _JSONL
     _JSONL = args.jsonl
@@ -696,6 +738,8 @@ def main():
         print(ratios(rows))
         if args.plot:
             plot(rows, args.plot)
+        if args.plot_variants:
+            plot_variants(rows, args.plot_variants)
         return
     if args.part == "jax":
         print(json.dumps(run_jax(args.lengths, args.steps)))

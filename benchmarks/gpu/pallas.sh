@@ -56,4 +56,5 @@ triton_json=$out/../triton/triton_benchmark.json
 extra=()
 [ -f "$triton_json" ] && extra=(--triton-json "$triton_json")
 python3 benchmarks/pallas_benchmark.py --from-jsonl "$out/rows.jsonl" \
-  "${extra[@]}" --plot "$out/pallas_benchmark.png" | tee "$out/table.txt"
+  "${extra[@]}" --plot "$out/pallas_benchmark.png" \
+  --plot-variants "$out/pallas_variants.png" | tee "$out/table.txt"
