@@ -666,12 +666,12 @@ def eager_rows(length=4096, trace=None):
     state = state_lib.zero_state(B, H, D, D, M, min(W, length), "bfloat16")
     heads = _heads_first(length)
 
-    def sdpa(flash):
+    def sdpa(backend):
         def forward():
-            if not flash:
+            if backend is None:
                 return torch.nn.functional.scaled_dot_product_attention(
                     *heads, is_causal=True)
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(
                     *heads, is_causal=True)
         return forward
@@ -691,19 +691,30 @@ def eager_rows(length=4096, trace=None):
         return forward
 
     variants = (
-        ("SDPA causal (flash)", sdpa(True), heads, False),
+        ("SDPA causal (flash)", sdpa(SDPBackend.FLASH_ATTENTION), heads,
+         False),
         ("NHA public op (auto, no state)", public(), nha_inputs, True),
-        ("SDPA causal (torch picks the backend)", sdpa(False), heads, False),
+        ("SDPA causal (torch picks the backend)", sdpa(None), heads, False),
         ("NHA public op (triton)", public(implementation="triton"),
          nha_inputs, True),
         ("NHA public op, return_state", public(return_state=True),
          nha_inputs, True),
         ("NHA kernels, no returned state", kernels(False), nha_inputs, True),
         ("NHA kernels, returned state", kernels(True), nha_inputs, True),
+        # Which backend torch picks (H200, torch 2.11: 0.57 ms vs flash's
+        # 1.11 in s6r1).
+        ("SDPA causal (cuDNN)", sdpa(SDPBackend.CUDNN_ATTENTION), heads,
+         False),
+        ("SDPA causal (memory-efficient)",
+         sdpa(SDPBackend.EFFICIENT_ATTENTION), heads, False),
     )
     for name, forward, inputs, is_nha in variants:
-        step = _fwd_bwd(forward, inputs)
-        found = three_ways(step)
+        try:
+            step = _fwd_bwd(forward, inputs)
+            found = three_ways(step)
+        except RuntimeError as error:  # an SDPA backend that cannot serve
+            print(f"{name}: {error}"[:200], flush=True)
+            continue
         if is_nha:
             cpu = host_numbers(step, jit=False)
             found.update(cpu=cpu["cached"], cpu_stubbed=cpu["stubbed"],
@@ -712,7 +723,8 @@ def eager_rows(length=4096, trace=None):
             found["cpu"] = host_numbers(step, jit=False)["cached"]
         yield name, found
     for name, forward in (("NHA public op, CUDA graph", public()),
-                          ("SDPA causal (flash), CUDA graph", sdpa(True))):
+                          ("SDPA causal (flash), CUDA graph",
+                           sdpa(SDPBackend.FLASH_ATTENTION))):
         inputs = heads if name.startswith("SDPA") else nha_inputs
         replay = _graphed(_fwd_bwd(forward, inputs))
         yield name, three_ways(replay)
@@ -905,6 +917,8 @@ def _table(result):
     lines.append(f"B={B} H={H} K=V={D} M={M} W={W} bf16; median ms; TFLOP/s "
                  "on counted FLOPs (fwd+bwd = 3.5 x fwd); NHA tile overrides: "
                  f"[{result.get('blocks') or 'none'}]")
+    if result.get("plan_check"):
+        lines.append(result["plan_check"])
     if result.get("eager"):
         lines.append(eager_table(result["eager"],
                                  result.get("eager_length", 4096)))
@@ -1149,10 +1163,46 @@ def _measure(args, tuning):
     return result
 
 
+def plan_check(length=4096):
+    """Output and gradients of the public op at T=`length`: first call
+    (records the launch plan), second (replays it), and through Triton's
+    JIT launches (KERAS_NHA_TRITON_FAST_LAUNCH=0); returns a line of text
+    saying whether all three are bit-identical."""
+    import torch
+
+    import keras_nha
+
+    q, k, v, g = _inputs(length, seed=3)
+    upstream = torch.randn_like(q)
+
+    def outputs():
+        out = keras_nha.ops.native_hybrid_attention(q, k, v, g, W)
+        return [out.detach()] + list(
+            torch.autograd.grad(out, (q, k, v, g), upstream))
+
+    recorded, replayed = outputs(), outputs()
+    os.environ["KERAS_NHA_TRITON_FAST_LAUNCH"] = "0"
+    try:
+        jit = outputs()
+    finally:
+        os.environ.pop("KERAS_NHA_TRITON_FAST_LAUNCH")
+    same = all(torch.equal(a, b) and torch.equal(a, c)
+               for a, b, c in zip(jit, recorded, replayed))
+    finite = all(bool(torch.isfinite(x).all()) for x in jit)
+    return (f"launch plans at T={length}: first call, replayed call and "
+            f"Triton's JIT launches {'bit-identical' if same else 'DIFFER'}"
+            f" (output and 4 gradients{', all finite' if finite else ', NOT FINITE'})")
+
+
 def _eager_first(args, result, save):
     """`eager_rows` at --eager, printed and saved row by row."""
     found = result.setdefault("eager", {})
     result["eager_length"] = args.eager
+    try:
+        result["plan_check"] = plan_check(args.eager)
+    except Exception as error:  # the rows still count
+        result["plan_check"] = f"plan check failed: {error!r}"[:300]
+    print(result["plan_check"], flush=True)
     began = time.time()
     try:
         for name, row in eager_rows(args.eager, args.trace):

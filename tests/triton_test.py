@@ -548,3 +548,45 @@ def test_loader_refuses_during_symbolic_build():
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()
+
+
+def test_launch_plan_replays_in_order_and_drops_on_a_different_launch():
+    pytest.importorskip("triton")
+    from keras_nha.kernels.triton import launch
+
+    first, second = object(), object()
+
+    def run(plan_signature, kernels):
+        """Launch `kernels` under the plan; what each launch replayed."""
+        got = []
+        with launch.Plan.of(plan_signature):
+            plan = launch._ACTIVE.plan
+            for fn in kernels:
+                found = plan.replay(fn)
+                got.append(found)
+                if found is None:
+                    plan.record(fn, ("compiled", fn))
+        return got
+
+    saved = launch._PLANS[0]
+    launch._PLANS[0] = True
+    try:
+        assert run("s", [first, second]) == [None, None]  # recorded
+        assert run("s", [first, second]) == [("compiled", first),
+                                              ("compiled", second)]
+        # Another kernel where the record has `second`: dropped, keyed.
+        assert run("s", [first, first]) == [("compiled", first), None]
+        assert "s" not in launch.Plan._known
+        assert run("s", [second]) == [None]  # recorded afresh
+        assert run("s", [second]) == [("compiled", second)]
+        # Fewer launches than recorded: dropped at the end.
+        run("t", [first, second])
+        assert run("t", [first]) == [("compiled", first)]
+        assert "t" not in launch.Plan._known
+        with launch.Plan.of("u"):  # no nesting: the inner one is a no-op
+            assert launch.Plan.of("v") is launch._NO_PLAN
+        launch._PLANS[0] = False
+        assert launch.Plan.of("s") is launch._NO_PLAN
+    finally:
+        launch._PLANS[0] = saved
+        launch.Plan._known.clear()

@@ -616,15 +616,20 @@ class NHAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, qw, kw, mask, ring_keys, ring_window_keys,
                 ring_values, ring_gates, ring_mask, position, slot_keys,
-                slot_values, cfg):
+                slot_values, cfg, signature):
         s = _Shapes(q, k, v, g)
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
-        output, lse, final_keys, final_values, slot_state, logits = (
-            _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position,
-                     slot_keys, slot_values))
+        with launch.Plan.of(signature + ("forward",)):
+            output, lse, final_keys, final_values, slot_state, logits = (
+                _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position,
+                         slot_keys, slot_values))
         ctx.cfg = cfg
+        ctx.signature = signature
+        # The returned slot states take no gradient: without this, autograd
+        # would build (and fill) two zero tensors for them every backward.
+        ctx.set_materialize_grads(False)
         ctx.slot_logits = logits
         # The window reads the slots' own queries or keys (no rotary copy):
         # one gradient each, summed in the kernels.
@@ -649,30 +654,14 @@ class NHAFunction(torch.autograd.Function):
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
+        if d_output is None:  # the output was not used
+            d_output = torch.zeros_like(output)
         do = _prepared(d_output, q.dtype)
-        delta = torch.empty(s.B, s.T, s.H, device=q.device,
-                            dtype=torch.float32)
-        dq = dk = dv = dg = dqw = dkw = None
-        fork = None
-        if cfg.capacity:  # its dq kernel writes delta
-            dqw, dkw, dv, fork = _window_backward(
-                s, cfg, qw, kw, v, mask, ring, position, do, output, lse,
-                delta, bool(s.M) and _overlapping(q.device))
-        else:
-            rows = s.B * s.T * s.H
-            launcher(window.row_dot_kernel)[(common.cdiv(rows, 16),)](
-                do, output, delta, rows, D=s.V, BD=common.pow2(s.V), BR=16)
-        merged = (False, False)
-        if s.M:
-            shared_q, shared_k = ctx.shared
-            dq, dk, dv, dg, *merged = _slot_backward(
-                s, cfg, q, k, v, g, mask, ring, position, slot_keys,
-                slot_values, do, lse, delta, ctx.slot_logits,
-                ctx.slot_state, dv, dqw if shared_q else None,
-                dkw if shared_k else None, fork and fork.join)
-            ctx.slot_state = None
-        if fork:
-            fork.join()
+        with launch.Plan.of(ctx.signature + (
+                do.dtype, do.data_ptr() & 15, ctx.slot_state is None)):
+            dq, dk, dv, dg, dqw, dkw, merged = _backward(
+                ctx, s, cfg, q, k, v, g, qw, kw, mask, ring, position,
+                slot_keys, slot_values, output, lse, do)
         grads = []
         for grad, x, in_other in ((dq, q, False), (dk, k, False),
                                   (dv, v, False), (dg, g, False),
@@ -684,7 +673,37 @@ class NHAFunction(torch.autograd.Function):
             else:
                 grads.append(grad if grad.dtype == x.dtype
                              else grad.to(x.dtype))
-        return tuple(grads) + (None,) * 10
+        return tuple(grads) + (None,) * 11
+
+
+def _backward(ctx, s, cfg, q, k, v, g, qw, kw, mask, ring, position,
+              slot_keys, slot_values, output, lse, do):
+    """The gradients' kernels: (dq, dk, dv, dg, dqw, dkw) and whether dqw
+    and dkw are summed into dq and dk."""
+    delta = torch.empty(s.B, s.T, s.H, device=q.device,
+                        dtype=torch.float32)
+    dq = dk = dv = dg = dqw = dkw = None
+    fork = None
+    if cfg.capacity:  # its dq kernel writes delta
+        dqw, dkw, dv, fork = _window_backward(
+            s, cfg, qw, kw, v, mask, ring, position, do, output, lse,
+            delta, bool(s.M) and _overlapping(q.device))
+    else:
+        rows = s.B * s.T * s.H
+        launcher(window.row_dot_kernel)[(common.cdiv(rows, 16),)](
+            do, output, delta, rows, D=s.V, BD=common.pow2(s.V), BR=16)
+    merged = (False, False)
+    if s.M:
+        shared_q, shared_k = ctx.shared
+        dq, dk, dv, dg, *merged = _slot_backward(
+            s, cfg, q, k, v, g, mask, ring, position, slot_keys,
+            slot_values, do, lse, delta, ctx.slot_logits,
+            ctx.slot_state, dv, dqw if shared_q else None,
+            dkw if shared_k else None, fork and fork.join)
+        ctx.slot_state = None
+    if fork:
+        fork.join()
+    return dq, dk, dv, dg, dqw, dkw, merged
 
 
 def _new_ring(ring, tail, start, index):
@@ -739,7 +758,7 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
     keep = min(state["keys"].shape[1], s.T)
     capacity = state["keys"].shape[1]
     if blocks is None:
-        blocks = common.default_blocks(s.K, s.V, s.M)
+        blocks = common.default_blocks(s.K, s.V, s.M, s.T)
     cfg = _Config(window_size=window_size, capacity=capacity,
                   scale=float(scale), blocks=blocks,
                   has_mask=padding_mask is not None)
@@ -761,10 +780,11 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
     slot_keys = _prepared(state["slot_keys"], torch.float32, True)
     slot_values = _prepared(state["slot_values"], torch.float32, True)
 
+    tensors = (q, k, v, g, qw, kw, mask, ring["keys"], ring["window_keys"],
+               ring["values"], ring["log_forget_gates"], ring["mask"],
+               position, slot_keys, slot_values)
     output, final_keys, final_values = NHAFunction.apply(
-        q, k, v, g, qw, kw, mask, ring["keys"], ring["window_keys"],
-        ring["values"], ring["log_forget_gates"], ring["mask"], position,
-        slot_keys, slot_values, cfg)
+        *tensors, cfg, _plan_signature(cfg, tensors, ring, k, v, g))
     if output.dtype != dtype:
         output = output.to(dtype)
     if not return_state:
@@ -794,6 +814,27 @@ def triton_nha(query, key, value, log_forget_gate, *, window_size, scale,
         new_state[name] = (_new_ring(state[name], rows, start, index)
                            if capacity else state[name])
     return output, new_state
+
+
+def _plan_signature(cfg, tensors, ring, k, v, g):
+    """What fixes the compiled kernel of every launch of a call (see
+    `launch.Plan`): the tiles and sizes, each tensor argument's dtype,
+    shape and 16-byte alignment (the kernels' own buffers are fresh, hence
+    aligned), the int classes of the ring offsets, which inputs are shared,
+    the dot precision and the device."""
+    if not launch.planning():
+        return ()
+    offsets = tuple(_int_class(_delta(ring[name], x)) for name, x in (
+        ("keys", k), ("values", v), ("log_forget_gates", g)))
+    layout = tuple((t.dtype, t.shape, t.data_ptr() & 15) for t in tensors)
+    return (cfg, layout, offsets, tensors[4] is tensors[0],
+            tensors[5] is tensors[1], _precision(tensors[0].dtype),
+            tensors[0].device)
+
+
+def _int_class(n):
+    """How Triton specialises an int argument."""
+    return n == 1, n % 16 == 0, -2 ** 31 <= n < 2 ** 31
 
 
 def _prepared(x, dtype, detach=False):
