@@ -49,16 +49,40 @@ def model_name(record):
     return f"{record['setting']} @{trained}"
 
 
+def finished(record, share=0.9):
+    """Whether a run got through (nearly) its whole schedule. Fine-tuning
+    runs (`ft` in the setting) count as they are: their schedule was sized
+    from the time left, and a rate that dropped later cut them short."""
+    return (record["step"] >= share * record["steps"]
+            or "ft" in record["setting"])
+
+
 def final_results(records):
-    """Final and length-transfer tests, one per (model, T, pairs, seed): the
-    latest step wins (a resumed run replaces its cut-short result)."""
+    """Final and length-transfer tests of finished runs (`finished`), one
+    per (model, T, pairs, seed): the latest step wins (a resumed run
+    replaces its cut-short result)."""
     latest = {}
     for record in records:
         key = (model_name(record), record["seq_len"], record["pairs"],
                record["seed"], record["lr"])
         if key not in latest or record["step"] >= latest[key]["step"]:
             latest[key] = record
-    return list(latest.values())
+    return [record for record in latest.values() if finished(record)]
+
+
+def unfinished_runs(records):
+    """`{model: (seeds, steps reached, schedule)}` of the runs that
+    `final_results` leaves out."""
+    latest = {}
+    for record in records:
+        key = (model_name(record), record["seed"])
+        if key not in latest or record["step"] > latest[key]["step"]:
+            latest[key] = record
+    left = collections.defaultdict(list)
+    for (model, seed), record in sorted(latest.items()):
+        if not finished(record):
+            left[model].append((seed, record["step"], record["steps"]))
+    return dict(left)
 
 
 def accuracy_grid(results):
@@ -207,8 +231,9 @@ def plot_lever(progress, results, settings, path, pairs=16):
 
 
 def plot_pairs(results, path, models=None):
-    """Accuracy (best seed, solid; mean, dotted) against pairs, a panel per
-    sequence length, a line per model."""
+    """Accuracy (best seed) against pairs, a panel per sequence length, a
+    line per model (one colour per kind, one line style per model of a
+    kind, the same in every panel; one legend below)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,29 +241,37 @@ def plot_pairs(results, path, models=None):
 
     grid = accuracy_grid(results)
     lengths = sorted({t for _, t in grid})
+    chosen = sorted({m for m, _ in grid if models is None or m in models},
+                    key=_model_order)
+    styles = ["-", "--", ":", "-.", (0, (3, 1, 1, 1))]
+    seen, looks = collections.Counter(), {}
+    for model in chosen:
+        kind = model.split("-")[0].split(" ")[0]
+        looks[model] = (_COLORS.get(kind, "gray"),
+                        styles[seen[kind] % len(styles)])
+        seen[kind] += 1
     figure, axes = plt.subplots(1, len(lengths), sharey=True,
-                                figsize=(4.6 * len(lengths), 4.2))
-    styles = ["-", "--", "-.", (0, (1, 1)), (0, (3, 1, 1, 1))]
+                                figsize=(4.2 * len(lengths), 4.6))
     for axis, seq_len in zip(np.atleast_1d(axes), lengths):
-        chosen = sorted((m for m, t in grid if t == seq_len and (
-            models is None or m in models)), key=_model_order)
-        seen = collections.Counter()
         for model in chosen:
-            cells = grid[(model, seq_len)]
+            cells = grid.get((model, seq_len))
+            if not cells:
+                continue
             counts = sorted(cells)
-            kind = model.split("-")[0].split(" ")[0]
-            style = styles[seen[kind] % len(styles)]
-            seen[kind] += 1
+            color, style = looks[model]
             axis.plot(counts, [max(cells[p].values()) for p in counts],
-                      marker="o", linestyle=style, label=model,
-                      color=_COLORS.get(kind, "gray"))
+                      marker="o", markersize=4, linestyle=style, color=color,
+                      label=model)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("key-value pairs")
         axis.set_title(f"T = {seq_len} (best seed)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=6)
     np.atleast_1d(axes)[0].set_ylabel("test accuracy")
-    figure.tight_layout()
+    handles = [plt.Line2D([], [], color=looks[m][0], linestyle=looks[m][1],
+                          marker="o", markersize=4) for m in chosen]
+    figure.legend(handles, chosen, loc="lower center", fontsize=7,
+                  ncol=min(5, len(chosen)))
+    figure.tight_layout(rect=(0, 0.06 * (1 + len(chosen) // 5), 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -270,6 +303,16 @@ def plot_state(results, cells, path):
     plt.close(figure)
 
 
+def _runs_text(runs):
+    """"seeds 6, 7 at 1200 of 8000; seed 9 at 900 of 8000"."""
+    groups = collections.defaultdict(list)
+    for seed, step, steps in runs:
+        groups[(step, steps)].append(str(seed))
+    return "; ".join(f"seed{'s' if len(seeds) > 1 else ''} "
+                     f"{', '.join(seeds)} at {step} of {steps}"
+                     for (step, steps), seeds in sorted(groups.items()))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", nargs="+", required=True,
@@ -282,10 +325,14 @@ def main(argv=None):
     parser.add_argument("--state-cells", nargs="+",
                         default=["256:64", "1024:64", "2048:128"],
                         help="T:pairs of the state table and figure")
+    parser.add_argument("--pair-models", nargs="+",
+                        help="only these models in the pairs figure (as the "
+                             "tables name them, e.g. 'full @256')")
     parser.add_argument("--tables", help="markdown file to write")
     parser.add_argument("--figures", help="path prefix of the PNG files")
     args = parser.parse_args(argv)
-    results = final_results(load_lines(args.results))
+    lines = load_lines(args.results)
+    results = final_results(lines)
     progress = load_lines(args.progress)
     cells = [tuple(int(n) for n in cell.split(":"))
              for cell in args.state_cells]
@@ -293,7 +340,10 @@ def main(argv=None):
         "Lever (T = 256, final tests):\n\n" + lever_table(
             results, args.lever_settings),
         "Accuracy against pairs:\n\n" + pairs_tables(results),
-        "Accuracy against state:\n\n" + state_table(results, cells)])
+        "Accuracy against state:\n\n" + state_table(results, cells),
+        "Left out (not run to the end of their schedule):\n\n" + "\n".join(
+            f"- `{model}`: " + _runs_text(runs)
+            for model, runs in unfinished_runs(lines).items())])
     print(text)
     if args.tables:
         with open(args.tables, "w") as handle:
@@ -301,7 +351,7 @@ def main(argv=None):
     if args.figures:
         plot_lever(progress, results, args.lever_settings,
                    args.figures + "_lever.png")
-        plot_pairs(results, args.figures + "_pairs.png")
+        plot_pairs(results, args.figures + "_pairs.png", args.pair_models)
         plot_state(results, cells, args.figures + "_state.png")
         print(f"wrote {args.figures}_{{lever,pairs,state}}.png")
 
