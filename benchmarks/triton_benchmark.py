@@ -708,6 +708,8 @@ def eager_rows(length=4096, trace=None):
         ("SDPA causal (memory-efficient)",
          sdpa(SDPBackend.EFFICIENT_ATTENTION), heads, False),
     )
+    if os.environ.get("NHA_BENCH_EAGER_REVERSED") == "1":  # order effects
+        variants = variants[::-1]
     # Every variant runs 20 times before any is timed (the row measured
     # first was 0.15-0.3 ms slower than the same call measured second in
     # s6r1: compiles, allocator growth, lazy initialisation).
@@ -732,6 +734,11 @@ def eager_rows(length=4096, trace=None):
         else:
             found["cpu"] = host_numbers(step, jit=False)["cached"]
         yield name, found
+    try:
+        yield "SDPA default backend: CUDA kernels", {
+            "kernels": _kernel_names(_fwd_bwd(sdpa(None), heads))}
+    except Exception as error:  # the rows after it still count
+        print(f"SDPA kernel names: {error!r}"[:200], flush=True)
     for name, forward in (("NHA public op, CUDA graph", public()),
                           ("SDPA causal (flash), CUDA graph",
                            sdpa(SDPBackend.FLASH_ATTENTION))):
@@ -749,6 +756,21 @@ def eager_rows(length=4096, trace=None):
         prof.export_chrome_trace(trace)
 
 
+def _kernel_names(step):
+    """The CUDA kernels one call of `step` runs (names, in order)."""
+    import torch
+
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    return "; ".join(dict.fromkeys(n[:90] for n in names))
+
+
 def eager_table(found, length=4096):
     """`eager_rows`' results as text, with the verdict against SDPA."""
     lines = [f"fwd+bwd at T={length}, eager as a user runs it (ms per call; "
@@ -759,6 +781,9 @@ def eager_table(found, length=4096):
              f"{'row':40s} {'do_bench':>9s} {'events':>8s} {'loop':>8s} "
              f"{'cpu':>7s} {'stubbed':>8s} {'launches':>8s}"]
     for name, row in found.items():
+        if "kernels" in row:
+            lines.append(f"{name}: {row['kernels']}")
+            continue
         cells = [f"{row[key]:9.3f}" if key in row else f"{'':9s}"
                  for key in ("do_bench",)]
         cells += [f"{row[key]:8.3f}" if key in row else f"{'':8s}"
@@ -770,14 +795,16 @@ def eager_table(found, length=4096):
         cells += [f"{row['launches']:8.0f}" if "launches" in row
                   else f"{'':8s}"]
         lines.append(f"{name:40s} " + " ".join(cells))
-    sdpa = found.get("SDPA causal (flash)")
-    for name in ("NHA public op (auto, no state)", "NHA public op (triton)",
-                 "NHA public op, CUDA graph"):
-        if sdpa and name in found:
-            ratios = ", ".join(
-                f"{key} {found[name][key] / sdpa[key]:.2f}x"
-                for key in ("do_bench", "events", "loop"))
-            lines.append(f"{name} / SDPA causal (flash): {ratios}")
+    for peer in ("SDPA causal (flash)",
+                 "SDPA causal (torch picks the backend)"):
+        sdpa = found.get(peer)
+        for name in ("NHA public op (auto, no state)",
+                     "NHA public op (triton)", "NHA public op, CUDA graph"):
+            if sdpa and name in found:
+                ratios = ", ".join(
+                    f"{key} {found[name][key] / sdpa[key]:.2f}x"
+                    for key in ("do_bench", "events", "loop"))
+                lines.append(f"{name} / {peer}: {ratios}")
     return "\n".join(lines)
 
 
@@ -1020,7 +1047,7 @@ def _plot_eager(result, path, plt):
     SDPA causal (flash) as a line."""
     rows = result["eager"]
     keys = ("do_bench", "events", "loop", "cpu", "cpu_stubbed")
-    names = list(rows)
+    names = [n for n in rows if "do_bench" in rows[n]]
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(names) + 1.8))
     height = 0.8 / len(keys)
     for index, key in enumerate(keys):
@@ -1218,8 +1245,9 @@ def _eager_first(args, result, save):
         for name, row in eager_rows(args.eager, args.trace):
             found[name] = row
             print(f"[eager T={args.eager}, {time.time() - began:.0f}s] "
-                  f"{name}: " + ", ".join(f"{k} {v:.3f}"
-                                          for k, v in row.items()),
+                  f"{name}: " + ", ".join(
+                      f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in row.items()),
                   flush=True)
             save()
     except Exception as error:  # the rows after it still count

@@ -36,19 +36,21 @@ for log in "$out"/*.log; do
 done
 echo "final check done at ${SECONDS}s"
 [ -n "${TRITON_FINAL_S:-}" ] && exit 0  # the checks alone (round job)
-# The eager comparison: twice with the defaults (a second pass rules out
-# a first-run effect), then without launch plans (what they save).
-for run in default repeat no_plans; do
+# The eager comparison: with the defaults, again in the reverse row order
+# (rules out an order effect), then without launch plans (their saving).
+for run in default reversed no_plans; do
   left=$(( ${JOB_LIMIT_S:-170} - 10 - SECONDS ))
   [ "$left" -gt 25 ] || break
   plans=1; [ "$run" = no_plans ] && plans=0
-  KERAS_NHA_TRITON_PLANS=$plans timeout "$left" python3 \
+  reverse=0; [ "$run" = reversed ] && reverse=1
+  KERAS_NHA_TRITON_PLANS=$plans NHA_BENCH_EAGER_REVERSED=$reverse \
+    timeout "$left" python3 \
     benchmarks/triton_benchmark.py --eager 4096 --lengths "" --peers none \
     --breakdown "" --no-decode --deadline "$left" \
     --json "$out/eager_4096_$run.json" --plot "$out/eager_4096_$run.png" \
     > "$out/eager_4096_$run.log" 2>&1
   echo "== eager T=4096, $run (at ${SECONDS}s)"
-  grep "^launch plans\|^\[eager\|^fwd+bwd at\|^row\|^NHA \|^SDPA " \
+  grep "^launch plans\|^\[eager\|^fwd+bwd at\|^row\|^NHA \|^SDPA \|kernels" \
     "$out/eager_4096_$run.log"
 done
 echo "job done at ${SECONDS}s"

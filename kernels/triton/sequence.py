@@ -621,7 +621,7 @@ class NHAFunction(torch.autograd.Function):
         ring = dict(keys=ring_keys, window_keys=ring_window_keys,
                     values=ring_values, log_forget_gates=ring_gates,
                     mask=ring_mask)
-        with launch.Plan.of(signature + ("forward",)):
+        with _plan(signature, "forward"):
             output, lse, final_keys, final_values, slot_state, logits = (
                 _forward(s, cfg, q, k, v, g, qw, kw, mask, ring, position,
                          slot_keys, slot_values))
@@ -657,8 +657,8 @@ class NHAFunction(torch.autograd.Function):
         if d_output is None:  # the output was not used
             d_output = torch.zeros_like(output)
         do = _prepared(d_output, q.dtype)
-        with launch.Plan.of(ctx.signature + (
-                do.dtype, do.data_ptr() & 15, ctx.slot_state is None)):
+        with _plan(ctx.signature, do.dtype, do.data_ptr() & 15,
+                   ctx.slot_state is None):
             dq, dk, dv, dg, dqw, dkw, merged = _backward(
                 ctx, s, cfg, q, k, v, g, qw, kw, mask, ring, position,
                 slot_keys, slot_values, output, lse, do)
@@ -830,6 +830,14 @@ def _plan_signature(cfg, tensors, ring, k, v, g):
     return (cfg, layout, offsets, tensors[4] is tensors[0],
             tensors[5] is tensors[1], _precision(tensors[0].dtype),
             tensors[0].device)
+
+
+def _plan(signature, *more):
+    """`launch.Plan.of(signature + more)`; nothing without a signature
+    (plans were off when the call began)."""
+    if not signature:
+        return contextlib.nullcontext()
+    return launch.Plan.of(signature + more)
 
 
 def _int_class(n):
