@@ -1,12 +1,12 @@
 """Native Hybrid Attention as a backend-agnostic Keras operation.
 
-See `NHA_SPEC.md` section 1 (bundled in the README): M gated slots fed by the
-tokens that left a sliding window of W tokens, both read with ONE softmax.
+The README's "What is computed" section states the math: M gated slots fed by
+the tokens that left a sliding window of W tokens, both read with ONE softmax.
 """
 
+import keras
 from keras import KerasTensor
-from keras.src.backend import any_symbolic_tensors
-from keras.src.ops.operation import Operation
+from keras import Operation
 
 from keras_nha import backends
 from keras_nha import validation
@@ -63,22 +63,50 @@ def initial_state(batch_size, num_kv_heads, key_dim, value_dim, num_slots,
                                 num_slots, capacity, dtype)
 
 
-class NativeHybridAttention(Operation):
-    """Symbolic form of `native_hybrid_attention` (functional models)."""
+def _is_symbolic(tensors):
+    return any(isinstance(x, KerasTensor)
+               for x in keras.tree.flatten(tensors))
 
-    def __init__(self, window_size, return_state, name=None):
+
+class NativeHybridAttention(Operation):
+    """`native_hybrid_attention` as an operation of a functional model.
+
+    The Python arguments live on the operation; the tensors (the optional
+    ones may be None) are its call arguments, so a functional model replays
+    the exact call it was built with.
+    """
+
+    def __init__(self, window_size, *, scale=None, return_state=False,
+                 implementation="auto", chunk_size=None, name=None):
         super().__init__(name=name)
         self.window_size = window_size
+        self.scale = scale
         self.return_state = return_state
+        self.implementation = implementation
+        self.chunk_size = chunk_size
 
-    def compute_output_spec(self, query, key, value, *args, **kwargs):
+    def call(self, query, key, value, log_forget_gate, window_query=None,
+             window_key=None, padding_mask=None, initial_state=None):
+        return native_hybrid_attention(
+            query, key, value, log_forget_gate, self.window_size,
+            scale=self.scale, window_query=window_query,
+            window_key=window_key, padding_mask=padding_mask,
+            initial_state=initial_state, return_state=self.return_state,
+            implementation=self.implementation, chunk_size=self.chunk_size)
+
+    def compute_output_spec(self, query, key, value, log_forget_gate,
+                            window_query=None, window_key=None,
+                            padding_mask=None, initial_state=None):
         output = KerasTensor(query.shape[:-1] + (value.shape[-1],),
                              dtype=query.dtype)
         if not self.return_state:
             return output
+        if initial_state is not None:
+            return output, {name: KerasTensor(x.shape, x.dtype)
+                            for name, x in initial_state.items()}
         batch, time = query.shape[:2]
         kv_heads, key_dim, value_dim = key.shape[2], key.shape[3], value.shape[3]
-        num_slots = args[0].shape[-1]
+        num_slots = log_forget_gate.shape[-1]
         capacity = self.window_size if time is None else min(self.window_size,
                                                              time)
         acc = state_lib.state_dtype(query.dtype)
@@ -99,9 +127,6 @@ class NativeHybridAttention(Operation):
         }
         return output, state
 
-    def call(self, *args, **kwargs):
-        return native_hybrid_attention(*args, **kwargs)
-
 
 def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
                             scale=None, window_query=None, window_key=None,
@@ -121,7 +146,7 @@ def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
         key: `[B, T, Hkv, K]`, written into the slots; H % Hkv == 0.
         value: `[B, T, Hkv, V]`, shared by slots and window.
         log_forget_gate: `[B, T, Hkv, M]`, log(alpha) <= 0 (positive entries
-            are a bug of the caller; checked in eager mode only).
+            are a bug of the caller; checked for eager CPU tensors only).
         window_size: Python int W >= 0.
         scale: logit scale, default `K ** -0.5`.
         window_query: `[B, T, H, K]` for window logits (e.g. with rotary
@@ -157,9 +182,13 @@ def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
                                 window_size, window_query, window_key,
                                 padding_mask))
     scale = validation.check_scale(scale, key_dim)
-    if any_symbolic_tensors((query, key, value, log_forget_gate)):
-        return NativeHybridAttention(window_size, return_state).symbolic_call(
-            query, key, value, log_forget_gate)
+    tensors = (query, key, value, log_forget_gate, window_query, window_key,
+               padding_mask, initial_state)
+    if _is_symbolic(tensors):
+        return NativeHybridAttention(
+            window_size, scale=scale, return_state=return_state,
+            implementation=implementation, chunk_size=chunk_size,
+        ).symbolic_call(*tensors)
     validation.check_gates_nonpositive(log_forget_gate)
     if initial_state is not None:
         validation.check_state(initial_state, batch, kv_heads, key_dim,

@@ -76,7 +76,8 @@ def _on_host(x):
 
 def check_gates_nonpositive(log_forget_gate):
     """Positive log gates are the caller's bug; checked only when it is free:
-    eager values on the host (on an accelerator the check would sync)."""
+    eager values on the CPU (on an accelerator the check would sync, so
+    GPU and TPU inputs are not checked)."""
     if (0 in tuple(log_forget_gate.shape) or not is_concrete(log_forget_gate)
             or not _on_host(log_forget_gate)):
         return
@@ -124,6 +125,9 @@ def check_inputs(query, key, value, log_forget_gate, window_size,
         _fail("window_size", 0, "> 0 when there are no slots (M = 0): "
               "otherwise nothing is attended")
     time = q[1] if time_axis else 1
+    if time == 0:
+        _fail("query", "an empty sequence (T = 0)",
+              "at least one token; skip the call for an empty chunk")
     return q[0], time, heads, kv_heads, q[-1], v[-1], num_slots
 
 

@@ -165,6 +165,35 @@ def test_bad_layer_arguments():
         NHALayer(num_heads=2, feature_map="relu")
     with pytest.raises(ValueError, match="chunk_size"):
         NHALayer(num_heads=2, chunk_size=0)
+    for head_dim in (0, -4, "8", 2.0):
+        with pytest.raises(ValueError, match="head_dim"):
+            NHALayer(num_heads=2, head_dim=head_dim)
+    with pytest.raises(ValueError, match="even head_dim"):
+        NHALayer(num_heads=2, head_dim=7)
+    NHALayer(num_heads=2, head_dim=7, use_rotary=False)
+    with pytest.raises(ValueError, match="implementation"):
+        NHALayer(num_heads=2, implementation="flash")
+    with pytest.raises(ValueError, match="scale"):
+        NHALayer(num_heads=2, scale="x")
+    with pytest.raises(ValueError, match="value_activation"):
+        NHALayer(num_heads=2, value_activation="nope")
+
+
+@pytest.mark.parametrize("hidden,options,message", [
+    (16, dict(num_heads=3, num_kv_heads=1), "not a multiple of num_heads"),
+    (12, dict(num_heads=4), "odd head_dim"),
+])
+def test_bad_hidden_dim_for_the_heads(hidden, options, message):
+    layer = make_layer(**options)
+    with pytest.raises(ValueError, match=message):
+        layer(np.zeros((1, 3, hidden), "float32"))
+
+
+def test_initial_cache_of_an_unbuilt_layer():
+    with pytest.raises(ValueError, match="build the layer"):
+        make_layer().get_initial_cache(2)
+    cache = make_layer(head_dim=6).get_initial_cache(2)
+    assert tuple(cache["slot_keys"].shape) == (2, 2, 6, 8)
 
 
 def test_layers_import_only_keras_and_the_backend():

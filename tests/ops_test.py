@@ -300,6 +300,43 @@ def test_symbolic_inputs_give_output_spec():
     assert out.shape == (None, 10, 4, 8)
 
 
+def test_functional_model_replays_the_whole_call():
+    """Every argument (window, scale, window q/k, mask, state) survives the
+    symbolic build of a functional model."""
+    inputs = cast_inputs(random_inputs(4, length=11, kv_heads=2, num_slots=3,
+                                       padding=True), "float32")
+    state = native_hybrid_attention(
+        window_size=4, return_state=True,
+        **{n: x[:, :5] for n, x in inputs.items()})[1]
+    rest = {n: x[:, 5:] for n, x in inputs.items()}
+    names = sorted(rest)
+    symbolic = {n: keras.Input(tuple(rest[n].shape[1:]),
+                               dtype=rest[n].dtype, name=n) for n in names}
+    symbolic_state = {n: keras.Input(tuple(x.shape[1:]), dtype=x.dtype,
+                                     name=f"state_{n}")
+                      for n, x in state.items() if n != "position"}
+    position = state["position"]
+
+    def attend(tensors, ring):
+        return native_hybrid_attention(
+            window_size=4, scale=0.3, initial_state={**ring,
+                                                     "position": position},
+            return_state=True, **tensors)
+
+    output, new_state = attend(symbolic, symbolic_state)
+    assert new_state["keys"].shape[1:] == state["keys"].shape[1:]
+    model = keras.Model({**symbolic, **{f"state_{n}": x for n, x in
+                                        symbolic_state.items()}},
+                        [output, new_state["slot_values"]])
+    got = model({**rest, **{f"state_{n}": x for n, x in state.items()
+                            if n != "position"}})
+    expected = attend(rest, {n: x for n, x in state.items()
+                             if n != "position"})
+    for a, b in zip(got, (expected[0], expected[1]["slot_values"])):
+        np.testing.assert_allclose(ops.convert_to_numpy(a),
+                                   ops.convert_to_numpy(b), atol=1e-6)
+
+
 def test_a_kernel_that_can_skip_the_state_is_told_to(monkeypatch):
     from keras_nha import backends
     from keras_nha.kernels.chunked import chunked_nha

@@ -53,6 +53,11 @@ def test_tensor_window_size(tensors):
         call(tensors, window_size=ops.convert_to_tensor(3))
 
 
+def test_empty_sequence(tensors):
+    with pytest.raises(ValueError, match="`query`.*T = 0"):
+        call({n: x[:, :0] for n, x in tensors.items()})
+
+
 def test_no_slots_and_no_window(tensors):
     gates = tensors["log_forget_gate"][..., :0]
     with pytest.raises(ValueError, match="window_size"):

@@ -1,9 +1,10 @@
-"""The NHA attention block as a Keras layer (NHA_SPEC.md section 2)."""
+"""The NHA attention block as a Keras layer."""
 
 import keras
 from keras import ops
 
 from keras_nha import ops as nha_ops
+from keras_nha import validation
 from keras_nha.layers.arguments import check_int
 from keras_nha.layers.arguments import copy_initializer
 from keras_nha.layers.arguments import default_initializer
@@ -69,6 +70,24 @@ class NHALayer(CacheLayer):
             check_int(name, value, low)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, 1)
+        if head_dim is not None:
+            check_int("head_dim", head_dim, 1)
+            if use_rotary and head_dim % 2:
+                raise ValueError(f"`head_dim`: rotary embedding needs an even "
+                                 f"head_dim, got {head_dim}; pass "
+                                 "use_rotary=False or an even head_dim.")
+        validation.check_implementation(implementation)
+        if scale is not None:
+            validation.check_scale(scale, head_dim or 1)
+        for name, activation in (("value_activation", value_activation),
+                                 ("output_activation", output_activation)):
+            if activation is not None:
+                try:
+                    keras.activations.get(activation)
+                except ValueError:
+                    raise ValueError(f"`{name}`: expected None or a Keras "
+                                     f"activation, got {activation!r}."
+                                     ) from None
         if num_heads % num_kv_heads:
             raise ValueError(f"`num_heads`: expected a multiple of num_kv_heads"
                              f"={num_kv_heads}, got {num_heads}.")
@@ -105,7 +124,18 @@ class NHALayer(CacheLayer):
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
-        head_dim = self.head_dim or hidden_dim // self.num_heads
+        head_dim = self.head_dim
+        if head_dim is None:
+            if hidden_dim is None or hidden_dim % self.num_heads:
+                raise ValueError(
+                    f"`num_heads`: the hidden dim {hidden_dim} is not a "
+                    f"multiple of num_heads={self.num_heads}; pass head_dim.")
+            head_dim = hidden_dim // self.num_heads
+            if self.use_rotary and head_dim % 2:
+                raise ValueError(
+                    f"`num_heads`: hidden dim {hidden_dim} / num_heads "
+                    f"{self.num_heads} gives an odd head_dim {head_dim}, and "
+                    "rotary embedding needs an even one; pass head_dim.")
         self._head_dim = head_dim
         bias = "hd" if self.use_bias else None
         self.query_dense = self._dense(
@@ -178,8 +208,13 @@ class NHALayer(CacheLayer):
         Returns:
             The state dict of `keras_nha.ops.initial_state`.
         """
+        head_dim = self.head_dim or getattr(self, "_head_dim", None)
+        if head_dim is None:
+            raise ValueError(
+                "get_initial_cache() needs the head dim: build the layer "
+                "(call it once) or pass head_dim to NHALayer.")
         return nha_ops.initial_state(
-            batch_size, self.num_kv_heads, self._head_dim, self._head_dim,
+            batch_size, self.num_kv_heads, head_dim, head_dim,
             self.num_slots, self.window_size, max_length=max_length,
             dtype=self.compute_dtype)
 

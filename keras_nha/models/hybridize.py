@@ -161,6 +161,23 @@ def _gemma(source):
             1.0 + _value(source.layer_norm.scale))
 
 
+def _source_window(source):
+    """The source's own attention span: its sliding window, or None (global).
+
+    keras-hub's Mistral (sliding_window) and Qwen (sliding_window_size with
+    use_sliding_window_attention) let token t see the last S tokens, itself
+    included: NHA's window of W = S. (keras-hub 0.32's Qwen applies its
+    window only on its unfused attention path; the hybrid always does, as the
+    config declares.)
+    """
+    if isinstance(source, MistralBackbone):
+        return source.sliding_window
+    if isinstance(source, QwenBackbone) and getattr(
+            source, "use_sliding_window_attention", False):
+        return source.sliding_window_size
+    return None
+
+
 def _gate_from_keys(key_kernel, num_slots):
     """`g_proj` `[D, Hkv, M]`: slot m of head h starts as key feature m % K."""
     head_dim = key_kernel.shape[-1]
@@ -189,8 +206,10 @@ def hybridize(backbone, window_size=512, num_slots=64, global_layers=(),
     projections and rotary settings. Layers not in `global_layers` attend
     with NHA: an exact window of `window_size` tokens plus `num_slots` gated
     slots, read with one softmax, through a new gate projection initialised
-    from the key projection. Layers in `global_layers` keep full causal
-    attention (no slots). With `num_slots=0` and every layer global the
+    from the key projection. Layers in `global_layers` keep the source's
+    attention and no slots: full causal attention, or the source's own
+    sliding window (Mistral; Qwen with `use_sliding_window_attention`).
+    With `num_slots=0` and every layer global (or `window_size=None`) the
     result computes exactly the source model's logits. Fine-tune afterwards
     (the paper: feedforward frozen, lr 3e-5).
 
@@ -198,7 +217,8 @@ def hybridize(backbone, window_size=512, num_slots=64, global_layers=(),
         backbone: a keras-hub `LlamaBackbone` (Llama 2/3), `MistralBackbone`,
             `QwenBackbone` (Qwen 2/2.5) or `GemmaBackbone` (Gemma 1), a
             `CausalLM` of one of them, or a preset path/handle of one.
-        window_size: W of the hybrid layers, or None for global.
+        window_size: W of the hybrid layers, or None for the source's own
+            span (global, or its sliding window).
         num_slots: M of the hybrid layers.
         global_layers: indices of layers that stay full attention.
         gate_logit_normalizer: tau of the new forget gates.
@@ -237,7 +257,10 @@ def hybridize(backbone, window_size=512, num_slots=64, global_layers=(),
                              "policies are not supported; pass `dtype`.")
         dtype = dtype.name
 
-    windows = [None if i in global_layers else window_size
+    source_window = _source_window(source)
+    if window_size is None:
+        window_size = source_window
+    windows = [source_window if i in global_layers else window_size
                for i in range(num_layers)]
     slots = [0 if i in global_layers else num_slots for i in range(num_layers)]
     embedding = source.token_embedding

@@ -19,6 +19,8 @@ SOURCES = {
         **COMMON, tie_word_embeddings=True, rope_max_wavelength=500),
     "mistral": lambda: keras_hub.models.MistralBackbone(
         **COMMON, head_dim=6, rope_scaling_factor=3.0, sliding_window=None),
+    "mistral_window": lambda: keras_hub.models.MistralBackbone(
+        **COMMON, head_dim=6, sliding_window=4),
     "qwen": lambda: keras_hub.models.QwenBackbone(**COMMON),
     "gemma": lambda: keras_hub.models.GemmaBackbone(**COMMON, head_dim=6),
 }
@@ -55,6 +57,33 @@ def test_no_slots_all_global_equals_source(family):
     real = inputs["padding_mask"] > 0
     scale = np.abs(expected).max()
     assert np.abs(got - expected)[real].max() < 1e-5 * max(1.0, scale)
+
+
+def test_global_layers_keep_the_source_sliding_window():
+    source = _randomize(SOURCES["mistral_window"](), seed=5)
+    hybrid = hybridize(source, window_size=7, num_slots=0,
+                       global_layers=[0, 1])
+    assert [b.attention.window_size for b in hybrid.transformer_layers] == [
+        4, 4]
+    inputs = _inputs(seed=5)
+    expected = _logits(source, inputs)
+    real = inputs["padding_mask"] > 0
+    error = np.abs(_logits(hybrid, inputs) - expected)[real].max()
+    assert error < 1e-5 * max(1.0, np.abs(expected).max())
+    # The window matters at this length: a global hybrid differs.
+    wider = hybridize(source, window_size=13, num_slots=0)
+    assert np.abs(_logits(wider, inputs) - expected)[real].max() > 1e-3
+
+
+def test_qwen_declared_sliding_window_is_kept():
+    # keras-hub 0.32's Qwen applies its window only on its unfused attention
+    # path, so its logits are no reference here; the declared span is.
+    source = keras_hub.models.QwenBackbone(
+        **COMMON, use_sliding_window_attention=True, sliding_window_size=5)
+    hybrid = hybridize(source, window_size=None, num_slots=3,
+                       global_layers=[1])
+    assert [b.attention.window_size for b in hybrid.transformer_layers] == [
+        5, 5]
 
 
 def test_hybrid_layers_reuse_weights_and_gate_starts_from_keys():
