@@ -5,10 +5,10 @@ must answer each query with its value. The data is generated on the fly, so
 this runs anywhere, under whichever KERAS_BACKEND is set:
 
     python examples/associative_recall.py            # NHA: 16 slots + window 16
-    python examples/associative_recall.py --window 0 # the same model as GSA
+    python examples/associative_recall.py --window 0 # the same architecture as GSA
 
-One `--window` knob turns the same weights into GSA (0), a hybrid, or full
-attention (>= sequence length).
+One `--window` knob makes the same architecture GSA (0), a hybrid, or full
+attention (>= sequence length); each run trains its own weights.
 """
 
 import argparse

@@ -1,5 +1,12 @@
 """Causal-LM task models built on NHALayer (needs keras-hub: pip install keras-nha[hub])."""
 
+try:
+    import keras_hub  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "keras_nha.models needs keras-hub: pip install 'keras-nha[hub]' "
+        "(keras_nha.ops and keras_nha.layers work without it).") from error
+
 from keras_nha.models.hybridize import hybridize
 from keras_nha.models.nha_backbone import NHABackbone
 from keras_nha.models.nha_causal_lm import NHACausalLM

@@ -141,6 +141,15 @@ class NHABackbone(Backbone):
                             ("intermediate_dim", intermediate_dim)):
             check_int(name, value, 1)
         kv_heads = num_key_value_heads or num_query_heads
+        check_int("num_key_value_heads", kv_heads, 1)
+        if num_query_heads % kv_heads:
+            raise ValueError(
+                f"`num_query_heads`: expected a multiple of "
+                f"num_key_value_heads={kv_heads}, got {num_query_heads}.")
+        if head_dim is None and hidden_dim % num_query_heads:
+            raise ValueError(
+                f"`hidden_dim`: {hidden_dim} is not a multiple of "
+                f"num_query_heads={num_query_heads}; pass head_dim.")
         windows = _per_layer(window_size, num_layers, "window_size", True)
         slots = _per_layer(num_slots, num_layers, "num_slots", False)
         attention = "transformer_layer_0/attention/"

@@ -7,6 +7,7 @@ from keras import ops
 from keras_hub.models import CausalLM
 
 from keras_nha.kernels.state import state_dtype
+from keras_nha.models.nha_backbone import GLOBAL_WINDOW
 from keras_nha.models.nha_backbone import NHABackbone
 from keras_nha.models.nha_causal_lm_preprocessor import NHACausalLMPreprocessor
 from keras_nha.models.nha_presets import explained_preset_loading
@@ -186,6 +187,15 @@ class NHACausalLM(CausalLM):
             entries are sharded like the activations that fill them (batch
             rows, and kv heads under `NHABackbone.get_layout_map`).
         """
+        if max_length is None:
+            global_layers = [
+                i for i, block in enumerate(self.backbone.transformer_layers)
+                if block.attention.window_size == GLOBAL_WINDOW]
+            if global_layers:
+                raise ValueError(
+                    f"`max_length`: layers {global_layers} are global "
+                    "(window_size None), so their ring holds the whole "
+                    "sequence; pass max_length (prompt plus new tokens).")
         return tuple(
             _distribute_cache(_pack(
                 block.get_initial_cache(batch_size, max_length),

@@ -74,6 +74,13 @@ def register_bundled_presets(backbone_cls):
     return sorted(present)
 
 
+def _is_local_preset(preset, cls):
+    """A preset folder on this machine, by path or by a bundled name."""
+    if isinstance(preset, str) and os.path.isdir(preset):
+        return True
+    return preset in getattr(cls, "presets", {})
+
+
 @contextlib.contextmanager
 def explain_preset_errors(preset):
     """Re-raises a failed preset load as one ValueError that names the preset.
@@ -124,9 +131,13 @@ def explained_preset_loading(cls):
             The loaded model. A corrupt or mismatched preset raises a
             ValueError naming the preset.
         """
+        load = super(cls, klass).from_preset
+        if not _is_local_preset(preset, klass):
+            # An unknown name or a remote handle: keras-hub's own message
+            # says what is wrong better than "corrupt" would.
+            return load(preset, load_weights=load_weights, **kwargs)
         with explain_preset_errors(preset):
-            return super(cls, klass).from_preset(
-                preset, load_weights=load_weights, **kwargs)
+            return load(preset, load_weights=load_weights, **kwargs)
 
     cls.from_preset = from_preset
     return cls

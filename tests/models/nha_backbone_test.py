@@ -121,6 +121,8 @@ def test_backbone_passes_its_block_arguments_to_every_block(make_backbone):
     (dict(num_layers=0), "num_layers"),
     (dict(window_size=[3, 0, 0], num_slots=[1, 0, 2]), "window_size"),
     (dict(feedforward_activation="relu"), "feedforward_activation"),
+    (dict(num_key_value_heads=3), "`num_query_heads`.*num_key_value_heads"),
+    (dict(hidden_dim=30), "`hidden_dim`.*pass head_dim"),
 ])
 def test_bad_config_raises(kwargs, message):
     config = dict(vocabulary_size=50, num_layers=3, num_query_heads=4,

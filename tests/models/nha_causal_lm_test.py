@@ -41,6 +41,12 @@ def test_cache_size_is_constant_in_length(make_backbone):
     assert size(short) == size(long)
 
 
+def test_cache_of_global_layers_needs_max_length(make_backbone):
+    lm = NHACausalLM(make_backbone(), preprocessor=None)
+    with pytest.raises(ValueError, match=r"`max_length`: layers \[1\]"):
+        lm.get_initial_cache(2)
+
+
 def _reference_greedy(lm, ids, lengths, total):
     """Greedy decoding with one full (uncached) forward pass per token.
 

@@ -161,6 +161,22 @@ def test_corrupt_preset_raises_clear_error(saved, tmp_path, how):
         NHABackbone.from_preset(broken)
 
 
+def test_unknown_preset_name_keeps_keras_hub_message():
+    with pytest.raises(ValueError, match="Unknown preset identifier") as info:
+        NHACausalLM.from_preset("nha_tiny")
+    assert "corrupt" not in str(info.value)
+
+
+def test_models_without_keras_hub_say_how_to_install():
+    code = ("import sys; sys.modules['keras_hub'] = None\n"
+            "import keras_nha\n"
+            "try:\n    keras_nha.NHACausalLM\n"
+            "except ImportError as error:\n    print(error)\n")
+    printed = subprocess.run([sys.executable, "-c", code], check=True,
+                             capture_output=True, text=True).stdout
+    assert "pip install 'keras-nha[hub]'" in printed
+
+
 def test_causal_lm_keras_file_safe_mode(saved, tmp_path):
     lm, ids, _ = saved
     lm.preprocessor = None
