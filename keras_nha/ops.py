@@ -128,6 +128,32 @@ class NativeHybridAttention(Operation):
         return output, state
 
 
+class NativeHybridAttentionStep(Operation):
+    """`native_hybrid_attention_step` as an operation of a functional model."""
+
+    def __init__(self, window_size, *, scale=None, implementation="auto",
+                 name=None):
+        super().__init__(name=name)
+        self.window_size = window_size
+        self.scale = scale
+        self.implementation = implementation
+
+    def call(self, query, key, value, log_forget_gate, state,
+             window_query=None, window_key=None, padding_mask=None):
+        return native_hybrid_attention_step(
+            query, key, value, log_forget_gate, state, self.window_size,
+            scale=self.scale, window_query=window_query,
+            window_key=window_key, padding_mask=padding_mask,
+            implementation=self.implementation)
+
+    def compute_output_spec(self, query, key, value, log_forget_gate, state,
+                            *args):
+        output = KerasTensor(query.shape[:-1] + (value.shape[-1],),
+                             dtype=query.dtype)
+        return output, {name: KerasTensor(x.shape, x.dtype)
+                        for name, x in state.items()}
+
+
 def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
                             scale=None, window_query=None, window_key=None,
                             padding_mask=None, initial_state=None,
@@ -247,6 +273,12 @@ def native_hybrid_attention_step(query, key, value, log_forget_gate, state,
     scale = validation.check_scale(scale, key_dim)
     validation.check_state(state, batch, kv_heads, key_dim, value_dim,
                            num_slots, window_size, 1)
+    tensors = (query, key, value, log_forget_gate, state, window_query,
+               window_key, padding_mask)
+    if _is_symbolic(tensors):
+        return NativeHybridAttentionStep(
+            window_size, scale=scale, implementation=implementation,
+        ).symbolic_call(*tensors)
     validation.check_gates_nonpositive(log_forget_gate)
     call = dict(query=query, key=key, value=value,
                 log_forget_gate=log_forget_gate, state=state,

@@ -337,6 +337,26 @@ def test_functional_model_replays_the_whole_call():
                                    ops.convert_to_numpy(b), atol=1e-6)
 
 
+def test_functional_model_replays_the_decode_step():
+    inputs = cast_inputs(random_inputs(6, length=6, kv_heads=2, num_slots=3),
+                         "float32")
+    _, state = native_hybrid_attention(window_size=4, return_state=True,
+                                       **{n: x[:, :5] for n, x in
+                                          inputs.items()})
+    token = {n: x[:, 5] for n, x in inputs.items()}
+    symbolic = {n: keras.Input(tuple(x.shape[1:]), name=n)
+                for n, x in token.items()}
+    output, new_state = native_hybrid_attention_step(
+        state=state, window_size=4, scale=0.3, **symbolic)
+    model = keras.Model(symbolic, [output, new_state["slot_keys"]])
+    expected_output, expected_state = native_hybrid_attention_step(
+        state=state, window_size=4, scale=0.3, **token)
+    for got, expected in zip(model(token), (expected_output,
+                                            expected_state["slot_keys"])):
+        np.testing.assert_allclose(ops.convert_to_numpy(got),
+                                   ops.convert_to_numpy(expected), atol=1e-6)
+
+
 def test_a_kernel_that_can_skip_the_state_is_told_to(monkeypatch):
     from keras_nha import backends
     from keras_nha.kernels.chunked import chunked_nha
