@@ -12,6 +12,7 @@ from keras import ops
 
 import keras_nha
 from keras_nha.layers import NHALayer
+from nha_numpy_reference import nha_numpy
 from nha_testing import relative_error
 
 HIDDEN = 32
@@ -59,6 +60,61 @@ def test_cached_decoding_matches_full_pass(window_size, num_slots):
         out, cache = layer(x[:, t:t + 1], cache=cache)
         outputs.append(ops.convert_to_numpy(out))
     assert relative_error(np.concatenate(outputs, axis=1), full) <= 1e-5
+
+
+def _numpy_rotary(x, wavelength=10000.0):
+    half = x.shape[-1] // 2
+    frequency = wavelength ** -(np.arange(half) * 2.0 / x.shape[-1])
+    angles = np.arange(x.shape[1])[:, None] * frequency[None, :]
+    angles = np.concatenate([angles, angles], -1)[None, :, None, :]
+    rotated_half = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * np.cos(angles) + rotated_half * np.sin(angles)
+
+
+def _numpy_layer(layer, x, padding_mask):
+    """The layer's math in float64 NumPy, from its weights (spec section 2)."""
+    def weight(dense):
+        return ops.convert_to_numpy(dense.kernel).astype(np.float64)
+
+    def silu(z):
+        return z / (1 + np.exp(-z))
+
+    x = x.astype(np.float64)
+    q = np.einsum("btm,mhd->bthd", x, weight(layer.query_dense))
+    k = np.einsum("btm,mhd->bthd", x, weight(layer.key_dense))
+    v = silu(np.einsum("btm,mhd->bthd", x, weight(layer.value_dense)))
+    f = np.einsum("btm,mhs->bths", x, weight(layer.gate_dense))
+    log_gates = -np.logaddexp(0.0, -f) / layer.gate_logit_normalizer
+    window_q, window_k = _numpy_rotary(q), _numpy_rotary(k)
+    if layer.feature_map == "swish":
+        q, k = silu(q), silu(k)
+    o = silu(nha_numpy(q, k, v, log_gates, layer.window_size, qw=window_q,
+                       kw=window_k, padding_mask=padding_mask))
+    flat = o.reshape(o.shape[:2] + (-1,))
+    scale = ops.convert_to_numpy(layer.output_norm.scale).astype(np.float64)
+    flat = flat / np.sqrt(np.mean(flat ** 2, -1, keepdims=True)
+                          + layer.norm_epsilon) * scale
+    return np.einsum("bthd,hdm->btm", flat.reshape(o.shape),
+                     weight(layer.output_dense))
+
+
+@pytest.mark.parametrize("feature_map,padded", [(None, False),
+                                                ("swish", True)])
+def test_layer_matches_numpy_spec(feature_map, padded):
+    layer = make_layer(feature_map=feature_map)
+    x = inputs(4)
+    mask = np.ones(x.shape[:2], "float32")
+    if padded:
+        mask[0, 7:11] = 0
+        mask[1, -3:] = 0
+    layer.build(x.shape)
+    rng = np.random.default_rng(4)
+    for weight in layer.weights:  # large enough that the slots matter
+        weight.assign(rng.normal(0, 0.3, weight.shape).astype("float32")
+                      + (1.0 if "norm" in weight.path else 0.0))
+    got = ops.convert_to_numpy(layer(x, padding_mask=mask))
+    expected = _numpy_layer(layer, x, mask)
+    assert relative_error(got, expected, mask) <= 1e-4
 
 
 def test_padding_mask_hides_padded_tokens():

@@ -30,22 +30,22 @@ TOLERANCE = 2e-5
 
 
 def _attention(implementation, window_size, padding_mask=None,
-               shared=False):
+               shared=False, scale=None):
     """NHA of the inputs; `shared`: the window reads query and key
     themselves (window_query / window_key ignored, get no gradient)."""
     def fn(query, key, value, log_forget_gate, window_query, window_key):
         return keras_nha.ops.native_hybrid_attention(
-            query, key, value, log_forget_gate, window_size,
+            query, key, value, log_forget_gate, window_size, scale=scale,
             window_query=None if shared else window_query,
             window_key=None if shared else window_key,
             padding_mask=padding_mask, implementation=implementation)
     return fn
 
 
-def _check_against_references(inputs, window_size, shared=False):
+def _check_against_references(inputs, window_size, shared=False, scale=None):
     mask = inputs.get("padding_mask")
     expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
-                         inputs["log_forget_gate"], window_size,
+                         inputs["log_forget_gate"], window_size, scale=scale,
                          qw=inputs["window_query"], kw=inputs["window_key"],
                          padding_mask=mask)
     rng = np.random.default_rng(len(inputs["query"][0]) + window_size)
@@ -56,12 +56,12 @@ def _check_against_references(inputs, window_size, shared=False):
                                                                "float32")
     arrays = {n: inputs[n] for n in INPUT_NAMES}
     out, grads = value_and_grads(
-        _attention("pallas", window_size, ops_mask, shared),
+        _attention("pallas", window_size, ops_mask, shared, scale),
         cast_inputs(arrays, "float32"), INPUT_NAMES, cotangent)
     ref_mask = None if mask is None else ops.convert_to_tensor(mask,
                                                                "float64")
     _, ref_grads = value_and_grads(
-        _attention("chunked", window_size, ref_mask, shared),
+        _attention("chunked", window_size, ref_mask, shared, scale),
         cast_inputs(arrays, "float64"), INPUT_NAMES, cotangent)
     assert relative_error(out, expected, mask) < TOLERANCE
     for name in INPUT_NAMES:
@@ -95,6 +95,10 @@ LENGTH = 37
 # the factored ones).
 CASES = {
     "gsa_w0": dict(window_size=0),
+    "gsa_w0_padding_scale": dict(window_size=0, padding=True, scale=0.3),
+    "w5_no_slots_sliding_window": dict(window_size=5, num_slots=0),
+    "w_length_no_slots_padding": dict(window_size=LENGTH, num_slots=0,
+                                      padding=True),
     "w1_odd_dims_groups4": dict(window_size=1, key_dim=12, value_dim=20,
                                 num_slots=5, kv_heads=1),
     "w5_padding_16_row_programs": dict(
@@ -183,13 +187,14 @@ def test_outputs_and_gradients(case, monkeypatch, request):
     options.setdefault("kv_heads", 2)
     strong_from = options.pop("strong_from", None)
     shared = options.pop("shared", False)
+    scale = options.pop("scale", None)
     inputs = random_inputs(len(case), length=LENGTH, heads=4, **options)
     if shared:  # the window reads the slot queries and keys
         inputs["window_query"] = inputs["query"]
         inputs["window_key"] = inputs["key"]
     if strong_from is not None:  # gates from this token on decay 40x faster
         inputs["log_forget_gate"][:, strong_from:] *= 40.0
-    _check_against_references(inputs, window_size, shared)
+    _check_against_references(inputs, window_size, shared, scale)
 
 
 def _run(inputs, window_size, implementation, state=None, start=0, stop=None,
@@ -304,16 +309,21 @@ def test_fresh_streams_read_new_tokens_in_place():
     assert keys[:, :40].max() == 0 and keys[:, 40:].min() == 1
 
 
-def test_decode_with_padding_and_groups():
-    window_size, length = 5, 12
-    inputs = random_inputs(31, length=length, heads=4, kv_heads=1,
-                           num_slots=6, padding=True)
+@pytest.mark.parametrize("window_size,num_slots,max_length", [
+    (5, 6, None), (6, 0, None), (1, 8, None), (64, 8, 12)])
+def test_decode_with_padding_and_groups(window_size, num_slots, max_length):
+    # The last case: a global layer whose ring (max_length) is shorter
+    # than W.
+    length = 12
+    inputs = random_inputs(31 + window_size, length=length, heads=4,
+                           kv_heads=1, num_slots=num_slots, padding=True)
     mask = inputs["padding_mask"]
     expected = nha_numpy(inputs["query"], inputs["key"], inputs["value"],
                          inputs["log_forget_gate"], window_size,
                          qw=inputs["window_query"], kw=inputs["window_key"],
                          padding_mask=mask)
-    state = keras_nha.ops.initial_state(2, 1, 16, 16, 6, window_size)
+    state = keras_nha.ops.initial_state(2, 1, 16, 16, num_slots, window_size,
+                                        max_length=max_length)
     outputs = []
     for t in range(length):
         out, state = _decode_step(inputs, t, state, window_size, mask)

@@ -113,6 +113,9 @@ STREAM_CASES = {
     "W0-M8-strong-gates": dict(window_size=0, num_slots=8, gate_scale=6.0),
     "W16-M0-padding": dict(window_size=16, num_slots=0, padding=True),
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=45),
+    # W = T - 1 over the whole stream: the first slot write happens in the
+    # second call, from a ring that holds every earlier token.
+    "W36-M8-gqa2x4": dict(window_size=36, num_slots=8, heads=4, kv_heads=2),
     "W5-M8-fused-slots": dict(window_size=5, num_slots=8, padding=True,
                               blocks="split=0"),
     "W5-M8-dims24x20-scan-walk-bf16-states": dict(
@@ -132,6 +135,7 @@ STEP_CASES = {
     "W5-M8-padding": dict(window_size=5, num_slots=8, padding=True),
     "W5-M0": dict(window_size=5, num_slots=0),
     "W64-M8-short-ring": dict(window_size=64, num_slots=8, max_length=30),
+    "W26-M8-gqa2x4": dict(window_size=26, num_slots=8, heads=4, kv_heads=2),
 }
 # `triton_nha(..., return_state=False)`: the same output, no state built.
 STATELESS_CASES = {

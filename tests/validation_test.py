@@ -7,7 +7,9 @@ from keras import ops
 from keras_nha.ops import initial_state
 from keras_nha.ops import native_hybrid_attention
 from keras_nha.ops import native_hybrid_attention_step
+from nha_numpy_reference import nha_numpy
 from nha_testing import cast_inputs
+from nha_testing import relative_error
 from nha_testing import random_inputs
 
 
@@ -122,14 +124,17 @@ def test_step_wants_one_token(tensors):
             tensors["log_forget_gate"][:, 0], state, 3)
 
 
-@pytest.mark.parametrize("length,window_size,batch", [(1, 4, 1), (1, 0, 2),
-                                                      (6, 50, 1)])
-def test_edge_sizes_run(length, window_size, batch):
-    inputs = cast_inputs(random_inputs(1, batch=batch, length=length),
-                         "float32")
-    out = native_hybrid_attention(window_size=window_size, **inputs)
+@pytest.mark.parametrize("length,window_size,batch,kv_heads", [
+    (1, 4, 1, 2), (1, 0, 2, 2), (6, 50, 1, 2), (1, 0, 1, 4), (9, 3, 1, 1)])
+def test_edge_sizes_run(length, window_size, batch, kv_heads):
+    numbers = random_inputs(1, batch=batch, length=length, kv_heads=kv_heads)
+    out = native_hybrid_attention(window_size=window_size,
+                                  **cast_inputs(numbers, "float32"))
     assert tuple(out.shape) == (batch, length, 4, 16)
-    assert np.all(np.isfinite(ops.convert_to_numpy(out)))
+    expected = nha_numpy(numbers["query"], numbers["key"], numbers["value"],
+                         numbers["log_forget_gate"], window_size,
+                         qw=numbers["window_query"], kw=numbers["window_key"])
+    assert relative_error(ops.convert_to_numpy(out), expected) <= 1e-5
 
 
 def test_fully_padded_rows_stay_finite():

@@ -32,9 +32,9 @@ if keras.config.backend() == "tensorflow":
 LENGTH = 37
 
 
-def numpy_output(inputs, window_size):
+def numpy_output(inputs, window_size, scale=None):
     return nha_numpy(inputs["query"], inputs["key"], inputs["value"],
-                     inputs["log_forget_gate"], window_size,
+                     inputs["log_forget_gate"], window_size, scale=scale,
                      qw=inputs.get("window_query"),
                      kw=inputs.get("window_key"),
                      padding_mask=inputs.get("padding_mask"))
@@ -61,7 +61,7 @@ def cotangent(inputs, value_dim=16):
     return result
 
 
-def check_against_reference(inputs, window_size, num_slots):
+def check_against_reference(inputs, window_size, num_slots, scale=None):
     """xla vs NumPy (outputs) and vs the reference's autodiff (gradients)."""
     tensors = cast_inputs(inputs, "float64")
     length = inputs["query"].shape[1]
@@ -70,13 +70,14 @@ def check_against_reference(inputs, window_size, num_slots):
     for implementation in ("reference", "xla"):
         def fn(**kw):
             return native_hybrid_attention(
-                window_size=window_size, implementation=implementation, **kw)
+                window_size=window_size, implementation=implementation,
+                scale=scale, **kw)
         results[implementation] = value_and_grads(
             fn, tensors, names, cotangent(inputs))
     (ref_out, ref_grads), (out, grads) = results["reference"], results["xla"]
     mask = inputs.get("padding_mask")
-    assert relative_error(out, numpy_output(inputs, window_size), mask) <= (
-        1e-12)
+    assert relative_error(out, numpy_output(inputs, window_size, scale),
+                          mask) <= 1e-12
     assert relative_error(out, ref_out, mask) <= 1e-12
     for name in names:
         assert np.abs(ref_grads[name]).max() > 0, name
@@ -91,15 +92,21 @@ def _cases():
             if window_size == 0 and num_slots == 0:
                 continue
             index += 1
+            # Group sizes 2, 1 (MHA) and 4 in turn; a custom scale on some.
             yield pytest.param(window_size, num_slots, index % 2 == 1,
+                               (2, 4, 1)[index % 3],
+                               0.3 if index % 4 == 2 else None,
                                id=f"W{window_size}-M{num_slots}")
 
 
-@pytest.mark.parametrize("window_size,num_slots,padding", list(_cases()))
-def test_outputs_and_gradients(window_size, num_slots, padding):
+@pytest.mark.parametrize("window_size,num_slots,padding,kv_heads,scale",
+                         list(_cases()))
+def test_outputs_and_gradients(window_size, num_slots, padding, kv_heads,
+                               scale):
     inputs = random_inputs(window_size + num_slots, length=LENGTH,
-                           num_slots=num_slots, padding=padding)
-    check_against_reference(inputs, window_size, num_slots)
+                           num_slots=num_slots, padding=padding,
+                           kv_heads=kv_heads)
+    check_against_reference(inputs, window_size, num_slots, scale)
 
 
 @pytest.mark.parametrize("window_size", [5, 30])
@@ -131,7 +138,7 @@ def _split_run(tensors, window_size, state, bounds, implementation="xla"):
 
 @pytest.mark.parametrize("window_size,num_slots,padding,max_length", [
     (6, 8, True, None), (0, 8, False, None), (64, 8, True, 40),
-    (3, 0, True, None)])
+    (3, 0, True, None), (39, 8, True, None)])
 def test_streaming_then_decode(window_size, num_slots, padding, max_length):
     length, prefill = 40, (13, 31)
     inputs = random_inputs(3 + window_size, length=length,

@@ -20,7 +20,8 @@ from keras_nha.models import preset_path
 
 BUNDLED = "nha_tiny_python_bytes"
 # Logits of the bundled preset under the backend that trained it
-# (TensorFlow), for fixed ids: load it, run `{"token_ids": ids, ...}`.
+# (TensorFlow), for fixed ids: load it, run `{"token_ids": ids, ...}`. The
+# ids are 100 tokens long, so tokens leave the W=64 window into the slots.
 REFERENCE = os.path.join(os.path.dirname(__file__), "data",
                          f"{BUNDLED}_logits.npz")
 NEXT_BACKEND = {"jax": "tensorflow", "tensorflow": "torch", "torch": "jax"}
