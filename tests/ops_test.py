@@ -121,8 +121,7 @@ GRADIENT_LENGTH = 21
     (63, 8, 4, True, None), (5, 0, 2, True, None), (21, 0, 4, False, None),
     (40, 0, 2, True, 0.3)])
 def test_gradients_match_reference(window_size, num_slots, kv_heads, padding,
-                                   scale):
-    length = GRADIENT_LENGTH
+                                   scale, length=GRADIENT_LENGTH):
     inputs = random_inputs(11 + window_size, length=length, kv_heads=kv_heads,
                            num_slots=num_slots, padding=padding)
     tensors = cast_inputs(inputs, "float64")
@@ -151,6 +150,13 @@ def test_gradients_match_reference(window_size, num_slots, kv_heads, padding,
     for name in names:
         assert np.abs(ref_grads[name]).max() > 0, name
         assert relative_error(grads[name], ref_grads[name]) <= 1e-9, name
+
+
+@pytest.mark.parametrize("window_size,padding", [(32, True), (36, False)])
+def test_gradients_match_reference_at_pallas_test_sizes(window_size, padding):
+    # tests/pallas_test.py checks gradients against chunked at T = 37.
+    test_gradients_match_reference(window_size, 8, 2, padding, None,
+                                   length=37)
 
 
 def test_reference_gradients_match_finite_differences():
