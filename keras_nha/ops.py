@@ -68,6 +68,11 @@ def _is_symbolic(tensors):
                for x in keras.tree.flatten(tensors))
 
 
+def _spec_like(state):
+    """Symbolic tensors of a state's shapes and dtypes (what a call returns)."""
+    return {name: KerasTensor(x.shape, x.dtype) for name, x in state.items()}
+
+
 class NativeHybridAttention(Operation):
     """`native_hybrid_attention` as an operation of a functional model.
 
@@ -102,8 +107,7 @@ class NativeHybridAttention(Operation):
         if not self.return_state:
             return output
         if initial_state is not None:
-            return output, {name: KerasTensor(x.shape, x.dtype)
-                            for name, x in initial_state.items()}
+            return output, _spec_like(initial_state)
         batch, time = query.shape[:2]
         kv_heads, key_dim, value_dim = key.shape[2], key.shape[3], value.shape[3]
         num_slots = log_forget_gate.shape[-1]
@@ -150,8 +154,7 @@ class NativeHybridAttentionStep(Operation):
                             *args):
         output = KerasTensor(query.shape[:-1] + (value.shape[-1],),
                              dtype=query.dtype)
-        return output, {name: KerasTensor(x.shape, x.dtype)
-                        for name, x in state.items()}
+        return output, _spec_like(state)
 
 
 def native_hybrid_attention(query, key, value, log_forget_gate, window_size, *,
